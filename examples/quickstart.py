@@ -1,0 +1,40 @@
+"""Quickstart: a two-step workflow on the in-memory repository.
+
+Run it with ``python examples/quickstart.py``; it prints ``Result: Hello Incredible World!``.
+"""
+
+import asyncio
+
+from kapbit import Definition, Kapbit, MemRepository, Progress, Step, Success
+
+
+def incredible(_input: str, _progress: Progress) -> Success[str]:
+    return Success("Incredible")
+
+
+async def world(_input: str, _progress: Progress) -> Success[str]:
+    return Success("World!")  # actions may be plain or async functions
+
+
+def greeting(input: str, progress: Progress) -> str:
+    # Combine the input with the values of every executed step.
+    return " ".join([input, *progress.values()])
+
+
+async def main() -> str:
+    simple = Definition(
+        "simple",
+        steps=[Step(incredible), Step(world)],
+        result=greeting,
+        input_type=str,
+        outcome_type=str,
+        result_type=str,
+    )
+    async with Kapbit([simple], MemRepository(partitions=1)) as kbit:
+        result: str = await kbit.exec_workflow("wfl-1", "simple", "Hello")
+    print(f"Result: {result}")
+    return result
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

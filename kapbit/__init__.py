@@ -1,0 +1,89 @@
+"""kapbit: a log-oriented saga orchestrator.
+
+Define workflows as ordered steps with compensations, start a :class:`Kapbit` instance on
+a repository (in memory for tests, Kafka in production) and ``await
+kbit.exec_workflow(id, type, input)``. Every state change is an event in an append-only,
+partitioned log; a crash, a restart or a second instance taking over loses nothing.
+"""
+
+from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
+from kapbit.errors import (
+    CircuitBreakerOpen,
+    CorruptRecord,
+    DeadLettered,
+    DecodeError,
+    DuplicateWorkflow,
+    EncodeError,
+    Fenced,
+    GateClosed,
+    InstanceClosed,
+    InvalidDefinition,
+    InvalidWorkflowId,
+    KapbitError,
+    PayloadTooLarge,
+    RecordRejected,
+    StartupError,
+    StorageError,
+    TooManyWorkflows,
+    TransientStorageError,
+    UnknownWorkflowType,
+    WillRetryLater,
+    WorkflowNotFound,
+    WorkflowRejected,
+)
+from kapbit.events import EventKind
+from kapbit.instance import Kapbit
+from kapbit.options import Backoff, BreakerPolicy, CheckpointPolicy, Options, RetryPolicy
+from kapbit.partitioner import partition_for
+from kapbit.repository import Checkpoint, MemRepository, Record, Repository
+from kapbit.stats import Stats
+from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
+
+__all__ = [
+    "Backoff",
+    "BreakerPolicy",
+    "Checkpoint",
+    "CheckpointPolicy",
+    "CircuitBreakerOpen",
+    "Codec",
+    "CorruptRecord",
+    "DeadLettered",
+    "DecodeError",
+    "Definition",
+    "DuplicateWorkflow",
+    "EncodeError",
+    "EventKind",
+    "Failure",
+    "Fenced",
+    "GateClosed",
+    "InstanceClosed",
+    "InvalidDefinition",
+    "InvalidWorkflowId",
+    "JsonCodec",
+    "Kapbit",
+    "KapbitError",
+    "MemRepository",
+    "MsgpackCodec",
+    "Options",
+    "Outcome",
+    "PayloadTooLarge",
+    "Progress",
+    "Record",
+    "RecordRejected",
+    "Repository",
+    "RetryPolicy",
+    "StartupError",
+    "Stats",
+    "Step",
+    "StorageError",
+    "Success",
+    "TooManyWorkflows",
+    "TransientStorageError",
+    "UnknownWorkflowType",
+    "WillRetryLater",
+    "WorkflowNotFound",
+    "WorkflowRejected",
+    "partition_for",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Checkpoints: per partition, the offset below which every workflow has terminated.
+
+A checkpoint that lags is safe (recovery reads a little more); one that leads loses
+workflows. So the checkpoint of a partition is the created offset of its oldest open
+workflow, and while a ``WorkflowCreated`` is still being written its offset is bounded from
+below by the highest offset already acknowledged in that partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from kapbit.errors import Fenced, StorageError
+from kapbit.fencing import OwnerTracker
+from kapbit.idempotency import IdempotencyWindow
+from kapbit.options import CheckpointPolicy
+from kapbit.repository import Checkpoint, Repository
+
+logger = logging.getLogger("kapbit.checkpoints")
+
+
+class Checkpointer:
+    """Tracks open workflows per partition and saves checkpoints by count and by time."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        policy: CheckpointPolicy,
+        acked: list[int],
+        windows: list[IdempotencyWindow],
+        owners: list[OwnerTracker],
+        saved: list[Checkpoint],
+    ) -> None:
+        self._repository = repository
+        self._policy = policy
+        self._acked = acked
+        self._windows = windows
+        self._owners = owners
+        self._saved = saved
+        self._open: list[dict[str, int]] = [{} for _ in windows]
+        self._terminated_since_save = 0
+        self._due = asyncio.Event()
+
+    def opening(self, partition: int, workflow_id: str) -> None:
+        """A ``WorkflowCreated`` is about to be appended: hold the checkpoint below it."""
+        self._open[partition][workflow_id] = self._acked[partition] + 1
+
+    def opened(self, partition: int, workflow_id: str, offset: int) -> None:
+        """The workflow's ``WorkflowCreated`` landed at ``offset`` (also for restored ones)."""
+        self._open[partition][workflow_id] = offset
+
+    def abandoned(self, partition: int, workflow_id: str) -> None:
+        """The ``WorkflowCreated`` was never written."""
+        self._open[partition].pop(workflow_id, None)
+
+    def terminated(self, partition: int, workflow_id: str) -> None:
+        """The workflow's terminal event is durable."""
+        self._open[partition].pop(workflow_id, None)
+        self._terminated_since_save += 1
+        if self._terminated_since_save >= self._policy.every:
+            self._due.set()
+
+    def checkpoint(self, partition: int) -> Checkpoint:
+        """The checkpoint that is true for ``partition`` right now."""
+        open_offsets = self._open[partition]
+        offset = min(open_offsets.values()) if open_offsets else self._acked[partition] + 1
+        oldest_id = self._windows[partition].oldest_offset()
+        window_offset = offset if oldest_id is None else min(oldest_id, offset)
+        owners = self._owners[partition]
+        return Checkpoint(
+            offset=offset,
+            owner=owners.owner_at(offset),
+            window_offset=window_offset,
+            window_owner=owners.owner_at(window_offset),
+        )
+
+    async def save(self) -> None:
+        """Save every partition's checkpoint that moved forward since the last save."""
+        self._terminated_since_save = 0
+        self._due.clear()
+        for partition, saved in enumerate(self._saved):
+            checkpoint = self.checkpoint(partition)
+            if (
+                checkpoint.offset <= saved.offset
+                and checkpoint.window_offset <= saved.window_offset
+            ):
+                continue
+            await self._repository.save_checkpoint(partition, checkpoint)
+            self._saved[partition] = checkpoint
+
+    async def run(self) -> None:
+        """Save periodically until cancelled; a failed save is retried on the next round."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), self._policy.interval)
+            try:
+                await self.save()
+            except Fenced:
+                return
+            except StorageError as exc:
+                logger.warning("saving checkpoints failed, will retry: %s", exc)

@@ -1,0 +1,43 @@
+"""The idempotency window: ids of the most recent workflows of a partition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class IdempotencyWindow:
+    """The last ``size`` workflow ids created in one partition, with their offsets.
+
+    An id in the window is refused by ``exec_workflow`` whether its workflow finished,
+    failed or is still running. Ids are kept in offset order, so the oldest is evicted
+    first and its offset is where recovery starts reading ids.
+    """
+
+    __slots__ = ("_ids", "size")
+
+    def __init__(self, size: int, entries: Iterable[tuple[str, int]] = ()) -> None:
+        if size < 1:
+            raise ValueError(f"the idempotency window holds at least 1 id, got {size}")
+        self.size = size
+        self._ids: dict[str, int] = {}
+        for workflow_id, offset in entries:
+            self.add(workflow_id, offset)
+
+    def add(self, workflow_id: str, offset: int) -> None:
+        """Remember ``workflow_id`` created at ``offset``, evicting the oldest if full."""
+        ids = self._ids
+        ids[workflow_id] = offset
+        if len(ids) > self.size:
+            del ids[next(iter(ids))]
+
+    def __contains__(self, workflow_id: object) -> bool:
+        return workflow_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def oldest_offset(self) -> int | None:
+        """The offset of the oldest id kept, or ``None`` when empty."""
+        for offset in self._ids.values():
+            return offset
+        return None

@@ -1,0 +1,557 @@
+"""The kapbit instance: owns the log's partitions, accepts and drives workflows.
+
+Lifecycle follows aiokafka: ``await kbit.start()`` / ``await kbit.close()``, or
+``async with Kapbit(...) as kbit``. Start claims every partition (``ActiveWriter``),
+recovers, and resumes the in-flight workflows in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Literal
+
+import msgspec
+import pybreaker
+
+from kapbit.checkpoints import Checkpointer
+from kapbit.codecs import Codec, JsonCodec
+from kapbit.emitter import Emitter, new_storage_breaker
+from kapbit.errors import (
+    CorruptRecord,
+    DeadLettered,
+    DecodeError,
+    DuplicateWorkflow,
+    Fenced,
+    GateClosed,
+    InstanceClosed,
+    InvalidDefinition,
+    InvalidWorkflowId,
+    KapbitError,
+    TooManyWorkflows,
+    UnknownWorkflowType,
+    WillRetryLater,
+    WorkflowNotFound,
+    WorkflowRejected,
+)
+from kapbit.events import ActiveWriter, DeadLetter, EventKind, WorkflowCreated, WorkflowRetry
+from kapbit.execution import StepRaised, WorkflowExecution, restore_outcome
+from kapbit.fencing import OwnerTracker
+from kapbit.gate import EntryGate
+from kapbit.idempotency import IdempotencyWindow
+from kapbit.options import Options
+from kapbit.partitioner import partition_for
+from kapbit.repository import Checkpoint, Repository
+from kapbit.restore import RestoredPartition, RestoredWorkflow, restore_partition
+from kapbit.retry_worker import RetryWorker
+from kapbit.stats import Stats
+from kapbit.workflow import Definition
+
+logger = logging.getLogger("kapbit")
+
+_State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
+_CREATED = EventKind.WORKFLOW_CREATED.value
+
+
+class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, gate: EntryGate) -> None:
+        self._gate = gate
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if new_state.name == pybreaker.STATE_OPEN:
+            self._gate.close("storage circuit breaker opened")
+
+
+class Kapbit:
+    """A kapbit instance: runs workflows defined by ``definitions`` on ``repository``.
+
+    Only one instance writes to a log at a time: starting a second instance on the same
+    repository fences the first, which stops and fails every call with
+    :class:`~kapbit.errors.Fenced`; the second resumes its unfinished workflows.
+    """
+
+    def __init__(
+        self,
+        definitions: Iterable[Definition],
+        repository: Repository,
+        codec: Codec | None = None,
+        *,
+        options: Options | None = None,
+    ) -> None:
+        self.options = options or Options()
+        self._definitions = _index_definitions(definitions)
+        self._repository = repository
+        self._codec = codec or JsonCodec()
+        self.node_id = self.options.node_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        )
+        self._partitions = repository.partitions
+        self._state: _State = "new"
+        self._fenced_error: Fenced | None = None
+        self.gate = EntryGate()
+        self._breaker = new_storage_breaker(
+            self.options.storage_breaker.fail_max,
+            self.options.storage_breaker.reset_timeout,
+            _StorageBreakerListener(self.gate),
+        )
+        self._emitter = Emitter(
+            repository,
+            self._codec,
+            self.node_id,
+            self._breaker,
+            self.options.emit_backoff,
+            self._on_fenced,
+        )
+        self._windows = [
+            IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
+        ]
+        self._retry_worker = RetryWorker(
+            self.options.retry, self.gate, self._retry_attempt, self._dead_letter
+        )
+        self._checkpointer: Checkpointer | None = None
+        self._in_flight: dict[str, WorkflowExecution] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
+        self._stats = Stats()
+        self._close_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Kapbit:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Claim every partition, recover, and resume in-flight workflows."""
+        if self._state != "new":
+            raise InstanceClosed(f"instance {self.node_id} cannot be started twice")
+        self._state = "starting"
+        started = time.perf_counter()
+        try:
+            await self._repository.start()
+            claims = await asyncio.gather(
+                *(
+                    self._emitter.emit(p, self.node_id, ActiveWriter(self.node_id, time.time()))
+                    for p in range(self._partitions)
+                )
+            )
+            checkpoints = await self._repository.load_checkpoints()
+            restored = await asyncio.gather(
+                *(
+                    restore_partition(
+                        self._repository,
+                        self._codec,
+                        partition,
+                        claims[partition],
+                        checkpoints.get(partition, Checkpoint()),
+                        self.options.idempotency_window,
+                    )
+                    for partition in range(self._partitions)
+                )
+            )
+            executions = self._adopt(restored, checkpoints)
+        except BaseException:
+            self._state = "closed"
+            await self._repository.close()
+            raise
+        if self._fenced_error is not None:
+            raise self._fenced_error
+        self._state = "running"
+        assert self._checkpointer is not None
+        self._background.append(
+            asyncio.create_task(self._checkpointer.run(), name="kapbit-checkpoints")
+        )
+        for execution in executions:
+            if execution.attempts > 0:
+                self._retry_worker.schedule(execution)
+            else:
+                self._spawn(execution, None)
+        logger.info(
+            "kapbit node %s started on %d partitions in %.3f s: %d workflows resumed, "
+            "%d records read",
+            self.node_id,
+            self._partitions,
+            time.perf_counter() - started,
+            len(executions),
+            sum(r.records_read for r in restored),
+        )
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop accepting work, wait up to ``timeout`` for in-flight workflows, release.
+
+        Workflows still running at the timeout are cancelled; they stay open in the log and
+        the next instance resumes them. Idempotent; concurrent calls share one close.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close(timeout))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, timeout: float | None) -> None:
+        if self._state in ("new", "starting"):
+            self._state = "closed"
+            await self._repository.close()
+            return
+        if self._state == "running":
+            self._state = "closing"
+        await self._retry_worker.stop()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(
+                tasks, timeout=self.options.close_timeout if timeout is None else timeout
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._checkpointer is not None and self._fenced_error is None:
+            with contextlib.suppress(KapbitError):
+                await self._checkpointer.save()
+        closed = InstanceClosed(f"instance {self.node_id} closed")
+        for execution in list(self._in_flight.values()):
+            execution.resolve(error=self._fenced_error or closed)
+        if self._state != "fenced":
+            self._state = "closed"
+        await self._repository.close()
+        logger.info("kapbit node %s closed", self.node_id)
+
+    # --- workflows ------------------------------------------------------------------------
+
+    async def exec_workflow(self, workflow_id: str, workflow_type: str, input: Any = None) -> Any:
+        """Run workflow ``workflow_id`` of type ``workflow_type`` and return its result.
+
+        Nothing is written unless every check passes: the instance runs
+        (:class:`~kapbit.errors.InstanceClosed`, :class:`~kapbit.errors.Fenced`), the gate is
+        open (:class:`~kapbit.errors.GateClosed`), the type is registered
+        (:class:`~kapbit.errors.UnknownWorkflowType`), the id is new
+        (:class:`~kapbit.errors.DuplicateWorkflow`), a slot is free
+        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes
+        (:class:`~kapbit.errors.EncodeError`). Once ``WorkflowCreated`` is durable the
+        workflow finishes even if this call is cancelled or the process dies. A step that
+        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`.
+        """
+        self._check_running()
+        if not self.gate.is_open:
+            raise GateClosed(f"entry gate closed: {self.gate.reason}")
+        definition = self._definitions.get(workflow_type)
+        if definition is None:
+            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
+        partition = partition_for(workflow_id, self._partitions)
+        if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
+            raise DuplicateWorkflow(workflow_id)
+        if len(self._in_flight) >= self.options.max_workflows:
+            raise TooManyWorkflows(self.options.max_workflows)
+        codec = self._codec
+        created = WorkflowCreated(
+            workflow_id, workflow_type, msgspec.Raw(codec.encode(input)), time.time()
+        )
+        value = codec.encode(created)
+
+        execution = WorkflowExecution(workflow_id, definition, partition, input)
+        self._in_flight[workflow_id] = execution
+        assert self._checkpointer is not None
+        self._checkpointer.opening(partition, workflow_id)
+        task = self._spawn(execution, value)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise self._fenced_error or InstanceClosed(
+                    f"instance closed before workflow {workflow_id!r} finished; "
+                    "the next instance resumes it"
+                ) from None
+            raise
+
+    async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
+        """Await the final result of a workflow this instance runs or recently finished.
+
+        Raises :class:`~kapbit.errors.DeadLettered` or :class:`~kapbit.errors.WorkflowRejected`
+        for a workflow that ended that way, :class:`TimeoutError` after ``timeout``, and
+        :class:`~kapbit.errors.WorkflowNotFound` for an id this instance does not know.
+        """
+        execution = self._in_flight.get(workflow_id)
+        if execution is not None:
+            return await asyncio.wait_for(asyncio.shield(execution.waiter()), timeout)
+        finished = self._finished.get(workflow_id)
+        if finished is None:
+            if self._fenced_error is not None:
+                raise self._fenced_error
+            raise WorkflowNotFound(workflow_id)
+        result, error = finished
+        if error is not None:
+            raise error
+        return result
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters."""
+        stats = self._stats
+        return Stats(
+            started=stats.started,
+            recovered=stats.recovered,
+            succeeded=stats.succeeded,
+            compensated=stats.compensated,
+            retried=stats.retried,
+            dead_lettered=stats.dead_lettered,
+            rejected=stats.rejected,
+            in_flight=len(self._in_flight),
+            retrying=len(self._retry_worker),
+            gate_open=self.gate.is_open,
+        )
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the instance accepts workflows."""
+        return self._state == "running"
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            if self._fenced_error is not None:
+                raise self._fenced_error
+            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
+
+    def _spawn(self, execution: WorkflowExecution, created: bytes | None) -> asyncio.Task[Any]:
+        task = asyncio.create_task(self._drive(execution, created))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller (if any) saw it already
+
+    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Any:
+        """Create (when ``created`` holds the encoded event) and run an execution."""
+        if created is not None:
+            try:
+                offset = await self._emitter.append(
+                    execution.partition, _CREATED, execution.id, created
+                )
+            except BaseException:
+                self._in_flight.pop(execution.id, None)
+                if self._checkpointer is not None:
+                    self._checkpointer.abandoned(execution.partition, execution.id)
+                raise
+            execution.created_offset = offset
+            self._windows[execution.partition].add(execution.id, offset)
+            assert self._checkpointer is not None
+            self._checkpointer.opened(execution.partition, execution.id, offset)
+            self._stats.started += 1
+        try:
+            result, compensated = await execution.run(self._emitter, self._codec)
+        except StepRaised as raised:
+            self._note_step_raised(execution, raised)
+            self._retry_worker.schedule(execution)
+            raise WillRetryLater(execution.id, raised.cause) from raised.cause
+        except WorkflowRejected as rejected:
+            self._finish(execution, error=rejected)
+            raise
+        self._finish(execution, result=result, compensated=compensated)
+        return result
+
+    def _note_step_raised(self, execution: WorkflowExecution, raised: StepRaised) -> None:
+        execution.last_error = repr(raised.cause)
+        logger.warning(
+            "%s",
+            raised,
+            extra={
+                "workflow_id": execution.id,
+                "workflow_type": execution.definition.type,
+                "partition": execution.partition,
+            },
+        )
+        if raised.breaker_open:
+            self.gate.close(f"workflow {execution.id!r}: {raised.cause}")
+
+    async def _retry_attempt(self, execution: WorkflowExecution) -> None:
+        """One retry-worker attempt: record it, resume, finish on success."""
+        execution.attempts += 1
+        self._stats.retried += 1
+        await self._emitter.emit(
+            execution.partition,
+            execution.id,
+            WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
+        )
+        try:
+            result, compensated = await execution.run(self._emitter, self._codec)
+        except StepRaised as raised:
+            self._note_step_raised(execution, raised)
+            raise
+        except WorkflowRejected as rejected:
+            self._finish(execution, error=rejected)
+            return
+        self._finish(execution, result=result, compensated=compensated)
+
+    async def _dead_letter(self, execution: WorkflowExecution) -> None:
+        await self._emitter.emit(
+            execution.partition,
+            execution.id,
+            DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
+        )
+        logger.error(
+            "workflow %r dead-lettered after %d attempts: %s",
+            execution.id,
+            execution.attempts,
+            execution.last_error,
+            extra={
+                "workflow_id": execution.id,
+                "workflow_type": execution.definition.type,
+                "partition": execution.partition,
+            },
+        )
+        self._finish(
+            execution, error=DeadLettered(execution.id, execution.attempts, execution.last_error)
+        )
+
+    def _finish(
+        self,
+        execution: WorkflowExecution,
+        result: Any = None,
+        compensated: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
+        """Bookkeeping once a workflow's terminal event is durable."""
+        self._in_flight.pop(execution.id, None)
+        if self._checkpointer is not None:
+            self._checkpointer.terminated(execution.partition, execution.id)
+        stats = self._stats
+        if error is None:
+            if compensated:
+                stats.compensated += 1
+            else:
+                stats.succeeded += 1
+            self.gate.open()
+        elif isinstance(error, DeadLettered):
+            stats.dead_lettered += 1
+        else:
+            stats.rejected += 1
+        execution.resolve(result, error)
+        finished = self._finished
+        finished[execution.id] = (result, error)
+        if len(finished) > self.options.result_cache:
+            finished.popitem(last=False)
+
+    def _on_fenced(self, error: Fenced) -> None:
+        """Another node claimed a partition: stop everything, fail every caller."""
+        if self._fenced_error is not None:
+            return
+        logger.error("kapbit node %s was fenced and stops: %s", self.node_id, error)
+        self._fenced_error = error
+        self._state = "fenced"
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for execution in list(self._in_flight.values()):
+            execution.resolve(error=error)
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close(0))
+
+    def _adopt(
+        self, restored: list[RestoredPartition], checkpoints: dict[int, Checkpoint]
+    ) -> list[WorkflowExecution]:
+        """Turn what recovery found into windows, checkpoint state and executions."""
+        owners: list[OwnerTracker] = []
+        executions: list[WorkflowExecution] = []
+        for part in restored:
+            window = self._windows[part.partition]
+            for workflow_id, offset in part.window:
+                window.add(workflow_id, offset)
+            part.owners.writers.append((part.claim_offset, self.node_id))
+            part.owners.owner = self.node_id
+            owners.append(part.owners)
+            if self._emitter.acked[part.partition] < part.claim_offset:
+                self._emitter.acked[part.partition] = part.claim_offset
+            for workflow in part.in_flight:
+                executions.append(self._rebuild(part.partition, workflow))
+        self._checkpointer = Checkpointer(
+            self._repository,
+            self.options.checkpoints,
+            self._emitter.acked,
+            self._windows,
+            owners,
+            [checkpoints.get(p, Checkpoint()) for p in range(self._partitions)],
+        )
+        for execution in executions:
+            self._in_flight[execution.id] = execution
+            self._checkpointer.opened(execution.partition, execution.id, execution.created_offset)
+        self._stats.recovered = len(executions)
+        return executions
+
+    def _rebuild(self, partition: int, workflow: RestoredWorkflow) -> WorkflowExecution:
+        definition = self._definitions.get(workflow.type)
+        if definition is None:
+            raise UnknownWorkflowType(workflow.type, sorted(self._definitions))
+        codec = self._codec
+        try:
+            input = codec.decode(workflow.input, definition.input_type)
+        except DecodeError as exc:
+            raise CorruptRecord(partition, workflow.created_offset, f"input: {exc}") from exc
+        execution = WorkflowExecution(
+            workflow.id,
+            definition,
+            partition,
+            input,
+            attempts=workflow.attempts,
+            last_error=workflow.last_error,
+        )
+        execution.created_offset = workflow.created_offset
+        for offset, outcome in workflow.outcomes:
+            if outcome.step >= len(definition.steps):
+                raise CorruptRecord(
+                    partition,
+                    offset,
+                    f"step {outcome.step} of a {len(definition.steps)}-step workflow",
+                )
+            try:
+                value = codec.decode(outcome.value, definition.outcome_type_of(outcome.step))
+            except DecodeError as exc:
+                raise CorruptRecord(partition, offset, f"outcome value: {exc}") from exc
+            execution.progress._record(
+                outcome.phase, outcome.step, restore_outcome(outcome.success, value)
+            )
+        return execution
+
+    def _kill(self) -> None:
+        """Abandon the instance as a crash would: cancel everything, write nothing more."""
+        self._state = "closed"
+        self._emitter.fenced = Fenced(f"instance {self.node_id} was killed")
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        self._retry_worker.abort()
+
+
+def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definition]:
+    index: dict[str, Definition] = {}
+    for definition in definitions:
+        if not isinstance(definition, Definition):
+            raise InvalidDefinition(f"expected a Definition, got {type(definition).__name__}")
+        if definition.type in index:
+            raise InvalidDefinition(f"workflow type {definition.type!r} is defined twice")
+        index[definition.type] = definition
+    if not index:
+        raise InvalidDefinition("no workflow definitions given")
+    return index

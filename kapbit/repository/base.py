@@ -1,0 +1,88 @@
+"""The Repository protocol: the partitioned, append-only log kapbit keeps all state in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One record of the log, with what readers need to know before decoding the value.
+
+    ``kind`` is an :class:`~kapbit.events.EventKind` value, ``key`` the workflow id (the
+    writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
+    """
+
+    partition: int
+    offset: int
+    kind: str
+    key: str
+    node: str
+    value: bytes
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    """Where recovery of a partition starts.
+
+    Every workflow created below ``offset`` has terminated. ``window_offset`` is where the
+    ids of the idempotency window start (read ids-only up to ``offset``). Each offset comes
+    with the partition's owner at that point, so readers starting there can tell zombie
+    writes apart.
+    """
+
+    offset: int = 0
+    owner: str = ""
+    window_offset: int = 0
+    window_owner: str = ""
+
+
+@runtime_checkable
+class Repository(Protocol):
+    """A partitioned append-only log with per-partition checkpoints.
+
+    ``append`` must fence: it returns only once the record is durable *and* no
+    ``ActiveWriter`` of another node sits between ``node``'s latest ``ActiveWriter`` and
+    the record; otherwise it raises :class:`~kapbit.errors.Fenced`. A record with kind
+    ``active_writer`` is the claim itself and is never fenced. Transient failures raise
+    :class:`~kapbit.errors.TransientStorageError`, permanent refusals
+    :class:`~kapbit.errors.RecordRejected`.
+    """
+
+    @property
+    def partitions(self) -> int:
+        """The number of partitions."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and make sure the log exists; idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; idempotent. The log itself is kept."""
+        ...
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        """Append one record and return its offset (see the class docstring on fencing)."""
+        ...
+
+    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        """Yield the records with ``start <= offset < stop`` in order, in batches."""
+        ...
+
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        """Yield records from ``start`` on, waiting for new ones; runs until cancelled."""
+        ...
+
+    async def end_offset(self, partition: int) -> int:
+        """The offset the next record appended to ``partition`` will get."""
+        ...
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        """Store the checkpoint of ``partition``, replacing the previous one."""
+        ...
+
+    async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        """The stored checkpoints by partition; partitions without one are absent."""
+        ...

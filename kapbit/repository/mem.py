@@ -1,0 +1,103 @@
+"""An in-memory repository for unit tests, examples and benchmarks.
+
+It behaves like the Kafka repository where it matters to the engine: a fenced write still
+lands in the log (as a zombie record every reader must ignore) and then fails with
+:class:`~kapbit.errors.Fenced`; a payload over ``max_payload`` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from kapbit.errors import Fenced, PayloadTooLarge
+from kapbit.events import EventKind
+from kapbit.repository.base import Checkpoint, Record
+
+_BATCH = 1024
+_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+
+
+class MemRepository:
+    """A partitioned log held in lists; shared by every instance given the same object."""
+
+    def __init__(self, partitions: int = 1, max_payload: int = 1024 * 1024) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        if max_payload < 1:
+            raise ValueError(f"max_payload must be positive, got {max_payload}")
+        self._partitions = partitions
+        self.max_payload = max_payload
+        self._logs: list[list[Record]] = [[] for _ in range(partitions)]
+        self._owners: list[str] = [""] * partitions
+        self._checkpoints: dict[int, Checkpoint] = {}
+        self._appended = asyncio.Event()
+        self._tailers = 0
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to release; the log stays for the next instance."""
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        if len(value) > self.max_payload:
+            raise PayloadTooLarge(len(value), self.max_payload)
+        log = self._logs[partition]
+        offset = len(log)
+        log.append(Record(partition, offset, kind, key, node, value))
+        self._wake_tails()
+        if kind == _ACTIVE_WRITER:
+            self._owners[partition] = node
+        elif self._owners[partition] != node:
+            raise Fenced(
+                f"partition {partition} is owned by node {self._owners[partition]!r}, "
+                f"not {node!r}; the record at offset {offset} is a zombie write"
+            )
+        return offset
+
+    async def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        log = self._logs[partition]
+        stop = min(stop, len(log))
+        for begin in range(max(start, 0), stop, _BATCH):
+            yield log[begin : min(begin + _BATCH, stop)]
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        log = self._logs[partition]
+        position = max(start, 0)
+        self._tailers += 1
+        try:
+            while True:
+                if position < len(log):
+                    batch = log[position : position + _BATCH]
+                    position += len(batch)
+                    yield batch
+                else:
+                    await self._appended.wait()
+        finally:
+            self._tailers -= 1
+
+    async def end_offset(self, partition: int) -> int:
+        return len(self._logs[partition])
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        self._checkpoints[partition] = checkpoint
+
+    async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        return dict(self._checkpoints)
+
+    def records(self, partition: int | None = None) -> list[Record]:
+        """Every record of one partition, or of all partitions in partition order (tests)."""
+        if partition is not None:
+            return list(self._logs[partition])
+        return [record for log in self._logs for record in log]
+
+    def _wake_tails(self) -> None:
+        # Only tails wait; a fresh event per wake-up keeps append O(1) when nobody tails.
+        if self._tailers:
+            self._appended.set()
+            self._appended = asyncio.Event()

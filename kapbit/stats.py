@@ -1,0 +1,21 @@
+"""Counters an operator watches, readable from :attr:`kapbit.Kapbit.stats`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counts since the instance started; ``in_flight`` and ``gate_open`` are current."""
+
+    started: int = 0
+    recovered: int = 0
+    succeeded: int = 0
+    compensated: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    rejected: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    gate_open: bool = True
