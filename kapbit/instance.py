@@ -93,7 +93,7 @@ class Kapbit:
         self.node_id = self.options.node_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         )
-        self._partitions = repository.partitions
+        self._partitions = 0  # known once the repository has started
         self._state: _State = "new"
         self._fenced_error: Fenced | None = None
         self.gate = EntryGate()
@@ -110,9 +110,7 @@ class Kapbit:
             self.options.emit_backoff,
             self._on_fenced,
         )
-        self._windows = [
-            IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
-        ]
+        self._windows: list[IdempotencyWindow] = []
         self._retry_worker = RetryWorker(
             self.options.retry, self.gate, self._retry_attempt, self._dead_letter
         )
@@ -146,6 +144,11 @@ class Kapbit:
         started = time.perf_counter()
         try:
             await self._repository.start()
+            self._partitions = self._repository.partitions
+            self._windows = [
+                IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
+            ]
+            self._emitter.acked = [-1] * self._partitions
             claims = await asyncio.gather(
                 *(
                     self._emitter.emit(p, self.node_id, ActiveWriter(self.node_id, time.time()))

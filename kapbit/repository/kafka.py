@@ -1,0 +1,526 @@
+"""The Kafka repository: kapbit's log in a Kafka topic, on aiokafka.
+
+Records: key = workflow id, value = encoded event, headers = event kind and writer node.
+The producer uses ``acks="all"`` and neither idempotence nor transactions, so it works on
+any Kafka-protocol broker. Fencing lives in the log (see DESIGN.md): an append is
+acknowledged only once every offset between this node's ``ActiveWriter`` and the record is
+known to be harmless. Its own acknowledgements usually arrive contiguous, so a confirmed
+frontier just moves forward; only a gap (another writer's record, a duplicate from a
+producer retry) is read back, in one fetch that returns at once because the data exists.
+
+Checkpoints live in a second, compacted topic (``<topic>-checkpoints`` by default), keyed
+by partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+)
+from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
+
+from kapbit.errors import (
+    Fenced,
+    PayloadTooLarge,
+    RecordRejected,
+    StartupError,
+    TransientStorageError,
+)
+from kapbit.events import EventKind
+from kapbit.repository.base import Checkpoint, Record
+
+logger = logging.getLogger("kapbit.kafka")
+
+KIND_HEADER = "kapbit-kind"
+NODE_HEADER = "kapbit-node"
+_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+_REJECTIONS = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+_READ_BATCH = 10_000
+#: Room for the record's key, headers and batch framing above ``max_payload``.
+_RECORD_OVERHEAD = 16 * 1024
+
+
+class _PartitionFence:
+    """This node's claim on one partition and the frontier of confirmed offsets."""
+
+    __slots__ = ("acked", "claim_offset", "fenced", "frontier", "gap_reader", "node", "waiters")
+
+    def __init__(self) -> None:
+        self.node: str | None = None
+        self.claim_offset = -1
+        self.frontier = -1
+        self.acked: set[int] = set()
+        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.fenced: Fenced | None = None
+        self.gap_reader: asyncio.Task[None] | None = None
+
+    def claim(self, node: str, offset: int) -> None:
+        self.node = node
+        self.claim_offset = offset
+        self.frontier = offset
+        self.acked = {o for o in self.acked if o > offset}
+        self.fenced = None
+        self.advance()
+
+    def advance(self) -> None:
+        """Move the frontier over contiguous known offsets and release their waiters."""
+        acked = self.acked
+        frontier = self.frontier
+        while frontier + 1 in acked:
+            frontier += 1
+            acked.discard(frontier)
+        self.frontier = frontier
+        if self.waiters:
+            for offset in [o for o in self.waiters if o <= frontier]:
+                waiter = self.waiters.pop(offset)
+                if not waiter.done():
+                    waiter.set_result(offset)
+
+    def fence(self, error: Fenced, at: int) -> None:
+        """A foreign ActiveWriter sits at ``at``: everything of ours after it is void."""
+        self.fenced = error
+        self.frontier = max(self.frontier, at - 1)
+        self.advance()
+        for offset, waiter in list(self.waiters.items()):
+            if offset > at and not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()
+        self.waiters.clear()
+
+
+class KafkaRepository:
+    """A kapbit log in the Kafka topic ``topic``.
+
+    ``partitions`` is required to create the topic; for an existing topic it is checked
+    (a mismatch refuses to start) or, when ``None``, read from the topic.
+    ``client_options`` go to every aiokafka client (TLS: ``security_protocol``,
+    ``ssl_context``; SASL: ``sasl_mechanism``, ``sasl_plain_username``, ...);
+    ``producer_options`` and ``consumer_options`` only to those clients.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str],
+        topic: str,
+        *,
+        partitions: int | None = None,
+        replication_factor: int = 1,
+        create_topic: bool = True,
+        checkpoint_topic: str | None = None,
+        max_payload: int = 1_000_000,
+        client_options: Mapping[str, Any] | None = None,
+        producer_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if partitions is not None and partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.checkpoint_topic = checkpoint_topic or f"{topic}-checkpoints"
+        self.max_payload = max_payload
+        self._requested_partitions = partitions
+        self._replication_factor = replication_factor
+        self._create_topic = create_topic
+        self._client_options = dict(client_options or {})
+        self._producer_options = dict(producer_options or {})
+        self._consumer_options = dict(consumer_options or {})
+        self._partitions = partitions or 0
+        self._producer: AIOKafkaProducer | None = None
+        self._reader: AIOKafkaConsumer | None = None
+        self._confirmer: AIOKafkaConsumer | None = None
+        self._read_lock = asyncio.Lock()
+        self._confirm_lock = asyncio.Lock()
+        self._fences: list[_PartitionFence] = []
+        self._started = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def partitions(self) -> int:
+        if not self._partitions:
+            raise StartupError(f"the partition count of {self.topic!r} is known after start()")
+        return self._partitions
+
+    async def start(self) -> None:
+        """Connect, create or check the topics, start the clients. Idempotent."""
+        if self._started:
+            return
+        await self._ensure_topics()
+        self._fences = [_PartitionFence() for _ in range(self._partitions)]
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,
+            max_request_size=self.max_payload + _RECORD_OVERHEAD,
+            **{"linger_ms": 0, **self._client_options, **self._producer_options},
+        )
+        # Long-lived consumers with every partition assigned and paused: a read seeks and
+        # resumes one partition, then pauses it again, so nothing polls in the background.
+        self._reader = self._new_consumer()
+        self._confirmer = self._new_consumer(fetch_max_wait_ms=1)
+        log_partitions = [TopicPartition(self.topic, p) for p in range(self._partitions)]
+        try:
+            await self._producer.start()
+            await self._reader.start()
+            await self._confirmer.start()
+            self._reader.assign([*log_partitions, TopicPartition(self.checkpoint_topic, 0)])
+            self._reader.pause(*self._reader.assignment())
+            self._confirmer.assign(log_partitions)
+            self._confirmer.pause(*log_partitions)
+        except KafkaError as exc:
+            await self.close()
+            raise StartupError(
+                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
+            ) from exc
+        self._started = True
+
+    async def close(self) -> None:
+        """Stop the clients; idempotent. Pending confirmations fail as transient."""
+        self._started = False
+        for fence in self._fences:
+            if fence.gap_reader is not None:
+                fence.gap_reader.cancel()
+            for waiter in fence.waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(TransientStorageError("repository closed"))
+                    waiter.exception()
+            fence.waiters.clear()
+        for client in (self._producer, self._reader, self._confirmer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._producer = self._reader = self._confirmer = None
+
+    def _new_consumer(self, **extra: Any) -> AIOKafkaConsumer:
+        options: dict[str, Any] = {
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "fetch_max_wait_ms": 20,
+            "max_partition_fetch_bytes": max(1_048_576, self.max_payload + _RECORD_OVERHEAD),
+            "fetch_max_bytes": 64 * 1_048_576,
+            **self._client_options,
+            **self._consumer_options,
+            **extra,
+        }
+        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None, **options)
+
+    async def _ensure_topics(self) -> None:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers, **self._client_options
+        )
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            raise StartupError(
+                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
+            ) from exc
+        try:
+            self._partitions = await self._ensure_topic(
+                admin, self.topic, self._requested_partitions, {}
+            )
+            await self._ensure_topic(admin, self.checkpoint_topic, 1, {"cleanup.policy": "compact"})
+        finally:
+            await admin.close()
+
+    async def _ensure_topic(
+        self,
+        admin: AIOKafkaAdminClient,
+        topic: str,
+        partitions: int | None,
+        configs: dict[str, str],
+    ) -> int:
+        existing = await _partition_count(admin, topic)
+        if existing is None:
+            if not self._create_topic:
+                raise StartupError(f"topic {topic!r} does not exist")
+            if partitions is None:
+                raise StartupError(
+                    f"topic {topic!r} does not exist; give partitions=N to create it"
+                )
+            try:
+                await admin.create_topics(
+                    [NewTopic(topic, partitions, self._replication_factor, topic_configs=configs)]
+                )
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another instance: checked below
+            except KafkaError as exc:
+                raise StartupError(f"cannot create topic {topic!r}: {exc}") from exc
+            existing = await _wait_for_topic(admin, topic)
+        if partitions is not None and existing != partitions:
+            raise StartupError(
+                f"topic {topic!r} has {existing} partitions, but {partitions} were requested"
+            )
+        return existing
+
+    # --- the log --------------------------------------------------------------------------
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        if len(value) > self.max_payload:
+            raise PayloadTooLarge(len(value), self.max_payload)
+        fence = self._fences[partition]
+        if kind != _ACTIVE_WRITER:
+            if fence.fenced is not None:
+                raise fence.fenced
+            if fence.node != node:
+                raise Fenced(f"node {node!r} has not claimed partition {partition}")
+        offset = await self._send(self.topic, partition, kind, key, node, value)
+        if kind == _ACTIVE_WRITER:
+            fence.claim(node, offset)
+            return offset
+        return await self._confirm(partition, fence, offset)
+
+    async def _send(
+        self, topic: str, partition: int, kind: str, key: str, node: str, value: bytes
+    ) -> int:
+        producer = self._producer
+        if producer is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        try:
+            delivery = await producer.send(
+                topic,
+                value,
+                key=key.encode(),
+                partition=partition,
+                headers=[(KIND_HEADER, kind.encode()), (NODE_HEADER, node.encode())],
+            )
+            metadata = await delivery
+        except _REJECTIONS as exc:
+            raise RecordRejected(f"Kafka refused the record: {exc}") from exc
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                logger.error("Kafka error on append to %s/%d: %r", topic, partition, exc)
+            raise TransientStorageError(f"Kafka append failed: {exc!r}") from exc
+        offset: int = metadata.offset
+        return offset
+
+    async def _confirm(self, partition: int, fence: _PartitionFence, offset: int) -> int:
+        if offset <= fence.frontier:
+            return offset
+        fence.acked.add(offset)
+        fence.advance()
+        if offset <= fence.frontier:
+            return offset
+        waiter = asyncio.get_running_loop().create_future()
+        fence.waiters[offset] = waiter
+        if fence.gap_reader is None or fence.gap_reader.done():
+            fence.gap_reader = asyncio.create_task(self._read_gaps(partition, fence))
+        return await waiter
+
+    async def _read_gaps(self, partition: int, fence: _PartitionFence) -> None:
+        """Read the offsets below pending acks that this node did not write, and judge them."""
+        # Our own acks for the gap may still be on their way: give them one loop turn.
+        await asyncio.sleep(0)
+        while fence.waiters and fence.fenced is None:
+            start = fence.frontier + 1
+            stop = max(fence.waiters)
+            try:
+                async for batch in self._fetch(
+                    self._confirmer, self._confirm_lock, partition, start, stop
+                ):
+                    for record in batch:
+                        if record.kind == _ACTIVE_WRITER and record.node != fence.node:
+                            fence.fence(
+                                Fenced(
+                                    f"node {record.node!r} claimed partition {partition} at "
+                                    f"offset {record.offset}; node {fence.node!r} is fenced"
+                                ),
+                                record.offset,
+                            )
+                            return
+                        fence.acked.add(record.offset)
+            except KafkaError as exc:
+                logger.warning("reading partition %d to confirm writes failed: %r", partition, exc)
+                for waiter in fence.waiters.values():
+                    if not waiter.done():
+                        waiter.set_exception(TransientStorageError(f"confirming failed: {exc!r}"))
+                        waiter.exception()
+                fence.waiters.clear()
+                return
+            # Offsets the fetch skipped (control records) are harmless too.
+            fence.frontier = max(fence.frontier, stop - 1)
+            fence.advance()
+
+    async def _fetch(
+        self,
+        consumer: AIOKafkaConsumer | None,
+        lock: asyncio.Lock,
+        partition: int,
+        start: int,
+        stop: int,
+        topic: str | None = None,
+    ) -> AsyncIterator[list[Record]]:
+        if consumer is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        tp = TopicPartition(topic or self.topic, partition)
+        async with lock:
+            consumer.seek(tp, start)
+            consumer.resume(tp)
+            try:
+                while await consumer.position(tp) < stop:
+                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
+                    batch = [
+                        _to_record(partition, message)
+                        for message in fetched.get(tp, ())
+                        if message.offset < stop
+                    ]
+                    if batch:
+                        yield batch
+            finally:
+                consumer.pause(tp)
+
+    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        return self._read(partition, start, stop)
+
+    async def _read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        stop = min(stop, await self.end_offset(partition))
+        if start >= stop:
+            return
+        try:
+            async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
+                yield batch
+        except KafkaError as exc:
+            raise TransientStorageError(f"reading partition {partition} failed: {exc!r}") from exc
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        consumer = self._new_consumer()
+        tp = TopicPartition(self.topic, partition)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            while True:
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
+                batch = [_to_record(partition, message) for message in fetched.get(tp, ())]
+                if batch:
+                    yield batch
+        finally:
+            await consumer.stop()
+
+    async def end_offset(self, partition: int) -> int:
+        return await self._end_offset(TopicPartition(self.topic, partition))
+
+    async def _end_offset(self, tp: TopicPartition) -> int:
+        """The true end of ``tp``: the high watermark of a fetch of its last record.
+
+        ListOffsets alone is not trusted: some Kafka-protocol brokers answer it with the
+        base offset of the last batch plus one.
+        """
+        consumer = self._reader
+        if consumer is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        try:
+            async with self._read_lock:
+                reported: int = (await consumer.end_offsets([tp]))[tp]
+                if reported == 0:
+                    return 0
+                consumer.seek(tp, reported - 1)
+                consumer.resume(tp)
+                try:
+                    await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                finally:
+                    consumer.pause(tp)
+                highwater: int | None = consumer.highwater(tp)
+        except KafkaError as exc:
+            raise TransientStorageError(f"end offset of {tp}: {exc!r}") from exc
+        return max(reported, highwater or 0)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        if self._producer is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        try:
+            await self._producer.send_and_wait(
+                self.checkpoint_topic,
+                msgspec.json.encode(checkpoint),
+                key=str(partition).encode(),
+                partition=0,
+            )
+        except KafkaError as exc:
+            raise TransientStorageError(f"saving checkpoint failed: {exc!r}") from exc
+
+    async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        consumer = self._reader
+        if consumer is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        tp = TopicPartition(self.checkpoint_topic, 0)
+        checkpoints: dict[int, Checkpoint] = {}
+        async with self._read_lock:
+            start = (await consumer.beginning_offsets([tp]))[tp]
+        stop = await self._end_offset(tp)
+        if start >= stop:
+            return checkpoints
+        async for batch in self._fetch(
+            consumer, self._read_lock, 0, start, stop, topic=self.checkpoint_topic
+        ):
+            for record in batch:
+                try:
+                    checkpoints[int(record.key)] = msgspec.json.decode(
+                        record.value, type=Checkpoint
+                    )
+                except (ValueError, msgspec.DecodeError) as exc:
+                    logger.warning(
+                        "ignoring unreadable checkpoint at offset %d: %s", record.offset, exc
+                    )
+        return {p: c for p, c in checkpoints.items() if p < self._partitions}
+
+
+def _to_record(partition: int, message: Any) -> Record:
+    kind = node = ""
+    for name, value in message.headers or ():
+        if name == KIND_HEADER:
+            kind = value.decode()
+        elif name == NODE_HEADER:
+            node = value.decode()
+    key = message.key.decode() if message.key is not None else ""
+    return Record(partition, message.offset, kind, key, node, message.value or b"")
+
+
+async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int | None:
+    try:
+        # Listing first: describing a missing topic may auto-create it on some brokers.
+        if topic not in await admin.list_topics():
+            return None
+        described = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise StartupError(f"cannot describe topic {topic!r}: {exc}") from exc
+    for entry in described:
+        if entry.get("topic") == topic:
+            error = entry.get("error_code", 0)
+            if error == 3:  # UNKNOWN_TOPIC_OR_PARTITION
+                return None
+            if error:
+                raise StartupError(f"topic {topic!r} cannot be used: Kafka error code {error}")
+            return len(entry.get("partitions", ()))
+    return None
+
+
+async def _wait_for_topic(admin: AIOKafkaAdminClient, topic: str) -> int:
+    """Wait for a topic just created to show up in the metadata."""
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_result(lambda count: not count),
+            stop=stop_after_delay(10),
+            wait=wait_fixed(0.1),
+        ):
+            with attempt:
+                count = await _partition_count(admin, topic)
+            if not attempt.retry_state.outcome.failed:  # type: ignore[union-attr]
+                attempt.retry_state.set_result(count)
+    except RetryError:
+        raise StartupError(f"topic {topic!r} was created but does not show up") from None
+    assert count is not None
+    return count
