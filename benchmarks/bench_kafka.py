@@ -107,7 +107,7 @@ async def main(bootstrap: str | None, partitions: int, workflows: int, sequentia
     finally:
         if broker is not None:
             await broker.stop()
-    kind = broker.kind if broker is not None else "given"
+    kind = "local tansu" if broker is not None else "given"
     print(
         f"broker: {kind} at {bootstrap}; {partitions} partitions; Python {sys.version.split()[0]}"
     )

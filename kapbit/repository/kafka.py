@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -101,6 +102,19 @@ class _PartitionFence:
         self.waiters.clear()
 
 
+_Pending = tuple[bytes, bytes, list[tuple[str, bytes]], "asyncio.Future[int]"]
+
+
+class _Outbox:
+    """Records waiting to be sent to one partition; sent together as one batch."""
+
+    __slots__ = ("flusher", "pending")
+
+    def __init__(self) -> None:
+        self.pending: list[_Pending] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+
 class KafkaRepository:
     """A kapbit log in the Kafka topic ``topic``.
 
@@ -144,6 +158,7 @@ class KafkaRepository:
         self._read_lock = asyncio.Lock()
         self._confirm_lock = asyncio.Lock()
         self._fences: list[_PartitionFence] = []
+        self._outboxes: list[_Outbox] = []
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -160,12 +175,18 @@ class KafkaRepository:
             return
         await self._ensure_topics()
         self._fences = [_PartitionFence() for _ in range(self._partitions)]
+        self._outboxes = [_Outbox() for _ in range(self._partitions)]
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             acks="all",
             enable_idempotence=False,
             max_request_size=self.max_payload + _RECORD_OVERHEAD,
-            **{"linger_ms": 0, **self._client_options, **self._producer_options},
+            **{
+                "linger_ms": 0,
+                "max_batch_size": 1_048_576,
+                **self._client_options,
+                **self._producer_options,
+            },
         )
         # Long-lived consumers with every partition assigned and paused: a read seeks and
         # resumes one partition, then pauses it again, so nothing polls in the background.
@@ -190,6 +211,14 @@ class KafkaRepository:
     async def close(self) -> None:
         """Stop the clients; idempotent. Pending confirmations fail as transient."""
         self._started = False
+        for outbox in self._outboxes:
+            if outbox.flusher is not None:
+                outbox.flusher.cancel()
+            _fail(
+                [waiter for *_, waiter in outbox.pending],
+                TransientStorageError("repository closed"),
+            )
+            outbox.pending.clear()
         for fence in self._fences:
             if fence.gap_reader is not None:
                 fence.gap_reader.cancel()
@@ -285,26 +314,57 @@ class KafkaRepository:
     async def _send(
         self, topic: str, partition: int, kind: str, key: str, node: str, value: bytes
     ) -> int:
-        producer = self._producer
-        if producer is None:
+        """Queue one record for ``partition`` and return its offset once Kafka acked it.
+
+        Records queued while a batch is being handed to the producer go out together in
+        the next batch: one aiokafka batch per partition instead of one send per record.
+        """
+        if self._producer is None:
             raise TransientStorageError("the Kafka repository is not started")
-        try:
-            delivery = await producer.send(
-                topic,
+        outbox = self._outboxes[partition]
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        outbox.pending.append(
+            (
+                key.encode(),
                 value,
-                key=key.encode(),
-                partition=partition,
-                headers=[(KIND_HEADER, kind.encode()), (NODE_HEADER, node.encode())],
+                [(KIND_HEADER, kind.encode()), (NODE_HEADER, node.encode())],
+                waiter,
             )
-            metadata = await delivery
-        except _REJECTIONS as exc:
-            raise RecordRejected(f"Kafka refused the record: {exc}") from exc
-        except KafkaError as exc:
-            if not getattr(exc, "retriable", False):
-                logger.error("Kafka error on append to %s/%d: %r", topic, partition, exc)
-            raise TransientStorageError(f"Kafka append failed: {exc!r}") from exc
-        offset: int = metadata.offset
-        return offset
+        )
+        if outbox.flusher is None:
+            outbox.flusher = asyncio.create_task(self._flush(topic, partition, outbox))
+        return await waiter
+
+    async def _flush(self, topic: str, partition: int, outbox: _Outbox) -> None:
+        producer = self._producer
+        records: list[_Pending] = []
+        try:
+            while outbox.pending and producer is not None:
+                records, outbox.pending = outbox.pending, []
+                while records:
+                    batch = producer.create_batch()
+                    taken = 0
+                    for key, value, headers, _ in records:
+                        if (
+                            batch.append(key=key, value=value, timestamp=None, headers=headers)
+                            is None
+                        ):
+                            break
+                        taken += 1
+                    taken = max(taken, 1)
+                    sent, records = records[:taken], records[taken:]
+                    delivery = await producer.send_batch(batch, topic, partition=partition)
+                    delivery.add_done_callback(functools.partial(_delivered, sent))
+        except BaseException as exc:
+            waiters = [waiter for *_, waiter in (*records, *outbox.pending)]
+            outbox.pending.clear()
+            _fail(waiters, _storage_error(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            outbox.flusher = None
+            if outbox.pending and self._producer is not None:
+                outbox.flusher = asyncio.create_task(self._flush(topic, partition, outbox))
 
     async def _confirm(self, partition: int, fence: _PartitionFence, offset: int) -> int:
         if offset <= fence.frontier:
@@ -476,6 +536,37 @@ class KafkaRepository:
                         "ignoring unreadable checkpoint at offset %d: %s", record.offset, exc
                     )
         return {p: c for p, c in checkpoints.items() if p < self._partitions}
+
+
+def _delivered(sent: list[_Pending], delivery: asyncio.Future[Any]) -> None:
+    """Resolve the waiters of one batch: record ``i`` sits at the batch's base offset + i."""
+    if delivery.cancelled():
+        _fail([waiter for *_, waiter in sent], TransientStorageError("delivery cancelled"))
+        return
+    error = delivery.exception()
+    if error is not None:
+        _fail([waiter for *_, waiter in sent], _storage_error(error))
+        return
+    base: int = delivery.result().offset
+    for index, (*_, waiter) in enumerate(sent):
+        if not waiter.done():
+            waiter.set_result(base + index)
+
+
+def _storage_error(exc: BaseException) -> Exception:
+    """Map an aiokafka error to the engine's kinds: rejection or transient."""
+    if isinstance(exc, _REJECTIONS):
+        return RecordRejected(f"Kafka refused the record: {exc}")
+    if isinstance(exc, KafkaError) and not getattr(exc, "retriable", False):
+        logger.error("Kafka error on append: %r", exc)
+    return TransientStorageError(f"Kafka append failed: {exc!r}")
+
+
+def _fail(waiters: list[asyncio.Future[int]], error: Exception) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(error)
+            waiter.exception()  # whoever awaited it has it; nobody else must warn
 
 
 def _to_record(partition: int, message: Any) -> Record:
