@@ -116,9 +116,8 @@ async def main(bootstrap: str | None, partitions: int, workflows: int, sequentia
     for name, (rate, p50, p99) in (("kapbit sequential", seq), ("kapbit 1,000 in flight", par)):
         events = rate * EVENTS_PER_WORKFLOW
         print(f"{name:28} {rate:12,.0f} {events:10,.0f} {p50 * 1e3:8.2f} {p99 * 1e3:8.2f}")
-    print(
-        f"kapbit event rate / raw producer (1,000 in flight): {par[0] * EVENTS_PER_WORKFLOW / raw:.0%}"
-    )
+    ratio = par[0] * EVENTS_PER_WORKFLOW / raw
+    print(f"kapbit event rate / raw producer (1,000 in flight): {ratio:.0%}")
 
 
 if __name__ == "__main__":

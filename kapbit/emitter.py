@@ -5,6 +5,13 @@ tenacity), behind the storage circuit breaker (pybreaker). Giving up is never sa
 storage is down, a DeadLetter could not be written either. It stops only on
 :class:`~kapbit.errors.Fenced`, a :class:`~kapbit.errors.RecordRejected`, or an
 :class:`~kapbit.errors.EncodeError`.
+
+The breaker follows pybreaker's state machine: closed, it opens after ``fail_max``
+consecutive failures; open, every append fails fast with ``CircuitBreakerError`` (retried
+after backoff, the storage is not touched) until ``reset_timeout`` has passed; then one
+append goes through as the probe (half-open): success closes the breaker, failure opens it
+again. pybreaker itself lets every caller through while half-open; the emitter admits one
+probe at a time, the others fail fast until the probe has settled.
 """
 
 from __future__ import annotations
@@ -16,37 +23,45 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pybreaker
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, RecordRejected, TransientStorageError
-from kapbit.events import KIND_OF, Event
+from kapbit.events import KIND_OF, Event, EventKind
 from kapbit.options import Backoff
 from kapbit.repository import Repository
 
 logger = logging.getLogger("kapbit.emitter")
 
 _RETRYABLE = (TransientStorageError, pybreaker.CircuitBreakerError)
+_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+
+#: Attempts up to this one are all logged; after it only every power of two, so a long
+#: outage does not flood the log (one line per in-flight workflow per backoff period).
+_LOG_EVERY_UNTIL = 10
 
 
 def _retry_log_level(attempt: int) -> int:
+    """The level a failed attempt is logged at: it rises as the attempts grow."""
     if attempt < 3:
         return logging.INFO
-    if attempt < 10:
+    if attempt < _LOG_EVERY_UNTIL:
         return logging.WARNING
     return logging.ERROR
+
+
+def _worth_logging(attempt: int) -> bool:
+    return attempt <= _LOG_EVERY_UNTIL or attempt & (attempt - 1) == 0
 
 
 class Emitter:
     """Encodes events and appends them through the breaker, retrying until they land.
 
     ``acked[p]`` is the highest offset this emitter has had acknowledged in partition
-    ``p`` (the checkpointer never moves past it). ``on_fenced`` is called once, on the
-    first :class:`~kapbit.errors.Fenced`.
+    ``p``, -1 before the first (the checkpointer never moves past it). ``on_fenced`` is
+    called once, on the first :class:`~kapbit.errors.Fenced`. ``workflow_type`` maps a
+    workflow id to its type for log records (``None`` when unknown). ``sleep`` waits
+    between retries (tests inject their own).
     """
 
     def __init__(
@@ -58,6 +73,7 @@ class Emitter:
         backoff: Backoff,
         on_fenced: Callable[[Fenced], None],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        workflow_type: Callable[[str], str | None] | None = None,
     ) -> None:
         self._repository = repository
         self._codec = codec
@@ -66,8 +82,12 @@ class Emitter:
         self._backoff = backoff
         self._on_fenced = on_fenced
         self._sleep = sleep
+        self._workflow_type = workflow_type
+        self._probing = False
         self.fenced: Fenced | None = None
-        self.acked: list[int] = [-1] * repository.partitions
+        # Sized once the partition count is known (after the repository started); grows
+        # in place so holders of the list (the checkpointer) keep seeing it.
+        self.acked: list[int] = []
 
     async def emit(self, partition: int, key: str, event: Event) -> int:
         """Encode and append ``event``; return its offset once it is durable and fenced."""
@@ -85,43 +105,62 @@ class Emitter:
         except Fenced as error:
             self._fence(error)
             raise
-        if offset > self.acked[partition]:
-            self.acked[partition] = offset
+        acked = self.acked
+        if partition >= len(acked):
+            acked.extend([-1] * (partition + 1 - len(acked)))
+        if offset > acked[partition]:
+            acked[partition] = offset
         return offset
 
     async def _append_once(self, partition: int, kind: str, key: str, value: bytes) -> int:
         breaker = self._breaker
-        if breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0:
-            # The common case skips the breaker's bookkeeping: a success while closed with
-            # no failures counted changes nothing. A failure is handed to the breaker.
-            try:
+        state = breaker.current_state
+        if state == pybreaker.STATE_CLOSED:
+            if breaker.fail_counter == 0:
+                # The common case skips the breaker's bookkeeping: a success while closed
+                # with no failures counted changes nothing. A failure is handed over.
+                try:
+                    return await self._repository.append(partition, kind, key, self._node, value)
+                except Exception as error:
+                    if breaker.is_system_error(error):
+                        _record_failure(breaker, error)
+                    raise
+            with breaker.calling():
                 return await self._repository.append(partition, kind, key, self._node, value)
-            except TransientStorageError as error:
-                _record_failure(breaker, error)
-                raise
-        with breaker.calling():
-            return await self._repository.append(partition, kind, key, self._node, value)
+        # Open or half-open: the storage is suspect. Open and before reset_timeout, the
+        # breaker refuses without calling the storage; otherwise this call is the probe,
+        # and only one probe may be in flight.
+        if self._probing:
+            raise pybreaker.CircuitBreakerError("storage probe in flight, circuit breaker open")
+        self._probing = True
+        try:
+            with breaker.calling():
+                return await self._repository.append(partition, kind, key, self._node, value)
+        finally:
+            self._probing = False
 
     async def _append_retrying(
         self, partition: int, kind: str, key: str, value: bytes, first: BaseException
     ) -> int:
-        def log_failure(attempt: int, error: BaseException | None) -> None:
+        extra = self._extra(kind, key, partition)
+
+        def before_sleep(state: RetryCallState) -> None:
+            attempt = state.attempt_number
+            if not _worth_logging(attempt):
+                return
+            error = state.outcome.exception() if state.outcome else None
             logger.log(
                 _retry_log_level(attempt),
-                "append of %s for %r to partition %d failed (attempt %d), retrying: %s",
+                "append of %s for %r to partition %d failed (attempt %d), retrying in %.3f s: %s",
                 kind,
                 key,
                 partition,
                 attempt,
+                state.upcoming_sleep,
                 error,
-                extra={"workflow_id": key, "partition": partition},
+                extra=extra,
             )
 
-        def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            log_failure(state.attempt_number + 1, error)
-
-        log_failure(1, first)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_RETRYABLE),
             wait=self._backoff.wait(),
@@ -129,17 +168,40 @@ class Emitter:
             sleep=self._sleep,
             reraise=True,
         )
+        # The first try (outside tenacity, to keep the common path cheap) counts as
+        # tenacity's attempt 1: its failure is replayed so the backoff starts at `initial`.
+        pending: BaseException | None = first
         try:
-            # The first try already failed: wait before the first retry.
-            await self._sleep(self._backoff.initial)
             async for attempt in retrying:
                 with attempt:
+                    if pending is not None:
+                        error, pending = pending, None
+                        raise error
+                    if self.fenced is not None:
+                        raise self.fenced  # fenced or killed meanwhile: stop writing
                     offset = await self._append_once(partition, kind, key, value)
         except Fenced as error:
             self._fence(error)
             raise
-        logger.info("append of %s for %r to partition %d succeeded again", kind, key, partition)
+        logger.info(
+            "append of %s for %r to partition %d succeeded after %d attempts",
+            kind,
+            key,
+            partition,
+            retrying.statistics.get("attempt_number", 0),
+            extra=extra,
+        )
         return offset
+
+    def _extra(self, kind: str, key: str, partition: int) -> dict[str, object]:
+        if kind == _ACTIVE_WRITER:  # keyed by node id: no workflow
+            return {"workflow_id": None, "workflow_type": None, "partition": partition}
+        lookup = self._workflow_type
+        return {
+            "workflow_id": key,
+            "workflow_type": lookup(key) if lookup is not None else None,
+            "partition": partition,
+        }
 
     def _fence(self, error: Fenced) -> None:
         if self.fenced is None:
@@ -160,13 +222,22 @@ def _record_failure(breaker: pybreaker.CircuitBreaker, error: BaseException) -> 
 
 
 def new_storage_breaker(
-    fail_max: int, reset_timeout: float, listener: pybreaker.CircuitBreakerListener
+    fail_max: int,
+    reset_timeout: float,
+    listener: pybreaker.CircuitBreakerListener,
+    *,
+    state_storage: pybreaker.CircuitBreakerStorage | None = None,
 ) -> pybreaker.CircuitBreaker:
-    """The storage breaker: fencing, rejections and cancellation are not storage faults."""
+    """The storage breaker: fencing, rejections and cancellation are not storage faults.
+
+    (A rejection or a fencing error is an answer from a working storage; pybreaker counts
+    an excluded error as a success.) ``state_storage`` lets tests hold the breaker's clock.
+    """
     return pybreaker.CircuitBreaker(
         fail_max=fail_max,
         reset_timeout=reset_timeout,
         exclude=[Fenced, RecordRejected, asyncio.CancelledError],
         listeners=[listener],
+        state_storage=state_storage,
         name="kapbit-storage",
     )

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 logger = logging.getLogger("kapbit.gate")
+
+_NO_WORKFLOW: Mapping[str, object] = {
+    "workflow_id": None,
+    "workflow_type": None,
+    "partition": None,
+}
 
 
 class EntryGate:
     """Open by default; closes when a breaker opens, reopens after a workflow completes.
 
     ``exec_workflow`` refuses new workflows while it is closed; the retry worker probes
-    with already-failed workflows and reopens it by completing one.
+    with already-failed workflows and reopens it by completing one. ``reason`` says why it
+    is closed (empty while open); ``closures`` counts how often it closed.
     """
 
     def __init__(self) -> None:
         self._open = True
         self.reason = ""
+        self.closures = 0
         self._opened = asyncio.Event()
         self._opened.set()
 
@@ -25,18 +34,22 @@ class EntryGate:
     def is_open(self) -> bool:
         return self._open
 
-    def close(self, reason: str) -> None:
-        """Close the gate (idempotent); ``reason`` says which breaker opened."""
+    def close(self, reason: str, *, extra: Mapping[str, object] | None = None) -> None:
+        """Close the gate (idempotent); ``reason`` says which breaker opened.
+
+        ``extra`` names the workflow that saw the breaker open, for the log record.
+        """
         if self._open:
-            logger.warning("entry gate closed: %s", reason)
+            self.closures += 1
+            logger.warning("entry gate closed: %s", reason, extra={**_NO_WORKFLOW, **(extra or {})})
         self._open = False
         self.reason = reason
         self._opened.clear()
 
-    def open(self) -> None:
-        """Open the gate (idempotent)."""
+    def open(self, reason: str = "a workflow completed") -> None:
+        """Open the gate (idempotent); ``reason`` is logged when it was closed."""
         if not self._open:
-            logger.info("entry gate reopened")
+            logger.info("entry gate reopened: %s", reason, extra=dict(_NO_WORKFLOW))
         self._open = True
         self.reason = ""
         self._opened.set()

@@ -30,19 +30,28 @@ from kapbit.errors import (
     DeadLettered,
     DecodeError,
     DuplicateWorkflow,
+    EncodeError,
     Fenced,
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
     InvalidWorkflowId,
     KapbitError,
+    RecordRejected,
     TooManyWorkflows,
     UnknownWorkflowType,
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
 )
-from kapbit.events import ActiveWriter, DeadLetter, EventKind, WorkflowCreated, WorkflowRetry
+from kapbit.events import (
+    KIND_OF,
+    ActiveWriter,
+    DeadLetter,
+    EventKind,
+    WorkflowCreated,
+    WorkflowRetry,
+)
 from kapbit.execution import StepRaised, WorkflowExecution, restore_outcome
 from kapbit.fencing import OwnerTracker
 from kapbit.gate import EntryGate
@@ -109,6 +118,7 @@ class Kapbit:
             self._breaker,
             self.options.emit_backoff,
             self._on_fenced,
+            workflow_type=self._workflow_type,
         )
         self._windows: list[IdempotencyWindow] = []
         self._retry_worker = RetryWorker(
@@ -186,6 +196,7 @@ class Kapbit:
                 self._retry_worker.schedule(execution)
             else:
                 self._spawn(execution, None)
+        self._open_gate_if_idle()
         logger.info(
             "kapbit node %s started on %d partitions in %.3f s: %d workflows resumed, "
             "%d records read",
@@ -393,12 +404,11 @@ class Kapbit:
         """One retry-worker attempt: record it, resume, finish on success."""
         execution.attempts += 1
         self._stats.retried += 1
-        await self._emitter.emit(
-            execution.partition,
-            execution.id,
-            WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
-        )
         try:
+            await self._emit_or_reject(
+                execution,
+                WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
+            )
             result, compensated = await execution.run(self._emitter, self._codec)
         except StepRaised as raised:
             self._note_step_raised(execution, raised)
@@ -409,11 +419,14 @@ class Kapbit:
         self._finish(execution, result=result, compensated=compensated)
 
     async def _dead_letter(self, execution: WorkflowExecution) -> None:
-        await self._emitter.emit(
-            execution.partition,
-            execution.id,
-            DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
-        )
+        try:
+            await self._emit_or_reject(
+                execution,
+                DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
+            )
+        except WorkflowRejected as rejected:
+            self._finish(execution, error=rejected)
+            return
         logger.error(
             "workflow %r dead-lettered after %d attempts: %s",
             execution.id,
@@ -428,6 +441,24 @@ class Kapbit:
         self._finish(
             execution, error=DeadLettered(execution.id, execution.attempts, execution.last_error)
         )
+
+    async def _emit_or_reject(
+        self, execution: WorkflowExecution, event: WorkflowRetry | DeadLetter
+    ) -> None:
+        """Append a retry-worker event; if storage refuses it, terminate with Rejected."""
+        try:
+            await self._emitter.emit(execution.partition, execution.id, event)
+        except (RecordRejected, EncodeError) as exc:
+            await execution._reject(self._emitter, KIND_OF[type(event)].value, str(exc))
+
+    def _workflow_type(self, workflow_id: str) -> str | None:
+        execution = self._in_flight.get(workflow_id)
+        return None if execution is None else execution.definition.type
+
+    def _open_gate_if_idle(self) -> None:
+        """The gate reopens when a workflow completes: with none left to probe, let one in."""
+        if not self._in_flight and not self.gate.is_open:
+            self.gate.open("no workflow left to probe with")
 
     def _finish(
         self,
@@ -451,6 +482,7 @@ class Kapbit:
             stats.dead_lettered += 1
         else:
             stats.rejected += 1
+        self._open_gate_if_idle()
         execution.resolve(result, error)
         finished = self._finished
         finished[execution.id] = (result, error)

@@ -35,6 +35,10 @@ class BreakerPolicy:
     fail_max: int = 5
     reset_timeout: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.fail_max < 1 or self.reset_timeout <= 0:
+            raise ValueError(f"invalid breaker policy {self!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:

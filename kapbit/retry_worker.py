@@ -1,11 +1,12 @@
 """The retry worker: resumes workflows whose step raised, and gives up on them in the end.
 
-Fast mode retries each workflow with capped exponential backoff (tenacity). While the
-entry gate is closed (a breaker is open) it switches to slow mode: one workflow at a time
-probes the dependency, at ``slow_interval``; a probe that completes a workflow reopens the
-gate and the others follow at fast pace. Every attempt is recorded in the log first
-(``WorkflowRetry``), so attempt counts survive restarts; after ``max_attempts`` the
-workflow is dead-lettered.
+Fast mode retries each workflow with capped exponential backoff (tenacity), all of them
+concurrently. While the entry gate is closed (a breaker is open) it is in slow mode: one
+workflow at a time probes the dependency, each probe after ``slow_interval``; the others
+wait for their turn (first come, first served) or for the gate to reopen. A probe that
+completes a workflow reopens the gate and everyone returns to fast mode at once. Every
+attempt is recorded in the log first (``WorkflowRetry``), so attempt counts survive
+restarts; after ``max_attempts`` the workflow is dead-lettered.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit.errors import Fenced, InstanceClosed
 from kapbit.execution import StepRaised, WorkflowExecution
 from kapbit.gate import EntryGate
 from kapbit.options import RetryPolicy
@@ -29,8 +32,16 @@ Attempt = Callable[[WorkflowExecution], Awaitable[None]]
 GiveUp = Callable[[WorkflowExecution], Awaitable[None]]
 
 
+class _Scheduled(Exception):
+    """Stands for the failure that brought the workflow here (tenacity's attempt 1)."""
+
+
 class RetryWorker:
-    """Owns the workflows waiting for another attempt, one task each."""
+    """Owns the workflows waiting for another attempt, one task each.
+
+    ``probing`` is the id of the workflow currently probing in slow mode (``None`` when
+    none is). ``sleep`` waits out backoffs and the slow interval (tests inject their own).
+    """
 
     def __init__(
         self,
@@ -45,7 +56,8 @@ class RetryWorker:
         self._attempt = attempt
         self._give_up = give_up
         self._sleep = sleep
-        self._probe = asyncio.Lock()
+        self.probing: str | None = None
+        self._queue: deque[tuple[str, asyncio.Future[None]]] = deque()
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
@@ -56,9 +68,16 @@ class RetryWorker:
 
     def schedule(self, execution: WorkflowExecution) -> None:
         """Take over ``execution`` until it terminates or the worker stops."""
+        if execution.id in self._tasks:
+            raise RuntimeError(f"workflow {execution.id!r} is already scheduled for retry")
         task = asyncio.create_task(self._retry(execution), name=f"kapbit-retry-{execution.id}")
         self._tasks[execution.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(execution.id, None))
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._tasks.get(execution.id) is finished:
+                del self._tasks[execution.id]
+
+        task.add_done_callback(done)
 
     async def stop(self) -> None:
         """Cancel every pending retry and wait; the workflows stay open in the log."""
@@ -73,55 +92,122 @@ class RetryWorker:
         return tasks
 
     async def _retry(self, execution: WorkflowExecution) -> None:
+        try:
+            if execution.attempts < self._policy.max_attempts:
+                try:
+                    await self._attempts(execution)
+                    return
+                except StepRaised:
+                    pass  # attempts exhausted: dead letter
+            await self._give_up(execution)
+        except (Fenced, InstanceClosed) as exc:
+            logger.debug("retries of %r stopped: %s", execution.id, exc, extra=_extra(execution))
+        except Exception:
+            # An engine or storage error outside the step (not a StepRaised): retrying could
+            # repeat a finished workflow, so leave it open for the next instance and say so.
+            logger.exception(
+                "retrying workflow %r failed unexpectedly; it stays open until the next start",
+                execution.id,
+                extra=_extra(execution),
+            )
+
+    async def _attempts(self, execution: WorkflowExecution) -> None:
         policy = self._policy
 
         def exhausted(_: RetryCallState) -> bool:
             return execution.attempts >= policy.max_attempts
 
         def log_failure(state: RetryCallState) -> None:
+            if state.attempt_number == 1:
+                return  # the failure that scheduled it, logged where it happened
             error = state.outcome.exception() if state.outcome else None
-            logger.log(
-                logging.WARNING if execution.attempts < policy.max_attempts else logging.ERROR,
-                "workflow %r attempt %d of %d failed: %s",
+            logger.warning(
+                "workflow %r attempt %d of %d failed, next in %.3f s: %s",
                 execution.id,
                 execution.attempts,
                 policy.max_attempts,
+                state.upcoming_sleep,
                 error,
                 extra=_extra(execution),
             )
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StepRaised),
+            retry=retry_if_exception_type((StepRaised, _Scheduled)),
             stop=exhausted,
             wait=policy.fast.wait(),
             before_sleep=log_failure,
             sleep=self._sleep,
             reraise=True,
         )
-        try:
-            if execution.attempts < policy.max_attempts:
-                await self._sleep(policy.fast.initial)
-                async for attempt in retrying:
-                    with attempt:
-                        await self._paced_attempt(execution)
-                return
-        except StepRaised:
-            pass  # attempts exhausted: fall through to the dead letter
-        await self._give_up(execution)
+        scheduled = True
+        async for attempt in retrying:
+            with attempt:
+                if scheduled:
+                    scheduled = False
+                    raise _Scheduled  # wait the first backoff before attempt 1
+                await self._paced_attempt(execution)
 
     async def _paced_attempt(self, execution: WorkflowExecution) -> None:
-        if self._gate.is_open:
-            await self._attempt(execution)
-            return
-        async with self._probe:  # slow mode: one probe at a time
-            if not self._gate.is_open:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._gate.wait_open(), self._policy.slow_interval)
-            if not self._gate.is_open:
-                logger.info("probing with workflow %r", execution.id, extra=_extra(execution))
-                await self._attempt(execution)
-                return
+        """Attempt at once while the gate is open; in slow mode, wait to be the probe."""
+        gate = self._gate
+        while not gate.is_open:
+            if not await self._become_probe(execution):
+                continue  # the gate reopened meanwhile: look again
+            try:
+                await self._first(self._sleep(self._policy.slow_interval), gate.wait_open())
+                if not gate.is_open:
+                    logger.info(
+                        "gate closed (%s): probing with workflow %r",
+                        gate.reason,
+                        execution.id,
+                        extra=_extra(execution),
+                    )
+                    await self._attempt(execution)
+                    return
+            finally:
+                self._pass_probe()
         await self._attempt(execution)
+
+    async def _become_probe(self, execution: WorkflowExecution) -> bool:
+        """Wait for the probe role (first come, first served): ``True`` once it is held,
+        ``False`` if the gate reopened first."""
+        if self.probing is None:
+            self.probing = execution.id
+            return True
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (execution.id, turn)
+        self._queue.append(entry)
+        try:
+            await self._first(turn, self._gate.wait_open())
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._pass_probe()  # handed over as we were cancelled: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(entry)
+        return turn.done() and not turn.cancelled()
+
+    def _pass_probe(self) -> None:
+        """Give the probe role to the workflow that has waited longest for it."""
+        self.probing = None
+        while self._queue:
+            workflow_id, turn = self._queue.popleft()
+            if not turn.done():
+                self.probing = workflow_id
+                turn.set_result(None)
+                return
+
+    @staticmethod
+    async def _first(*awaitables: Awaitable[object]) -> None:
+        """Wait until the first of ``awaitables`` completes; cancel the others."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _extra(execution: WorkflowExecution) -> dict[str, object]:

@@ -79,3 +79,101 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.001)
 
     await asyncio.wait_for(_poll(), timeout)
+
+
+# --- resilience helpers (emitter, breaker, retry worker, faults) ------------------------------
+
+import logging  # noqa: E402
+from datetime import UTC, datetime, timedelta  # noqa: E402
+
+import pybreaker  # noqa: E402
+
+from kapbit import Backoff, BreakerPolicy, Options, RetryPolicy  # noqa: E402
+
+
+class Clock:
+    """An injectable ``sleep`` that records every delay and returns on the next loop turn.
+
+    Delays of at least ``hold_from`` seconds (the retry worker's slow interval) instead wait
+    for a :meth:`tick` each, so a test decides when a slow interval has passed.
+    """
+
+    def __init__(self, hold_from: float | None = None) -> None:
+        self.delays: list[float] = []
+        self.hold_from = hold_from
+        self.held = 0
+        self._ticks = asyncio.Semaphore(0)
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.hold_from is not None and delay >= self.hold_from:
+            self.held += 1
+            try:
+                await self._ticks.acquire()
+            finally:
+                self.held -= 1
+        else:
+            await asyncio.sleep(0)
+
+    def tick(self) -> None:
+        """Let one held (slow) sleep finish."""
+        self._ticks.release()
+
+
+class BreakerStates(pybreaker.CircuitBreakerListener):
+    """Records a breaker's state changes, e.g. ``["open", "half-open", "closed"]``."""
+
+    def __init__(self) -> None:
+        self.changes: list[str] = []
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        self.changes.append(new_state.name)
+
+
+def expire_reset_timeout(storage: pybreaker.CircuitMemoryStorage, seconds: float) -> None:
+    """Move an open breaker's clock past ``seconds``, as if its reset timeout had passed."""
+    storage.opened_at = datetime.now(UTC) - timedelta(seconds=seconds + 1)
+
+
+class LogCapture(logging.Handler):
+    """Collects the records of the ``kapbit`` loggers (use as a context manager)."""
+
+    def __init__(self, logger: str = "kapbit") -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger(logger)
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> LogCapture:
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+    def of(self, name: str) -> list[logging.LogRecord]:
+        """The records of logger ``name`` (exactly)."""
+        return [r for r in self.records if r.name == name]
+
+
+def fast_options(
+    *,
+    max_attempts: int = 5,
+    slow_interval: float = 0.01,
+    fail_max: int = 3,
+    reset_timeout: float = 0.05,
+    **kwargs: Any,
+) -> Options:
+    """Options with millisecond backoffs, so resilience tests run without waiting."""
+    tiny = Backoff(initial=0.001, maximum=0.004, jitter=0.001)
+    return Options(
+        emit_backoff=tiny,
+        retry=RetryPolicy(fast=tiny, slow_interval=slow_interval, max_attempts=max_attempts),
+        storage_breaker=BreakerPolicy(fail_max=fail_max, reset_timeout=reset_timeout),
+        **kwargs,
+    )

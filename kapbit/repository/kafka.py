@@ -373,7 +373,7 @@ class KafkaRepository:
         fence.advance()
         if offset <= fence.frontier:
             return offset
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         fence.waiters[offset] = waiter
         if fence.gap_reader is None or fence.gap_reader.done():
             fence.gap_reader = asyncio.create_task(self._read_gaps(partition, fence))
