@@ -25,6 +25,7 @@ from typing import Any
 import pybreaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, RecordRejected, TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind
@@ -195,13 +196,9 @@ class Emitter:
 
     def _extra(self, kind: str, key: str, partition: int) -> dict[str, object]:
         if kind == _ACTIVE_WRITER:  # keyed by node id: no workflow
-            return {"workflow_id": None, "workflow_type": None, "partition": partition}
+            return fields(partition=partition)
         lookup = self._workflow_type
-        return {
-            "workflow_id": key,
-            "workflow_type": lookup(key) if lookup is not None else None,
-            "partition": partition,
-        }
+        return fields(key, lookup(key) if lookup is not None else None, partition)
 
     def _fence(self, error: Fenced) -> None:
         if self.fenced is None:

@@ -6,13 +6,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-logger = logging.getLogger("kapbit.gate")
+from kapbit._log import fields
 
-_NO_WORKFLOW: Mapping[str, object] = {
-    "workflow_id": None,
-    "workflow_type": None,
-    "partition": None,
-}
+logger = logging.getLogger("kapbit.gate")
 
 
 class EntryGate:
@@ -41,7 +37,7 @@ class EntryGate:
         """
         if self._open:
             self.closures += 1
-            logger.warning("entry gate closed: %s", reason, extra={**_NO_WORKFLOW, **(extra or {})})
+            logger.warning("entry gate closed: %s", reason, extra={**fields(), **(extra or {})})
         self._open = False
         self.reason = reason
         self._opened.clear()
@@ -49,7 +45,7 @@ class EntryGate:
     def open(self, reason: str = "a workflow completed") -> None:
         """Open the gate (idempotent); ``reason`` is logged when it was closed."""
         if not self._open:
-            logger.info("entry gate reopened: %s", reason, extra=dict(_NO_WORKFLOW))
+            logger.info("entry gate reopened: %s", reason, extra=fields())
         self._open = True
         self.reason = ""
         self._opened.set()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 import pybreaker
 
+from kapbit._log import execution_fields, fields
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.emitter import Emitter, new_storage_breaker
@@ -68,6 +69,7 @@ logger = logging.getLogger("kapbit")
 
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
 _CREATED = EventKind.WORKFLOW_CREATED.value
+_MAX_ERROR_LENGTH = 1000
 
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
@@ -205,6 +207,7 @@ class Kapbit:
             time.perf_counter() - started,
             len(executions),
             sum(r.records_read for r in restored),
+            extra=fields(),
         )
 
     async def close(self, timeout: float | None = None) -> None:
@@ -245,7 +248,7 @@ class Kapbit:
         if self._state != "fenced":
             self._state = "closed"
         await self._repository.close()
-        logger.info("kapbit node %s closed", self.node_id)
+        logger.info("kapbit node %s closed", self.node_id, extra=fields())
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -386,16 +389,16 @@ class Kapbit:
         self._finish(execution, result=result, compensated=compensated)
         return result
 
-    def _note_step_raised(self, execution: WorkflowExecution, raised: StepRaised) -> None:
-        execution.last_error = repr(raised.cause)
-        logger.warning(
+    def _note_step_raised(
+        self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
+    ) -> None:
+        # Bounded: the error goes into WorkflowRetry / DeadLetter events.
+        execution.last_error = repr(raised.cause)[:_MAX_ERROR_LENGTH]
+        logger.log(
+            level,
             "%s",
             raised,
-            extra={
-                "workflow_id": execution.id,
-                "workflow_type": execution.definition.type,
-                "partition": execution.partition,
-            },
+            extra=execution_fields(execution),
         )
         if raised.breaker_open:
             self.gate.close(f"workflow {execution.id!r}: {raised.cause}")
@@ -411,7 +414,8 @@ class Kapbit:
             )
             result, compensated = await execution.run(self._emitter, self._codec)
         except StepRaised as raised:
-            self._note_step_raised(execution, raised)
+            # The retry worker logs the failed attempt itself.
+            self._note_step_raised(execution, raised, logging.INFO)
             raise
         except WorkflowRejected as rejected:
             self._finish(execution, error=rejected)
@@ -432,11 +436,7 @@ class Kapbit:
             execution.id,
             execution.attempts,
             execution.last_error,
-            extra={
-                "workflow_id": execution.id,
-                "workflow_type": execution.definition.type,
-                "partition": execution.partition,
-            },
+            extra=execution_fields(execution),
         )
         self._finish(
             execution, error=DeadLettered(execution.id, execution.attempts, execution.last_error)
@@ -493,7 +493,7 @@ class Kapbit:
         """Another node claimed a partition: stop everything, fail every caller."""
         if self._fenced_error is not None:
             return
-        logger.error("kapbit node %s was fenced and stops: %s", self.node_id, error)
+        logger.error("kapbit node %s was fenced and stops: %s", self.node_id, error, extra=fields())
         self._fenced_error = error
         self._state = "fenced"
         current = asyncio.current_task()

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit._log import execution_fields
 from kapbit.errors import Fenced, InstanceClosed
 from kapbit.execution import StepRaised, WorkflowExecution
 from kapbit.gate import EntryGate
@@ -101,14 +102,16 @@ class RetryWorker:
                     pass  # attempts exhausted: dead letter
             await self._give_up(execution)
         except (Fenced, InstanceClosed) as exc:
-            logger.debug("retries of %r stopped: %s", execution.id, exc, extra=_extra(execution))
+            logger.debug(
+                "retries of %r stopped: %s", execution.id, exc, extra=execution_fields(execution)
+            )
         except Exception:
             # An engine or storage error outside the step (not a StepRaised): retrying could
             # repeat a finished workflow, so leave it open for the next instance and say so.
             logger.exception(
                 "retrying workflow %r failed unexpectedly; it stays open until the next start",
                 execution.id,
-                extra=_extra(execution),
+                extra=execution_fields(execution),
             )
 
     async def _attempts(self, execution: WorkflowExecution) -> None:
@@ -128,7 +131,7 @@ class RetryWorker:
                 policy.max_attempts,
                 state.upcoming_sleep,
                 error,
-                extra=_extra(execution),
+                extra=execution_fields(execution),
             )
 
         retrying = AsyncRetrying(
@@ -160,7 +163,7 @@ class RetryWorker:
                         "gate closed (%s): probing with workflow %r",
                         gate.reason,
                         execution.id,
-                        extra=_extra(execution),
+                        extra=execution_fields(execution),
                     )
                     await self._attempt(execution)
                     return
@@ -208,11 +211,3 @@ class RetryWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _extra(execution: WorkflowExecution) -> dict[str, object]:
-    return {
-        "workflow_id": execution.id,
-        "workflow_type": execution.definition.type,
-        "partition": execution.partition,
-    }

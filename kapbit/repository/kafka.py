@@ -33,6 +33,7 @@ from aiokafka.errors import (
 )
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
+from kapbit._log import fields
 from kapbit.errors import (
     Fenced,
     PayloadTooLarge,
@@ -402,7 +403,12 @@ class KafkaRepository:
                             return
                         fence.acked.add(record.offset)
             except KafkaError as exc:
-                logger.warning("reading partition %d to confirm writes failed: %r", partition, exc)
+                logger.warning(
+                    "reading partition %d to confirm writes failed: %r",
+                    partition,
+                    exc,
+                    extra=fields(partition=partition),
+                )
                 for waiter in fence.waiters.values():
                     if not waiter.done():
                         waiter.set_exception(TransientStorageError(f"confirming failed: {exc!r}"))
@@ -533,7 +539,10 @@ class KafkaRepository:
                     )
                 except (ValueError, msgspec.DecodeError) as exc:
                     logger.warning(
-                        "ignoring unreadable checkpoint at offset %d: %s", record.offset, exc
+                        "ignoring unreadable checkpoint at offset %d: %s",
+                        record.offset,
+                        exc,
+                        extra=fields(),
                     )
         return {p: c for p, c in checkpoints.items() if p < self._partitions}
 
@@ -558,7 +567,7 @@ def _storage_error(exc: BaseException) -> Exception:
     if isinstance(exc, _REJECTIONS):
         return RecordRejected(f"Kafka refused the record: {exc}")
     if isinstance(exc, KafkaError) and not getattr(exc, "retriable", False):
-        logger.error("Kafka error on append: %r", exc)
+        logger.error("Kafka error on append: %r", exc, extra=fields())
     return TransientStorageError(f"Kafka append failed: {exc!r}")
 
 
