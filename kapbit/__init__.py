@@ -35,6 +35,15 @@ from kapbit.events import EventKind
 from kapbit.instance import Kapbit
 from kapbit.options import Backoff, BreakerPolicy, CheckpointPolicy, Options, RetryPolicy
 from kapbit.partitioner import partition_for
+from kapbit.projection import (
+    Position,
+    ProjectedEvent,
+    Projector,
+    ReadModel,
+    StatusModel,
+    WorkflowRow,
+    WorkflowStatus,
+)
 from kapbit.repository import Checkpoint, MemRepository, Record, Repository
 from kapbit.stats import Stats
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
@@ -67,13 +76,18 @@ __all__ = [
     "Options",
     "Outcome",
     "PayloadTooLarge",
+    "Position",
     "Progress",
+    "ProjectedEvent",
+    "Projector",
+    "ReadModel",
     "Record",
     "RecordRejected",
     "Repository",
     "RetryPolicy",
     "StartupError",
     "Stats",
+    "StatusModel",
     "Step",
     "StorageError",
     "Success",
@@ -83,6 +97,8 @@ __all__ = [
     "WillRetryLater",
     "WorkflowNotFound",
     "WorkflowRejected",
+    "WorkflowRow",
+    "WorkflowStatus",
     "partition_for",
 ]
 

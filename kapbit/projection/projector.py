@@ -1,0 +1,589 @@
+"""The projector: reads the event log partition by partition and feeds a read model.
+
+It needs nothing but a :class:`~kapbit.repository.Repository` (and the codec the instances
+write with), so it runs alongside an instance or in a process of its own. Per partition it
+starts from the position the read model stored, skips zombie writes exactly as recovery
+does (:class:`~kapbit.fencing.OwnerTracker`), ignores second copies of an event (a producer
+retry can write one record twice), decodes the events and their user values, and hands
+them, in log order, to :meth:`ReadModel.apply` together with the position they lead to. The
+read model commits both in one transaction, so a restart neither loses nor re-applies an
+event.
+
+Recognising second copies needs memory of what was applied: the open workflows and the
+recently terminated ones. That memory is not stored; the position carries a *horizon*
+instead, the offset from which re-reading the log (without applying) rebuilds it, the way
+an instance's checkpoint bounds its recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from kapbit.codecs import Codec, JsonCodec
+from kapbit.errors import CorruptRecord, DecodeError, TransientStorageError
+from kapbit.events import (
+    KIND_OF,
+    TERMINAL_KINDS,
+    ActiveWriter,
+    Event,
+    EventKind,
+    StepOutcome,
+    WorkflowCreated,
+    WorkflowResult,
+    WorkflowRetry,
+)
+from kapbit.fencing import OwnerTracker
+from kapbit.options import Backoff
+from kapbit.repository import Record, Repository
+from kapbit.restore import decode_event
+from kapbit.workflow import Definition
+
+logger = logging.getLogger("kapbit.projection")
+
+_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+
+
+class Position(msgspec.Struct, frozen=True):
+    """Where the projection of one partition resumes; store it with the changes it ends.
+
+    ``offset`` is the next record to read and ``owner`` the partition's owner in force there
+    (so zombie writes right after the position are still recognised). ``horizon`` (at most
+    ``offset``; ``None`` means ``offset``) is where a restarting projector re-reads, without
+    applying anything, to learn which events it already applied; ``horizon_owner`` is the
+    owner in force at the horizon.
+    """
+
+    offset: int = 0
+    owner: str = ""
+    horizon: int | None = None
+    horizon_owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectedEvent:
+    """One event as a read model receives it: decoded, with where it sits in the log.
+
+    ``workflow_type`` is the type of the event's workflow when the projector saw it created
+    (``None`` for ``ActiveWriter`` and for workflows created before projection started).
+    ``value`` is the decoded user value: the input of ``WorkflowCreated``, the outcome value
+    of ``StepOutcome``, the result of ``WorkflowResult``, ``None`` for the other kinds. It is
+    decoded with the workflow's declared types when its definition was given to the
+    projector, generically (dicts, lists, primitives) otherwise.
+    """
+
+    partition: int
+    offset: int
+    node: str
+    event: Event
+    workflow_type: str | None = None
+    value: Any = None
+
+    @property
+    def kind(self) -> EventKind:
+        """The kind of the event."""
+        return KIND_OF[type(self.event)]
+
+    @property
+    def workflow_id(self) -> str | None:
+        """The id of the event's workflow (``None`` for ``ActiveWriter``)."""
+        workflow_id: str | None = getattr(self.event, "id", None)
+        return workflow_id
+
+
+@runtime_checkable
+class ReadModel(Protocol):
+    """The seam between the projector and a user's read model.
+
+    ``apply`` must be atomic: either the model's changes for ``events`` *and* ``position``
+    are committed together, or neither is (raise). ``load_positions`` returns what was last
+    committed; partitions never applied are absent and start at the beginning of the log.
+    ``apply`` is also called with no events when only the position moved (zombie writes,
+    second copies, a gap in the offsets).
+    """
+
+    async def load_positions(self) -> dict[int, Position]:
+        """The positions committed so far, by partition."""
+        ...
+
+    async def apply(
+        self, partition: int, events: Sequence[ProjectedEvent], position: Position
+    ) -> None:
+        """Apply ``events`` (in log order) and store ``position``, in one transaction."""
+        ...
+
+
+@dataclass(slots=True)
+class _Open:
+    """A workflow seen and not terminated: where it was first seen and what it has."""
+
+    first: int
+    type: str | None
+    keys: set[tuple[Any, ...]] = field(default_factory=set)
+
+
+_CREATED_KEY: tuple[Any, ...] = ("created",)
+_END_KEY: tuple[Any, ...] = ("end",)
+
+
+def _event_key(event: Event) -> tuple[Any, ...]:
+    """What makes an event of a workflow unique; a second event with the same key is a copy."""
+    if isinstance(event, StepOutcome):
+        return ("step", event.step, event.phase)
+    if isinstance(event, WorkflowRetry):
+        return ("retry", event.attempt)
+    if isinstance(event, WorkflowCreated):
+        return _CREATED_KEY
+    return _END_KEY
+
+
+class _PartitionState:
+    """What the projector knows about one partition: position, owner, what was applied."""
+
+    __slots__ = ("committed", "offset", "open", "owners", "partition", "terminated", "window")
+
+    def __init__(self, partition: int, offset: int, owner: str, window: int) -> None:
+        self.partition = partition
+        self.offset = offset  # the next record to read: ahead of ``committed`` while applying
+        self.committed = Position(offset, owner)
+        self.owners = OwnerTracker(owner)
+        # Both ordered by offset: insertion happens in log order.
+        self.open: dict[str, _Open] = {}
+        self.terminated: OrderedDict[str, int] = OrderedDict()
+        self.window = window
+
+    def accept(self, record: Record, event: Event) -> tuple[bool, str | None]:
+        """Whether ``event`` (admitted by the owner tracker) is new, and its workflow type."""
+        if isinstance(event, ActiveWriter):
+            return True, None
+        workflow_id = record.key
+        if workflow_id in self.terminated:
+            return False, None  # a late copy of an event of a recently terminated workflow
+        if isinstance(event, WorkflowCreated):
+            if workflow_id in self.open:
+                return False, None  # a second copy: the workflow is still open
+            # An id no longer remembered is a new workflow, as for the engine once the id
+            # left its idempotency window.
+            self.open[workflow_id] = _Open(record.offset, event.type, {_CREATED_KEY})
+            return True, event.type
+        state = self.open.get(workflow_id)
+        if state is None:  # created before projection started
+            state = self.open[workflow_id] = _Open(record.offset, None)
+        key = _event_key(event)
+        if key in state.keys:
+            return False, None
+        state.keys.add(key)
+        if record.kind in TERMINAL_KINDS:
+            del self.open[workflow_id]
+            self.terminated[workflow_id] = record.offset
+            if len(self.terminated) > self.window:
+                self.terminated.popitem(last=False)
+        return True, state.type
+
+    def position(self) -> Position:
+        """The position to store now, with the horizon that rebuilds this state."""
+        horizon = self.offset
+        if self.open:
+            horizon = min(horizon, next(iter(self.open.values())).first)
+        if self.terminated:
+            horizon = min(horizon, next(iter(self.terminated.values())))
+        return Position(self.offset, self.owners.owner, horizon, self.owners.owner_at(horizon))
+
+
+async def positions_at_end(
+    repository: Repository, partitions: Iterable[int] | None = None
+) -> dict[int, Position]:
+    """Positions at the current end of each partition: to follow only new events.
+
+    The owner in force at the end is not known without reading, so each position's horizon
+    is the partition's checkpoint (whose owner is stored with it): the projector re-reads
+    from there to the end, applying nothing, before it follows the log.
+    """
+    checkpoints = await repository.load_checkpoints()
+    positions: dict[int, Position] = {}
+    for partition in partitions if partitions is not None else range(repository.partitions):
+        end = await repository.end_offset(partition)
+        checkpoint = checkpoints.get(partition)
+        start = min(checkpoint.offset, end) if checkpoint is not None else 0
+        owner = checkpoint.owner if checkpoint is not None else ""
+        positions[partition] = Position(end, owner, start, owner)
+    return positions
+
+
+class Projector:
+    """Projects the log of ``repository`` into ``model``.
+
+    ``definitions`` give the types user values are decoded with (by workflow type);
+    without them values are decoded generically. ``codec`` must be the instances' codec.
+    ``partitions`` restricts projection to some partitions. ``start_positions`` are used
+    for partitions the model has no position for (default: the beginning of the log; see
+    :func:`positions_at_end`). At most ``batch_size`` records go into one ``apply``.
+    ``dedup_window`` is how many recently terminated workflows per partition are
+    remembered to recognise late copies of their events (a ``WorkflowCreated`` of one of
+    them included); keep it below the instances' ``idempotency_window``, past which the
+    engine accepts an id again as a new workflow. With ``owns_repository`` the
+    projector closes the repository when it stops (a projector in a process of its own).
+
+    Lifecycle as in aiokafka: ``await start()`` / ``await stop()``, or ``async with``.
+    Then either :meth:`catch_up` (to the current end, then return) or :meth:`run` (follow
+    the log until stopped or cancelled).
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        model: ReadModel,
+        *,
+        codec: Codec | None = None,
+        definitions: Iterable[Definition] = (),
+        partitions: Iterable[int] | None = None,
+        start_positions: Mapping[int, Position] | None = None,
+        batch_size: int = 512,
+        dedup_window: int = 1000,
+        retry_backoff: Backoff | None = None,
+        owns_repository: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if dedup_window < 1:
+            raise ValueError(f"dedup_window must be at least 1, got {dedup_window}")
+        self._repository = repository
+        self._model = model
+        self._codec = codec or JsonCodec()
+        self._definitions = {d.type: d for d in definitions}
+        self._requested = list(partitions) if partitions is not None else None
+        self._start_positions = dict(start_positions or {})
+        self._batch_size = batch_size
+        self._dedup_window = dedup_window
+        self._backoff = retry_backoff or Backoff(initial=0.1, maximum=5.0, jitter=0.1)
+        self._owns_repository = owns_repository
+        self._partitions: list[int] = []
+        self._states: dict[int, _PartitionState] = {}
+        self._stale = True
+        self._started = False
+        self._busy = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stops = 0  # counts stop() calls: a run still starting up sees one it missed
+        self._session_stops = 0
+        self._progress = asyncio.Condition()
+        self._error: BaseException | None = None
+        self.applied = 0
+        self.skipped_zombies = 0
+        self.skipped_copies = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Projector:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect the repository, load the model's positions and rebuild what was applied."""
+        if self._started:
+            return
+        await self._repository.start()
+        count = self._repository.partitions
+        partitions = self._requested if self._requested is not None else list(range(count))
+        for partition in partitions:
+            if not 0 <= partition < count:
+                raise ValueError(f"partition {partition} not in a log of {count} partitions")
+        self._partitions = sorted(set(partitions))
+        await self._restore()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop a running :meth:`run` (it returns) and release the repository if owned."""
+        self._stops += 1
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._started = False
+        if self._owns_repository:
+            await self._repository.close()
+
+    @property
+    def positions(self) -> dict[int, Position]:
+        """The position the model committed last in each projected partition."""
+        return {p: state.committed for p, state in self._states.items()}
+
+    # --- projecting -----------------------------------------------------------------------
+
+    async def catch_up(self) -> int:
+        """Project every partition up to its current end; return the events applied.
+
+        The ends are read when each partition starts, so events appended meanwhile may or
+        may not be included. :meth:`stop` ends it early.
+        """
+        before = self.applied
+        async with self._session():
+            with contextlib.suppress(_Stopped):
+                await self._all_partitions(self._catch_up_partition)
+        return self.applied - before
+
+    async def run(self) -> None:
+        """Follow every partition, applying new events as they arrive.
+
+        Returns when :meth:`stop` is called, raises when cancelled or when a record cannot be
+        decoded or the model fails. Transient storage errors are retried with backoff.
+        """
+        async with self._session():
+            with contextlib.suppress(_Stopped):
+                await self._all_partitions(self._follow_partition)
+
+    async def wait_caught_up(self, timeout: float | None = None) -> None:
+        """Wait until a running :meth:`run` has applied everything in the log right now.
+
+        Raises :class:`TimeoutError` after ``timeout``, or the error that stopped ``run``.
+        """
+        partitions = self._partitions or self._requested or range(self._repository.partitions)
+        ends = {p: await self._repository.end_offset(p) for p in partitions}
+
+        def reached() -> bool:
+            if self._error is not None:
+                return True
+            return all(
+                p in self._states and self._states[p].committed.offset >= end
+                for p, end in ends.items()
+            )
+
+        async with asyncio.timeout(timeout), self._progress:
+            await self._progress.wait_for(reached)
+        if self._error is not None:
+            raise self._error
+
+    # --- internals ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[None]:
+        """One catch_up or run at a time; reload from the model after a failure."""
+        if self._busy:
+            raise RuntimeError("the projector is already projecting (run or catch_up)")
+        self._busy = True
+        self._session_stops = self._stops
+        try:
+            await self.start()
+            if self._stale:
+                await self._restore()
+            self._error = None
+            async with self._progress:
+                self._progress.notify_all()  # waiters may be caught up already
+            try:
+                yield
+            except BaseException as exc:
+                # State may be ahead of what the model committed: reload before going on.
+                self._stale = True
+                if not isinstance(exc, asyncio.CancelledError | _Stopped):
+                    self._error = exc
+                    async with self._progress:
+                        self._progress.notify_all()
+                raise
+        finally:
+            self._busy = False
+
+    async def _all_partitions(self, work: Callable[[_PartitionState], Any]) -> None:
+        """Run ``work`` on every partition concurrently; the first failure stops them all."""
+        if self._stops != self._session_stops:
+            raise _Stopped  # stop() came while this session was starting
+        tasks = [
+            asyncio.create_task(work(self._states[p]), name=f"kapbit-projector-{p}")
+            for p in self._partitions
+        ]
+        self._tasks.update(tasks)
+        try:
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self._tasks.difference_update(tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+        if any(task.cancelled() for task in tasks):
+            raise _Stopped
+
+    async def _restore(self) -> None:
+        """Load positions and re-read each partition from its horizon, applying nothing."""
+        stored = await self._model.load_positions()
+        states = await asyncio.gather(
+            *(
+                self._restore_partition(
+                    p, stored.get(p) or self._start_positions.get(p) or Position()
+                )
+                for p in self._partitions
+            )
+        )
+        self._states = {state.partition: state for state in states}
+        self._stale = False
+
+    async def _restore_partition(self, partition: int, position: Position) -> _PartitionState:
+        horizon = position.offset if position.horizon is None else position.horizon
+        horizon = min(horizon, position.offset)
+        if horizon >= position.offset:
+            state = _PartitionState(partition, position.offset, position.owner, self._dedup_window)
+            state.committed = position
+            return state
+        owner = position.owner if position.horizon_owner is None else position.horizon_owner
+        state = _PartitionState(partition, horizon, owner, self._dedup_window)
+        codec = self._codec
+        async for batch in self._repository.read(partition, horizon, position.offset):
+            for record in batch:
+                if record.kind == _ACTIVE_WRITER:
+                    state.owners.admit(record)
+                elif state.owners.admit(record):
+                    state.accept(record, decode_event(codec, record))
+        state.offset = position.offset
+        state.committed = position
+        return state
+
+    async def _catch_up_partition(self, state: _PartitionState) -> None:
+        end = await self._repository.end_offset(state.partition)
+        if state.offset >= end:
+            return
+        async for batch in self._repository.read(state.partition, state.offset, end):
+            await self._handle(state, batch)
+        if state.offset < end:  # offsets without a record (Kafka control records)
+            state.offset = end
+            await self._commit(state, [])
+
+    async def _follow_partition(self, state: _PartitionState) -> None:
+        def log_retry(retry: RetryCallState) -> None:
+            error = retry.outcome.exception() if retry.outcome else None
+            logger.warning(
+                "projector: reading partition %d failed (attempt %d), retrying: %s",
+                state.partition,
+                retry.attempt_number,
+                error,
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            wait=self._backoff.wait(),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async for batch in self._repository.tail(state.partition, state.offset):
+                    if batch:
+                        await self._handle(state, batch)
+
+    async def _handle(self, state: _PartitionState, batch: Sequence[Record]) -> None:
+        size = self._batch_size
+        for begin in range(0, len(batch), size):
+            chunk = batch[begin : begin + size]
+            events = self._project(state, chunk)
+            await self._commit(state, events)
+
+    def _project(self, state: _PartitionState, records: Sequence[Record]) -> list[ProjectedEvent]:
+        """Filter and decode ``records``, moving ``state`` past them."""
+        events: list[ProjectedEvent] = []
+        codec = self._codec
+        owners = state.owners
+        for record in records:
+            if record.offset < state.offset:
+                continue  # already applied (a repository may repeat a batch after a retry)
+            state.offset = record.offset + 1
+            if record.kind == _ACTIVE_WRITER and record.node == owners.owner:
+                self.skipped_copies += 1  # node ids are unique per start: a second copy
+                continue
+            if not owners.admit(record):
+                self.skipped_zombies += 1
+                continue
+            event: Event = decode_event(codec, record)
+            accepted, workflow_type = state.accept(record, event)
+            if not accepted:
+                self.skipped_copies += 1
+                continue
+            events.append(
+                ProjectedEvent(
+                    record.partition,
+                    record.offset,
+                    record.node,
+                    event,
+                    workflow_type,
+                    self._decode_value(record, event, workflow_type),
+                )
+            )
+        return events
+
+    def _decode_value(self, record: Record, event: Event, workflow_type: str | None) -> Any:
+        definition = self._definitions.get(workflow_type) if workflow_type else None
+        target: Any = Any
+        if isinstance(event, WorkflowCreated):
+            raw, what = event.input, "input"
+            if definition is not None:
+                target = definition.input_type
+        elif isinstance(event, StepOutcome):
+            raw, what = event.value, "outcome value"
+            if definition is not None:
+                if not 0 <= event.step < len(definition.steps):
+                    raise CorruptRecord(
+                        record.partition,
+                        record.offset,
+                        f"step {event.step} of a {len(definition.steps)}-step workflow",
+                    )
+                target = definition.outcome_type_of(event.step)
+        elif isinstance(event, WorkflowResult):
+            raw, what = event.result, "result"
+            if definition is not None:
+                target = definition.result_type
+        else:
+            return None
+        try:
+            return self._codec.decode(raw, target)
+        except DecodeError as exc:
+            raise CorruptRecord(record.partition, record.offset, f"{what}: {exc}") from exc
+
+    async def _commit(self, state: _PartitionState, events: list[ProjectedEvent]) -> None:
+        """Hand ``events`` and the new position to the model; not interrupted once begun.
+
+        Cancelling while the model commits (in its own thread) waits for the commit, so
+        the projector's state never drifts from what the model stored.
+        """
+        position = state.position()
+        task = asyncio.ensure_future(self._model.apply(state.partition, events, position))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await task
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._applied(state, events, position)
+            raise
+        self._applied(state, events, position)
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _applied(
+        self, state: _PartitionState, events: list[ProjectedEvent], position: Position
+    ) -> None:
+        state.committed = position
+        self.applied += len(events)
+
+
+class _Stopped(Exception):
+    """:meth:`Projector.stop` ended a run."""

@@ -1,0 +1,133 @@
+"""The example order service, called as an ASGI app (no server, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+from kapbit import Backoff, MemRepository, Options, RetryPolicy
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "status_service.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("status_service_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+service_module = _load()
+FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    service = service_module.OrderService(MemRepository(partitions=2), tmp_path / "s.db", FAST)
+    async with (
+        service,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=service), base_url="http://shop"
+        ) as http,
+    ):
+        yield service, http
+
+
+async def test_an_order_that_ships(client: tuple[Any, httpx.AsyncClient]) -> None:
+    _, http = client
+    placed = await http.post("/orders", json={"id": "o-1", "sku": "book", "qty": 2})
+    assert placed.status_code == 201
+    assert placed.json() == {
+        "id": "o-1",
+        "result": {"order": "o-1", "status": "shipped", "tracking": "TRK-o-1"},
+    }
+    shown = await http.get("/orders/o-1")
+    assert shown.status_code == 200
+    status = shown.json()
+    assert (status["status"], status["steps_done"], status["type"]) == ("succeeded", 3, "order")
+    assert status["result"] == {"order": "o-1", "status": "shipped", "tracking": "TRK-o-1"}
+    assert status["finished_at"] >= status["created_at"]
+
+
+async def test_a_declined_card_is_compensated(client: tuple[Any, httpx.AsyncClient]) -> None:
+    _, http = client
+    placed = await http.post(
+        "/orders", json={"id": "o-2", "sku": "pen", "qty": 1, "card": "declined"}
+    )
+    assert placed.status_code == 201
+    assert placed.json()["result"]["status"] == "cancelled"
+    status = (await http.get("/orders/o-2")).json()
+    assert (status["status"], status["failed_step"], status["compensated_steps"]) == (
+        "compensated",
+        1,
+        1,
+    )
+
+
+async def test_a_payment_outage_is_retried(client: tuple[Any, httpx.AsyncClient]) -> None:
+    service, http = client
+    placed = await http.post("/orders", json={"id": "o-3", "sku": "cup", "qty": 1, "card": "flaky"})
+    assert placed.status_code == 202
+    assert placed.json() == {"id": "o-3", "status": "retrying"}
+    await service.kapbit.wait_result("o-3", timeout=10)
+    await service.projector.wait_caught_up(timeout=10)
+    status = (await http.get("/orders/o-3")).json()
+    assert (status["status"], status["attempts"]) == ("succeeded", 1)
+    assert "payment service unavailable" in status["last_error"]
+
+
+async def test_ids_and_bodies_are_checked(client: tuple[Any, httpx.AsyncClient]) -> None:
+    _, http = client
+    assert (await http.post("/orders", json={"id": "o-4", "sku": "a", "qty": 1})).status_code == 201
+    again = await http.post("/orders", json={"id": "o-4", "sku": "a", "qty": 1})
+    assert again.status_code == 409
+    assert (await http.post("/orders", json={"sku": "a"})).status_code == 400
+    assert (await http.post("/orders", content=b"not json")).status_code == 400
+    assert (await http.get("/orders/none")).status_code == 404
+    assert (await http.delete("/orders/o-4")).status_code == 405
+    assert (await http.get("/elsewhere")).status_code == 404
+
+
+async def test_generated_ids_and_listing(client: tuple[Any, httpx.AsyncClient]) -> None:
+    _, http = client
+    placed = [
+        (await http.post("/orders", json={"sku": "x", "qty": 1, "card": card})).json()
+        for card in ("ok", "ok", "declined")
+    ]
+    ids = [p["id"] for p in placed]
+    assert len(set(ids)) == 3
+    shipped = (await http.get("/orders", params={"status": "succeeded"})).json()
+    assert sorted(row["id"] for row in shipped) == sorted(ids[:2])
+    everything = (await http.get("/orders")).json()
+    assert len(everything) == 3
+    assert (await http.get("/orders", params={"status": "lost"})).status_code == 400
+
+
+async def test_asgi_lifespan_starts_and_stops_the_service(tmp_path: Path) -> None:
+    service = service_module.OrderService(MemRepository(), tmp_path / "s.db")
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan = asyncio.create_task(service({"type": "lifespan"}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert await asyncio.wait_for(outbox.get(), 10) == {"type": "lifespan.startup.complete"}
+    assert service.kapbit.is_running
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service), base_url="http://shop"
+    ) as http:
+        placed = await http.post("/orders", json={"id": "l-1", "sku": "a", "qty": 1})
+        assert placed.status_code == 201
+        assert (await http.get("/orders/l-1")).json()["status"] == "succeeded"
+    await inbox.put({"type": "lifespan.shutdown"})
+    assert await asyncio.wait_for(outbox.get(), 10) == {"type": "lifespan.shutdown.complete"}
+    await asyncio.wait_for(lifespan, 10)
+    assert not service.kapbit.is_running
