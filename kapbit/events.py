@@ -54,6 +54,7 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
     phase: Literal["execute", "compensate"]
     success: bool
     value: msgspec.Raw
+    at: float = 0.0
 
 
 class WorkflowResult(_Event, frozen=True, tag="workflow_result"):

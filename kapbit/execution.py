@@ -131,7 +131,9 @@ class WorkflowExecution:
             except Exception as exc:  # any error means "retry later"
                 raise StepRaised(self.id, index, phase, exc) from exc
             value = await self._encode(emitter, codec, outcome.value, "step_outcome")
-            event = StepOutcome(self.id, index, phase, isinstance(outcome, Success), value)
+            event = StepOutcome(
+                self.id, index, phase, isinstance(outcome, Success), value, time.time()
+            )
             await self._persist(emitter, codec, event)
             progress._record(phase, index, outcome)
 
