@@ -1,9 +1,9 @@
 """kapbit on Kafka against the raw aiokafka producer, on the same broker in the same run.
 
-Starts a local broker (or uses ``--bootstrap`` / ``KAPBIT_TEST_BOOTSTRAP``), then prints:
-raw producer events/s (pipelined, acks=all, the ceiling), and kapbit workflows/s for a
-3-step saga (5 events each) sequentially and with 1,000 in flight, p50/p99 latency, and
-kapbit's event rate as a share of the raw producer's.
+Starts a local broker (or uses ``--bootstrap`` / ``KAPBIT_TEST_BOOTSTRAP``), then prints the
+raw producer's events/s (pipelined ``send()``, acks=all: the baseline) and kapbit's
+workflows/s for the 3-step order saga (5 events each) sequentially and with 1,000 in
+flight, p50/p99 latency, and kapbit's event rate as a share of the raw producer's.
 """
 
 from __future__ import annotations
@@ -11,36 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 import uuid
 
+from _common import EVENTS_PER_WORKFLOW, SAGA, RunStats, drive, machine, machine_line, order
 from aiokafka import AIOKafkaProducer
 
-from kapbit import Definition, Kapbit, Options, Progress, Step, Success
+from kapbit import Kapbit, Options
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import LocalBroker
 
-EVENTS_PER_WORKFLOW = 5  # created, 3 outcomes, result
-
-
-def _step(_input: dict[str, int], _progress: Progress) -> Success[int]:
-    return Success(1)
-
-
-SAGA = Definition(
-    "saga",
-    steps=[Step(_step, _step), Step(_step, _step), Step(_step, _step)],
-    result=lambda input, progress: sum(progress.values()),
-    input_type=dict[str, int],
-    outcome_type=int,
-    result_type=int,
-)
-
-
-def _p50_p99(latencies: list[float]) -> tuple[float, float]:
-    ordered = sorted(latencies)
-    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+EVENTS = EVENTS_PER_WORKFLOW["ok"]
 
 
 async def raw_producer(bootstrap: str, partitions: int, events: int) -> float:
@@ -71,27 +52,12 @@ async def raw_producer(bootstrap: str, partitions: int, events: int) -> float:
         await producer.stop()
 
 
-async def kapbit_run(
-    bootstrap: str, partitions: int, count: int, in_flight: int
-) -> tuple[float, float, float]:
-    topic = f"bench-kapbit-{uuid.uuid4().hex[:8]}"
-    repo = KafkaRepository(bootstrap, topic, partitions=partitions)
-    latencies: list[float] = []
-    clock = time.perf_counter
-    ids = iter(range(count))
+async def kapbit_run(bootstrap: str, partitions: int, count: int, in_flight: int) -> RunStats:
+    repo = KafkaRepository(bootstrap, f"bench-kapbit-{uuid.uuid4().hex[:8]}", partitions=partitions)
     async with Kapbit([SAGA], repo, options=Options(max_workflows=in_flight + 10)) as kbit:
-
-        async def worker() -> None:
-            for i in ids:
-                t0 = clock()
-                await kbit.exec_workflow(f"w{i}", "saga", {"amount": i})
-                latencies.append(clock() - t0)
-
-        started = clock()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = clock() - started
-    p50, p99 = _p50_p99(latencies)
-    return count / elapsed, p50, p99
+        return await drive(
+            lambda i: kbit.exec_workflow(f"w{i}", "order", order(i, "ok")), count, in_flight
+        )
 
 
 async def main(bootstrap: str | None, partitions: int, workflows: int, sequential: int) -> None:
@@ -101,23 +67,22 @@ async def main(bootstrap: str | None, partitions: int, workflows: int, sequentia
         bootstrap = broker.bootstrap_servers
     assert bootstrap is not None
     try:
-        raw = await raw_producer(bootstrap, partitions, workflows * EVENTS_PER_WORKFLOW)
+        raw = await raw_producer(bootstrap, partitions, workflows * EVENTS)
         seq = await kapbit_run(bootstrap, partitions, sequential, 1)
         par = await kapbit_run(bootstrap, partitions, workflows, 1_000)
     finally:
         if broker is not None:
             await broker.stop()
-    kind = "local tansu" if broker is not None else "given"
-    print(
-        f"broker: {kind} at {bootstrap}; {partitions} partitions; Python {sys.version.split()[0]}"
-    )
+    print(machine_line(machine()))
+    where = "local tansu broker" if broker is not None else "given broker"
+    print(f"{where} at {bootstrap}; {partitions} partitions")
     print(f"{'run':28} {'workflows/s':>12} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'raw aiokafka producer':28} {'':>12} {raw:10,.0f} {'':>8} {'':>8}")
-    for name, (rate, p50, p99) in (("kapbit sequential", seq), ("kapbit 1,000 in flight", par)):
-        events = rate * EVENTS_PER_WORKFLOW
-        print(f"{name:28} {rate:12,.0f} {events:10,.0f} {p50 * 1e3:8.2f} {p99 * 1e3:8.2f}")
-    ratio = par[0] * EVENTS_PER_WORKFLOW / raw
-    print(f"kapbit event rate / raw producer (1,000 in flight): {ratio:.0%}")
+    for name, stats in (("kapbit sequential", seq), ("kapbit 1,000 in flight", par)):
+        p50, p99 = stats.percentile(0.5) * 1e3, stats.percentile(0.99) * 1e3
+        events = stats.rate * EVENTS
+        print(f"{name:28} {stats.rate:12,.0f} {events:10,.0f} {p50:8.2f} {p99:8.2f}")
+    print(f"kapbit event rate / raw producer (1,000 in flight): {par.rate * EVENTS / raw:.0%}")
 
 
 if __name__ == "__main__":

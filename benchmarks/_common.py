@@ -1,0 +1,195 @@
+"""What the benchmarks share: the saga workload, the load driver, and machine facts.
+
+The workload is an order saga of three steps with a small payload: reserve stock, charge
+the card, ship. In the ``compensate`` scenario the third step fails for a business reason
+and the two steps before it are compensated (refund, then release), so the same saga
+writes 7 events instead of 5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kapbit import Definition, Failure, Progress, Step, Success
+
+#: Scenarios: every step succeeds, or step 3 fails and steps 2 and 1 are compensated.
+SCENARIOS = ("ok", "compensate")
+#: Events kapbit writes per workflow: created + step outcomes (+ compensations) + result.
+EVENTS_PER_WORKFLOW = {"ok": 5, "compensate": 7}
+
+Order = dict[str, Any]
+
+
+def order(index: int, scenario: str, prefix: str = "o") -> Order:
+    """The small payload of one workflow (about 100 bytes as JSON)."""
+    return {
+        "order_id": f"{prefix}-{index}",
+        "customer": f"c-{index % 997}",
+        "sku": "SKU-1234",
+        "quantity": 2,
+        "amount_cents": 4_200,
+        "fail_shipping": scenario == "compensate",
+    }
+
+
+# --- the saga as a kapbit definition ---------------------------------------------------------
+
+
+def _reserve(order: Order, _progress: Progress) -> Success[str]:
+    return Success(f"rsv-{order['order_id']}")
+
+
+def _release(order: Order, _progress: Progress) -> Success[str]:
+    return Success("released")
+
+
+def _charge(order: Order, _progress: Progress) -> Success[str]:
+    return Success(f"pay-{order['order_id']}")
+
+
+def _refund(order: Order, _progress: Progress) -> Success[str]:
+    return Success("refunded")
+
+
+def _ship(order: Order, _progress: Progress) -> Success[str] | Failure[str]:
+    if order["fail_shipping"]:
+        return Failure("no carrier available")
+    return Success(f"trk-{order['order_id']}")
+
+
+def _result(_order: Order, progress: Progress) -> str:
+    return "compensated" if progress.failed else "shipped"
+
+
+SAGA = Definition(
+    "order",
+    steps=[
+        Step(_reserve, _release, name="reserve"),
+        Step(_charge, _refund, name="charge"),
+        Step(_ship, name="ship"),
+    ],
+    result=_result,
+    input_type=Order,
+    outcome_type=str,
+    result_type=str,
+)
+
+EXPECTED_RESULT = {"ok": "shipped", "compensate": "compensated"}
+
+
+# --- the load driver ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """One measured run: how many workflows, how long, and the latency of each."""
+
+    workflows: int
+    in_flight: int
+    elapsed: float
+    latencies: list[float]
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.workflows / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+async def drive(
+    run_one: Callable[[int], Awaitable[object]], count: int, in_flight: int
+) -> RunStats:
+    """Run ``run_one(0..count-1)`` with at most ``in_flight`` running at once (1: in turn).
+
+    Each latency is the time from the call to its result; an exception counts as an error.
+    """
+    latencies: list[float] = []
+    errors = 0
+    clock = time.perf_counter
+    indexes = iter(range(count))
+
+    async def worker() -> None:
+        nonlocal errors
+        for index in indexes:
+            started = clock()
+            try:
+                await run_one(index)
+            except Exception as exc:
+                errors += 1
+                if errors <= 3:
+                    print(f"workflow {index} failed: {exc!r}", file=sys.stderr)
+                continue
+            latencies.append(clock() - started)
+
+    started = clock()
+    await asyncio.gather(*(worker() for _ in range(max(1, min(in_flight, count)))))
+    return RunStats(count, in_flight, clock() - started, latencies, errors)
+
+
+# --- facts about the machine -----------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_peak_rss_mib(pid: int) -> float | None:
+    """The peak RSS of another process (``VmHWM``), if it can be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict[str, str]:
+    """Cores, memory, CPU model, OS and Python version, for the header of every result."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                    break
+    except OSError:
+        pass
+    return {
+        "cores": str(os.cpu_count() or "?"),
+        "memory": memory,
+        "cpu": cpu,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def machine_line(facts: dict[str, str]) -> str:
+    return (
+        f"{facts['cores']} cores, {facts['memory']} RAM, {facts['cpu']}, {facts['os']}, "
+        f"Python {facts['python']}"
+    )
