@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from kapbit._log import fields
 from kapbit.errors import Fenced, StorageError
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
@@ -100,4 +101,4 @@ class Checkpointer:
             except Fenced:
                 return
             except StorageError as exc:
-                logger.warning("saving checkpoints failed, will retry: %s", exc)
+                logger.warning("saving checkpoints failed, will retry: %s", exc, extra=fields())

@@ -35,6 +35,11 @@ class OwnerTracker:
             return True
         return record.node == self.owner
 
+    def claimed(self, offset: int, node: str) -> None:
+        """Record this node's own claim at ``offset`` (appended, not read back)."""
+        self.owner = node
+        self.writers.append((offset, node))
+
     def owner_at(self, offset: int) -> str:
         """The owner in force for the record at ``offset`` (before reading it)."""
         for start, node in reversed(self.writers):

@@ -3,12 +3,20 @@
 Per partition, after this node appended its ``ActiveWriter`` at ``claim_offset``:
 
 1. read ``[checkpoint.window_offset, checkpoint.offset)`` for workflow ids only, to refill
-   the idempotency window (no payload is decoded there);
-2. read ``[checkpoint.offset, claim_offset)`` in full: every workflow created there that has
-   no terminal event is in flight, with the outcomes it has persisted.
+   the idempotency window: only the record's kind, key and writer are looked at, no payload
+   is decoded there (every workflow created below the checkpoint has terminated);
+2. read ``[checkpoint.offset, claim_offset)`` in full: every record is decoded (a record that
+   cannot be is a :class:`~kapbit.errors.CorruptRecord` and stops the start), and every
+   workflow created there that has no terminal event is in flight, with the outcomes it has
+   persisted.
 
-Zombie writes are skipped and second copies of an event (a producer retry) ignored, so
-the work done depends on the checkpoint lag and the window size, not the log's length.
+Zombie writes (records of a node written after another node's ``ActiveWriter``) are
+skipped, and second copies of an event (a producer retry) are ignored, so the work done
+depends on the checkpoint lag and the window size, not the log's length.
+
+A ``WorkflowCreated`` counts as a second copy exactly when the engine would have refused
+the id at that point: the id is still in the idempotency window or its workflow is still
+open. An id that has left the window may be used again, and then starts a new workflow.
 """
 
 from __future__ import annotations
@@ -29,7 +37,11 @@ from kapbit.events import (
     WorkflowRetry,
 )
 from kapbit.fencing import OwnerTracker
+from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Checkpoint, Record, Repository
+
+_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+_CREATED = EventKind.WORKFLOW_CREATED.value
 
 
 @dataclass(slots=True)
@@ -47,7 +59,12 @@ class RestoredWorkflow:
 
 @dataclass(slots=True)
 class RestoredPartition:
-    """What recovery learnt about one partition."""
+    """What recovery learnt about one partition.
+
+    ``window`` lists ``(workflow id, created offset)`` of the idempotency window, oldest
+    first; ``records_read`` counts the records read, ``records_decoded`` those of them whose
+    payload was decoded (only records at or after the checkpoint).
+    """
 
     partition: int
     claim_offset: int
@@ -55,10 +72,11 @@ class RestoredPartition:
     in_flight: list[RestoredWorkflow]
     owners: OwnerTracker
     records_read: int
+    records_decoded: int = 0
 
 
 def decode_event(codec: Codec, record: Record) -> Any:
-    """Decode a record's event, checking it against the record's kind and key."""
+    """Decode a record's event, checking it against the record's kind, key and writer."""
     try:
         event_type = EVENT_TYPES[EventKind(record.kind)]
     except ValueError:
@@ -73,6 +91,13 @@ def decode_event(codec: Codec, record: Record) -> Any:
     if key is not None and key != record.key:
         raise CorruptRecord(
             record.partition, record.offset, f"event id {key!r} does not match key {record.key!r}"
+        )
+    node = getattr(event, "node", None)
+    if node is not None and node != record.node:
+        raise CorruptRecord(
+            record.partition,
+            record.offset,
+            f"active writer {node!r} does not match the record's writer {record.node!r}",
         )
     return event
 
@@ -90,43 +115,49 @@ async def restore_partition(
     owners = OwnerTracker(
         checkpoint.window_owner if start < checkpoint.offset else checkpoint.owner
     )
-    window: list[tuple[str, int]] = []
-    read = 0
-    created = EventKind.WORKFLOW_CREATED.value
+    window = IdempotencyWindow(window_size)
+    read = decoded = 0
 
+    # 1. Ids only: every workflow created here has terminated; nothing is decoded.
     async for batch in repository.read(partition, start, checkpoint.offset):
         read += len(batch)
         for record in batch:
-            if owners.admit(record) and record.kind == created:
-                window.append((record.key, record.offset))
+            kind = record.kind
+            if kind == _CREATED:
+                if record.node == owners.owner:
+                    window.add(record.key, record.offset)
+            elif kind == _ACTIVE_WRITER:
+                owners.admit(record)
 
-    seen = {workflow_id for workflow_id, _ in window}
+    # 2. In full, from the checkpoint up to this node's claim.
     open_workflows: dict[str, RestoredWorkflow] = {}
     async for batch in repository.read(partition, checkpoint.offset, claim_offset):
         read += len(batch)
         for record in batch:
-            if not owners.admit(record) or record.kind == EventKind.ACTIVE_WRITER:
+            if not owners.admit(record):
+                continue  # a zombie write: never acted on
+            event = decode_event(codec, record)
+            decoded += 1
+            kind = record.kind
+            if kind == _ACTIVE_WRITER:
                 continue
-            if record.kind == created:
-                if record.key in seen:
-                    continue  # a second copy of a WorkflowCreated
-                seen.add(record.key)
-                event = decode_event(codec, record)
+            workflow_id = record.key
+            if kind == _CREATED:
+                if workflow_id in open_workflows or workflow_id in window:
+                    continue  # a second copy: the engine would have refused the id here
                 assert isinstance(event, WorkflowCreated)
-                window.append((record.key, record.offset))
-                open_workflows[record.key] = RestoredWorkflow(
-                    event.id, event.type, record.offset, event.input
+                window.add(workflow_id, record.offset)
+                open_workflows[workflow_id] = RestoredWorkflow(
+                    workflow_id, event.type, record.offset, event.input
                 )
                 continue
-            workflow = open_workflows.get(record.key)
+            workflow = open_workflows.get(workflow_id)
             if workflow is None:
-                # Terminated already, created before the checkpoint (also terminated), or
-                # a duplicate: nothing to resume. Still decode it, so corruption is seen.
-                decode_event(codec, record)
+                # Terminated already (or created before the checkpoint, hence terminated):
+                # a late or second copy, nothing to resume.
                 continue
-            event = decode_event(codec, record)
-            if record.kind in TERMINAL_KINDS:
-                del open_workflows[record.key]
+            if kind in TERMINAL_KINDS:
+                del open_workflows[workflow_id]
             elif isinstance(event, StepOutcome):
                 if not any(
                     o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
@@ -139,8 +170,9 @@ async def restore_partition(
     return RestoredPartition(
         partition=partition,
         claim_offset=claim_offset,
-        window=window[-window_size:],
+        window=list(window.entries()),
         in_flight=list(open_workflows.values()),
         owners=owners,
         records_read=read,
+        records_decoded=decoded,
     )

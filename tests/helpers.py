@@ -177,3 +177,305 @@ def fast_options(
         storage_breaker=BreakerPolicy(fail_max=fail_max, reset_timeout=reset_timeout),
         **kwargs,
     )
+
+
+# --- recovery, checkpoint and fencing helpers -------------------------------------------------
+
+from collections.abc import AsyncIterator, Collection, Sequence  # noqa: E402
+
+from kapbit import Checkpoint, Record  # noqa: E402
+from kapbit.events import (  # noqa: E402
+    TERMINAL_KINDS,
+    DeadLetter,
+    Rejected,
+    StepOutcome,
+    WorkflowCreated,
+    WorkflowResult,
+    WorkflowRetry,
+)
+
+
+class CrashRepository(MemRepository):
+    """A :class:`MemRepository` that counts what goes through it and can freeze an append.
+
+    ``hold(n, land=..., then=...)`` arms the ``n``-th append from now: that call never
+    returns (the writer crashed mid-call), ``held`` is set and ``then`` is called at once
+    (e.g. ``kbit._kill``, so the crash happens exactly there). With ``land=True`` the record
+    lands first (the writer died before the acknowledgement), otherwise it does not land
+    until :meth:`release` lets the call go on — landing *now*, after whatever happened
+    meanwhile (e.g. another node's claim: a zombie write).
+
+    Reads are counted (``records_read``, ``lowest_read`` per partition); payloads below
+    ``garble_below[partition]`` are handed out garbled, so decoding one fails loudly. Every
+    saved checkpoint is kept in ``saves`` and checked against the log as it stands
+    (``checkpoint_errors``). ``journal`` (optional, shared with the steps of a test) gets
+    ``("append", partition, offset)`` for each landed record, so the order of step calls
+    and appends can be compared.
+    """
+
+    def __init__(
+        self, partitions: int = 1, *, journal: list[tuple[Any, ...]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(partitions, **kw)
+        self.journal = journal
+        self.appends = 0
+        self.held = asyncio.Event()
+        self._hold_at: int | None = None
+        self._hold_land = False
+        self._hold_then: Callable[[], None] | None = None
+        self._release = asyncio.Event()
+        self.records_read = [0] * partitions
+        self.lowest_read: list[int | None] = [None] * partitions
+        self.garble_below: dict[int, int] = {}
+        self.saves: list[tuple[int, Checkpoint]] = []
+        self.checkpoint_errors: list[str] = []
+
+    def hold(
+        self, after: int = 1, *, land: bool = False, then: Callable[[], None] | None = None
+    ) -> None:
+        """Freeze the ``after``-th append from now (see the class docstring)."""
+        self._hold_at = self.appends + after
+        self._hold_land = land
+        self._hold_then = then
+        self.held = asyncio.Event()
+        self._release = asyncio.Event()
+
+    def disarm(self) -> None:
+        """Forget an armed hold that has not been hit."""
+        self._hold_at = None
+
+    def release(self) -> None:
+        """Let a held append (one that had not landed) go on."""
+        self._release.set()
+
+    def reset_counters(self) -> None:
+        self.records_read = [0] * self.partitions
+        self.lowest_read = [None] * self.partitions
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        self.appends += 1
+        hit = self.appends == self._hold_at
+        if hit:
+            self._hold_at = None
+            if not self._hold_land:
+                self._spring()
+                await self._release.wait()
+        try:
+            offset = await super().append(partition, kind, key, node, value)
+        finally:
+            if self.journal is not None:
+                self.journal.append(("append", partition, len(self.records(partition)) - 1))
+        if hit and self._hold_land:
+            self._spring()
+            await asyncio.Event().wait()  # never acknowledged
+        return offset
+
+    def _spring(self) -> None:
+        self.held.set()
+        if self._hold_then is not None:
+            self._hold_then()
+
+    async def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        garble = self.garble_below.get(partition, -1)
+        async for batch in super().read(partition, start, stop):
+            if batch:
+                self.records_read[partition] += len(batch)
+                low = self.lowest_read[partition]
+                if low is None or batch[0].offset < low:
+                    self.lowest_read[partition] = batch[0].offset
+            if batch and batch[0].offset < garble:
+                batch = [
+                    Record(r.partition, r.offset, r.kind, r.key, r.node, b"\xff garbled")
+                    if r.offset < garble
+                    else r
+                    for r in batch
+                ]
+            yield batch
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        self.saves.append((partition, checkpoint))
+        self.checkpoint_errors.extend(checkpoint_problems(self, partition, checkpoint))
+        await super().save_checkpoint(partition, checkpoint)
+
+
+def live_records(repo: MemRepository, partition: int | None = None) -> list[Record]:
+    """The records a reader acts on: a node's records after another node's ActiveWriter
+    (zombie writes) are left out; ActiveWriter records are kept."""
+    kept: list[Record] = []
+    for p in range(repo.partitions) if partition is None else [partition]:
+        owner = None
+        for record in repo.records(p):
+            if record.kind == "active_writer":
+                owner = record.node
+                kept.append(record)
+            elif record.node == owner:
+                kept.append(record)
+    return kept
+
+
+def histories(repo: MemRepository, codec: Codec | None = None) -> dict[str, list[Event]]:
+    """Each workflow's live events (zombie writes left out), decoded, in log order."""
+    codec = codec or JsonCodec()
+    by_id: dict[str, list[Event]] = {}
+    for record in live_records(repo):
+        if record.kind != "active_writer":
+            by_id.setdefault(record.key, []).append(decode_event(codec, record))
+    return by_id
+
+
+def signature(events: Sequence[Event]) -> list[tuple[Any, ...]]:
+    """A workflow's history without timestamps, to compare two runs."""
+    out: list[tuple[Any, ...]] = []
+    for e in events:
+        if isinstance(e, WorkflowCreated):
+            out.append(("created", e.type, bytes(e.input)))
+        elif isinstance(e, StepOutcome):
+            out.append(("outcome", e.step, e.phase, e.success, bytes(e.value)))
+        elif isinstance(e, WorkflowResult):
+            out.append(("result", bytes(e.result), e.compensated))
+        elif isinstance(e, WorkflowRetry):
+            out.append(("retry", e.attempt))
+        elif isinstance(e, DeadLetter):
+            out.append(("dead_letter", e.attempts))
+        elif isinstance(e, Rejected):
+            out.append(("rejected", e.event))
+    return out
+
+
+def check_history(
+    workflow_id: str, events: Sequence[Event], steps: int, compensable: Collection[int]
+) -> None:
+    """Assert the saga invariants on one workflow's live history.
+
+    Created first; exactly one terminal event, last; each (step, phase) outcome at most
+    once; execute outcomes for steps 0, 1, ... in order, successes up to at most one
+    Failure; compensations only after a Failure, only of succeeded steps that have a
+    compensation, in reverse order, and all of them before a WorkflowResult.
+    """
+    where = f"workflow {workflow_id!r}: {signature(events)}"
+    assert events and isinstance(events[0], WorkflowCreated), where
+    terminals = [e for e in events if isinstance(e, WorkflowResult | DeadLetter | Rejected)]
+    assert len(terminals) == 1 and events[-1] is terminals[0], where
+    outcomes = [e for e in events if isinstance(e, StepOutcome)]
+    keys = [(o.step, o.phase) for o in outcomes]
+    assert len(keys) == len(set(keys)), f"an outcome is persisted twice: {where}"
+    executed = [o for o in outcomes if o.phase == "execute"]
+    compensated = [o for o in outcomes if o.phase == "compensate"]
+    assert [o.step for o in executed] == list(range(len(executed))), where
+    assert all(o.success for o in executed[:-1]), where
+    failed = executed[-1].step if executed and not executed[-1].success else None
+    # every compensation comes after the last execute outcome
+    if compensated:
+        assert failed is not None, f"compensation without a failure: {where}"
+        assert outcomes.index(compensated[0]) > outcomes.index(executed[-1]), where
+    expected = [i for i in range(failed - 1, -1, -1) if i in compensable] if failed else []
+    steps_back = [o.step for o in compensated]
+    assert steps_back == expected[: len(steps_back)], f"wrong compensations: {where}"
+    final = terminals[0]
+    if isinstance(final, WorkflowResult):
+        assert final.compensated == (failed is not None), where
+        if failed is None:
+            assert len(executed) == steps, where
+        assert steps_back == expected, f"missing compensations: {where}"
+
+
+def checkpoint_problems(repo: MemRepository, partition: int, checkpoint: Checkpoint) -> list[str]:
+    """What is wrong with ``checkpoint`` given the log as it stands now: a live workflow
+    created below ``checkpoint.offset`` without a live terminal event (the checkpoint
+    leads), or an owner that is not the one in force at the offset."""
+    problems: list[str] = []
+    open_ids: dict[str, int] = {}
+    for record in live_records(repo, partition):
+        if record.kind == "workflow_created":
+            open_ids.setdefault(record.key, record.offset)
+        elif record.kind in TERMINAL_KINDS:
+            open_ids.pop(record.key, None)
+    for workflow_id, offset in open_ids.items():
+        if offset < checkpoint.offset:
+            problems.append(
+                f"partition {partition}: checkpoint {checkpoint.offset} is ahead of open "
+                f"workflow {workflow_id!r} created at {offset}"
+            )
+    for offset, owner in (
+        (checkpoint.offset, checkpoint.owner),
+        (checkpoint.window_offset, checkpoint.window_owner),
+    ):
+        writers = [
+            r.node
+            for r in repo.records(partition)
+            if r.kind == "active_writer" and r.offset < offset
+        ]
+        if writers and writers[-1] != owner:
+            problems.append(
+                f"partition {partition}: checkpoint owner {owner!r} at {offset}, "
+                f"the log says {writers[-1]!r}"
+            )
+    return problems
+
+
+class YieldingScript(Script):
+    """A :class:`Script` whose actions yield to the event loop once before acting, so that
+    concurrent workflows interleave their events."""
+
+    def action(self, step: int, phase: str) -> Callable[[Any, Progress], Any]:
+        act = super().action(step, phase)
+
+        async def yielding(input: Any, progress: Progress) -> Any:
+            await asyncio.sleep(0)  # a scheduling point, not a wait
+            return await act(input, progress)
+
+        return yielding
+
+
+def gated_saga(
+    release: asyncio.Event | None,
+    calls: list[tuple[str, int]],
+    name: str = "gated",
+    tag: str = "",
+) -> Definition:
+    """A 3-step saga whose step 1 waits for ``release`` (runs straight on when ``None``).
+
+    ``calls`` gets ``(workflow id, step)`` per execute call; step values are
+    ``f"{id}-{step}{tag}"`` (a tag tells instances apart); the result is the input id and
+    the step values.
+    """
+
+    def step(index: int) -> Callable[[Any, Progress], Any]:
+        async def act(input: Any, progress: Progress) -> Any:
+            calls.append((input["id"], index))
+            if index == 1 and release is not None:
+                await release.wait()
+            return Success(f"{input['id']}-{index}{tag}")
+
+        return act
+
+    return Definition(
+        name,
+        steps=[Step(step(i), name=f"s{i}") for i in range(3)],
+        result=lambda input, progress: [input["id"], *progress.values()],
+        input_type=dict[str, Any],
+        outcome_type=str,
+    )
+
+
+def assert_no_step_reran_after_its_outcome(
+    repo: MemRepository, journal: Sequence[tuple[Any, ...]]
+) -> None:
+    """No step call in ``journal`` comes after the live outcome of the same step and phase.
+
+    ``journal`` interleaves ``("append", partition, offset)`` (from a
+    :class:`CrashRepository`) with step calls whose last three items are ``(workflow id,
+    step, phase)``.
+    """
+    live = {(r.partition, r.offset): r for r in live_records(repo)}
+    codec = JsonCodec()
+    persisted: set[tuple[str, int, str]] = set()
+    for entry in journal:
+        if entry[0] == "append":
+            record = live.get((entry[1], entry[2]))
+            if record is not None and record.kind == "step_outcome":
+                event = codec.decode(record.value, StepOutcome)
+                persisted.add((event.id, event.step, event.phase))
+        else:
+            call = tuple(entry[-3:])
+            assert call not in persisted, f"{call} ran again after its outcome was persisted"

@@ -1,0 +1,278 @@
+"""Fencing on the in-memory repository: a second instance takes over, the first stops on
+its next write, and nobody ever acts on what it wrote after losing the log."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from kapbit import (
+    Checkpoint,
+    Fenced,
+    JsonCodec,
+    Kapbit,
+    MemRepository,
+    Options,
+    Record,
+    WorkflowNotFound,
+    partition_for,
+)
+from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit.fencing import OwnerTracker
+from tests.helpers import (
+    CrashRepository,
+    Script,
+    YieldingScript,
+    assert_no_step_reran_after_its_outcome,
+    check_history,
+    gated_saga,
+    histories,
+    kinds,
+    live_records,
+    saga,
+    wait_until,
+)
+
+
+def _claims(repo: MemRepository, partition: int) -> list[str]:
+    return [r.node for r in repo.records(partition) if r.kind == "active_writer"]
+
+
+def _zombies(repo: MemRepository) -> list[Any]:
+    live = {(r.partition, r.offset) for r in live_records(repo)}
+    return [r for r in repo.records() if (r.partition, r.offset) not in live]
+
+
+def _result_value(repo: MemRepository, workflow_id: str) -> Any:
+    final = histories(repo)[workflow_id][-1]
+    assert isinstance(final, WorkflowResult)
+    return msgspec.json.decode(final.result)
+
+
+async def test_second_instance_claims_every_partition_and_resumes_the_work() -> None:
+    """A's workflows wait inside step 1. B starts on the same log: it claims all three
+    partitions, recovers A's workflows and finishes them. A, released, writes once, is
+    fenced and stops; every pending and later call on A raises Fenced."""
+    repo = CrashRepository(partitions=3)
+    a_calls: list[tuple[str, int]] = []
+    b_calls: list[tuple[str, int]] = []
+    release_a = asyncio.Event()
+    a = Kapbit([gated_saga(release_a, a_calls, tag="A")], repo, options=Options(node_id="A"))
+    await a.start()
+    ids = [f"w{i}" for i in range(6)]
+    assert {partition_for(i, 3) for i in ids} == {0, 1, 2}
+    pending = {i: asyncio.create_task(a.exec_workflow(i, "gated", {"id": i})) for i in ids}
+    await wait_until(lambda: sorted(a_calls) == sorted((i, s) for i in ids for s in (0, 1)))
+
+    b = Kapbit([gated_saga(None, b_calls, tag="B")], repo, options=Options(node_id="B"))
+    await b.start()
+    for p in range(3):
+        assert _claims(repo, p) == ["A", "B"]
+    assert b.stats.recovered == 6
+    results = {i: await b.wait_result(i, timeout=5) for i in ids}
+    # B resumed after step 0 (A's value kept), ran steps 1 and 2 itself
+    assert results == {i: [i, f"{i}-0A", f"{i}-1B", f"{i}-2B"] for i in ids}
+    assert sorted(b_calls) == sorted((i, s) for i in ids for s in (1, 2))
+
+    assert a.is_running  # A has not written since: it cannot know yet
+    release_a.set()
+    for i in ids:
+        with pytest.raises(Fenced):
+            await pending[i]
+    assert not a.is_running
+    with pytest.raises(Fenced):
+        await a.exec_workflow("new", "gated", {"id": "new"})
+    with pytest.raises(Fenced):
+        await a.wait_result("w0")
+    with pytest.raises(Fenced):
+        await a.wait_result("unknown")
+    await a.close()  # closing a fenced instance is harmless
+
+    # A wrote exactly one record after B's claim (its first write failed and it stopped),
+    # and no reader acts on it.
+    zombies = _zombies(repo)
+    assert [(z.node, z.kind) for z in zombies] == [("A", "step_outcome")]
+    for i in ids:
+        check_history(i, histories(repo)[i], steps=3, compensable=())
+        assert _result_value(repo, i) == results[i]
+    await b.close()
+    assert repo.checkpoint_errors == []
+
+
+async def test_fenced_instance_never_returns_a_result_the_new_owner_does_not_see() -> None:
+    """``done`` finished on A before the takeover (returned, and B sees it). The result
+    of ``late`` was being written when B took over: it lands after B's claim, so A's
+    caller gets Fenced, not that result; B finishes ``late`` itself."""
+    repo = CrashRepository()
+    a_calls: list[tuple[str, int]] = []
+    a = Kapbit([gated_saga(None, a_calls, tag="A")], repo, options=Options(node_id="A"))
+    await a.start()
+    done = await a.exec_workflow("done", "gated", {"id": "done"})
+    repo.hold(5)  # created, 3 outcomes, then the result append is held
+    late = asyncio.create_task(a.exec_workflow("late", "gated", {"id": "late"}))
+    await asyncio.wait_for(repo.held.wait(), 5)
+
+    b_calls: list[tuple[str, int]] = []
+    async with Kapbit(
+        [gated_saga(None, b_calls, tag="B")], repo, options=Options(node_id="B")
+    ) as b:
+        assert b.stats.recovered == 1
+        repo.release()  # A's result lands now, behind B's claim
+        with pytest.raises(Fenced):
+            await late
+        assert await b.wait_result("late", timeout=5) == ["late", "late-0A", "late-1A", "late-2A"]
+        with pytest.raises(WorkflowNotFound):
+            await b.wait_result("done")
+    assert b_calls == []  # every step of "late" had its outcome in the log
+    assert _result_value(repo, "done") == done
+    assert [(z.node, z.kind, z.key) for z in _zombies(repo)] == [("A", "workflow_result", "late")]
+    for i in ("done", "late"):
+        assert kinds(repo, i).count("workflow_result") == (2 if i == "late" else 1)
+        check_history(i, histories(repo)[i], steps=3, compensable=())
+
+
+async def test_an_idle_fenced_instance_learns_it_on_its_next_write() -> None:
+    repo = MemRepository()
+    calls: list[tuple[str, int]] = []
+    a = Kapbit([gated_saga(None, calls)], repo, options=Options(node_id="A"))
+    await a.start()
+    b = Kapbit([gated_saga(None, calls)], repo, options=Options(node_id="B"))
+    await b.start()
+    with pytest.raises(Fenced):
+        await a.exec_workflow("n", "gated", {"id": "n"})
+    assert calls == []  # no step runs before WorkflowCreated is durable
+    assert not a.is_running
+    # A's WorkflowCreated is a zombie: the id is free for the owner.
+    assert await b.exec_workflow("n", "gated", {"id": "n"}) == ["n", "n-0", "n-1", "n-2"]
+    await asyncio.gather(a.close(), b.close())
+    assert [r.node for r in live_records(repo) if r.key == "n"] == ["B"] * 5
+
+
+def _encode(event: Any) -> bytes:
+    return JsonCodec().encode(event)
+
+
+async def _zombie_log() -> tuple[MemRepository, dict[str, int]]:
+    """A created ``w1`` and persisted step 0; B claimed the partition and died at once;
+    A, not knowing, went on writing: step 1 and the result of ``w1``, and a new ``w2``."""
+    repo = MemRepository()
+    at: dict[str, int] = {}
+
+    async def put(name: str, kind: str, key: str, node: str, event: Any) -> None:
+        try:
+            at[name] = await repo.append(0, kind, key, node, _encode(event))
+        except Fenced:
+            at[name] = len(repo.records(0)) - 1
+
+    raw = msgspec.Raw
+    await put("claim-a", "active_writer", "A", "A", ActiveWriter("A", 0.0))
+    await put(
+        "w1", "workflow_created", "w1", "A", WorkflowCreated("w1", "saga", raw(b'{"id":"w1"}'), 0)
+    )
+    await put(
+        "w1-0", "step_outcome", "w1", "A", StepOutcome("w1", 0, "execute", True, raw(b'"a0"'))
+    )
+    await put("claim-b", "active_writer", "B", "B", ActiveWriter("B", 0.0))
+    await put(
+        "w1-1", "step_outcome", "w1", "A", StepOutcome("w1", 1, "execute", True, raw(b'"a1"'))
+    )
+    await put("w1-r", "workflow_result", "w1", "A", WorkflowResult("w1", raw(b'"a"'), False, 0.0))
+    await put(
+        "w2", "workflow_created", "w2", "A", WorkflowCreated("w2", "saga", raw(b'{"id":"w2"}'), 0)
+    )
+    return repo, at
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "before-claim", "window-across-claim"])
+async def test_recovery_ignores_records_written_after_another_nodes_claim(checkpoint: str) -> None:
+    repo, at = await _zombie_log()
+    if checkpoint == "before-claim":
+        # saved by A while w1 was open: recovery starts at w1 with A as the owner
+        await repo.save_checkpoint(0, Checkpoint(at["w1"], "A", at["w1"], "A"))
+    elif checkpoint == "window-across-claim":
+        # a (hand-made) checkpoint after everything, with ids to refill from the start:
+        # the ids-only pass must skip the zombie WorkflowCreated of w2 as well
+        end = len(repo.records(0))
+        await repo.save_checkpoint(0, Checkpoint(end, "B", at["claim-a"], ""))
+    script = Script()
+    async with Kapbit([saga(script)], repo, options=Options(node_id="C")) as c:
+        if checkpoint != "window-across-claim":
+            assert c.stats.recovered == 1
+            result = await c.wait_result("w1", timeout=5)
+            # resumed after step 0 (A's value), not after A's zombie step 1
+            assert result["values"] == ["a0", "exec-1", "exec-2"]
+            assert script.calls == [("w1", 1, "execute"), ("w1", 2, "execute")]
+        # w2's WorkflowCreated is a zombie: w2 does not exist, its id is free
+        assert (await c.exec_workflow("w2", "saga", {"id": "w2"}))["values"] == [
+            "exec-0",
+            "exec-1",
+            "exec-2",
+        ]
+    if checkpoint != "window-across-claim":
+        check_history("w1", histories(repo)["w1"], steps=3, compensable={0, 1, 2})
+    check_history("w2", histories(repo)["w2"], steps=3, compensable={0, 1, 2})
+
+
+async def test_takeover_while_workflows_run_on_the_first_instance() -> None:
+    """40 workflows (half of them compensating) interleave on A; B starts in the middle
+    of it. Every workflow ends exactly once in the live log, with the result any caller
+    got; A stops on its first write after B's claim; nothing A wrote after it counts."""
+    journal: list[tuple[Any, ...]] = []
+    repo = CrashRepository(partitions=2, journal=journal)
+    ok, comp = YieldingScript(), YieldingScript({(2, "execute"): "fail"})
+    ok.calls = comp.calls = journal  # one timeline of step calls and appends
+    definitions = [saga(ok, name="ok"), saga(comp, name="comp")]
+    ids = [(f"w{i}", "ok" if i % 2 else "comp") for i in range(40)]
+
+    a = Kapbit(definitions, repo, options=Options(node_id="A"))
+    b = Kapbit(definitions, repo, options=Options(node_id="B"))
+    await a.start()
+    # B starts when A makes its 100th append (which waits, then lands as a zombie write)
+    b_starting: list[asyncio.Task[None]] = []
+    repo.hold(100, then=lambda: b_starting.append(asyncio.create_task(b.start())))
+    on_a = {i: asyncio.create_task(a.exec_workflow(i, t, {"id": i})) for i, t in ids}
+    await asyncio.wait_for(repo.held.wait(), 5)
+    await b_starting[0]
+    repo.release()
+    assert b.stats.recovered > 10, "B should take over several workflows in flight"
+    from_a = dict(
+        zip(on_a, await asyncio.gather(*on_a.values(), return_exceptions=True), strict=True)
+    )
+    assert all(isinstance(r, dict | Fenced) for r in from_a.values()), from_a
+    assert not a.is_running
+
+    results: dict[str, Any] = {}
+    for i, t in ids:
+        if "workflow_created" not in [r.kind for r in live_records(repo) if r.key == i]:
+            results[i] = await b.exec_workflow(i, t, {"id": i})  # A never created it
+        elif isinstance(from_a[i], dict):
+            results[i] = from_a[i]
+        else:
+            results[i] = await b.wait_result(i, timeout=5)
+    await b.close()
+
+    all_histories = histories(repo)
+    for i, t in ids:
+        check_history(i, all_histories[i], steps=3, compensable={0, 1, 2})
+        assert _result_value(repo, i) == results[i]
+        assert results[i]["compensated"] == ([] if t == "ok" else [1, 0])
+    assert {z.node for z in _zombies(repo)} <= {"A"}
+    assert_no_step_reran_after_its_outcome(repo, journal)
+    assert repo.checkpoint_errors == []
+
+
+def test_owner_tracker_follows_claims_and_tells_zombies_apart() -> None:
+    def rec(offset: int, kind: str, node: str) -> Record:
+        return Record(0, offset, kind, "k", node, b"")
+
+    tracker = OwnerTracker("a")
+    assert tracker.admit(rec(0, "step_outcome", "a"))
+    assert tracker.admit(rec(1, "active_writer", "b"))
+    assert not tracker.admit(rec(2, "step_outcome", "a"))  # a zombie write
+    assert tracker.admit(rec(3, "step_outcome", "b"))
+    tracker.claimed(4, "c")
+    assert not tracker.admit(rec(5, "step_outcome", "b"))
+    assert [tracker.owner_at(o) for o in (0, 1, 2, 4, 5, 99)] == ["a", "a", "b", "b", "c", "c"]
