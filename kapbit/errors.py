@@ -25,9 +25,10 @@ class GateClosed(KapbitError):
 class UnknownWorkflowType(KapbitError):
     """No definition is registered under the requested workflow type."""
 
-    def __init__(self, workflow_type: str, known: list[str]) -> None:
+    def __init__(self, workflow_type: str, known: list[str], where: str = "") -> None:
         super().__init__(
-            f"unknown workflow type {workflow_type!r}; registered: {', '.join(known) or 'none'}"
+            f"unknown workflow type {workflow_type!r}{where}; "
+            f"registered: {', '.join(known) or 'none'}"
         )
         self.workflow_type = workflow_type
 

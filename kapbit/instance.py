@@ -303,16 +303,17 @@ class Kapbit:
         """Await the final result of a workflow this instance runs or recently finished.
 
         Raises :class:`~kapbit.errors.DeadLettered` or :class:`~kapbit.errors.WorkflowRejected`
-        for a workflow that ended that way, :class:`TimeoutError` after ``timeout``, and
-        :class:`~kapbit.errors.WorkflowNotFound` for an id this instance does not know.
+        for a workflow that ended that way, :class:`TimeoutError` after ``timeout``,
+        :class:`~kapbit.errors.WorkflowNotFound` for an id this instance does not know, and
+        :class:`~kapbit.errors.Fenced` once another instance has taken over.
         """
+        if self._fenced_error is not None:
+            raise self._fenced_error
         execution = self._in_flight.get(workflow_id)
         if execution is not None:
             return await asyncio.wait_for(asyncio.shield(execution.waiter()), timeout)
         finished = self._finished.get(workflow_id)
         if finished is None:
-            if self._fenced_error is not None:
-                raise self._fenced_error
             raise WorkflowNotFound(workflow_id)
         result, error = finished
         if error is not None:
@@ -515,8 +516,7 @@ class Kapbit:
             window = self._windows[part.partition]
             for workflow_id, offset in part.window:
                 window.add(workflow_id, offset)
-            part.owners.writers.append((part.claim_offset, self.node_id))
-            part.owners.owner = self.node_id
+            part.owners.claimed(part.claim_offset, self.node_id)
             owners.append(part.owners)
             if self._emitter.acked[part.partition] < part.claim_offset:
                 self._emitter.acked[part.partition] = part.claim_offset
@@ -539,7 +539,12 @@ class Kapbit:
     def _rebuild(self, partition: int, workflow: RestoredWorkflow) -> WorkflowExecution:
         definition = self._definitions.get(workflow.type)
         if definition is None:
-            raise UnknownWorkflowType(workflow.type, sorted(self._definitions))
+            raise UnknownWorkflowType(
+                workflow.type,
+                sorted(self._definitions),
+                f" for workflow {workflow.id!r} in flight at partition {partition}, "
+                f"offset {workflow.created_offset}",
+            )
         codec = self._codec
         try:
             input = codec.decode(workflow.input, definition.input_type)

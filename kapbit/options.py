@@ -61,6 +61,10 @@ class CheckpointPolicy:
     every: int = 1000
     interval: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.interval <= 0:
+            raise ValueError(f"invalid checkpoint policy {self!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
