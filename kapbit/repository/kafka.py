@@ -354,7 +354,13 @@ class KafkaRepository:
                         taken += 1
                     taken = max(taken, 1)
                     sent, records = records[:taken], records[taken:]
-                    delivery = await producer.send_batch(batch, topic, partition=partition)
+                    try:
+                        delivery = await producer.send_batch(batch, topic, partition=partition)
+                    except BaseException:
+                        # Not handed over (e.g. no room in the accumulator before the
+                        # request timeout, while the broker is unreachable): fail them too.
+                        records = sent + records
+                        raise
                     delivery.add_done_callback(functools.partial(_delivered, sent))
         except BaseException as exc:
             waiters = [waiter for *_, waiter in (*records, *outbox.pending)]
@@ -417,6 +423,8 @@ class KafkaRepository:
                 return
             # Offsets the fetch skipped (control records) are harmless too.
             fence.frontier = max(fence.frontier, stop - 1)
+            # What the jump passed over is known: don't keep it (it would never be removed).
+            fence.acked = {o for o in fence.acked if o > fence.frontier}
             fence.advance()
 
     async def _fetch(
@@ -446,6 +454,7 @@ class KafkaRepository:
                         yield batch
             finally:
                 consumer.pause(tp)
+                _drop_prefetched(consumer, tp, start)
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         return self._read(partition, start, stop)
@@ -498,7 +507,8 @@ class KafkaRepository:
                     await consumer.getmany(tp, timeout_ms=1000, max_records=1)
                 finally:
                     consumer.pause(tp)
-                highwater: int | None = consumer.highwater(tp)
+                    highwater: int | None = consumer.highwater(tp)
+                    _drop_prefetched(consumer, tp, reported - 1)
         except KafkaError as exc:
             raise TransientStorageError(f"end offset of {tp}: {exc!r}") from exc
         return max(reported, highwater or 0)
@@ -560,6 +570,18 @@ def _delivered(sent: list[_Pending], delivery: asyncio.Future[Any]) -> None:
     for index, (*_, waiter) in enumerate(sent):
         if not waiter.done():
             waiter.set_result(base + index)
+
+
+def _drop_prefetched(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+    """Discard what the consumer prefetched for the paused ``tp`` beyond what was read.
+
+    aiokafka holds back every fetch to a broker while a partition of it has unconsumed
+    prefetched records, for up to 100 ms (its prefetch backoff): a read that stopped
+    short of the data fetched would delay the next read of any other partition. A seek
+    drops the buffered records, and a fetch still in flight is discarded on arrival
+    because its offset no longer matches; every read seeks before it fetches anyway.
+    """
+    consumer.seek(tp, offset)
 
 
 def _storage_error(exc: BaseException) -> Exception:
