@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from kapbit._log import fields
 from kapbit.errors import Fenced, StorageError
@@ -33,8 +34,10 @@ class Checkpointer:
         windows: list[IdempotencyWindow],
         owners: list[OwnerTracker],
         saved: list[Checkpoint],
+        on_fenced: Callable[[Fenced], None] | None = None,
     ) -> None:
         self._repository = repository
+        self._on_fenced = on_fenced
         self._policy = policy
         self._acked = acked
         self._windows = windows
@@ -98,7 +101,9 @@ class Checkpointer:
                 await asyncio.wait_for(self._due.wait(), self._policy.interval)
             try:
                 await self.save()
-            except Fenced:
+            except Fenced as error:
+                if self._on_fenced is not None:
+                    self._on_fenced(error)
                 return
             except StorageError as exc:
                 logger.warning("saving checkpoints failed, will retry: %s", exc, extra=fields())

@@ -8,7 +8,6 @@ recovers, and resumes the in-flight workflows in the background.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -240,8 +239,13 @@ class Kapbit:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._checkpointer is not None and self._fenced_error is None:
-            with contextlib.suppress(KapbitError):
+            try:
                 await self._checkpointer.save()
+            except Fenced as error:  # replaced while idle: learnt only now
+                self._fenced_error = error
+                self._state = "fenced"
+            except KapbitError as error:
+                logger.warning("final checkpoint not saved: %s", error, extra=fields())
         closed = InstanceClosed(f"instance {self.node_id} closed")
         for execution in list(self._in_flight.values()):
             execution.resolve(error=self._fenced_error or closed)
@@ -529,6 +533,7 @@ class Kapbit:
             self._windows,
             owners,
             [checkpoints.get(p, Checkpoint()) for p in range(self._partitions)],
+            on_fenced=self._on_fenced,
         )
         for execution in executions:
             self._in_flight[execution.id] = execution

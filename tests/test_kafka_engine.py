@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kapbit import Definition, Fenced, Kapbit, Options, Progress, Step, Success
+from kapbit import CheckpointPolicy, Definition, Fenced, Kapbit, Options, Progress, Step, Success
 from kapbit.repository.kafka import KafkaRepository
 from tests.helpers import Script, saga, wait_until
 
@@ -97,3 +97,28 @@ async def test_second_instance_fences_the_first(kafka_bootstrap: str, topic: str
     finally:
         await b.close()
         await a.close()
+
+
+async def test_a_replaced_instance_does_not_overwrite_the_new_owners_checkpoints(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    definition = saga(Script())
+    quiet = Options(node_id="a", checkpoints=CheckpointPolicy(every=10_000, interval=3600))
+    a = Kapbit([definition], KafkaRepository(kafka_bootstrap, topic, partitions=2), options=quiet)
+    await a.start()
+    await a.exec_workflow("before", "saga", {"id": "before"})  # a's checkpoint moved, unsaved
+    b = Kapbit([definition], KafkaRepository(kafka_bootstrap, topic), options=Options(node_id="b"))
+    await b.start()
+    await b.exec_workflow("after", "saga", {"id": "after"})
+    await b.close()  # saves b's checkpoints
+    reader = KafkaRepository(kafka_bootstrap, topic)
+    await reader.start()
+    try:
+        saved_by_b = await reader.load_checkpoints()
+        assert saved_by_b
+        await a.close()  # a still thinks it owns the log and tries to save its checkpoints
+        assert await reader.load_checkpoints() == saved_by_b
+        with pytest.raises(Fenced):
+            await a.exec_workflow("late", "saga", {"id": "late"})
+    finally:
+        await reader.close()

@@ -127,3 +127,22 @@ async def test_checkpoints_are_saved_and_loaded(kafka_bootstrap: str, topic: str
         }
     finally:
         await again.close()
+
+
+async def test_a_replaced_writer_cannot_save_a_checkpoint(kafka_bootstrap: str, topic: str) -> None:
+    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    await a.start()
+    await b.start()
+    try:
+        await a.append(0, "active_writer", "a", "a", b"")
+        await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
+        await b.append(0, "active_writer", "b", "b", b"")
+        await b.save_checkpoint(0, Checkpoint(2, "b", 0, ""))
+        # a never wrote again, so only the checkpoint save can tell it was replaced.
+        with pytest.raises(Fenced, match="'b' claimed partition 0"):
+            await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
+        assert (await b.load_checkpoints())[0] == Checkpoint(2, "b", 0, "")
+    finally:
+        await a.close()
+        await b.close()

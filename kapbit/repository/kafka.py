@@ -123,7 +123,8 @@ class KafkaRepository:
     (a mismatch refuses to start) or, when ``None``, read from the topic.
     ``client_options`` go to every aiokafka client (TLS: ``security_protocol``,
     ``ssl_context``; SASL: ``sasl_mechanism``, ``sasl_plain_username``, ...);
-    ``producer_options`` and ``consumer_options`` only to those clients.
+    ``producer_options`` and ``consumer_options`` only to those clients. A read that
+    makes no progress for ``read_timeout`` seconds (broker unreachable) fails as transient.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class KafkaRepository:
         create_topic: bool = True,
         checkpoint_topic: str | None = None,
         max_payload: int = 1_000_000,
+        read_timeout: float = 30.0,
         client_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
@@ -146,6 +148,7 @@ class KafkaRepository:
         self.topic = topic
         self.checkpoint_topic = checkpoint_topic or f"{topic}-checkpoints"
         self.max_payload = max_payload
+        self.read_timeout = read_timeout
         self._requested_partitions = partitions
         self._replication_factor = replication_factor
         self._create_topic = create_topic
@@ -391,41 +394,41 @@ class KafkaRepository:
         # Our own acks for the gap may still be on their way: give them one loop turn.
         await asyncio.sleep(0)
         while fence.waiters and fence.fenced is None:
-            start = fence.frontier + 1
-            stop = max(fence.waiters)
             try:
-                async for batch in self._fetch(
-                    self._confirmer, self._confirm_lock, partition, start, stop
-                ):
-                    for record in batch:
-                        if record.kind == _ACTIVE_WRITER and record.node != fence.node:
-                            fence.fence(
-                                Fenced(
-                                    f"node {record.node!r} claimed partition {partition} at "
-                                    f"offset {record.offset}; node {fence.node!r} is fenced"
-                                ),
-                                record.offset,
-                            )
-                            return
-                        fence.acked.add(record.offset)
-            except KafkaError as exc:
+                await self._scan(partition, fence, max(fence.waiters))
+            except (KafkaError, TransientStorageError) as exc:
                 logger.warning(
                     "reading partition %d to confirm writes failed: %r",
                     partition,
                     exc,
                     extra=fields(partition=partition),
                 )
-                for waiter in fence.waiters.values():
-                    if not waiter.done():
-                        waiter.set_exception(TransientStorageError(f"confirming failed: {exc!r}"))
-                        waiter.exception()
+                _fail(list(fence.waiters.values()), TransientStorageError(f"confirming: {exc!r}"))
                 fence.waiters.clear()
                 return
-            # Offsets the fetch skipped (control records) are harmless too.
-            fence.frontier = max(fence.frontier, stop - 1)
-            # What the jump passed over is known: don't keep it (it would never be removed).
-            fence.acked = {o for o in fence.acked if o > fence.frontier}
-            fence.advance()
+
+    async def _scan(self, partition: int, fence: _PartitionFence, stop: int) -> None:
+        """Judge every offset from the frontier up to ``stop``: a foreign ActiveWriter
+        fences this node; anything else (own records, duplicates, zombies) is harmless."""
+        start = fence.frontier + 1
+        if start >= stop:
+            return
+        async for batch in self._fetch(self._confirmer, self._confirm_lock, partition, start, stop):
+            for record in batch:
+                if record.kind == _ACTIVE_WRITER and record.node != fence.node:
+                    fence.fence(
+                        Fenced(
+                            f"node {record.node!r} claimed partition {partition} at "
+                            f"offset {record.offset}; node {fence.node!r} is fenced"
+                        ),
+                        record.offset,
+                    )
+                    return
+        # Every offset below ``stop`` is judged, including any the fetch skipped (control
+        # records): the frontier jumps, and what it passed over is not kept.
+        fence.frontier = max(fence.frontier, stop - 1)
+        fence.acked = {o for o in fence.acked if o > fence.frontier}
+        fence.advance()
 
     async def _fetch(
         self,
@@ -442,8 +445,10 @@ class KafkaRepository:
         async with lock:
             consumer.seek(tp, start)
             consumer.resume(tp)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.read_timeout
             try:
-                while await consumer.position(tp) < stop:
+                while (position := await consumer.position(tp)) < stop:
                     fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
                     batch = [
                         _to_record(partition, message)
@@ -451,7 +456,13 @@ class KafkaRepository:
                         if message.offset < stop
                     ]
                     if batch:
+                        deadline = loop.time() + self.read_timeout
                         yield batch
+                    elif loop.time() > deadline:
+                        raise TransientStorageError(
+                            f"no progress reading {tp.topic}/{partition} at offset {position} "
+                            f"for {self.read_timeout} s"
+                        )
             finally:
                 consumer.pause(tp)
                 _drop_prefetched(consumer, tp, start)
@@ -516,8 +527,22 @@ class KafkaRepository:
     # --- checkpoints ----------------------------------------------------------------------
 
     async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        """Store the checkpoint, after making sure this node still owns the partition.
+
+        An instance that was replaced while idle learns it here, instead of writing a
+        checkpoint older than the new owner's (safe, but recovery would read more).
+        """
         if self._producer is None:
             raise TransientStorageError("the Kafka repository is not started")
+        fence = self._fences[partition]
+        if fence.node is not None:
+            if fence.fenced is None:
+                try:
+                    await self._scan(partition, fence, await self.end_offset(partition))
+                except KafkaError as exc:
+                    raise TransientStorageError(f"checking ownership: {exc!r}") from exc
+            if fence.fenced is not None:
+                raise fence.fenced
         try:
             await self._producer.send_and_wait(
                 self.checkpoint_topic,
