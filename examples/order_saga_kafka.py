@@ -5,8 +5,8 @@ event in the topic before the next step runs. When the payment service declines 
 (a business ``Failure``), kapbit compensates what already succeeded, here the stock
 reservation, and the workflow still ends with a result.
 
-Needs a Kafka broker, e.g. a local one listening on localhost:9092 (Docker:
-``docker run -d -p 9092:9092 apache/kafka``)::
+Needs a Kafka broker, e.g. the one ``docker compose up -d --wait`` starts from this
+repository's ``docker-compose.yml`` on localhost:9092::
 
     python examples/order_saga_kafka.py --bootstrap localhost:9092
 
@@ -21,7 +21,7 @@ import uuid
 
 import msgspec
 
-from kapbit import Definition, Failure, Kapbit, Progress, Step, Success
+from kapbit import Definition, DuplicateWorkflow, Failure, Kapbit, Progress, Step, Success
 from kapbit.repository.kafka import KafkaRepository
 
 
@@ -112,10 +112,16 @@ async def main(bootstrap: str, topic: str) -> None:
     async with Kapbit([ORDER], repository) as kbit:
         print(f"kapbit node {kbit.node_id} on topic {topic!r} at {bootstrap}")
         results = await asyncio.gather(
-            *(kbit.exec_workflow(order.order_id, "order", order) for order in ORDERS)
+            *(kbit.exec_workflow(order.order_id, "order", order) for order in ORDERS),
+            return_exceptions=True,
         )
         for order, result in zip(ORDERS, results, strict=True):
-            print(f"{order.order_id}: {result.status:9} {result.detail}")
+            if isinstance(result, DuplicateWorkflow):
+                print(f"{order.order_id}: already in the log of {topic!r}, not run again")
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                print(f"{order.order_id}: {result.status:9} {result.detail}")
         stats = kbit.stats
     print(f"stock left: {STOCK}")
     print(f"workflows: {stats.succeeded} shipped, {stats.compensated} compensated")
