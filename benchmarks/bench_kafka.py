@@ -13,6 +13,8 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from _common import EVENTS_PER_WORKFLOW, SAGA, RunStats, drive, machine, machine_line, order
 from aiokafka import AIOKafkaProducer
@@ -22,6 +24,7 @@ from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import LocalBroker
 
 EVENTS = EVENTS_PER_WORKFLOW["ok"]
+T = TypeVar("T")
 
 
 async def raw_producer(bootstrap: str, partitions: int, events: int) -> float:
@@ -60,22 +63,22 @@ async def kapbit_run(bootstrap: str, partitions: int, count: int, in_flight: int
         )
 
 
+async def on_broker(bootstrap: str | None, measure: Callable[[str], Awaitable[T]]) -> T:
+    """Run ``measure`` on the given broker, or on a fresh local one: the memory-only test
+    broker slows down as it fills, so each measurement gets an empty one."""
+    if bootstrap is not None:
+        return await measure(bootstrap)
+    async with LocalBroker() as broker:
+        return await measure(broker.bootstrap_servers)
+
+
 async def main(bootstrap: str | None, partitions: int, workflows: int, sequential: int) -> None:
-    broker = LocalBroker() if bootstrap is None else None
-    if broker is not None:
-        await broker.start()
-        bootstrap = broker.bootstrap_servers
-    assert bootstrap is not None
-    try:
-        raw = await raw_producer(bootstrap, partitions, workflows * EVENTS)
-        seq = await kapbit_run(bootstrap, partitions, sequential, 1)
-        par = await kapbit_run(bootstrap, partitions, workflows, 1_000)
-    finally:
-        if broker is not None:
-            await broker.stop()
+    raw = await on_broker(bootstrap, lambda b: raw_producer(b, partitions, workflows * EVENTS))
+    seq = await on_broker(bootstrap, lambda b: kapbit_run(b, partitions, sequential, 1))
+    par = await on_broker(bootstrap, lambda b: kapbit_run(b, partitions, workflows, 1_000))
     print(machine_line(machine()))
-    where = "local tansu broker" if broker is not None else "given broker"
-    print(f"{where} at {bootstrap}; {partitions} partitions")
+    where = bootstrap or "a fresh local tansu broker per run"
+    print(f"broker: {where}; {partitions} partitions; order saga, 5 events per workflow")
     print(f"{'run':28} {'workflows/s':>12} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'raw aiokafka producer':28} {'':>12} {raw:10,.0f} {'':>8} {'':>8}")
     for name, stats in (("kapbit sequential", seq), ("kapbit 1,000 in flight", par)):

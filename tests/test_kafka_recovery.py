@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -23,14 +22,13 @@ from kapbit import (
     Kapbit,
     Options,
     Progress,
-    Record,
     Step,
     Success,
     WorkflowNotFound,
 )
 from kapbit.events import StepOutcome
-from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
+from kapbit.testing.faults import Call, Fault, FaultyRepository
 from tests.helpers import Script, saga, wait_until
 from tests.kafka_worker import Entry, read_log
 
@@ -56,51 +54,23 @@ RESULTS = {
 }
 
 
-class CrashAfter:
-    """A repository whose appends of workflow events block forever after the first ``n``.
+def crash_after(inner: KafkaRepository, n: int) -> tuple[FaultyRepository, Fault]:
+    """A repository whose appends of workflow events block after the first ``n``.
 
     The instance on it is then killed with the next event unwritten: a crash right after
-    the ``n``-th event became durable.
+    the ``n``-th event became durable. The fault's first hit is that blocked append.
     """
+    repository = FaultyRepository(inner)
+    seen = 0
 
-    def __init__(self, inner: KafkaRepository, n: int) -> None:
-        self.inner = inner
-        self.n = n
-        self.written = 0
-        self.blocked = asyncio.Event()
+    def beyond_n(call: Call) -> bool:
+        nonlocal seen
+        if call.kind == "active_writer":
+            return False
+        seen += 1
+        return seen > n
 
-    @property
-    def partitions(self) -> int:
-        return self.inner.partitions
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        if kind != "active_writer":
-            if self.written >= self.n:
-                self.blocked.set()
-                await asyncio.Future()  # until the crash cancels it
-            self.written += 1
-        return await self.inner.append(partition, kind, key, node, value)
-
-    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
-        return self.inner.read(partition, start, stop)
-
-    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        return self.inner.tail(partition, start)
-
-    async def end_offset(self, partition: int) -> int:
-        return await self.inner.end_offset(partition)
-
-    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
-        await self.inner.save_checkpoint(partition, checkpoint)
-
-    async def load_checkpoints(self) -> dict[int, Checkpoint]:
-        return await self.inner.load_checkpoints()
+    return repository, repository.slow(when=beyond_n)
 
 
 def _shape(entries: list[Entry]) -> list[Any]:
@@ -133,12 +103,12 @@ async def test_crash_after_each_event_resumes_exactly_where_the_log_stops(
     before, after = Script(dict(behaviour)), Script(dict(behaviour))
 
     inner = KafkaRepository(kafka_bootstrap, topic, partitions=2)
-    crashing = CrashAfter(inner, written)
+    crashing, blocked = crash_after(inner, written)
     old = Kapbit([saga(before)], crashing)
     await old.start()
     call = asyncio.create_task(old.exec_workflow("w", "saga", {"id": "w"}))
     if written < len(path):
-        await asyncio.wait_for(crashing.blocked.wait(), 20)
+        await blocked.wait_hits(1, timeout=20)
     else:
         await asyncio.wait_for(asyncio.shield(call), 20)
     await _crash(old, inner)
