@@ -38,6 +38,7 @@ from kapbit.errors import (
     InvalidWorkflowId,
     KapbitError,
     RecordRejected,
+    StartupError,
     TooManyWorkflows,
     UnknownWorkflowType,
     WillRetryLater,
@@ -69,6 +70,7 @@ logger = logging.getLogger("kapbit")
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
 _CREATED = EventKind.WORKFLOW_CREATED.value
 _MAX_ERROR_LENGTH = 1000
+_MAX_CLAIM_ROUNDS = 10
 
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
@@ -160,12 +162,8 @@ class Kapbit:
                 IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
             ]
             self._emitter.acked = [-1] * self._partitions
-            claims = await asyncio.gather(
-                *(
-                    self._emitter.emit(p, self.node_id, ActiveWriter(self.node_id, time.time()))
-                    for p in range(self._partitions)
-                )
-            )
+            claims = await asyncio.gather(*(self._claim(p) for p in range(self._partitions)))
+            await self._settle_claims(claims)
             checkpoints = await self._repository.load_checkpoints()
             restored = await asyncio.gather(
                 *(
@@ -208,6 +206,39 @@ class Kapbit:
             sum(r.records_read for r in restored),
             extra=fields(),
         )
+
+    async def _claim(self, partition: int) -> int:
+        """Append this node's ActiveWriter to ``partition``; return its offset."""
+        return await self._emitter.emit(
+            partition, self.node_id, ActiveWriter(self.node_id, time.time())
+        )
+
+    async def _settle_claims(self, claims: list[int]) -> None:
+        """Resolve a start racing another one: if another node claimed a partition after
+        this node did, the greater node id keeps the whole log, re-claiming what it lost,
+        and the other gives up with Fenced before it accepts any work."""
+        for _ in range(_MAX_CLAIM_ROUNDS):
+            owners = await asyncio.gather(
+                *(self._repository.current_owner(p) for p in range(self._partitions))
+            )
+            lost = [p for p, owner in enumerate(owners) if owner != self.node_id]
+            if not lost:
+                return
+            rival = max(owners[p] for p in lost)
+            if rival > self.node_id:
+                raise Fenced(
+                    f"node {rival!r} started at the same time as {self.node_id!r} and keeps "
+                    f"the log (partitions {lost} were claimed by it after this node)"
+                )
+            logger.warning(
+                "partitions %s were claimed by %r during start; claiming them again",
+                lost,
+                rival,
+                extra=fields(),
+            )
+            for partition in lost:
+                claims[partition] = await self._claim(partition)
+        raise StartupError(f"node {self.node_id!r} could not settle its claims")
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop accepting work, wait up to ``timeout`` for in-flight workflows, release.

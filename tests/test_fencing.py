@@ -22,6 +22,7 @@ from kapbit import (
 )
 from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
 from kapbit.fencing import OwnerTracker
+from kapbit.testing.faults import FaultyRepository
 from tests.helpers import (
     CrashRepository,
     Script,
@@ -276,3 +277,42 @@ def test_owner_tracker_follows_claims_and_tells_zombies_apart() -> None:
     tracker.claimed(4, "c")
     assert not tracker.admit(rec(5, "step_outcome", "b"))
     assert [tracker.owner_at(o) for o in (0, 1, 2, 4, 5, 99)] == ["a", "a", "b", "b", "c", "c"]
+
+
+@pytest.mark.parametrize(("first", "second"), [("node-a", "node-b"), ("node-z", "node-b")])
+async def test_two_instances_starting_at_once_leave_exactly_one_owner(
+    first: str, second: str
+) -> None:
+    """The claims interleave (first claims p0, second claims p0 and p1, first claims p1);
+    whichever node id is greater keeps the whole log, the other refuses to start."""
+    log = MemRepository(partitions=2)
+    first_view, second_view = FaultyRepository(log), FaultyRepository(log)
+    late_claim = first_view.slow(kinds="active_writer", partitions=[1])
+    second_settles = second_view.slow(operations=("current_owner",), times=2)
+    definition = saga(Script())
+    a = Kapbit([definition], first_view, options=Options(node_id=first))
+    b = Kapbit([definition], second_view, options=Options(node_id=second))
+
+    a_start = asyncio.create_task(a.start())
+    await late_claim.wait_hits(1)  # first has claimed p0 only
+    b_start = asyncio.create_task(b.start())
+    await second_settles.wait_hits(2)  # second has claimed both, not yet checked
+    late_claim.release()  # first's claim of p1 lands after second's ...
+    await wait_until(lambda: log.records(1)[-1].node == first)
+    second_settles.release()  # ... and before second checks its claims
+    results = await asyncio.gather(a_start, b_start, return_exceptions=True)
+
+    winner, loser = (a, b) if first > second else (b, a)
+    loser_result = results[0] if loser is a else results[1]
+    assert isinstance(loser_result, Fenced)
+    assert winner.is_running and not loser.is_running
+    assert [await log.current_owner(p) for p in range(2)] == [winner.node_id] * 2
+    try:
+        # The winner writes to both partitions without being fenced.
+        ids = ["w0", "w1", "w2", "w3", "w4", "w5"]
+        assert {partition_for(i, 2) for i in ids} == {0, 1}
+        for workflow_id in ids:
+            await winner.exec_workflow(workflow_id, "saga", {"id": workflow_id})
+        assert winner.stats.succeeded == len(ids)
+    finally:
+        await winner.close()

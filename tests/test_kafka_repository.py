@@ -146,3 +146,22 @@ async def test_a_replaced_writer_cannot_save_a_checkpoint(kafka_bootstrap: str, 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_current_owner_is_the_latest_claimer(kafka_bootstrap: str, topic: str) -> None:
+    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    await a.start()
+    await b.start()
+    try:
+        assert await b.current_owner(0) == ""
+        await a.append(0, "active_writer", "a", "a", b"")
+        await a.append(0, "step_outcome", "w", "a", b"1")
+        assert await a.current_owner(0) == "a"
+        assert await b.current_owner(0) == "a"  # never claimed: reads the partition
+        await b.append(0, "active_writer", "b", "b", b"")
+        assert await a.current_owner(0) == "b"
+        assert await b.current_owner(0) == "b"
+    finally:
+        await a.close()
+        await b.close()

@@ -79,6 +79,11 @@ class Repository(Protocol):
         """The offset the next record appended to ``partition`` will get."""
         ...
 
+    async def current_owner(self, partition: int) -> str:
+        """The node of the latest ``ActiveWriter`` in ``partition`` as the log shows it now
+        (``""`` when there is none)."""
+        ...
+
     async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
         """Store the checkpoint of ``partition``, replacing the previous one."""
         ...

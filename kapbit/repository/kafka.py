@@ -498,6 +498,26 @@ class KafkaRepository:
     async def end_offset(self, partition: int) -> int:
         return await self._end_offset(TopicPartition(self.topic, partition))
 
+    async def current_owner(self, partition: int) -> str:
+        """Read from this node's own claim (or, never having claimed, from the start) to
+        the end, and return the latest claimer."""
+        fence = self._fences[partition]
+        owner = fence.node or ""
+        start = fence.claim_offset + 1 if fence.node is not None else 0
+        stop = await self.end_offset(partition)
+        if start >= stop:
+            return owner
+        try:
+            async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
+                for record in batch:
+                    if record.kind == _ACTIVE_WRITER:
+                        owner = record.node
+        except KafkaError as exc:
+            raise TransientStorageError(
+                f"reading claims of partition {partition}: {exc!r}"
+            ) from exc
+        return owner
+
     async def _end_offset(self, tp: TopicPartition) -> int:
         """The true end of ``tp``: the high watermark of a fetch of its last record.
 

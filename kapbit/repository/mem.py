@@ -84,6 +84,9 @@ class MemRepository:
     async def end_offset(self, partition: int) -> int:
         return len(self._logs[partition])
 
+    async def current_owner(self, partition: int) -> str:
+        return self._owners[partition]
+
     async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
         self._checkpoints[partition] = checkpoint
 

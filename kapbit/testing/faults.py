@@ -39,9 +39,11 @@ from kapbit.repository.base import Checkpoint, Record, Repository
 __all__ = ["Call", "Fault", "FaultyRepository", "Operation"]
 
 #: The repository operations a fault can apply to.
-Operation = Literal["append", "read", "end_offset", "save_checkpoint", "load_checkpoints"]
+Operation = Literal[
+    "append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"
+]
 _OPERATIONS: frozenset[str] = frozenset(
-    {"append", "read", "end_offset", "save_checkpoint", "load_checkpoints"}
+    {"append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"}
 )
 _Action = Literal["fail", "reject", "delay"]
 
@@ -312,6 +314,10 @@ class FaultyRepository:
 
     def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
         return self.inner.tail(partition, start)
+
+    async def current_owner(self, partition: int) -> str:
+        await self._apply(Call("current_owner", partition))
+        return await self.inner.current_owner(partition)
 
     async def end_offset(self, partition: int) -> int:
         await self._apply(Call("end_offset", partition))
