@@ -58,7 +58,7 @@ class RetryPolicy:
 class CheckpointPolicy:
     """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds."""
 
-    every: int = 1000
+    every: int = 10_000
     interval: float = 5.0
 
     def __post_init__(self) -> None:
