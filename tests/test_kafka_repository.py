@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
 from kapbit import Checkpoint, Fenced, PayloadTooLarge, StartupError
 from kapbit.repository.kafka import KafkaRepository
+
+
+@pytest.fixture
+async def writers(
+    kafka_bootstrap: str, topic: str
+) -> AsyncIterator[tuple[KafkaRepository, KafkaRepository]]:
+    """Two started repositories on one single-partition topic, as two instances would be."""
+    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def _all(
@@ -86,26 +103,21 @@ async def test_payload_over_the_limit_is_refused_and_nothing_written(
         await repo.close()
 
 
-async def test_second_writer_fences_the_first(kafka_bootstrap: str, topic: str) -> None:
-    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    await a.start()
-    await b.start()
-    try:
-        await a.append(0, "active_writer", "a", "a", b"")
-        assert await a.append(0, "step_outcome", "w", "a", b"1") == 1
-        assert await b.append(0, "active_writer", "b", "b", b"") == 2
-        with pytest.raises(Fenced, match="'b' claimed partition 0 at offset 2"):
-            await a.append(0, "step_outcome", "w", "a", b"zombie")
-        with pytest.raises(Fenced):
-            await a.append(0, "step_outcome", "w", "a", b"again")
-        assert await b.append(0, "step_outcome", "w", "b", b"2") == 4
-        kinds = [(o, node) for o, _, _, node, _ in await _all(b, 0)]
-        # The fenced write landed (a zombie every reader ignores); b's write is after it.
-        assert kinds == [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (4, "b")]
-    finally:
-        await a.close()
-        await b.close()
+async def test_second_writer_fences_the_first(
+    writers: tuple[KafkaRepository, KafkaRepository],
+) -> None:
+    a, b = writers
+    await a.append(0, "active_writer", "a", "a", b"")
+    assert await a.append(0, "step_outcome", "w", "a", b"1") == 1
+    assert await b.append(0, "active_writer", "b", "b", b"") == 2
+    with pytest.raises(Fenced, match="'b' claimed partition 0 at offset 2"):
+        await a.append(0, "step_outcome", "w", "a", b"zombie")
+    with pytest.raises(Fenced):
+        await a.append(0, "step_outcome", "w", "a", b"again")
+    assert await b.append(0, "step_outcome", "w", "b", b"2") == 4
+    kinds = [(o, node) for o, _, _, node, _ in await _all(b, 0)]
+    # The fenced write landed (a zombie every reader ignores); b's write is after it.
+    assert kinds == [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (4, "b")]
 
 
 async def test_checkpoints_are_saved_and_loaded(kafka_bootstrap: str, topic: str) -> None:
@@ -129,39 +141,29 @@ async def test_checkpoints_are_saved_and_loaded(kafka_bootstrap: str, topic: str
         await again.close()
 
 
-async def test_a_replaced_writer_cannot_save_a_checkpoint(kafka_bootstrap: str, topic: str) -> None:
-    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    await a.start()
-    await b.start()
-    try:
-        await a.append(0, "active_writer", "a", "a", b"")
+async def test_a_replaced_writer_cannot_save_a_checkpoint(
+    writers: tuple[KafkaRepository, KafkaRepository],
+) -> None:
+    a, b = writers
+    await a.append(0, "active_writer", "a", "a", b"")
+    await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
+    await b.append(0, "active_writer", "b", "b", b"")
+    await b.save_checkpoint(0, Checkpoint(2, "b", 0, ""))
+    # a never wrote again, so only the checkpoint save can tell it was replaced.
+    with pytest.raises(Fenced, match="'b' claimed partition 0"):
         await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
-        await b.append(0, "active_writer", "b", "b", b"")
-        await b.save_checkpoint(0, Checkpoint(2, "b", 0, ""))
-        # a never wrote again, so only the checkpoint save can tell it was replaced.
-        with pytest.raises(Fenced, match="'b' claimed partition 0"):
-            await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
-        assert (await b.load_checkpoints())[0] == Checkpoint(2, "b", 0, "")
-    finally:
-        await a.close()
-        await b.close()
+    assert (await b.load_checkpoints())[0] == Checkpoint(2, "b", 0, "")
 
 
-async def test_current_owner_is_the_latest_claimer(kafka_bootstrap: str, topic: str) -> None:
-    a = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    b = KafkaRepository(kafka_bootstrap, topic, partitions=1)
-    await a.start()
-    await b.start()
-    try:
-        assert await b.current_owner(0) == ""
-        await a.append(0, "active_writer", "a", "a", b"")
-        await a.append(0, "step_outcome", "w", "a", b"1")
-        assert await a.current_owner(0) == "a"
-        assert await b.current_owner(0) == "a"  # never claimed: reads the partition
-        await b.append(0, "active_writer", "b", "b", b"")
-        assert await a.current_owner(0) == "b"
-        assert await b.current_owner(0) == "b"
-    finally:
-        await a.close()
-        await b.close()
+async def test_current_owner_is_the_latest_claimer(
+    writers: tuple[KafkaRepository, KafkaRepository],
+) -> None:
+    a, b = writers
+    assert await b.current_owner(0) == ""
+    await a.append(0, "active_writer", "a", "a", b"")
+    await a.append(0, "step_outcome", "w", "a", b"1")
+    assert await a.current_owner(0) == "a"
+    assert await b.current_owner(0) == "a"  # never claimed: reads the partition
+    await b.append(0, "active_writer", "b", "b", b"")
+    assert await a.current_owner(0) == "b"
+    assert await b.current_owner(0) == "b"
