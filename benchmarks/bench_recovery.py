@@ -6,7 +6,7 @@ For each size, on a MemRepository:
    are appended directly, as encoded events written by an earlier node, and that node's
    checkpoint is saved by the engine's own Checkpointer (as the engine would have);
 2. a real instance starts, runs 1,000 workflows that stop inside step 1, and crashes
-   (``Kapbit._kill``: nothing more is written);
+   (``Kapbit.abort``: nothing more is written);
 3. a second instance starts on the log: **restart** is the time of ``start()`` (claim,
    recovery, resuming the 1,000 in the background); **resumed** the time until all 1,000
    have finished after it. ``read`` counts the records recovery read.
@@ -142,7 +142,7 @@ async def _measure(finished: int, partitions: int, window: int) -> dict[str, flo
         for i in range(IN_FLIGHT)
     ]
     await all_inside.wait()  # every workflow is inside step 1
-    first._kill()
+    first.abort()
     await asyncio.gather(*calls, return_exceptions=True)
 
     records = sum([await repo.end_offset(p) for p in range(partitions)])

@@ -611,8 +611,11 @@ class Kapbit:
             )
         return execution
 
-    def _kill(self) -> None:
-        """Abandon the instance as a crash would: cancel everything, write nothing more."""
+    def abort(self) -> None:
+        """Abandon the instance as a crash (SIGKILL) would: every task is cancelled at
+        once, nothing more is written, nothing is released and no final checkpoint is
+        saved. For tests of your own workflows' recovery: start a new instance on the same
+        repository afterwards and it resumes what this one left open."""
         self._state = "closed"
         self._emitter.fenced = Fenced(f"instance {self.node_id} was killed")
         for task in [*self._tasks, *self._background]:

@@ -200,7 +200,7 @@ class CrashRepository(MemRepository):
 
     ``hold(n, land=..., then=...)`` arms the ``n``-th append from now: that call never
     returns (the writer crashed mid-call), ``held`` is set and ``then`` is called at once
-    (e.g. ``kbit._kill``, so the crash happens exactly there). With ``land=True`` the record
+    (e.g. ``kbit.abort``, so the crash happens exactly there). With ``land=True`` the record
     lands first (the writer died before the acknowledgement), otherwise it does not land
     until :meth:`release` lets the call go on — landing *now*, after whatever happened
     meanwhile (e.g. another node's claim: a zombie write).

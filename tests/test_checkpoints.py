@@ -201,7 +201,7 @@ async def test_without_a_checkpoint_recovery_reads_the_whole_log() -> None:
     await first.start()
     task = asyncio.create_task(first.exec_workflow("w", "gated", {"id": "w"}))
     await wait_until(lambda: len(calls) == 2)
-    first._kill()
+    first.abort()
     await asyncio.gather(task, return_exceptions=True)
     assert repo.saves == []
     repo.reset_counters()

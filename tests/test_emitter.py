@@ -176,7 +176,7 @@ async def test_a_killed_emitter_stops_retrying_without_writing() -> None:
     outage = r.faults.fail()
     task = asyncio.create_task(r.emitter.emit(0, "w1", outcome()))
     await outage.wait_hits(2)
-    r.emitter.fenced = Fenced("killed")  # what Kapbit._kill does
+    r.emitter.fenced = Fenced("killed")  # what Kapbit.abort does
     outage.release()
     with pytest.raises(Fenced, match="killed"):
         await task

@@ -55,7 +55,7 @@ async def test_restart_resumes_in_flight_workflows(kafka_bootstrap: str, topic: 
     await old.start()
     callers = [asyncio.create_task(old.exec_workflow(f"r{i}", "two", i)) for i in range(5)]
     await wait_until(lambda: len(runs) == 10, timeout=20)
-    old._kill()  # a crash: nothing more is written
+    old.abort()  # a crash: nothing more is written
     await asyncio.gather(*callers, return_exceptions=True)
 
     release.set()

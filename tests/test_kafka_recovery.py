@@ -1,6 +1,6 @@
 """The recovery and fencing scenarios, on a real Kafka-protocol broker.
 
-A crash is :meth:`Kapbit._kill` (every task cancelled, nothing more written) followed by a
+A crash is :meth:`Kapbit.abort` (every task cancelled, nothing more written) followed by a
 new instance on a new :class:`KafkaRepository` on the same topic. The final log is read
 back with the zombie-filtering reader of ``tests/kafka_worker.py``.
 """
@@ -83,7 +83,7 @@ def _shape(entries: list[Entry]) -> list[Any]:
 
 async def _crash(kbit: Kapbit, repository: KafkaRepository) -> None:
     """Kill ``kbit`` as a crash would, and drop its connections as the process would."""
-    kbit._kill()
+    kbit.abort()
     await repository.close()
 
 

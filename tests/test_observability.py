@@ -92,7 +92,7 @@ async def test_stats_show_the_gate_and_recovered_workflows() -> None:
     with pytest.raises(WillRetryLater):
         await old.exec_workflow("w", definition.type)
     assert old.stats.gate_open is False and old.stats.in_flight == 1
-    old._kill()
+    old.abort()
     async with Kapbit([definition], repo, options=fast_options(max_attempts=1000)) as new:
         assert new.stats.recovered == 1 and new.stats.in_flight == 1
         down["now"] = False

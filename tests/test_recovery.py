@@ -99,7 +99,7 @@ async def test_crash_at_every_event_boundary(phase: str, crash_at: int, land: bo
     repo = CrashRepository()
     first = Kapbit([saga(script)], repo, options=Options(node_id="first"))
     await first.start()
-    repo.hold(crash_at, land=land, then=first._kill)
+    repo.hold(crash_at, land=land, then=first.abort)
     call = asyncio.create_task(first.exec_workflow("w", "saga", {"id": "w"}))
     await asyncio.wait_for(repo.held.wait(), 5)
     with pytest.raises(InstanceClosed):
@@ -177,7 +177,7 @@ async def test_many_workflows_in_flight_at_a_crash_all_finish_as_without_it() ->
     repo = CrashRepository(partitions=3)
     first = Kapbit(definitions, repo, options=Options(node_id="first"))
     await first.start()
-    repo.hold(70, then=first._kill)
+    repo.hold(70, then=first.abort)
     calls = [asyncio.create_task(first.exec_workflow(i, t, {"id": i})) for i, t in ids]
     await asyncio.wait_for(repo.held.wait(), 5)
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -228,7 +228,7 @@ async def test_restart_rebuilds_window_and_in_flight_per_partition() -> None:
     stuck = [f"stuck{p}" for p in range(4)]
     tasks = [asyncio.create_task(first.exec_workflow(i, "gated", {"id": i})) for i in stuck]
     await asyncio.wait_for(_until(lambda: sum(s == 1 for _, s in calls) == len(stuck)), 5)
-    first._kill()
+    first.abort()
     await asyncio.gather(*tasks, return_exceptions=True)
 
     calls.clear()
@@ -271,7 +271,7 @@ async def test_recovered_workflows_hold_max_workflows_slots() -> None:
     await first.start()
     tasks = [asyncio.create_task(first.exec_workflow(i, "gated", {"id": i})) for i in "ab"]
     await asyncio.wait_for(_until(lambda: len(calls) == 4), 5)
-    first._kill()
+    first.abort()
     await asyncio.gather(*tasks, return_exceptions=True)
 
     again = asyncio.Event()
@@ -299,7 +299,7 @@ async def test_retrying_workflow_keeps_its_attempt_count_across_a_crash() -> Non
     with pytest.raises(WillRetryLater):
         await first.exec_workflow("w", "saga", {"id": "w"})
     await asyncio.wait_for(repo.held.wait(), 5)
-    first._kill()
+    first.abort()
     assert kinds(repo, "w") == ["workflow_created", "step_outcome", "workflow_retry"]
 
     options = Options(node_id="second", retry=FAST_RETRY)
@@ -333,7 +333,7 @@ async def test_an_id_reused_after_leaving_the_window_is_a_new_workflow_on_recove
         await first.exec_workflow(i, "quick", {"id": i})
     task = asyncio.create_task(first.exec_workflow("a", "gated", {"id": "a"}))
     await asyncio.wait_for(_until(lambda: calls[-1] == ("a", 1)), 5)
-    first._kill()
+    first.abort()
     with pytest.raises(InstanceClosed):
         await task
 
@@ -472,7 +472,7 @@ async def test_second_copies_left_by_producer_retries_are_ignored_by_recovery() 
     await first.start()
     task = asyncio.create_task(first.exec_workflow("w", "gated", {"id": "w"}))
     await asyncio.wait_for(_until(lambda: ("w", 1) in calls), 5)
-    first._kill()
+    first.abort()
     with pytest.raises(InstanceClosed):
         await task
     assert kinds(inner, "w") == ["workflow_created"] * 2 + ["step_outcome"] * 2

@@ -253,7 +253,7 @@ async def _run(plan: Plan) -> None:
         disruption = plan.disruptions[k]
         starting: list[asyncio.Task[None]] = []
         if disruption.kind == "crash":
-            repo.hold(disruption.at, land=disruption.land, then=node._kill)
+            repo.hold(disruption.at, land=disruption.land, then=node.abort)
         else:
             repo.hold(
                 disruption.at,
@@ -272,7 +272,7 @@ async def _run(plan: Plan) -> None:
         repo.disarm()
         if disruption.kind == "crash":
             if not repo.held.is_set():
-                node._kill()
+                node.abort()
             stopped_with: type[Exception] = InstanceClosed
         else:
             stopped_with = Fenced

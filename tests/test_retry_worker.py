@@ -361,7 +361,7 @@ async def test_restart_while_retrying_continues_the_attempt_count_from_the_log()
     with pytest.raises(WillRetryLater):
         await old.exec_workflow("w", "flaky", {"id": "w"})
     await wait_until(lambda: flaky.calls == 4)
-    old._kill()  # ... when the process dies
+    old.abort()  # ... when the process dies
     assert retries(repo, "w") == [1, 2, 3]
 
     flaky.release.set()
@@ -387,7 +387,7 @@ async def test_restart_while_retrying_then_success_does_not_rerun_done_steps() -
     with pytest.raises(WillRetryLater):
         await old.exec_workflow("w", "flaky", {"id": "w"})
     await wait_until(lambda: flaky.calls == 3)
-    old._kill()
+    old.abort()
     flaky.release.set()
     async with Kapbit([definition], repo, options=fast_options(max_attempts=50)) as new:
         # Call 4 (attempt 3, the first of the new instance) still fails, call 5 succeeds.
