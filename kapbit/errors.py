@@ -62,7 +62,7 @@ class InvalidDefinition(KapbitError):
 
 
 class InvalidWorkflowId(KapbitError):
-    """A workflow id is empty or not a string."""
+    """A workflow id is empty, not a string, or not valid UTF-8 text."""
 
 
 # --- outcomes of an accepted workflow ------------------------------------------------------
@@ -156,4 +156,10 @@ class CorruptRecord(StorageError):
 
 
 class StartupError(StorageError):
-    """The repository cannot be used (missing topic, wrong partition count, no access)."""
+    """The repository cannot be used (missing topic, wrong partition count, no access), or
+    the start did not finish within ``Options.start_timeout``."""
+
+
+class CodecMismatch(CorruptRecord):
+    """The log was written with another codec than this instance's: the start refuses
+    before writing anything, so encodings are never mixed."""

@@ -306,8 +306,7 @@ class Kapbit:
         definition = self._definitions.get(workflow_type)
         if definition is None:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if not isinstance(workflow_id, str) or not workflow_id:
-            raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
+        _check_workflow_id(workflow_id)
         partition = partition_for(workflow_id, self._partitions)
         if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
             raise DuplicateWorkflow(workflow_id)
@@ -621,6 +620,19 @@ class Kapbit:
         for task in [*self._tasks, *self._background]:
             task.cancel()
         self._retry_worker.abort()
+
+
+def _check_workflow_id(workflow_id: object) -> None:
+    """Refuse an id that is not a non-empty string of valid UTF-8 text (a lone surrogate
+    cannot be a record key) with InvalidWorkflowId."""
+    if not isinstance(workflow_id, str) or not workflow_id:
+        raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
+    try:
+        workflow_id.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidWorkflowId(
+            f"workflow id {workflow_id!r} is not valid UTF-8 text: {exc.reason} at {exc.start}"
+        ) from None
 
 
 def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definition]:
