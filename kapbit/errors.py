@@ -6,6 +6,8 @@ none of the refusals raised before ``WorkflowCreated`` is written leaves anythin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class KapbitError(Exception):
     """Base class of every kapbit error."""
@@ -76,7 +78,8 @@ class WillRetryLater(KapbitError):
     """
 
     def __init__(self, workflow_id: str, error: BaseException | str) -> None:
-        super().__init__(f"workflow {workflow_id!r} will be retried later: {error}")
+        text = error if isinstance(error, str) else describe_error(error, text=str)
+        super().__init__(f"workflow {workflow_id!r} will be retried later: {text}")
         self.workflow_id = workflow_id
 
 
@@ -163,3 +166,12 @@ class StartupError(StorageError):
 class CodecMismatch(CorruptRecord):
     """The log was written with another codec than this instance's: the start refuses
     before writing anything, so encodings are never mixed."""
+
+
+def describe_error(error: BaseException, text: Callable[[object], str] = repr) -> str:
+    """``repr(error)`` (or ``text(error)``) for logs and events; user exceptions whose
+    ``__repr__``/``__str__`` raise are described by their type instead of failing."""
+    try:
+        return text(error)
+    except Exception as exc:
+        return f"<{type(error).__qualname__}, unprintable: {type(exc).__name__}>"

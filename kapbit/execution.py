@@ -16,7 +16,13 @@ import pybreaker
 
 from kapbit.codecs import Codec
 from kapbit.emitter import Emitter
-from kapbit.errors import CircuitBreakerOpen, EncodeError, RecordRejected, WorkflowRejected
+from kapbit.errors import (
+    CircuitBreakerOpen,
+    EncodeError,
+    RecordRejected,
+    WorkflowRejected,
+    describe_error,
+)
 from kapbit.events import Rejected, StepOutcome, WorkflowResult
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Success, _call
 
@@ -30,7 +36,7 @@ class StepRaised(Exception):
 
     def __init__(self, workflow_id: str, step: int | None, phase: Phase, cause: BaseException):
         where = "result builder" if step is None else f"step {step} ({phase})"
-        super().__init__(f"workflow {workflow_id!r}: {where} raised {cause!r}")
+        super().__init__(f"workflow {workflow_id!r}: {where} raised {describe_error(cause)}")
         self.step = step
         self.phase = phase
         self.cause = cause
@@ -128,6 +134,10 @@ class WorkflowExecution:
                     if outcome is None:
                         outcome = Success(None)
                     _check_outcome(outcome, index)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                raise StepRaised(self.id, index, phase, exc) from exc  # raised by the step
             except Exception as exc:  # any error means "retry later"
                 raise StepRaised(self.id, index, phase, exc) from exc
             value = await self._encode(emitter, codec, outcome.value, "step_outcome")
@@ -139,6 +149,10 @@ class WorkflowExecution:
 
         try:
             result = await _call(definition.result, definition._result_async, self.input, progress)
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise
+            raise StepRaised(self.id, None, "execute", exc) from exc
         except Exception as exc:
             raise StepRaised(self.id, None, "execute", exc) from exc
         compensated = progress.failed
@@ -167,6 +181,13 @@ class WorkflowExecution:
         """Terminate the workflow with a Rejected event and raise WorkflowRejected."""
         await emitter.emit(self.partition, self.id, Rejected(self.id, kind, reason, time.time()))
         raise WorkflowRejected(self.id, f"{kind}: {reason}")
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task was asked to stop (a CancelledError a step raises on its
+    own, without that, is an error of the step)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _check_outcome(outcome: object, step: int) -> None:

@@ -44,6 +44,7 @@ from kapbit.errors import (
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
+    describe_error,
 )
 from kapbit.events import (
     KIND_OF,
@@ -71,6 +72,8 @@ _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
 _CREATED = EventKind.WORKFLOW_CREATED.value
 _MAX_ERROR_LENGTH = 1000
 _MAX_CLAIM_ROUNDS = 10
+#: How long close() waits for cancelled tasks before abandoning them.
+_CANCEL_GRACE = 1.0
 
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
@@ -257,7 +260,7 @@ class Kapbit:
             return
         if self._state == "running":
             self._state = "closing"
-        await self._retry_worker.stop()
+        await self._await_cancelled(self._retry_worker.abort())
         tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(
@@ -265,7 +268,7 @@ class Kapbit:
             )
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await self._await_cancelled(pending)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -284,6 +287,26 @@ class Kapbit:
             self._state = "closed"
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
+
+    async def _await_cancelled(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
+        """Wait up to ``_CANCEL_GRACE`` for cancelled ``tasks`` to end; a task still running
+        then (a step that swallows cancellation) is abandoned as a crash would leave it:
+        nothing it does later is written, its workflow stays open for the next instance."""
+        tasks = list(tasks)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+        if stuck:
+            logger.error(
+                "kapbit node %s abandons %d tasks that ignored cancellation for %.1f s; "
+                "their workflows stay open for the next instance",
+                self.node_id,
+                len(stuck),
+                _CANCEL_GRACE,
+                extra=fields(),
+            )
+            if self._emitter.fenced is None:
+                self._emitter.fenced = Fenced(f"instance {self.node_id} closed")
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -428,7 +451,7 @@ class Kapbit:
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
     ) -> None:
         # Bounded: the error goes into WorkflowRetry / DeadLetter events.
-        execution.last_error = repr(raised.cause)[:_MAX_ERROR_LENGTH]
+        execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
         logger.log(
             level,
             "%s",
@@ -436,7 +459,7 @@ class Kapbit:
             extra=execution_fields(execution),
         )
         if raised.breaker_open:
-            self.gate.close(f"workflow {execution.id!r}: {raised.cause}")
+            self.gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
 
     async def _retry_attempt(self, execution: WorkflowExecution) -> None:
         """One retry-worker attempt: record it, resume, finish on success."""
