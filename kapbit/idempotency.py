@@ -36,6 +36,11 @@ class IdempotencyWindow:
         if len(ids) > self.size:
             del ids[next(iter(ids))]
 
+    def renew(self, workflow_id: str, offset: int) -> None:
+        """Remember ``workflow_id`` as created (again) at ``offset``: the newest entry."""
+        self._ids.pop(workflow_id, None)
+        self.add(workflow_id, offset)
+
     def __contains__(self, workflow_id: object) -> bool:
         return workflow_id in self._ids
 

@@ -8,18 +8,20 @@ recovers, and resumes the in-flight workflows in the background.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import pybreaker
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit._log import execution_fields, fields
 from kapbit.checkpoints import Checkpointer
@@ -40,6 +42,7 @@ from kapbit.errors import (
     RecordRejected,
     StartupError,
     TooManyWorkflows,
+    TransientStorageError,
     UnknownWorkflowType,
     WillRetryLater,
     WorkflowNotFound,
@@ -61,13 +64,20 @@ from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Options
 from kapbit.partitioner import partition_for
 from kapbit.repository import Checkpoint, Repository
-from kapbit.restore import RestoredPartition, RestoredWorkflow, restore_partition
+from kapbit.restore import (
+    RestoredPartition,
+    RestoredWorkflow,
+    check_codec,
+    restore_partition,
+    trusted_checkpoint,
+)
 from kapbit.retry_worker import RetryWorker
 from kapbit.stats import Stats
 from kapbit.workflow import Definition
 
 logger = logging.getLogger("kapbit")
 
+_T = TypeVar("_T")
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
 _CREATED = EventKind.WORKFLOW_CREATED.value
 _MAX_ERROR_LENGTH = 1000
@@ -105,9 +115,14 @@ class Kapbit:
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
-        self.node_id = self.options.node_id or (
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        )
+        #: This instance's name: ``Options.node_id``, by default host name and process id.
+        #: It may repeat across starts (a pod name); the log tells starts apart by
+        #: :attr:`writer_id`.
+        self.node_id = self.options.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        #: The unique identity of this start, written as the writer of every record:
+        #: ``node_id`` plus a random start id. Fencing compares writer ids.
+        self.writer_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
+        self._start_error = ""
         self._partitions = 0  # known once the repository has started
         self._state: _State = "new"
         self._fenced_error: Fenced | None = None
@@ -120,7 +135,7 @@ class Kapbit:
         self._emitter = Emitter(
             repository,
             self._codec,
-            self.node_id,
+            self.writer_id,
             self._breaker,
             self.options.emit_backoff,
             self._on_fenced,
@@ -153,35 +168,32 @@ class Kapbit:
         await self.close()
 
     async def start(self) -> None:
-        """Claim every partition, recover, and resume in-flight workflows."""
+        """Check the log, claim every partition, recover, and resume in-flight workflows.
+
+        Everything that can be checked by reading comes before this node's first write
+        (its claims): a storage that cannot be read, or a log written with another codec
+        (:class:`~kapbit.errors.CodecMismatch`), fails the start without fencing the live
+        owner. Transient storage errors are retried until ``Options.start_timeout``, after
+        which the start fails with :class:`~kapbit.errors.StartupError`; a start failing
+        after its claims leaves them in the log, and the owner they replaced is fenced.
+        """
         if self._state != "new":
             raise InstanceClosed(f"instance {self.node_id} cannot be started twice")
         self._state = "starting"
         started = time.perf_counter()
+        timeout = self.options.start_timeout
         try:
-            await self._repository.start()
-            self._partitions = self._repository.partitions
-            self._windows = [
-                IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
-            ]
-            self._emitter.acked = [-1] * self._partitions
-            claims = await asyncio.gather(*(self._claim(p) for p in range(self._partitions)))
-            await self._settle_claims(claims)
-            checkpoints = await self._repository.load_checkpoints()
-            restored = await asyncio.gather(
-                *(
-                    restore_partition(
-                        self._repository,
-                        self._codec,
-                        partition,
-                        claims[partition],
-                        checkpoints.get(partition, Checkpoint()),
-                        self.options.idempotency_window,
-                    )
-                    for partition in range(self._partitions)
-                )
-            )
-            executions = self._adopt(restored, checkpoints)
+            async with asyncio.timeout(timeout) as deadline:
+                executions, restored = await self._start()
+        except TimeoutError as exc:
+            self._state = "closed"
+            await self._repository.close()
+            if not deadline.expired():
+                raise
+            raise StartupError(
+                f"node {self.writer_id!r} did not start within start_timeout ({timeout} s)"
+                + (f"; last storage error: {self._start_error}" if self._start_error else "")
+            ) from exc
         except BaseException:
             self._state = "closed"
             await self._repository.close()
@@ -200,9 +212,10 @@ class Kapbit:
                 self._spawn(execution, None)
         self._open_gate_if_idle()
         logger.info(
-            "kapbit node %s started on %d partitions in %.3f s: %d workflows resumed, "
-            "%d records read",
+            "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
+            "resumed, %d records read",
             self.node_id,
+            self.writer_id,
             self._partitions,
             time.perf_counter() - started,
             len(executions),
@@ -210,28 +223,109 @@ class Kapbit:
             extra=fields(),
         )
 
+    async def _start(self) -> tuple[list[WorkflowExecution], list[RestoredPartition]]:
+        repository = self._repository
+        await self._retrying("starting the repository", repository.start)
+        partitions = self._partitions = repository.partitions
+        self._windows = [
+            IdempotencyWindow(self.options.idempotency_window) for _ in range(partitions)
+        ]
+        self._emitter.acked = [-1] * partitions
+        loaded = await self._retrying("loading checkpoints", repository.load_checkpoints)
+        # Read-only checks first: nothing is written unless they pass.
+        checkpoints = await asyncio.gather(
+            *(self._check_partition(p, loaded.get(p)) for p in range(partitions))
+        )
+        claims = await asyncio.gather(*(self._claim(p) for p in range(partitions)))
+        await self._settle_claims(claims)
+        restored = await asyncio.gather(
+            *(
+                self._retrying(
+                    f"recovering partition {partition}",
+                    functools.partial(
+                        restore_partition,
+                        repository,
+                        self._codec,
+                        partition,
+                        claims[partition],
+                        checkpoints[partition],
+                        self.options.idempotency_window,
+                    ),
+                )
+                for partition in range(partitions)
+            )
+        )
+        return self._adopt(restored, checkpoints, claims), restored
+
+    async def _check_partition(self, partition: int, checkpoint: Checkpoint | None) -> Checkpoint:
+        """Before writing: refuse a log of another codec; return the checkpoint to recover
+        from (an empty one when the stored one does not belong to this log)."""
+        repository = self._repository
+
+        async def check() -> Checkpoint:
+            end = await repository.end_offset(partition)
+            await check_codec(repository, self._codec, partition, end)
+            return await trusted_checkpoint(repository, partition, checkpoint, end)
+
+        return await self._retrying(f"checking partition {partition}", check)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, retried on transient storage errors (bounded by start_timeout)."""
+
+        def note(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self._start_error = f"{what}: {error}"
+            logger.warning(
+                "%s failed (attempt %d), retrying: %s",
+                what,
+                state.attempt_number,
+                error,
+                extra=fields(),
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            wait=self.options.emit_backoff.wait(),
+            before_sleep=note,
+            reraise=True,
+        ):
+            with attempt:
+                result = await call()
+        return result
+
     async def _claim(self, partition: int) -> int:
         """Append this node's ActiveWriter to ``partition``; return its offset."""
-        return await self._emitter.emit(
-            partition, self.node_id, ActiveWriter(self.node_id, time.time())
+        claim = ActiveWriter(
+            self.writer_id,
+            time.time(),
+            name=self.node_id,
+            codec=self._codec.name,
+            window=self.options.idempotency_window,
         )
+        return await self._emitter.emit(partition, self.writer_id, claim)
 
     async def _settle_claims(self, claims: list[int]) -> None:
         """Resolve a start racing another one: if another node claimed a partition after
-        this node did, the greater node id keeps the whole log, re-claiming what it lost,
+        this node did, the greater writer id keeps the whole log, re-claiming what it lost,
         and the other gives up with Fenced before it accepts any work."""
         for _ in range(_MAX_CLAIM_ROUNDS):
             owners = await asyncio.gather(
-                *(self._repository.current_owner(p) for p in range(self._partitions))
+                *(
+                    self._retrying(
+                        f"reading the owner of partition {p}",
+                        functools.partial(self._repository.current_owner, p),
+                    )
+                    for p in range(self._partitions)
+                )
             )
-            lost = [p for p, owner in enumerate(owners) if owner != self.node_id]
+            lost = [p for p, owner in enumerate(owners) if owner != self.writer_id]
             if not lost:
                 return
             rival = max(owners[p] for p in lost)
-            if rival > self.node_id:
+            if rival > self.writer_id:
                 raise Fenced(
-                    f"node {rival!r} started at the same time as {self.node_id!r} and keeps "
-                    f"the log (partitions {lost} were claimed by it after this node)"
+                    f"node {rival!r} started at the same time as {self.writer_id!r} and "
+                    f"keeps the log (partitions {lost} were claimed by it after this node)"
                 )
             logger.warning(
                 "partitions %s were claimed by %r during start; claiming them again",
@@ -241,7 +335,7 @@ class Kapbit:
             )
             for partition in lost:
                 claims[partition] = await self._claim(partition)
-        raise StartupError(f"node {self.node_id!r} could not settle its claims")
+        raise StartupError(f"node {self.writer_id!r} could not settle its claims")
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop accepting work, wait up to ``timeout`` for in-flight workflows, release.
@@ -564,7 +658,7 @@ class Kapbit:
             self._close_task = asyncio.create_task(self._close(0))
 
     def _adopt(
-        self, restored: list[RestoredPartition], checkpoints: dict[int, Checkpoint]
+        self, restored: list[RestoredPartition], checkpoints: list[Checkpoint], claims: list[int]
     ) -> list[WorkflowExecution]:
         """Turn what recovery found into windows, checkpoint state and executions."""
         owners: list[OwnerTracker] = []
@@ -573,7 +667,7 @@ class Kapbit:
             window = self._windows[part.partition]
             for workflow_id, offset in part.window:
                 window.add(workflow_id, offset)
-            part.owners.claimed(part.claim_offset, self.node_id)
+            part.owners.claimed(part.claim_offset, self.writer_id)
             owners.append(part.owners)
             if self._emitter.acked[part.partition] < part.claim_offset:
                 self._emitter.acked[part.partition] = part.claim_offset
@@ -585,8 +679,10 @@ class Kapbit:
             self._emitter.acked,
             self._windows,
             owners,
-            [checkpoints.get(p, Checkpoint()) for p in range(self._partitions)],
+            checkpoints,
             on_fenced=self._on_fenced,
+            claims=[(offset, self.writer_id) for offset in claims],
+            window_size=self.options.idempotency_window,
         )
         for execution in executions:
             self._in_flight[execution.id] = execution

@@ -15,22 +15,35 @@ skipped, and second copies of an event (a producer retry) are ignored, so the wo
 depends on the checkpoint lag and the window size, not the log's length.
 
 A ``WorkflowCreated`` counts as a second copy exactly when the engine would have refused
-the id at that point: the id is still in the idempotency window or its workflow is still
+the id at that point: the id is still in the idempotency window *of the node that wrote
+it* (each ``ActiveWriter`` carries its writer's window size) or its workflow is still
 open. An id that has left the window may be used again, and then starts a new workflow.
+
+A checkpoint covers the window of the instance that saved it. When this start keeps more
+ids (``idempotency_window`` grew), the missing ones are read further back, from the
+checkpoint's window start towards the log's beginning, in growing chunks; there a
+``WorkflowCreated`` counts only if its writer is the node of the nearest ``ActiveWriter``
+below it (the exact zombie rule, applied backwards).
+
+Before a checkpoint is used it is checked against the log (:func:`trusted_checkpoint`),
+and the log's last record against this instance's codec (:func:`check_codec`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from kapbit._log import fields
 from kapbit.codecs import Codec
-from kapbit.errors import CorruptRecord, DecodeError
+from kapbit.errors import CodecMismatch, CorruptRecord, DecodeError
 from kapbit.events import (
     EVENT_TYPES,
     TERMINAL_KINDS,
+    ActiveWriter,
     EventKind,
     StepOutcome,
     WorkflowCreated,
@@ -40,8 +53,14 @@ from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Checkpoint, Record, Repository
 
+logger = logging.getLogger("kapbit.restore")
+
 _ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 _CREATED = EventKind.WORKFLOW_CREATED.value
+#: Records read per step when reading back for older ids (the step doubles each time).
+_BACK_CHUNK = 1024
+#: How many of a partition's last records the codec check looks at.
+_CODEC_PROBE = 64
 
 
 @dataclass(slots=True)
@@ -102,6 +121,156 @@ def decode_event(codec: Codec, record: Record) -> Any:
     return event
 
 
+async def _record_at(repository: Repository, partition: int, offset: int) -> Record | None:
+    async for batch in repository.read(partition, offset, offset + 1):
+        for record in batch:
+            if record.offset == offset:
+                return record
+    return None
+
+
+async def check_codec(repository: Repository, codec: Codec, partition: int, end: int) -> None:
+    """Refuse (:class:`~kapbit.errors.CodecMismatch`) a log written with another codec:
+    read before this node writes anything.
+
+    The newest record that decodes with ``codec`` must not be a claim naming another
+    codec; if none of the last ``_CODEC_PROBE`` decodes, the log is another codec's. (An
+    undecodable record alone may be a zombie write, which recovery never decodes; the
+    last record is read first, the others only if it does not decode.)
+    """
+    if end <= 0:
+        return  # an empty partition: this start's claim will be its first record
+    first_error: CorruptRecord | None = None
+    checked = 0
+    for begin in (end - 1, max(0, end - _CODEC_PROBE)):
+        tail = [
+            r async for batch in repository.read(partition, begin, end - checked) for r in batch
+        ]
+        for record in reversed(tail):
+            checked += 1
+            try:
+                event = decode_event(codec, record)
+            except CorruptRecord as exc:
+                first_error = first_error or exc
+                continue
+            if isinstance(event, ActiveWriter) and event.codec and event.codec != codec.name:
+                raise CodecMismatch(
+                    partition,
+                    record.offset,
+                    f"node {event.node!r} claimed the log with the {event.codec} codec, "
+                    f"this instance uses {codec.name}",
+                )
+            return
+    if first_error is not None:
+        raise CodecMismatch(
+            first_error.partition,
+            first_error.offset,
+            f"none of the last {checked} records decodes with this instance's {codec.name} "
+            f"codec; was the log written with another codec? ({first_error.cause})",
+        ) from first_error
+
+
+async def trusted_checkpoint(
+    repository: Repository, partition: int, checkpoint: Checkpoint | None, end: int
+) -> Checkpoint:
+    """``checkpoint`` if it belongs to this log, else an empty one (recovery then reads the
+    partition from its start: slow, but nothing is lost or accepted twice).
+
+    A checkpoint names the claim (``ActiveWriter``) of the instance that saved it. It is
+    trusted only if it lies within the log (below ``end``) and that claim is in the log at
+    its offset: a checkpoint of another log sharing the store, or of a log that was deleted
+    and recreated, fails this, as writer ids are unique per start.
+    """
+    if checkpoint is None:
+        return Checkpoint()
+    problem = ""
+    if max(checkpoint.offset, checkpoint.window_offset) > end:
+        problem = f"it points past the log's end ({end})"
+    elif checkpoint.claim_offset < 0 or not checkpoint.claim_writer:
+        problem = "it names no claim (saved by an older kapbit version)"
+    elif checkpoint.claim_offset >= end:
+        problem = f"its claim at offset {checkpoint.claim_offset} is past the log's end ({end})"
+    else:
+        record = await _record_at(repository, partition, checkpoint.claim_offset)
+        if (
+            record is None
+            or record.kind != _ACTIVE_WRITER
+            or record.node != checkpoint.claim_writer
+        ):
+            problem = (
+                f"the log holds no claim of {checkpoint.claim_writer!r} at offset "
+                f"{checkpoint.claim_offset}: the checkpoint is another log's (a shared "
+                "checkpoint store, or the log was recreated)"
+            )
+    if not problem:
+        return checkpoint
+    logger.warning(
+        "ignoring the checkpoint of partition %d: %s; recovery reads the partition from its start",
+        partition,
+        problem,
+        extra=fields(partition=partition),
+    )
+    return Checkpoint()
+
+
+async def _older_ids(
+    repository: Repository, partition: int, stop: int, owner: str, wanted: int
+) -> list[tuple[str, int]]:
+    """The newest ``wanted`` ids created below ``stop`` by their partition's owner, oldest
+    first, read backwards in growing chunks. ``owner`` is the owner in force at ``stop``;
+    further back, a record's owner is the node of the nearest claim below it, so records
+    wait in ``pending`` until that claim is read."""
+    found: list[tuple[str, int]] = []  # newest first
+    seen: set[str] = set()
+    pending: list[Record] = []
+    known: str | None = owner
+    end, step = stop, _BACK_CHUNK
+
+    def take(record: Record) -> None:
+        if record.key not in seen:
+            seen.add(record.key)
+            found.append((record.key, record.offset))
+
+    while end > 0 and len(found) < wanted:
+        begin = max(0, end - step)
+        records = [r async for batch in repository.read(partition, begin, end) for r in batch]
+        for record in reversed(records):
+            if record.kind == _CREATED:
+                if known is None:
+                    pending.append(record)
+                elif record.node == known:
+                    take(record)
+            elif record.kind == _ACTIVE_WRITER:
+                for waiting in pending:
+                    if waiting.node == record.node:
+                        take(waiting)
+                pending.clear()
+                known = None  # below a claim: the previous owner, not known yet
+        end, step = begin, step * 2
+    return list(reversed(found[:wanted]))
+
+
+class _Windows:
+    """The idempotency window rebuilt at every window size met while reading (this start's,
+    the checkpoint saver's, each writer's), so each ``WorkflowCreated`` is judged by the
+    window of the node that wrote it."""
+
+    def __init__(self, sizes: set[int]) -> None:
+        self._by_size = {size: IdempotencyWindow(size) for size in sizes}
+
+    def add(self, workflow_id: str, offset: int) -> None:
+        for window in self._by_size.values():
+            window.renew(workflow_id, offset)
+
+    def of(self, size: int) -> IdempotencyWindow:
+        window = self._by_size.get(size)
+        if window is None:  # a size first met here: seeded from the largest window kept
+            largest = max(self._by_size.values(), key=lambda w: w.size)
+            window = IdempotencyWindow(size, list(largest.entries())[-size:])
+            self._by_size[size] = window
+        return window
+
+
 async def restore_partition(
     repository: Repository,
     codec: Codec,
@@ -112,11 +281,18 @@ async def restore_partition(
 ) -> RestoredPartition:
     """Read what recovery needs of ``partition`` and rebuild its state."""
     start = min(checkpoint.window_offset, checkpoint.offset)
-    owners = OwnerTracker(
-        checkpoint.window_owner if start < checkpoint.offset else checkpoint.owner
-    )
-    window = IdempotencyWindow(window_size)
+    start_owner = checkpoint.window_owner if start < checkpoint.offset else checkpoint.owner
+    owners = OwnerTracker(start_owner)
+    saver_size = checkpoint.window_size or window_size
+    windows = _Windows({window_size, saver_size})
     read = decoded = 0
+
+    # 0. The checkpoint covers fewer ids than this start keeps: read further back.
+    if start > 0 and checkpoint.window_size < window_size:
+        for workflow_id, offset in await _older_ids(
+            repository, partition, start, start_owner, window_size
+        ):
+            windows.add(workflow_id, offset)
 
     # 1. Ids only: every workflow created here has terminated; nothing is decoded.
     async for batch in repository.read(partition, start, checkpoint.offset):
@@ -125,12 +301,13 @@ async def restore_partition(
             kind = record.kind
             if kind == _CREATED:
                 if record.node == owners.owner:
-                    window.add(record.key, record.offset)
+                    windows.add(record.key, record.offset)
             elif kind == _ACTIVE_WRITER:
                 owners.admit(record)
 
     # 2. In full, from the checkpoint up to this node's claim.
     open_workflows: dict[str, RestoredWorkflow] = {}
+    writer_window = windows.of(saver_size)
     async for batch in repository.read(partition, checkpoint.offset, claim_offset):
         read += len(batch)
         for record in batch:
@@ -140,13 +317,15 @@ async def restore_partition(
             decoded += 1
             kind = record.kind
             if kind == _ACTIVE_WRITER:
+                assert isinstance(event, ActiveWriter)
+                writer_window = windows.of(event.window or window_size)
                 continue
             workflow_id = record.key
             if kind == _CREATED:
-                if workflow_id in open_workflows or workflow_id in window:
-                    continue  # a second copy: the engine would have refused the id here
+                if workflow_id in open_workflows or workflow_id in writer_window:
+                    continue  # a second copy: the writer would have refused the id here
                 assert isinstance(event, WorkflowCreated)
-                window.add(workflow_id, record.offset)
+                windows.add(workflow_id, record.offset)
                 open_workflows[workflow_id] = RestoredWorkflow(
                     workflow_id, event.type, record.offset, event.input
                 )
@@ -170,7 +349,7 @@ async def restore_partition(
     return RestoredPartition(
         partition=partition,
         claim_offset=claim_offset,
-        window=list(window.entries()),
+        window=list(windows.of(window_size).entries()),
         in_flight=list(open_workflows.values()),
         owners=owners,
         records_read=read,
