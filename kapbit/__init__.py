@@ -9,6 +9,7 @@ partitioned log; a crash, a restart or a second instance taking over loses nothi
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 from kapbit.errors import (
     CircuitBreakerOpen,
+    CodecMismatch,
     CorruptRecord,
     DeadLettered,
     DecodeError,
@@ -54,6 +55,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointPolicy",
     "CircuitBreakerOpen",
+    "CodecMismatch",
     "Codec",
     "CorruptRecord",
     "DeadLettered",

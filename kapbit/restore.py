@@ -213,8 +213,13 @@ async def trusted_checkpoint(
     return Checkpoint()
 
 
-async def _older_ids(
-    repository: Repository, partition: int, stop: int, owner: str, wanted: int
+async def older_ids(
+    repository: Repository,
+    partition: int,
+    stop: int,
+    owner: str,
+    wanted: int,
+    chunk: int = _BACK_CHUNK,
 ) -> list[tuple[str, int]]:
     """The newest ``wanted`` ids created below ``stop`` by their partition's owner, oldest
     first, read backwards in growing chunks. ``owner`` is the owner in force at ``stop``;
@@ -224,7 +229,7 @@ async def _older_ids(
     seen: set[str] = set()
     pending: list[Record] = []
     known: str | None = owner
-    end, step = stop, _BACK_CHUNK
+    end, step = stop, chunk
 
     def take(record: Record) -> None:
         if record.key not in seen:
@@ -289,7 +294,7 @@ async def restore_partition(
 
     # 0. The checkpoint covers fewer ids than this start keeps: read further back.
     if start > 0 and checkpoint.window_size < window_size:
-        for workflow_id, offset in await _older_ids(
+        for workflow_id, offset in await older_ids(
             repository, partition, start, start_owner, window_size
         ):
             windows.add(workflow_id, offset)

@@ -9,14 +9,18 @@ storage faults are involved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kapbit import (
     CheckpointPolicy,
+    CodecMismatch,
     CorruptRecord,
     Definition,
     DuplicateWorkflow,
@@ -35,8 +39,9 @@ from kapbit import (
     WillRetryLater,
     WorkflowRejected,
 )
-from kapbit.errors import CodecMismatch
+from kapbit.fencing import OwnerTracker
 from kapbit.repository import Checkpoint, Record
+from kapbit.restore import older_ids
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import fast_options, gated_saga, live_records, wait_until
 
@@ -152,6 +157,71 @@ async def test_item4_grown_window_keeps_an_id_reused_under_the_smaller_window() 
     await b.start()
     assert await b.wait_result("id0", timeout=5) == ["id0", "id0-0", "id0-1", "id0-2"]
     await b.close()
+
+
+async def test_item4_reading_back_skips_zombie_ids_and_keeps_the_old_owners() -> None:
+    """Item 4: the ids read back beyond the checkpoint's window cross a takeover: ids the
+    old owner created before it are kept, its zombie WorkflowCreated after it is not."""
+    repo = MemRepository()
+    small = _quiet(idempotency_window=3)
+    a = Kapbit([gated_saga(None, [])], repo, options=small)
+    await a.start()
+    for wid in ("a1", "a2"):
+        await a.exec_workflow(wid, "gated", {"id": wid})
+    b = Kapbit([gated_saga(None, [])], repo, options=small)
+    await b.start()
+    with pytest.raises(Fenced):
+        await a.exec_workflow("zombie", "gated", {"id": "zombie"})
+    assert [r.node for r in repo.records(0) if r.key == "zombie"] == [a.writer_id]
+    for i in range(1, 6):
+        await b.exec_workflow(f"b{i}", "gated", {"id": f"b{i}"})
+    await b.close()
+    await a.close()
+    async with Kapbit([gated_saga(None, [])], repo, options=_quiet(idempotency_window=50)) as c:
+        for wid in ("a1", "a2", "b1", "b2", "b3", "b4", "b5"):
+            with pytest.raises(DuplicateWorkflow):
+                await c.exec_workflow(wid, "gated", {"id": wid})
+        assert await c.exec_workflow("zombie", "gated", {"id": "zombie"}) == [
+            "zombie",
+            "zombie-0",
+            "zombie-1",
+            "zombie-2",
+        ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["claim", "create"]), st.sampled_from("abc"), st.integers(0, 9)),
+        max_size=60,
+    ),
+    wanted=st.integers(1, 12),
+    chunk=st.integers(1, 8),
+)
+def test_item4_ids_read_back_match_a_forward_read(
+    ops: list[tuple[str, str, int]], wanted: int, chunk: int
+) -> None:
+    """Item 4: reading ids backwards (the window grew) keeps exactly the ids a forward read
+    from the log's start keeps: the newest ``wanted`` created by their owner in force."""
+
+    async def run() -> None:
+        repo = MemRepository()
+        for op, node, n in ops:
+            kind = "active_writer" if op == "claim" else "workflow_created"
+            with contextlib.suppress(Fenced):
+                await repo.append(0, kind, node if op == "claim" else f"id{n}", node, b"")
+        records = repo.records(0)
+        owners = OwnerTracker("")
+        forward: dict[str, int] = {}
+        for record in records:
+            if owners.admit(record) and record.kind == "workflow_created":
+                forward.pop(record.key, None)
+                forward[record.key] = record.offset
+        expected = list(forward.items())[-wanted:]
+        found = await older_ids(repo, 0, len(records), owners.owner, wanted, chunk)
+        assert found == expected
+
+    asyncio.run(run())
 
 
 # --- 5. a checkpoint that belongs to another log -------------------------------------------
