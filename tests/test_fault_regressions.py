@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -521,6 +522,28 @@ async def test_item11_a_start_that_cannot_read_does_not_fence_the_live_owner() -
         "after-2",
     ]
     await live.close()
+
+
+async def test_item11_starts_succeed_through_random_transient_faults() -> None:
+    """Item 11: 20 restarts, each with 30% of its storage calls (reads, owner checks,
+    checkpoint loads and saves, appends) failing transiently: every start succeeds and
+    recovers the log's ids."""
+    inner = MemRepository(partitions=4)
+    ids = [f"w{i}" for i in range(20)]
+    await _run_ids(inner, ids, window=100)
+    rng = random.Random(16)
+    operations: Any = ("append", "read", "end_offset", "current_owner", "load_checkpoints")
+    failures = 0
+    for _ in range(20):
+        faults = FaultyRepository(inner)
+        fault = faults.fail(when=lambda call: rng.random() < 0.3, operations=operations)
+        async with Kapbit([gated_saga(None, [])], faults, options=_quiet()) as kbit:
+            failures += fault.hits
+            fault.release()
+            wid = rng.choice(ids)
+            with pytest.raises(DuplicateWorkflow):
+                await kbit.exec_workflow(wid, "gated", {"id": wid})
+    assert failures > 20
 
 
 # --- wrong or untyped errors -----------------------------------------------------------------
