@@ -97,10 +97,9 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
     node, now = "writer", time.time()
     partitions = repo.partitions
     windows = [IdempotencyWindow(window) for _ in range(partitions)]
-    claims = []
     for p in range(partitions):
         claim = ActiveWriter(node, now, codec=codec.name, window=window)
-        claims.append((await repo.append(p, "active_writer", node, node, encode(claim)), node))
+        await repo.append(p, "active_writer", node, node, encode(claim))
     outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
     result = msgspec.Raw(encode(sum(range(STEPS))))
     append = repo.append
@@ -125,7 +124,7 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
         windows,
         [OwnerTracker(node) for _ in range(partitions)],
         [Checkpoint() for _ in range(partitions)],
-        claims=claims,
+        writer=node,
         window_size=window,
     )
     await checkpointer.save()

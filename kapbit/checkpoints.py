@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from kapbit._log import fields
 from kapbit.errors import Fenced, StorageError
@@ -35,12 +35,12 @@ class Checkpointer:
         owners: list[OwnerTracker],
         saved: list[Checkpoint],
         on_fenced: Callable[[Fenced], None] | None = None,
-        claims: Sequence[tuple[int, str]] = (),
+        writer: str = "",
         window_size: int = 0,
     ) -> None:
-        # claims[p]: (offset, writer) of this node's ActiveWriter in partition p, stamped on
-        # each checkpoint so a start can tell it belongs to this log.
-        self._claims = claims
+        # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
+        # in its partition, so a start can tell it belongs to this log.
+        self._writer = writer
         self._window_size = window_size
         self._repository = repository
         self._on_fenced = on_fenced
@@ -79,15 +79,14 @@ class Checkpointer:
         oldest_id = self._windows[partition].oldest_offset()
         window_offset = offset if oldest_id is None else min(oldest_id, offset)
         owners = self._owners[partition]
-        claim_offset, claim_writer = self._claims[partition] if self._claims else (-1, "")
         return Checkpoint(
             offset=offset,
             owner=owners.owner_at(offset),
             window_offset=window_offset,
             window_owner=owners.owner_at(window_offset),
             window_size=self._window_size,
-            claim_offset=claim_offset,
-            claim_writer=claim_writer,
+            anchor_offset=self._acked[partition] if self._writer else -1,
+            anchor_writer=self._writer,
         )
 
     async def save(self) -> None:

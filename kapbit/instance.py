@@ -681,7 +681,7 @@ class Kapbit:
             owners,
             checkpoints,
             on_fenced=self._on_fenced,
-            claims=[(offset, self.writer_id) for offset in claims],
+            writer=self.writer_id,
             window_size=self.options.idempotency_window,
         )
         for execution in executions:

@@ -176,31 +176,39 @@ async def trusted_checkpoint(
     """``checkpoint`` if it belongs to this log, else an empty one (recovery then reads the
     partition from its start: slow, but nothing is lost or accepted twice).
 
-    A checkpoint names the claim (``ActiveWriter``) of the instance that saved it. It is
-    trusted only if it lies within the log (below ``end``) and that claim is in the log at
-    its offset: a checkpoint of another log sharing the store, or of a log that was deleted
-    and recreated, fails this, as writer ids are unique per start.
+    A checkpoint names a record of its log (``anchor_offset``, ``anchor_writer``: the
+    latest record the saving instance had written). It is trusted only if it lies within
+    the log (below ``end``) and the log holds a record of that writer at that offset: a
+    checkpoint of another log sharing the store, or of a log that was deleted and
+    recreated, fails this, as writer ids are unique per start. A record no longer there at
+    all (below ``end``: removed by retention) cannot be checked; the checkpoint is then
+    trusted, as reading a log whose start was removed could not do better.
     """
     if checkpoint is None:
         return Checkpoint()
+    anchor, writer = checkpoint.anchor_offset, checkpoint.anchor_writer
     problem = ""
     if max(checkpoint.offset, checkpoint.window_offset) > end:
         problem = f"it points past the log's end ({end})"
-    elif checkpoint.claim_offset < 0 or not checkpoint.claim_writer:
-        problem = "it names no claim (saved by an older kapbit version)"
-    elif checkpoint.claim_offset >= end:
-        problem = f"its claim at offset {checkpoint.claim_offset} is past the log's end ({end})"
+    elif anchor < 0 or not writer:
+        problem = "it names no record of its log (saved by an older kapbit version)"
+    elif anchor >= end:
+        problem = f"the record it names, at offset {anchor}, is past the log's end ({end})"
     else:
-        record = await _record_at(repository, partition, checkpoint.claim_offset)
-        if (
-            record is None
-            or record.kind != _ACTIVE_WRITER
-            or record.node != checkpoint.claim_writer
-        ):
+        record = await _record_at(repository, partition, anchor)
+        if record is None:
+            logger.warning(
+                "partition %d: the record the checkpoint names (offset %d) is gone, "
+                "removed by retention?; the checkpoint is used unchecked",
+                partition,
+                anchor,
+                extra=fields(partition=partition),
+            )
+        elif record.node != writer:
             problem = (
-                f"the log holds no claim of {checkpoint.claim_writer!r} at offset "
-                f"{checkpoint.claim_offset}: the checkpoint is another log's (a shared "
-                "checkpoint store, or the log was recreated)"
+                f"the log holds no record of {writer!r} at offset {anchor} (but one of "
+                f"{record.node!r}): the checkpoint is another log's (a shared checkpoint "
+                "store, or the log was recreated)"
             )
     if not problem:
         return checkpoint

@@ -47,7 +47,7 @@ async def test_checkpoints_are_saved_after_every_n_terminated_workflows() -> Non
         n = kbit.writer_id
         assert (partition, checkpoint.offset, checkpoint.owner) == (0, end, n)
         assert (checkpoint.window_offset, checkpoint.window_owner) == (1, n)
-        assert (checkpoint.claim_offset, checkpoint.claim_writer) == (0, n)
+        assert (checkpoint.anchor_offset, checkpoint.anchor_writer) == (end - 1, n)
     assert repo.checkpoint_errors == []
 
 
@@ -162,9 +162,9 @@ async def test_recovery_reads_from_the_checkpoint_and_the_windows_ids_only() -> 
     ) as kbit:
         claim = log_length  # the claim is the first record after the old log
         assert repo.records(0)[claim].node == kbit.writer_id
-        # below the window only the claim the checkpoint names, read to verify it; and
-        # the log's last record, read to check the codec before claiming
-        assert repo.lowest_read[0] == checkpoint.claim_offset == 0
+        assert repo.lowest_read[0] == checkpoint.window_offset
+        # and, before claiming, the record the checkpoint names (to check it is this log's)
+        # and the log's last record (to check the codec)
         assert repo.records_read[0] == claim - checkpoint.window_offset + 1 + 1
         assert repo.records_read[0] < log_length // 10
         assert kbit.stats.recovered == 2

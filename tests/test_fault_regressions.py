@@ -15,6 +15,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,7 @@ from kapbit import (
 )
 from kapbit.fencing import OwnerTracker
 from kapbit.repository import Checkpoint, Record
-from kapbit.restore import older_ids
+from kapbit.restore import older_ids, trusted_checkpoint
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import fast_options, gated_saga, live_records, wait_until
 
@@ -314,6 +315,40 @@ async def test_item5_recreated_log_with_a_surviving_checkpoint() -> None:
     assert await recreated.end_offset(0) > saved
     async with Kapbit([gated_saga(None, [])], recreated, options=_quiet()) as kbit:
         assert await kbit.wait_result("open", timeout=5) == ["open", "open-0", "open-1", "open-2"]
+
+
+class _Trimmed(SharedCheckpoints):
+    """A log whose records below ``first`` were removed (Kafka retention)."""
+
+    def __init__(self, log: MemRepository, store: dict[int, Checkpoint], first: int) -> None:
+        super().__init__(log, store)
+        self.first = first
+
+    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        return self.log.read(partition, max(start, self.first), stop)
+
+
+async def test_item5_which_checkpoints_are_trusted() -> None:
+    """Item 5: a checkpoint is trusted only if its log holds, at the offset it names, a
+    record of the writer it names; one naming nothing, or pointing past the log's end, is
+    not; one whose record was removed by retention cannot be checked and is kept."""
+    log = MemRepository()
+    for offset in range(4):
+        with contextlib.suppress(Fenced):
+            await log.append(0, "active_writer" if offset == 0 else "x", "k", "w/1", b"")
+    good = Checkpoint(3, "w/1", 2, "w/1", anchor_offset=3, anchor_writer="w/1")
+    repo = SharedCheckpoints(log, {})
+    assert await trusted_checkpoint(repo, 0, good, 4) == good
+    assert await trusted_checkpoint(repo, 0, None, 4) == Checkpoint()
+    for bad in (
+        msgspec.structs.replace(good, anchor_writer="w/2"),  # another log's record there
+        msgspec.structs.replace(good, anchor_offset=-1, anchor_writer=""),  # names nothing
+        msgspec.structs.replace(good, anchor_offset=4),  # its record is past the end
+        msgspec.structs.replace(good, offset=5),  # past the end
+    ):
+        assert await trusted_checkpoint(repo, 0, bad, 4) == Checkpoint(), bad
+    trimmed = _Trimmed(log, {}, first=4)
+    assert await trusted_checkpoint(trimmed, 0, good, 4) == good
 
 
 # --- 6. a codec changed between restarts ----------------------------------------------------

@@ -195,14 +195,15 @@ async def test_recovery_ignores_records_written_after_another_nodes_claim(checkp
         # saved by A while w1 was open: recovery starts at w1 with A as the owner
         await repo.save_checkpoint(
             0,
-            Checkpoint(at["w1"], "A", at["w1"], "A", claim_offset=at["claim-a"], claim_writer="A"),
+            Checkpoint(at["w1"], "A", at["w1"], "A", anchor_offset=at["w1"], anchor_writer="A"),
         )
     elif checkpoint == "window-across-claim":
         # a (hand-made) checkpoint after everything, with ids to refill from the start:
         # the ids-only pass must skip the zombie WorkflowCreated of w2 as well
         end = len(repo.records(0))
         await repo.save_checkpoint(
-            0, Checkpoint(end, "B", at["claim-a"], "", claim_offset=at["claim-b"], claim_writer="B")
+            0,
+            Checkpoint(end, "B", at["claim-a"], "", anchor_offset=at["claim-b"], anchor_writer="B"),
         )
     script = Script()
     async with Kapbit([saga(script)], repo, options=Options(node_id="C")) as c:

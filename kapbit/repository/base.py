@@ -29,9 +29,10 @@ class Checkpoint(msgspec.Struct, frozen=True):
     Every workflow created below ``offset`` has terminated. ``window_offset`` is where the
     ids of the idempotency window start (read ids-only up to ``offset``), for a window of
     ``window_size`` ids. Each offset comes with the partition's owner at that point, so
-    readers starting there can tell zombie writes apart. ``claim_offset`` and
-    ``claim_writer`` name the ``ActiveWriter`` of the instance that saved the checkpoint:
-    a start trusts the checkpoint only if its log holds that claim there, which tells
+    readers starting there can tell zombie writes apart. ``anchor_offset`` and
+    ``anchor_writer`` name a record of the log the checkpoint was saved for: the latest
+    one the saving instance had written (writer ids are unique per start). A start trusts
+    the checkpoint only if its log holds a record of that writer there, which tells
     another log's checkpoint (or a recreated log's) apart.
     """
 
@@ -40,8 +41,8 @@ class Checkpoint(msgspec.Struct, frozen=True):
     window_offset: int = 0
     window_owner: str = ""
     window_size: int = 0
-    claim_offset: int = -1
-    claim_writer: str = ""
+    anchor_offset: int = -1
+    anchor_writer: str = ""
 
 
 @runtime_checkable
