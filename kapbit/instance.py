@@ -65,10 +65,10 @@ from kapbit.options import Options
 from kapbit.partitioner import partition_for
 from kapbit.repository import Checkpoint, Repository
 from kapbit.restore import (
+    PartitionRestorer,
     RestoredPartition,
     RestoredWorkflow,
     check_codec,
-    restore_partition,
     trusted_checkpoint,
 )
 from kapbit.retry_worker import RetryWorker
@@ -232,42 +232,48 @@ class Kapbit:
         ]
         self._emitter.acked = [-1] * partitions
         loaded = await self._retrying("loading checkpoints", repository.load_checkpoints)
-        # Read-only checks first: nothing is written unless they pass.
-        checkpoints = await asyncio.gather(
-            *(self._check_partition(p, loaded.get(p)) for p in range(partitions))
+        # Read first: nothing is written unless the log can be recovered as it stands.
+        restorers = await asyncio.gather(
+            *(self._read_before_claiming(p, loaded.get(p)) for p in range(partitions))
         )
+        for restorer in restorers:
+            for workflow in restorer.open.values():
+                self._rebuild(restorer.partition, workflow)  # a type or input it cannot take
         claims = await asyncio.gather(*(self._claim(p) for p in range(partitions)))
         await self._settle_claims(claims)
-        restored = await asyncio.gather(
+        await asyncio.gather(
             *(
                 self._retrying(
-                    f"recovering partition {partition}",
-                    functools.partial(
-                        restore_partition,
-                        repository,
-                        self._codec,
-                        partition,
-                        claims[partition],
-                        checkpoints[partition],
-                        self.options.idempotency_window,
-                    ),
+                    f"recovering partition {restorer.partition}",
+                    functools.partial(restorer.read_to, claims[restorer.partition]),
                 )
-                for partition in range(partitions)
+                for restorer in restorers
             )
         )
+        restored = [restorer.result(claims[restorer.partition]) for restorer in restorers]
+        checkpoints = [restorer.checkpoint for restorer in restorers]
         return self._adopt(restored, checkpoints, claims), restored
 
-    async def _check_partition(self, partition: int, checkpoint: Checkpoint | None) -> Checkpoint:
-        """Before writing: refuse a log of another codec; return the checkpoint to recover
-        from (an empty one when the stored one does not belong to this log)."""
+    async def _read_before_claiming(
+        self, partition: int, checkpoint: Checkpoint | None
+    ) -> PartitionRestorer:
+        """Refuse a log of another codec, pick the checkpoint to recover from (none when
+        the stored one is another log's), and recover up to the log's current end."""
         repository = self._repository
 
-        async def check() -> Checkpoint:
+        async def check() -> tuple[int, Checkpoint]:
             end = await repository.end_offset(partition)
             await check_codec(repository, self._codec, partition, end)
-            return await trusted_checkpoint(repository, partition, checkpoint, end)
+            return end, await trusted_checkpoint(repository, partition, checkpoint, end)
 
-        return await self._retrying(f"checking partition {partition}", check)
+        end, trusted = await self._retrying(f"checking partition {partition}", check)
+        restorer = PartitionRestorer(
+            repository, self._codec, partition, trusted, self.options.idempotency_window
+        )
+        what = f"recovering partition {partition}"
+        await self._retrying(what, restorer.prepare)
+        await self._retrying(what, functools.partial(restorer.read_to, end))
+        return restorer
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call()``, retried on transient storage errors (bounded by start_timeout)."""

@@ -284,6 +284,125 @@ class _Windows:
         return window
 
 
+class PartitionRestorer:
+    """Rebuilds one partition's state in steps, so most of the reading can happen before
+    this node claims the partition: :meth:`prepare` (ids below the checkpoint), then
+    :meth:`read_to` any number of times (in full, up to a growing stop: first the log's
+    end before claiming, then the claim), then :meth:`result`. A step that fails (a
+    transient storage error) can be called again: ``prepare`` starts over, ``read_to``
+    goes on after the last record it took in."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        codec: Codec,
+        partition: int,
+        checkpoint: Checkpoint,
+        window_size: int,
+    ) -> None:
+        self._repository = repository
+        self._codec = codec
+        self.partition = partition
+        self.checkpoint = checkpoint
+        self._window_size = window_size
+        self._start = min(checkpoint.window_offset, checkpoint.offset)
+        self._start_owner = (
+            checkpoint.window_owner if self._start < checkpoint.offset else checkpoint.owner
+        )
+        self._saver_size = checkpoint.window_size or window_size
+        self.owners = OwnerTracker(self._start_owner)
+        self._windows = _Windows({window_size, self._saver_size})
+        self._writer_window = self._windows.of(self._saver_size)
+        self.open: dict[str, RestoredWorkflow] = {}
+        self.position = checkpoint.offset
+        self.records_read = self.records_decoded = 0
+
+    async def prepare(self) -> None:
+        """Refill the idempotency window from the ids below the checkpoint."""
+        checkpoint, window_size = self.checkpoint, self._window_size
+        self.owners = owners = OwnerTracker(self._start_owner)
+        self._windows = windows = _Windows({window_size, self._saver_size})
+        self.records_read = 0
+
+        # 0. The checkpoint covers fewer ids than this start keeps: read further back.
+        if self._start > 0 and checkpoint.window_size < window_size:
+            for workflow_id, offset in await older_ids(
+                self._repository, self.partition, self._start, self._start_owner, window_size
+            ):
+                windows.add(workflow_id, offset)
+
+        # 1. Ids only: every workflow created here has terminated; nothing is decoded.
+        async for batch in self._repository.read(self.partition, self._start, checkpoint.offset):
+            self.records_read += len(batch)
+            for record in batch:
+                kind = record.kind
+                if kind == _CREATED:
+                    if record.node == owners.owner:
+                        windows.add(record.key, record.offset)
+                elif kind == _ACTIVE_WRITER:
+                    owners.admit(record)
+        self._writer_window = windows.of(self._saver_size)
+
+    async def read_to(self, stop: int) -> None:
+        """2. Read in full from where the last call stopped up to ``stop``."""
+        async for batch in self._repository.read(self.partition, self.position, stop):
+            for record in batch:
+                if record.offset < self.position:
+                    continue
+                self._take(record)
+                self.records_read += 1
+                self.position = record.offset + 1
+
+    def _take(self, record: Record) -> None:
+        if not self.owners.admit(record):
+            return  # a zombie write: never acted on
+        event = decode_event(self._codec, record)
+        self.records_decoded += 1
+        kind = record.kind
+        if kind == _ACTIVE_WRITER:
+            assert isinstance(event, ActiveWriter)
+            self._writer_window = self._windows.of(event.window or self._window_size)
+            return
+        workflow_id = record.key
+        open_workflows = self.open
+        if kind == _CREATED:
+            if workflow_id in open_workflows or workflow_id in self._writer_window:
+                return  # a second copy: the writer would have refused the id here
+            assert isinstance(event, WorkflowCreated)
+            self._windows.add(workflow_id, record.offset)
+            open_workflows[workflow_id] = RestoredWorkflow(
+                workflow_id, event.type, record.offset, event.input
+            )
+            return
+        workflow = open_workflows.get(workflow_id)
+        if workflow is None:
+            # Terminated already (or created before the checkpoint, hence terminated):
+            # a late or second copy, nothing to resume.
+            return
+        if kind in TERMINAL_KINDS:
+            del open_workflows[workflow_id]
+        elif isinstance(event, StepOutcome):
+            if not any(
+                o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
+            ):
+                workflow.outcomes.append((record.offset, event))
+        elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
+            workflow.attempts = event.attempt
+            workflow.last_error = event.error
+
+    def result(self, claim_offset: int) -> RestoredPartition:
+        """What was rebuilt, once read up to this node's claim at ``claim_offset``."""
+        return RestoredPartition(
+            partition=self.partition,
+            claim_offset=claim_offset,
+            window=list(self._windows.of(self._window_size).entries()),
+            in_flight=list(self.open.values()),
+            owners=self.owners,
+            records_read=self.records_read,
+            records_decoded=self.records_decoded,
+        )
+
+
 async def restore_partition(
     repository: Repository,
     codec: Codec,
@@ -292,79 +411,8 @@ async def restore_partition(
     checkpoint: Checkpoint,
     window_size: int,
 ) -> RestoredPartition:
-    """Read what recovery needs of ``partition`` and rebuild its state."""
-    start = min(checkpoint.window_offset, checkpoint.offset)
-    start_owner = checkpoint.window_owner if start < checkpoint.offset else checkpoint.owner
-    owners = OwnerTracker(start_owner)
-    saver_size = checkpoint.window_size or window_size
-    windows = _Windows({window_size, saver_size})
-    read = decoded = 0
-
-    # 0. The checkpoint covers fewer ids than this start keeps: read further back.
-    if start > 0 and checkpoint.window_size < window_size:
-        for workflow_id, offset in await older_ids(
-            repository, partition, start, start_owner, window_size
-        ):
-            windows.add(workflow_id, offset)
-
-    # 1. Ids only: every workflow created here has terminated; nothing is decoded.
-    async for batch in repository.read(partition, start, checkpoint.offset):
-        read += len(batch)
-        for record in batch:
-            kind = record.kind
-            if kind == _CREATED:
-                if record.node == owners.owner:
-                    windows.add(record.key, record.offset)
-            elif kind == _ACTIVE_WRITER:
-                owners.admit(record)
-
-    # 2. In full, from the checkpoint up to this node's claim.
-    open_workflows: dict[str, RestoredWorkflow] = {}
-    writer_window = windows.of(saver_size)
-    async for batch in repository.read(partition, checkpoint.offset, claim_offset):
-        read += len(batch)
-        for record in batch:
-            if not owners.admit(record):
-                continue  # a zombie write: never acted on
-            event = decode_event(codec, record)
-            decoded += 1
-            kind = record.kind
-            if kind == _ACTIVE_WRITER:
-                assert isinstance(event, ActiveWriter)
-                writer_window = windows.of(event.window or window_size)
-                continue
-            workflow_id = record.key
-            if kind == _CREATED:
-                if workflow_id in open_workflows or workflow_id in writer_window:
-                    continue  # a second copy: the writer would have refused the id here
-                assert isinstance(event, WorkflowCreated)
-                windows.add(workflow_id, record.offset)
-                open_workflows[workflow_id] = RestoredWorkflow(
-                    workflow_id, event.type, record.offset, event.input
-                )
-                continue
-            workflow = open_workflows.get(workflow_id)
-            if workflow is None:
-                # Terminated already (or created before the checkpoint, hence terminated):
-                # a late or second copy, nothing to resume.
-                continue
-            if kind in TERMINAL_KINDS:
-                del open_workflows[workflow_id]
-            elif isinstance(event, StepOutcome):
-                if not any(
-                    o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
-                ):
-                    workflow.outcomes.append((record.offset, event))
-            elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
-                workflow.attempts = event.attempt
-                workflow.last_error = event.error
-
-    return RestoredPartition(
-        partition=partition,
-        claim_offset=claim_offset,
-        window=list(windows.of(window_size).entries()),
-        in_flight=list(open_workflows.values()),
-        owners=owners,
-        records_read=read,
-        records_decoded=decoded,
-    )
+    """Read what recovery needs of ``partition`` up to this node's claim, in one go."""
+    restorer = PartitionRestorer(repository, codec, partition, checkpoint, window_size)
+    await restorer.prepare()
+    await restorer.read_to(claim_offset)
+    return restorer.result(claim_offset)

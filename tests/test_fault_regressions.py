@@ -38,6 +38,7 @@ from kapbit import (
     StartupError,
     Step,
     Success,
+    UnknownWorkflowType,
     WillRetryLater,
     WorkflowRejected,
 )
@@ -556,6 +557,26 @@ async def test_item11_a_start_that_cannot_read_does_not_fence_the_live_owner() -
         "after-1",
         "after-2",
     ]
+    await live.close()
+
+
+async def test_item11_a_start_that_cannot_recover_the_log_does_not_fence_the_owner() -> None:
+    """Item 11: a start that would fail on what it reads (a workflow type it does not
+    know) fails before it claims anything: the live owner finishes its work."""
+    repo = MemRepository()
+    release = asyncio.Event()
+    calls: list[tuple[str, int]] = []
+    live = Kapbit([gated_saga(release, calls)], repo, options=_quiet())
+    await live.start()
+    task = asyncio.create_task(live.exec_workflow("w", "gated", {"id": "w"}))
+    await wait_until(lambda: ("w", 1) in calls)
+    before = repo.records(0)
+    other = Kapbit([gated_saga(None, [], name="other")], repo, options=_quiet())
+    with pytest.raises(UnknownWorkflowType):
+        await other.start()
+    assert repo.records(0) == before
+    release.set()
+    assert await task == ["w", "w-0", "w-1", "w-2"]
     await live.close()
 
 
