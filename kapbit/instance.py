@@ -171,9 +171,10 @@ class Kapbit:
         """Check the log, claim every partition, recover, and resume in-flight workflows.
 
         Everything that can be checked by reading comes before this node's first write
-        (its claims): a storage that cannot be read, or a log written with another codec
-        (:class:`~kapbit.errors.CodecMismatch`), fails the start without fencing the live
-        owner. Transient storage errors are retried until ``Options.start_timeout``, after
+        (its claims), recovery up to each partition's current end included: a storage that
+        cannot be read, a log written with another codec
+        (:class:`~kapbit.errors.CodecMismatch`), a workflow type this instance lacks or a
+        corrupt record fails the start without fencing the live owner. Transient storage errors are retried until ``Options.start_timeout``, after
         which the start fails with :class:`~kapbit.errors.StartupError`; a start failing
         after its claims leaves them in the log, and the owner they replaced is fenced.
         """
