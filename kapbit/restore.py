@@ -1,6 +1,7 @@
 """Recovery: rebuilding a partition's state from its log at instance start.
 
-Per partition, after this node appended its ``ActiveWriter`` at ``claim_offset``:
+Per partition, up to this node's ``ActiveWriter`` at ``claim_offset`` (most of it before
+that claim is written, see :class:`PartitionRestorer`):
 
 1. read ``[checkpoint.window_offset, checkpoint.offset)`` for workflow ids only, to refill
    the idempotency window: only the record's kind, key and writer are looked at, no payload
