@@ -521,6 +521,33 @@ async def test_item9_close_is_bounded_when_a_step_swallows_cancellation() -> Non
         assert await b.wait_result("w", timeout=5) == 2
 
 
+async def test_item9_close_is_bounded_when_a_retried_step_swallows_cancellation() -> None:
+    """Item 9: the same for a step the retry worker is running when close() is called."""
+    stop, retried = asyncio.Event(), asyncio.Event()
+    attempts: list[int] = []
+
+    async def flaky(input: Any, progress: Any) -> Success[str]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("down")
+        retried.set()
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop.wait()
+        return Success("late")
+
+    definition = Definition("flaky", steps=[Step(flaky, name="s0")], result=lambda i, p: 1)
+    kbit = Kapbit([definition], MemRepository(), options=_quiet())
+    await kbit.start()
+    with pytest.raises(WillRetryLater):
+        await kbit.exec_workflow("w", "flaky", None)
+    await retried.wait()
+    try:
+        await asyncio.wait_for(kbit.close(timeout=0.01), 5)
+    finally:
+        stop.set()
+
+
 # --- 11. transient errors during start ---------------------------------------------------------
 
 
