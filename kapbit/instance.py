@@ -174,9 +174,10 @@ class Kapbit:
         (its claims), recovery up to each partition's current end included: a storage that
         cannot be read, a log written with another codec
         (:class:`~kapbit.errors.CodecMismatch`), a workflow type this instance lacks or a
-        corrupt record fails the start without fencing the live owner. Transient storage errors are retried until ``Options.start_timeout``, after
-        which the start fails with :class:`~kapbit.errors.StartupError`; a start failing
-        after its claims leaves them in the log, and the owner they replaced is fenced.
+        corrupt record fails the start without fencing the live owner. Transient storage
+        errors are retried until ``Options.start_timeout``, after which the start fails
+        with :class:`~kapbit.errors.StartupError`; a start failing after its claims leaves
+        them in the log, and the owner they replaced is fenced.
         """
         if self._state != "new":
             raise InstanceClosed(f"instance {self.node_id} cannot be started twice")
