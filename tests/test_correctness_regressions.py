@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,20 +16,26 @@ from kapbit import (
     CheckpointPolicy,
     Definition,
     DuplicateWorkflow,
+    Failure,
     InstanceClosed,
     Kapbit,
     MemRepository,
     Options,
     Progress,
+    RecordRejected,
     RetryPolicy,
     Step,
     Success,
     WillRetryLater,
+    WorkflowRejected,
     partition_for,
 )
+from kapbit.errors import InvalidReturnValue
+from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult
+from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import Checkpoint
 from kapbit.testing import FaultyRepository
-from tests.helpers import kinds
+from tests.helpers import kinds, log_events, wait_until
 
 TINY = Backoff(initial=0.001, maximum=0.002, jitter=0.001)
 FAST_RETRY = RetryPolicy(fast=TINY, slow_interval=0.01, max_attempts=3)
@@ -183,3 +190,274 @@ async def test_defect1_other_events_written_twice_survive_a_checkpoint(kind: str
     """Defect 1's shape for the other events an open workflow writes: a second copy of a
     StepOutcome or WorkflowRetry with a checkpoint saved while the workflow is open."""
     await _checkpoint_between_copies(kind)
+
+
+# --- defect 2: an execute action returning None or a wrong type -----------------------------
+
+
+async def test_defect2_execute_returning_none_is_success_none_and_runs_once() -> None:
+    """Defect 2 (issue 10): an execute action that returns None (a forgotten ``return``)
+    was treated as an error and re-run until dead-lettered. None is Success(None)."""
+    steps = Steps()
+    steps.answers[(0, "execute")] = lambda wid: None
+    repo = MemRepository()
+    async with Kapbit(
+        [steps.definition()], repo, options=Options(retry=FAST_RETRY, emit_backoff=TINY)
+    ) as kbit:
+        assert await kbit.exec_workflow("w", "wf", {"id": "w"}) == [None, "w-exec-1"]
+    assert steps.count("w", 0) == 1
+    assert kinds(repo, "w") == [
+        "workflow_created",
+        "step_outcome",
+        "step_outcome",
+        "workflow_result",
+    ]
+
+
+async def test_defect2_wrong_return_type_ends_the_workflow_at_once_with_a_typed_error(
+    tmp_path: Path,
+) -> None:
+    """Defect 2 (issue 10): an action returning neither Success, Failure nor None ends the
+    workflow at once with an InvalidReturn event naming the step and the type; callers get
+    InvalidReturnValue; the side effect never runs again, not even after a restart."""
+    steps = Steps()
+    steps.answers[(1, "execute")] = lambda wid: 42
+    repo = MemRepository()
+    options = Options(retry=FAST_RETRY, emit_backoff=TINY)
+    async with Kapbit([steps.definition()], repo, options=options) as kbit:
+        with pytest.raises(InvalidReturnValue) as raised:
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+        assert raised.value.workflow_id == "w"
+        assert raised.value.step == 1
+        assert "int" in raised.value.reason and "s1" in raised.value.reason
+        with pytest.raises(InvalidReturnValue):
+            await kbit.wait_result("w")
+        assert kbit.stats.invalid_returns == 1 and kbit.stats.retrying == 0
+    assert steps.count("w", 1) == 1
+    assert steps.count("w", 0, "compensate") == 0
+    terminal = [e for _, _, e in log_events(repo) if isinstance(e, InvalidReturn)]
+    assert len(terminal) == 1
+    assert (terminal[0].step, terminal[0].phase) == (1, "execute")
+    assert "returned int" in terminal[0].reason
+
+    async with Kapbit([steps.definition()], repo, options=options) as kbit:
+        assert kbit.stats.recovered == 0
+        with pytest.raises(DuplicateWorkflow):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+    assert steps.count("w", 1) == 1
+
+    model = StatusModel(tmp_path / "status.db")
+    async with model, Projector(repo, model, definitions=[steps.definition()]) as projector:
+        await projector.catch_up()
+        row = await model.get("w")
+    assert row is not None and row.status is WorkflowStatus.INVALID_RETURN
+    assert row.finished_at is not None and "int" in (row.last_error or "")
+
+
+async def test_defect2_compensation_returning_a_wrong_type_ends_the_workflow() -> None:
+    """Defect 2 (issue 10), compensate phase: a compensation returning a wrong type ends
+    the workflow with InvalidReturn (phase compensate) and is not retried."""
+    steps = Steps()
+    steps.answers[(1, "execute")] = lambda wid: Failure("declined")
+    steps.answers[(0, "compensate")] = lambda wid: "undone"
+    repo = MemRepository()
+    async with Kapbit(
+        [steps.definition()], repo, options=Options(retry=FAST_RETRY, emit_backoff=TINY)
+    ) as kbit:
+        with pytest.raises(InvalidReturnValue) as raised:
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+    assert raised.value.step == 0 and "str" in raised.value.reason
+    assert steps.count("w", 0, "compensate") == 1
+    assert kinds(repo, "w")[-1] == "invalid_return"
+
+
+# --- defect 3: a compensation returning Failure stops the rollback --------------------------
+
+
+def _rollback_steps(block_result: asyncio.Event | None = None) -> tuple[Steps, Definition]:
+    """Three steps: step 2 fails, step 1's compensation fails; step 0 compensates."""
+    steps = Steps()
+    steps.answers[(2, "execute")] = lambda wid: Failure("declined")
+    steps.answers[(1, "compensate")] = lambda wid: Failure("refund refused")
+    seen: list[Any] = []
+
+    async def result(input: dict[str, str], progress: Progress) -> dict[str, Any]:
+        if block_result is not None:
+            await block_result.wait()
+        seen.append(progress.compensation_failed_step)
+        return {
+            "compensation_failed_step": progress.compensation_failed_step,
+            "compensated": [i for i, _ in progress.compensations],
+        }
+
+    definition = Definition(
+        "wf",
+        steps=[
+            Step(steps.action(i, "execute"), steps.action(i, "compensate"), name=f"s{i}")
+            for i in range(3)
+        ],
+        result=result,
+        input_type=dict[str, str],
+    )
+    return steps, definition
+
+
+async def test_defect3_a_failed_compensation_stops_the_rollback() -> None:
+    """Defect 3 (issue 10): a compensation returning Failure did not stop the rollback.
+    Now, as in kapbit-go, the rollback stops there: earlier steps are not compensated,
+    the result builder runs and sees which compensation failed."""
+    steps, definition = _rollback_steps()
+    repo = MemRepository()
+    async with Kapbit([definition], repo) as kbit:
+        result = await kbit.exec_workflow("w", "wf", {"id": "w"})
+    assert result == {"compensation_failed_step": 1, "compensated": [1]}
+    assert steps.count("w", 1, "compensate") == 1
+    assert steps.count("w", 0, "compensate") == 0
+    events = [e for _, _, e in log_events(repo) if getattr(e, "id", None) == "w"]
+    compensations = [(e.step, e.success) for e in events if isinstance(e, StepOutcome)][3:]
+    assert compensations == [(1, False)]
+    assert isinstance(events[-1], WorkflowResult) and events[-1].compensated
+
+
+async def test_defect3_a_failed_compensation_stops_the_rollback_across_a_crash() -> None:
+    """Defect 3 (issue 10), across a crash between the failed compensation and the
+    result: the next instance does not resume the rollback, it builds the result."""
+    hold = asyncio.Event()
+    steps, definition = _rollback_steps(block_result=hold)
+    repo = MemRepository()
+    first = Kapbit([definition], repo, options=Options(node_id="first"))
+    await first.start()
+    task = asyncio.create_task(first.exec_workflow("w", "wf", {"id": "w"}))
+    await wait_until(lambda: steps.count("w", 1, "compensate") == 1 and len(kinds(repo, "w")) == 5)
+    first.abort()
+    with pytest.raises(InstanceClosed):
+        await task
+
+    steps2, definition2 = _rollback_steps()
+    async with Kapbit([definition2], repo, options=Options(node_id="second")) as second:
+        assert second.stats.recovered == 1
+        result = await second.wait_result("w", timeout=5)
+    assert result == {"compensation_failed_step": 1, "compensated": [1]}
+    assert steps2.calls == []
+    assert kinds(repo, "w").count("workflow_result") == 1
+
+
+# --- defect 4: a Rejected record that is itself too large -----------------------------------
+
+
+def _big_outcome_steps(raise_first: bool = False) -> Steps:
+    steps = Steps()
+    steps.answers[(0, "execute")] = lambda wid: Success("x" * 60)
+    if raise_first:
+        steps.raise_once.add(("w", 0, "execute"))
+    return steps
+
+
+async def test_defect4_a_rejection_too_large_to_write_still_terminates_the_workflow() -> None:
+    """Defect 4 (issue 10): with MemRepository(max_payload=120) a step whose outcome is
+    60 characters is refused, and so was the Rejected record naming the refusal: the
+    workflow stayed open forever (re-run at every restart), wait_result hung and
+    exec_workflow raised PayloadTooLarge although records were written."""
+    repo = MemRepository(max_payload=120)
+    steps = _big_outcome_steps()
+    options = Options(retry=FAST_RETRY, emit_backoff=TINY)
+    async with Kapbit([steps.definition()], repo, options=options) as kbit:
+        with pytest.raises(WorkflowRejected) as raised:
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+        assert "step_outcome" in raised.value.reason
+        with pytest.raises(WorkflowRejected):
+            await kbit.wait_result("w", timeout=5)
+        assert kbit.stats.rejected == 1 and kbit.stats.in_flight == 0
+    assert kinds(repo, "w") == ["workflow_created", "rejected"]
+    async with Kapbit([steps.definition()], repo, options=options) as kbit:
+        assert kbit.stats.recovered == 0
+    assert steps.count("w", 0) == 1
+
+
+async def test_defect4_retry_worker_path_terminates_on_a_too_large_rejection() -> None:
+    """Defect 4 (issue 10), retry worker path: the step raises first, the retried step's
+    outcome and its Rejected are too large; the workflow still terminates."""
+    repo = MemRepository(max_payload=120)
+    steps = _big_outcome_steps(raise_first=True)
+    async with Kapbit(
+        [steps.definition()], repo, options=Options(retry=FAST_RETRY, emit_backoff=TINY)
+    ) as kbit:
+        with pytest.raises(WillRetryLater):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+        with pytest.raises(WorkflowRejected):
+            await kbit.wait_result("w", timeout=5)
+        assert kbit.stats.in_flight == 0 and kbit.stats.rejected == 1
+    assert kinds(repo, "w")[-1] == "rejected"
+
+
+async def test_defect4_a_long_rejection_reason_is_cut_to_256_characters() -> None:
+    """Defect 4 (issue 10): the reason stored in Rejected is bounded."""
+    faults = FaultyRepository(MemRepository())
+    faults.reject(kinds="step_outcome", error=lambda call: RecordRejected("y" * 5000))
+    steps = Steps()
+    async with Kapbit([steps.definition()], faults, options=Options(emit_backoff=TINY)) as kbit:
+        with pytest.raises(WorkflowRejected):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+    rejected = [e for _, _, e in log_events(faults.inner) if isinstance(e, Rejected)]  # type: ignore[arg-type]
+    assert len(rejected) == 1 and len(rejected[0].reason) <= 256 + len("... (truncated)")
+
+
+async def test_defect4_bookkeeping_finishes_when_no_rejected_record_can_be_written() -> None:
+    """Defect 4 (issue 10): even when storage refuses every Rejected record, callers get
+    WorkflowRejected and the instance lets the workflow go."""
+    faults = FaultyRepository(MemRepository())
+    faults.reject(kinds="step_outcome")
+    refused = faults.reject(kinds="rejected")
+    steps = Steps()
+    async with Kapbit([steps.definition()], faults, options=Options(emit_backoff=TINY)) as kbit:
+        with pytest.raises(WorkflowRejected):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+        with pytest.raises(WorkflowRejected):
+            await kbit.wait_result("w", timeout=5)
+        assert kbit.stats.in_flight == 0
+        with pytest.raises(DuplicateWorkflow):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+    assert refused.hits == 2  # the bounded reason, then the minimal record
+
+
+# --- issue 16, item 1: lost ack, then close() -------------------------------------------------
+
+
+async def test_issue16_item1_created_with_lost_ack_then_close_is_resumed_not_accepted_again() -> (
+    None
+):
+    """Issue 16 item 1: the WorkflowCreated append landed but its ack was lost; while the
+    emitter retries, close() cancels it. The id was marked abandoned, the final checkpoint
+    passed the landed record and the next instance accepted the id again. Now the append
+    of unknown outcome keeps holding the checkpoint: the next instance resumes the
+    workflow and refuses its id."""
+    inner = MemRepository()
+    faults = FaultyRepository(inner)
+    steps = Steps()
+    options = Options(node_id="first", emit_backoff=TINY, storage_breaker=NO_BREAKER)
+    first = Kapbit([steps.definition()], faults, options=options)
+    await first.start()
+    faults.fail(times=1, kinds="workflow_created", when=lambda c: c.key == "w", lost_ack=True)
+    outage = faults.fail(kinds="workflow_created", when=lambda c: c.key == "w")
+    task = asyncio.create_task(first.exec_workflow("w", "wf", {"id": "w"}))
+    await outage.wait_hits(1)
+    # Another workflow finishes after the landed copy: acknowledged offsets pass it.
+    assert await first.exec_workflow("later", "wf", {"id": "later"}) is not None
+    await first.close(timeout=0.01)
+    with pytest.raises(InstanceClosed) as closed:
+        await task
+    assert len(_offsets(inner, "w", "workflow_created")) == 1
+    assert steps.count("w", 0) == 0
+
+    resumed = Steps()
+    async with Kapbit(
+        [resumed.definition()], inner, options=Options(node_id="second", emit_backoff=TINY)
+    ) as second:
+        assert second.stats.recovered == 1
+        assert await second.wait_result("w", timeout=5) == ["w-exec-0", "w-exec-1"]
+        with pytest.raises(DuplicateWorkflow):
+            await second.exec_workflow("w", "wf", {"id": "w"})
+    assert resumed.count("w", 0) == 1 and resumed.count("w", 1) == 1
+    assert len(_offsets(inner, "w", "workflow_created")) == 1
+    assert kinds(inner, "w").count("workflow_result") == 1
+    assert "may have been written" in str(closed.value)
