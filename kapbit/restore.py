@@ -125,7 +125,7 @@ async def restore_partition(
             kind = record.kind
             if kind == _CREATED:
                 if record.node == owners.owner:
-                    window.add(record.key, record.offset)
+                    window.renew(record.key, record.offset)
             elif kind == _ACTIVE_WRITER:
                 owners.admit(record)
 
@@ -144,7 +144,10 @@ async def restore_partition(
             workflow_id = record.key
             if kind == _CREATED:
                 if workflow_id in open_workflows or workflow_id in window:
-                    continue  # a second copy: the engine would have refused the id here
+                    # A second copy: the engine would have refused the id here. It knows
+                    # the id at its last copy, so the window does too.
+                    window.renew(workflow_id, record.offset)
+                    continue
                 assert isinstance(event, WorkflowCreated)
                 window.add(workflow_id, record.offset)
                 open_workflows[workflow_id] = RestoredWorkflow(

@@ -461,3 +461,44 @@ async def test_issue16_item1_created_with_lost_ack_then_close_is_resumed_not_acc
     assert len(_offsets(inner, "w", "workflow_created")) == 1
     assert kinds(inner, "w").count("workflow_result") == 1
     assert "may have been written" in str(closed.value)
+
+
+async def test_defect1_recovery_orders_a_created_twice_id_where_the_engine_did() -> None:
+    """Defect 1, recovery's second-copy rule: the engine learns a twice-written id at its
+    acknowledged (last) copy, so another id created between the copies is older in its
+    window. Recovery kept the first copy's place instead, evicted a different id, and then
+    dropped an id the engine had rightly accepted again as a duplicate: that workflow,
+    open at the crash, was lost."""
+    inner = MemRepository()
+    faults = FaultyRepository(inner)
+    steps = Steps()
+    options = Options(node_id="first", emit_backoff=TINY, idempotency_window=2)
+    first = Kapbit([steps.definition()], faults, options=options)
+    await first.start()
+    faults.fail(times=1, kinds="workflow_created", when=lambda c: c.key == "w", lost_ack=True)
+    retry = faults.slow(times=1, kinds="workflow_created", when=lambda c: c.key == "w")
+    task = asyncio.create_task(first.exec_workflow("w", "wf", {"id": "w"}))
+    await retry.wait_hits(1)  # the first copy landed, the retry is held
+    await first.exec_workflow("x", "wf", {"id": "x"})  # created between w's copies
+    retry.release()
+    await task
+    assert len(_offsets(inner, "w", "workflow_created")) == 2
+    await first.exec_workflow("y", "wf", {"id": "y"})  # the engine's window: w, y
+    steps.block.add(("x", 0, "execute"))
+    again = asyncio.create_task(first.exec_workflow("x", "wf", {"id": "x"}))  # accepted
+    await asyncio.wait_for(steps.entered_event("x", 0, "execute").wait(), 5)
+    assert steps.count("x", 0) == 2
+    first.abort()
+    with pytest.raises(InstanceClosed):
+        await again
+
+    resumed = Steps()
+    async with Kapbit(
+        [resumed.definition()], inner, options=Options(node_id="second", idempotency_window=2)
+    ) as second:
+        assert second.stats.recovered == 1
+        assert await second.wait_result("x", timeout=5) == ["x-exec-0", "x-exec-1"]
+        for workflow_id in ("x", "y"):
+            with pytest.raises(DuplicateWorkflow):
+                await second.exec_workflow(workflow_id, "wf", {"id": workflow_id})
+    assert kinds(inner, "x").count("workflow_result") == 2
