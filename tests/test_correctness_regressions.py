@@ -502,3 +502,31 @@ async def test_defect1_recovery_orders_a_created_twice_id_where_the_engine_did()
             with pytest.raises(DuplicateWorkflow):
                 await second.exec_workflow(workflow_id, "wf", {"id": workflow_id})
     assert kinds(inner, "x").count("workflow_result") == 2
+
+
+@pytest.mark.parametrize("kind", ["workflow_created", "step_outcome", "workflow_result"])
+async def test_defect4_a_refusal_after_a_lost_ack_honours_the_copy_that_landed(kind: str) -> None:
+    """Defect 4's exact refusals: an append whose first try landed with its ack lost and
+    whose retry storage then refused. The engine took the refusal for the truth: the
+    caller heard "refused" (PayloadTooLarge, or WorkflowRejected after a WorkflowResult
+    that is in the log) while the log says otherwise. The emitter now looks for the
+    landed copy and, when it finds it, the append succeeded."""
+    inner = MemRepository()
+    faults = FaultyRepository(inner)
+    faults.fail(times=1, kinds=kind, when=lambda c: c.key == "w", lost_ack=True)
+    refused = faults.reject(times=1, kinds=kind, when=lambda c: c.key == "w")
+    steps = Steps()
+    async with Kapbit([steps.definition()], faults, options=Options(emit_backoff=TINY)) as kbit:
+        assert await kbit.exec_workflow("w", "wf", {"id": "w"}) == ["w-exec-0", "w-exec-1"]
+        with pytest.raises(DuplicateWorkflow):
+            await kbit.exec_workflow("w", "wf", {"id": "w"})
+    assert refused.hits == 1
+    assert kinds(inner, "w") == [
+        "workflow_created",
+        "step_outcome",
+        "step_outcome",
+        "workflow_result",
+    ]
+    assert steps.count("w", 0) == 1 and steps.count("w", 1) == 1
+    async with Kapbit([steps.definition()], inner) as kbit:
+        assert kbit.stats.recovered == 0
