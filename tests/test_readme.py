@@ -105,6 +105,13 @@ def test_python_snippet_runs_as_written(
         assert re.search(pattern, done.stdout), (promise, done.stdout)
 
 
+def test_toml_snippets_parse() -> None:
+    blocks = [s for s in snippets(README.read_text()) if s.language == "toml"]
+    assert blocks
+    for block in blocks:
+        assert tomllib.loads(block.code)
+
+
 def test_extras_named_in_the_readme_exist() -> None:
     """``pip install 'kapbit[x]'`` lines name extras pyproject.toml defines."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
