@@ -10,6 +10,7 @@ in yet another directory. Dependencies come from the package index pip is config
 from __future__ import annotations
 
 import email.parser
+import importlib.metadata
 import os
 import re
 import shutil
@@ -140,6 +141,12 @@ def test_the_version_is_written_once() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project
     assert "version" in project["dynamic"]
+
+
+def test_the_running_kapbit_reports_its_installed_version() -> None:
+    """kapbit.__version__ and the installed distribution's metadata agree (scripts/_venv.sh
+    reinstalls the editable package when the version changes)."""
+    assert importlib.metadata.version("kapbit") == kapbit.__version__
 
 
 def test_the_sdist_ships_no_tests_and_the_license(built: Built) -> None:
