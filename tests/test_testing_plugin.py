@@ -24,7 +24,7 @@ from kapbit.testing import (
     LocalBroker,
     fast_options,
 )
-from kapbit.testing.broker import KRAFT_SETTINGS, find_tansu_binary
+from kapbit.testing.broker import KRAFT_SETTINGS, find_tansu_binary, kafka_container_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,3 +198,5 @@ def test_docker_compose_runs_the_same_kafka_as_the_docker_backend() -> None:
     image, env = _compose_kafka()
     assert image == KAFKA_IMAGE
     assert {k: env.get(k) for k in KRAFT_SETTINGS} == KRAFT_SETTINGS
+    # only the listener addresses differ (a host port per container, "kafka" in compose)
+    assert set(env) - set(KRAFT_SETTINGS) == set(kafka_container_env("x:1")) - set(KRAFT_SETTINGS)

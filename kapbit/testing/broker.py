@@ -65,6 +65,7 @@ KRAFT_SETTINGS: dict[str, str] = {
     "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
     "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
     "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    "KAFKA_LOG_DIRS": "/tmp/kraft-combined-logs",
 }
 """Single-node KRaft settings shared by the Docker backend and ``docker-compose.yml``
 (a test keeps them equal); only the listener addresses differ between the two."""
