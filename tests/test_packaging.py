@@ -173,6 +173,9 @@ def test_the_installed_wheel_runs_the_quickstart_elsewhere(installed: Installed)
     path, versions = where.stdout.splitlines()
     assert Path(path).is_relative_to(installed.python.parent.parent)  # not the source tree
     assert versions == f"{kapbit.__version__} {kapbit.__version__}"
+    cli = installed.run(installed.bin / "kapbit", "--help")  # the console script
+    assert cli.returncode == 0, cli.stderr
+    assert "usage: kapbit" in cli.stdout
 
 
 def test_kapbit_testing_imports_without_the_testing_extra(installed: Installed) -> None:
