@@ -104,4 +104,5 @@ __all__ = [
     "partition_for",
 ]
 
+# The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"
