@@ -19,6 +19,7 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
     PayloadTooLarge,
@@ -69,6 +70,7 @@ __all__ = [
     "GateClosed",
     "InstanceClosed",
     "InvalidDefinition",
+    "InvalidReturnValue",
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
@@ -104,4 +106,5 @@ __all__ = [
     "partition_for",
 ]
 
+# The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"

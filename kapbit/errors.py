@@ -92,6 +92,23 @@ class WorkflowRejected(KapbitError):
         self.reason = reason
 
 
+class InvalidReturnValue(KapbitError):
+    """A step action returned neither ``Success``, ``Failure`` nor ``None``.
+
+    A programming error, not a business answer: the workflow is terminated at once (an
+    ``InvalidReturn`` event, no compensation) and the action is never run again.
+    ``step`` is the step's index, ``phase`` ``"execute"`` or ``"compensate"``, ``reason``
+    names the step and the type it returned.
+    """
+
+    def __init__(self, workflow_id: str, step: int, phase: str, reason: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} ended: {reason}")
+        self.workflow_id = workflow_id
+        self.step = step
+        self.phase = phase
+        self.reason = reason
+
+
 class DeadLettered(KapbitError):
     """The retry worker gave up on the workflow after its retry limit."""
 

@@ -37,6 +37,7 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
     RecordRejected,
@@ -306,7 +307,6 @@ class Kapbit:
         claim = ActiveWriter(
             self.writer_id,
             time.time(),
-            name=self.node_id,
             codec=self._codec.name,
             window=self.options.idempotency_window,
         )
@@ -423,7 +423,10 @@ class Kapbit:
         (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes
         (:class:`~kapbit.errors.EncodeError`). Once ``WorkflowCreated`` is durable the
         workflow finishes even if this call is cancelled or the process dies. A step that
-        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`.
+        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`; an action
+        returning a wrong type :class:`~kapbit.errors.InvalidReturnValue`, and storage
+        refusing one of the workflow's events :class:`~kapbit.errors.WorkflowRejected`
+        (both terminal).
         """
         self._check_running()
         if not self.gate.is_open:
@@ -452,18 +455,25 @@ class Kapbit:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():
+                if execution.created_offset < 0:
+                    what = (
+                        "its WorkflowCreated may have been written (not acknowledged yet); "
+                        "if it was, the next instance resumes it"
+                    )
+                else:
+                    what = "the next instance resumes it"
                 raise self._fenced_error or InstanceClosed(
-                    f"instance closed before workflow {workflow_id!r} finished; "
-                    "the next instance resumes it"
+                    f"instance closed before workflow {workflow_id!r} finished; {what}"
                 ) from None
             raise
 
     async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Await the final result of a workflow this instance runs or recently finished.
 
-        Raises :class:`~kapbit.errors.DeadLettered` or :class:`~kapbit.errors.WorkflowRejected`
-        for a workflow that ended that way, :class:`TimeoutError` after ``timeout``,
-        :class:`~kapbit.errors.WorkflowNotFound` for an id this instance does not know, and
+        Raises :class:`~kapbit.errors.DeadLettered`, :class:`~kapbit.errors.WorkflowRejected`
+        or :class:`~kapbit.errors.InvalidReturnValue` for a workflow that ended that way,
+        :class:`TimeoutError` after ``timeout``, :class:`~kapbit.errors.WorkflowNotFound`
+        for an id this instance does not know, and
         :class:`~kapbit.errors.Fenced` once another instance has taken over.
         """
         if self._fenced_error is not None:
@@ -491,6 +501,7 @@ class Kapbit:
             retried=stats.retried,
             dead_lettered=stats.dead_lettered,
             rejected=stats.rejected,
+            invalid_returns=stats.invalid_returns,
             in_flight=len(self._in_flight),
             retrying=len(self._retry_worker),
             gate_open=self.gate.is_open,
@@ -527,7 +538,14 @@ class Kapbit:
                 offset = await self._emitter.append(
                     execution.partition, _CREATED, execution.id, created
                 )
+            except asyncio.CancelledError:
+                # Stopped (close, abort, fencing) with the append's outcome unknown: a
+                # try whose ack was lost may have landed. The checkpoint keeps holding
+                # below it, so the next instance finds the workflow and finishes it.
+                self._in_flight.pop(execution.id, None)
+                raise
             except BaseException:
+                # Refused (or fenced): nothing this instance acts on was written.
                 self._in_flight.pop(execution.id, None)
                 if self._checkpointer is not None:
                     self._checkpointer.abandoned(execution.partition, execution.id)
@@ -543,8 +561,8 @@ class Kapbit:
             self._note_step_raised(execution, raised)
             self._retry_worker.schedule(execution)
             raise WillRetryLater(execution.id, raised.cause) from raised.cause
-        except WorkflowRejected as rejected:
-            self._finish(execution, error=rejected)
+        except (WorkflowRejected, InvalidReturnValue) as ended:
+            self._finish(execution, error=ended)
             raise
         self._finish(execution, result=result, compensated=compensated)
         return result
@@ -577,8 +595,8 @@ class Kapbit:
             # The retry worker logs the failed attempt itself.
             self._note_step_raised(execution, raised, logging.INFO)
             raise
-        except WorkflowRejected as rejected:
-            self._finish(execution, error=rejected)
+        except (WorkflowRejected, InvalidReturnValue) as ended:
+            self._finish(execution, error=ended)
             return
         self._finish(execution, result=result, compensated=compensated)
 
@@ -609,7 +627,7 @@ class Kapbit:
         try:
             await self._emitter.emit(execution.partition, execution.id, event)
         except (RecordRejected, EncodeError) as exc:
-            await execution._reject(self._emitter, KIND_OF[type(event)].value, str(exc))
+            await execution.reject(self._emitter, KIND_OF[type(event)].value, str(exc))
 
     def _workflow_type(self, workflow_id: str) -> str | None:
         execution = self._in_flight.get(workflow_id)
@@ -640,8 +658,12 @@ class Kapbit:
             self.gate.open()
         elif isinstance(error, DeadLettered):
             stats.dead_lettered += 1
+        elif isinstance(error, InvalidReturnValue):
+            stats.invalid_returns += 1
+            logger.error("%s", error, extra=execution_fields(execution))
         else:
             stats.rejected += 1
+            logger.error("%s", error, extra=execution_fields(execution))
         self._open_gate_if_idle()
         execution.resolve(result, error)
         finished = self._finished

@@ -368,7 +368,10 @@ class PartitionRestorer:
         open_workflows = self.open
         if kind == _CREATED:
             if workflow_id in open_workflows or workflow_id in self._writer_window:
-                return  # a second copy: the writer would have refused the id here
+                # A second copy: the writer would have refused the id here. It knows the
+                # id at its last copy, so the windows do too.
+                self._windows.add(workflow_id, record.offset)
+                return
             assert isinstance(event, WorkflowCreated)
             self._windows.add(workflow_id, record.offset)
             open_workflows[workflow_id] = RestoredWorkflow(

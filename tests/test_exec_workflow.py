@@ -15,6 +15,7 @@ from kapbit import (
     Failure,
     GateClosed,
     InstanceClosed,
+    InvalidReturnValue,
     InvalidWorkflowId,
     Kapbit,
     MemRepository,
@@ -65,9 +66,7 @@ async def test_event_log_of_a_three_step_saga_is_exact() -> None:
     assert all(r.node == kbit.writer_id for r in records)
     assert kbit.writer_id.startswith("node-a/") and kbit.node_id == "node-a"
     events = [e for p, _, e in log_events(repo) if p == partition]
-    assert events[0] == ActiveWriter(
-        kbit.writer_id, events[0].at, name="node-a", codec="json", window=10_000
-    )
+    assert events[0] == ActiveWriter(kbit.writer_id, events[0].at, codec="json", window=10_000)
     created = events[1]
     assert isinstance(created, WorkflowCreated)
     assert (created.id, created.type) == ("order-42", "saga")
@@ -330,14 +329,15 @@ async def test_thousand_concurrent_workflows_all_complete_with_their_results() -
             assert record.partition == partition_for(record.key, 4)
 
 
-async def test_invalid_step_outcome_goes_to_retry() -> None:
+async def test_invalid_step_outcome_ends_the_workflow_without_retry() -> None:
     def bad(input: Any, progress: Progress) -> str:
         return "not an outcome"
 
     repo = MemRepository()
     async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[list-item]
-        with pytest.raises(WillRetryLater, match="must return Success"):
+        with pytest.raises(InvalidReturnValue, match="must return Success"):
             await kbit.exec_workflow("b", "bad")
+        assert kbit.stats.retrying == 0
 
 
 async def test_caller_cancellation_does_not_stop_the_workflow() -> None:
