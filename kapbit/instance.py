@@ -227,6 +227,7 @@ class Kapbit:
         )
 
     async def _start(self) -> tuple[list[WorkflowExecution], list[RestoredPartition]]:
+        """Read and check, claim, recover the rest; the executions to resume."""
         repository = self._repository
         await self._retrying("starting the repository", repository.start)
         partitions = self._partitions = repository.partitions
@@ -255,7 +256,7 @@ class Kapbit:
         )
         restored = [restorer.result(claims[restorer.partition]) for restorer in restorers]
         checkpoints = [restorer.checkpoint for restorer in restorers]
-        return self._adopt(restored, checkpoints, claims), restored
+        return self._adopt(restored, checkpoints), restored
 
     async def _read_before_claiming(
         self, partition: int, checkpoint: Checkpoint | None
@@ -688,7 +689,7 @@ class Kapbit:
             self._close_task = asyncio.create_task(self._close(0))
 
     def _adopt(
-        self, restored: list[RestoredPartition], checkpoints: list[Checkpoint], claims: list[int]
+        self, restored: list[RestoredPartition], checkpoints: list[Checkpoint]
     ) -> list[WorkflowExecution]:
         """Turn what recovery found into windows, checkpoint state and executions."""
         owners: list[OwnerTracker] = []
