@@ -167,7 +167,7 @@ class WorkflowExecution:
                 self.id, index, phase, isinstance(outcome, Success), value, time.time()
             )
             await self._persist(emitter, codec, event)
-            progress._record(phase, index, outcome)
+            progress.record(phase, index, outcome)
             if phase == "compensate" and isinstance(outcome, Failure):
                 logger.warning(
                     "workflow %r: compensation of step %d failed (%r); the rollback stops, "
@@ -203,7 +203,7 @@ class WorkflowExecution:
         self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult
     ) -> None:
         try:
-            await emitter.emit(self.partition, self.id, event)
+            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
             kind = "step_outcome" if isinstance(event, StepOutcome) else "workflow_result"
             await self.reject(emitter, kind, str(exc))
@@ -253,7 +253,9 @@ class WorkflowExecution:
         error: Exception | None = None
         for candidate in (event, minimal):
             try:
-                await emitter.emit(self.partition, self.id, candidate)
+                await emitter.emit(
+                    self.partition, self.id, candidate, workflow_type=self.definition.type
+                )
                 return
             except (RecordRejected, EncodeError) as exc:
                 error = exc
