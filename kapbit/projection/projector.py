@@ -78,7 +78,8 @@ class ProjectedEvent:
     ``value`` is the decoded user value: the input of ``WorkflowCreated``, the outcome value
     of ``StepOutcome``, the result of ``WorkflowResult``, ``None`` for the other kinds. It is
     decoded with the workflow's declared types when its definition was given to the
-    projector, generically (dicts, lists, primitives) otherwise.
+    projector, generically (dicts, lists, primitives) otherwise. ``step_name`` names the step
+    of a ``StepOutcome`` when the definition was given (see :func:`step_label`).
     """
 
     partition: int
@@ -87,6 +88,7 @@ class ProjectedEvent:
     event: Event
     workflow_type: str | None = None
     value: Any = None
+    step_name: str | None = None
 
     @property
     def kind(self) -> EventKind:
@@ -197,6 +199,20 @@ class _PartitionState:
         if self.terminated:
             horizon = min(horizon, next(iter(self.terminated.values())))
         return Position(self.offset, self.owners.owner, horizon, self.owners.owner_at(horizon))
+
+
+def step_label(definition: Definition, step: int) -> str | None:
+    """What to call step ``step`` of ``definition``: its name, else its action's name.
+
+    ``None`` when neither says anything (an unnamed lambda) or the index is out of range.
+    """
+    if not 0 <= step < len(definition.steps):
+        return None
+    declared = definition.steps[step]
+    if declared.name is not None:
+        return declared.name
+    action: str | None = getattr(declared.execute, "__name__", None)
+    return None if action is None or action.startswith("<") else action
 
 
 async def positions_at_end(
@@ -526,9 +542,16 @@ class Projector:
                     event,
                     workflow_type,
                     self._decode_value(record, event, workflow_type),
+                    self._step_name(event, workflow_type),
                 )
             )
         return events
+
+    def _step_name(self, event: Event, workflow_type: str | None) -> str | None:
+        if not isinstance(event, StepOutcome) or workflow_type is None:
+            return None
+        definition = self._definitions.get(workflow_type)
+        return None if definition is None else step_label(definition, event.step)
 
     def _decode_value(self, record: Record, event: Event, workflow_type: str | None) -> Any:
         definition = self._definitions.get(workflow_type) if workflow_type else None
