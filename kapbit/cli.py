@@ -702,16 +702,23 @@ class _Printer:
     merged across partitions by their time stamps (ties: partition, then offset): a
     partition's batch waits until every partition still reading its history has an event
     pending, or has finished it. Later events are printed as they arrive, after the
-    history.
+    history (unless ``history_only``). Each partition must be read on its own (a
+    repository's ``tail``), as one partition's batch waits for the others.
     """
 
     def __init__(
-        self, out: TextIO, as_json: bool, limit: int | None, history: dict[int, int]
+        self,
+        out: TextIO,
+        as_json: bool,
+        limit: int | None,
+        history: dict[int, int],
+        history_only: bool,
     ) -> None:
         self._out = out
         self._as_json = as_json
         self._limit = limit
         self._ends = history
+        self._history_only = history_only
         self._pending: dict[int, deque[ProjectedEvent]] = {p: deque() for p in history}
         self._reading = {p for p, end in history.items() if end > 0}
         self._changed = asyncio.Condition()
@@ -739,7 +746,7 @@ class _Printer:
                 await self._changed.wait_for(
                     lambda: not self._pending[partition] or self.done.is_set()
                 )
-        if events:
+        if events and not self._history_only:
             await self.history_printed.wait()
             self._print(events)
 
@@ -784,14 +791,14 @@ async def _tail(
     if source is None:
         raise CliError("tail reads the log: give --bootstrap and --topic")
     history: dict[int, int] = {}
-    start = None
+    start: dict[int, Position] | None = None
     if args.from_beginning:
         history = {p: await source.end_offset(p) for p in range(source.partitions)}
     else:
         start = await positions_at_end(source)
-    printer = _Printer(out, args.json, args.max_events, history)
-    # A projector per partition: one failing releases the others' waits instead of
-    # leaving them blocked on a merge that cannot go on.
+    printer = _Printer(out, args.json, args.max_events, history, args.until_end)
+    # A projector per partition, each following its partition with a tail of its own: one
+    # failing releases the others' waits instead of leaving them blocked on the merge.
     projectors = [
         Projector(
             source,
@@ -805,12 +812,10 @@ async def _tail(
     ]
     for projector in projectors:
         await projector.start()
-    works = [
-        asyncio.ensure_future(projector.catch_up() if args.until_end else projector.run())
-        for projector in projectors
-    ]
+    works = [asyncio.ensure_future(projector.run()) for projector in projectors]
     everything: asyncio.Future[Any] = asyncio.gather(*works)
-    limit: asyncio.Future[Any] = asyncio.ensure_future(printer.done.wait())
+    end = printer.history_printed if args.until_end else printer.done
+    limit: asyncio.Future[Any] = asyncio.ensure_future(end.wait())
     try:
         await asyncio.wait([everything, limit], return_when=asyncio.FIRST_COMPLETED)
     finally:
