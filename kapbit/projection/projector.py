@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -342,25 +342,38 @@ class Projector:
 
     # --- projecting -----------------------------------------------------------------------
 
-    async def catch_up(self) -> int:
+    def catch_up(self) -> Coroutine[Any, Any, int]:
         """Project every partition up to its current end; return the events applied.
 
         The ends are read when each partition starts, so events appended meanwhile may or
-        may not be included. :meth:`stop` ends it early.
+        may not be included. :meth:`stop` ends it early, also a stop that comes after this
+        call but before the returned coroutine (a task, say) begins.
         """
+        return self._catch_up(self._stops)
+
+    async def _catch_up(self, stops: int) -> int:
+        if self._stops != stops:
+            return 0  # stopped before it began: not even started again
         before = self.applied
-        async with self._session():
+        async with self._session(stops):
             with contextlib.suppress(_Stopped):
                 await self._all_partitions(self._catch_up_partition)
         return self.applied - before
 
-    async def run(self) -> None:
+    def run(self) -> Coroutine[Any, Any, None]:
         """Follow every partition, applying new events as they arrive.
 
-        Returns when :meth:`stop` is called, raises when cancelled or when a record cannot be
+        Returns when :meth:`stop` is called (also a stop that comes after this call but
+        before the returned coroutine begins, as when ``create_task(projector.run())`` is
+        followed at once by ``stop()``); raises when cancelled or when a record cannot be
         decoded or the model fails. Transient storage errors are retried with backoff.
         """
-        async with self._session():
+        return self._run(self._stops)
+
+    async def _run(self, stops: int) -> None:
+        if self._stops != stops:
+            return  # stopped before it began: not even started again
+        async with self._session(stops):
             with contextlib.suppress(_Stopped):
                 await self._all_partitions(self._follow_partition)
 
@@ -388,12 +401,16 @@ class Projector:
     # --- internals ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[None]:
-        """One catch_up or run at a time; reload from the model after a failure."""
+    async def _session(self, stops: int) -> AsyncIterator[None]:
+        """One catch_up or run at a time; reload from the model after a failure.
+
+        ``stops`` is the count of :meth:`stop` calls when the caller asked to project: one
+        since then ends the session at once.
+        """
         if self._busy:
             raise RuntimeError("the projector is already projecting (run or catch_up)")
         self._busy = True
-        self._session_stops = self._stops
+        self._session_stops = stops
         try:
             await self.start()
             if self._stale:
