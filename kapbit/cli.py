@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = database.add_argument_group("status database")
     group.add_argument(
         "--db",
-        help="status database kept by 'kapbit project': queried alone, or first brought "
-        "up to date when --bootstrap/--topic are given too (default without it: the "
-        "whole topic is projected into a temporary database)",
+        help="the status database: 'project' keeps it; queries read it alone, or first "
+        "bring it up to date when --bootstrap/--topic are given too (without --db, "
+        "queries project the whole topic into a temporary database)",
     )
     group.add_argument(
         "--progress",
@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kapbit",
         description="See what kapbit workflows did: from the event log or a status database.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 unknown workflow id",
+        epilog="The log is --bootstrap and --topic, else $KAPBIT_BOOTSTRAP and $KAPBIT_TOPIC; "
+        "a query given --db alone reads only the database. "
+        "Exit codes: 0 ok, 1 error, 2 usage, 3 unknown workflow id.",
     )
     parser.add_argument("--version", action="version", version=f"kapbit {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
