@@ -9,6 +9,7 @@ partitioned log; a crash, a restart or a second instance taking over loses nothi
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 from kapbit.errors import (
     CircuitBreakerOpen,
+    CodecMismatch,
     CorruptRecord,
     DeadLettered,
     DecodeError,
@@ -18,6 +19,7 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
     PayloadTooLarge,
@@ -54,6 +56,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointPolicy",
     "CircuitBreakerOpen",
+    "CodecMismatch",
     "Codec",
     "CorruptRecord",
     "DeadLettered",
@@ -67,6 +70,7 @@ __all__ = [
     "GateClosed",
     "InstanceClosed",
     "InvalidDefinition",
+    "InvalidReturnValue",
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
@@ -102,4 +106,5 @@ __all__ = [
     "partition_for",
 ]
 
+# The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"

@@ -3,7 +3,10 @@
 A checkpoint that lags is safe (recovery reads a little more); one that leads loses
 workflows. So the checkpoint of a partition is the created offset of its oldest open
 workflow, and while a ``WorkflowCreated`` is still being written its offset is bounded from
-below by the highest offset already acknowledged in that partition.
+below by the highest offset already acknowledged in that partition. That bound is kept
+after the append returns: a lost acknowledgement may have left a first copy below the
+acknowledged one. Other events of a workflow are written after its ``WorkflowCreated``,
+so every copy of them lies above the hold.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ class Checkpointer:
         owners: list[OwnerTracker],
         saved: list[Checkpoint],
         on_fenced: Callable[[Fenced], None] | None = None,
+        writer: str = "",
+        window_size: int = 0,
     ) -> None:
+        # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
+        # in its partition, so a start can tell it belongs to this log.
+        self._writer = writer
+        self._window_size = window_size
         self._repository = repository
         self._on_fenced = on_fenced
         self._policy = policy
@@ -52,11 +61,19 @@ class Checkpointer:
         self._open[partition][workflow_id] = self._acked[partition] + 1
 
     def opened(self, partition: int, workflow_id: str, offset: int) -> None:
-        """The workflow's ``WorkflowCreated`` landed at ``offset`` (also for restored ones)."""
-        self._open[partition][workflow_id] = offset
+        """The workflow's ``WorkflowCreated`` was acknowledged at ``offset`` (also for
+        restored ones).
+
+        The hold never moves up: an append whose acknowledgement was lost leaves an
+        earlier copy below ``offset``, and a checkpoint between the copies would make
+        recovery read the first as a finished id and drop the second as its duplicate.
+        The bound set by :meth:`opening` lies below every copy.
+        """
+        held = self._open[partition]
+        held[workflow_id] = min(offset, held.get(workflow_id, offset))
 
     def abandoned(self, partition: int, workflow_id: str) -> None:
-        """The ``WorkflowCreated`` was never written."""
+        """The ``WorkflowCreated`` was certainly not written (refused or never sent)."""
         self._open[partition].pop(workflow_id, None)
 
     def terminated(self, partition: int, workflow_id: str) -> None:
@@ -78,6 +95,9 @@ class Checkpointer:
             owner=owners.owner_at(offset),
             window_offset=window_offset,
             window_owner=owners.owner_at(window_offset),
+            window_size=self._window_size,
+            anchor_offset=self._acked[partition] if self._writer else -1,
+            anchor_writer=self._writer,
         )
 
     async def save(self) -> None:

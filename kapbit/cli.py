@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import importlib.metadata
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+import kapbit
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 from kapbit.errors import KapbitError
 from kapbit.events import ActiveWriter
@@ -69,14 +69,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.code = code
-
-
-def version() -> str:
-    """The installed kapbit version."""
-    try:
-        return importlib.metadata.version("kapbit")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a query given --db alone reads only the database. "
         "Exit codes: 0 ok, 1 error, 2 usage, 3 unknown workflow id.",
     )
-    parser.add_argument("--version", action="version", version=f"kapbit {version()}")
+    parser.add_argument("--version", action="version", version=f"kapbit {kapbit.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     project = commands.add_parser(

@@ -4,7 +4,8 @@ It retries transient storage errors forever (capped exponential backoff with jit
 tenacity), behind the storage circuit breaker (pybreaker). Giving up is never safe: if the
 storage is down, a DeadLetter could not be written either. It stops only on
 :class:`~kapbit.errors.Fenced`, a :class:`~kapbit.errors.RecordRejected`, or an
-:class:`~kapbit.errors.EncodeError`.
+:class:`~kapbit.errors.EncodeError`. A refusal after a failed try is checked against the
+log first: if that try landed (its acknowledgement was lost), the append succeeded.
 
 The breaker follows pybreaker's state machine: closed, it opens after ``fail_max``
 consecutive failures; open, every append fails fast with ``CircuitBreakerError`` (retried
@@ -99,14 +100,16 @@ class Emitter:
         """Append an encoded event, retrying transient failures forever."""
         if self.fenced is not None:
             raise self.fenced
+        acked = self.acked
+        # Every try of this append lands above what was acknowledged before it began.
+        floor = acked[partition] + 1 if partition < len(acked) else 0
         try:
             offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:
-            offset = await self._append_retrying(partition, kind, key, value, error)
+            offset = await self._append_retrying(partition, kind, key, value, error, floor)
         except Fenced as error:
             self._fence(error)
             raise
-        acked = self.acked
         if partition >= len(acked):
             acked.extend([-1] * (partition + 1 - len(acked)))
         if offset > acked[partition]:
@@ -141,7 +144,13 @@ class Emitter:
             self._probing = False
 
     async def _append_retrying(
-        self, partition: int, kind: str, key: str, value: bytes, first: BaseException
+        self,
+        partition: int,
+        kind: str,
+        key: str,
+        value: bytes,
+        first: BaseException,
+        floor: int,
     ) -> int:
         extra = self._extra(kind, key, partition)
 
@@ -184,6 +193,22 @@ class Emitter:
         except Fenced as error:
             self._fence(error)
             raise
+        except RecordRejected:
+            # A failed try may have landed with its acknowledgement lost: then the append
+            # did happen, and the refusal of a later try must not be taken for the truth.
+            landed = await self._landed_copy(partition, kind, key, value, floor)
+            if landed is None:
+                raise
+            logger.warning(
+                "append of %s for %r to partition %d was refused on a retry, but an "
+                "earlier try had landed at offset %d: taken as written",
+                kind,
+                key,
+                partition,
+                landed,
+                extra=extra,
+            )
+            return landed
         logger.info(
             "append of %s for %r to partition %d succeeded after %d attempts",
             kind,
@@ -193,6 +218,33 @@ class Emitter:
             extra=extra,
         )
         return offset
+
+    async def _landed_copy(
+        self, partition: int, kind: str, key: str, value: bytes, floor: int
+    ) -> int | None:
+        """The offset of the last copy of this exact record this node wrote at or above
+        ``floor``, or ``None``. Transient read errors are retried like appends."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            wait=self._backoff.wait(),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        repository = self._repository
+        async for attempt in retrying:
+            with attempt:
+                landed: int | None = None
+                end = await repository.end_offset(partition)
+                async for batch in repository.read(partition, floor, end):
+                    for record in batch:
+                        if (
+                            record.key == key
+                            and record.kind == kind
+                            and record.node == self._node
+                            and record.value == value
+                        ):
+                            landed = record.offset
+        return landed
 
     def _extra(self, kind: str, key: str, partition: int) -> dict[str, object]:
         if kind == _ACTIVE_WRITER:  # keyed by node id: no workflow

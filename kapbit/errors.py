@@ -6,6 +6,8 @@ none of the refusals raised before ``WorkflowCreated`` is written leaves anythin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class KapbitError(Exception):
     """Base class of every kapbit error."""
@@ -62,7 +64,7 @@ class InvalidDefinition(KapbitError):
 
 
 class InvalidWorkflowId(KapbitError):
-    """A workflow id is empty or not a string."""
+    """A workflow id is empty, not a string, or not valid UTF-8 text."""
 
 
 # --- outcomes of an accepted workflow ------------------------------------------------------
@@ -76,7 +78,8 @@ class WillRetryLater(KapbitError):
     """
 
     def __init__(self, workflow_id: str, error: BaseException | str) -> None:
-        super().__init__(f"workflow {workflow_id!r} will be retried later: {error}")
+        text = error if isinstance(error, str) else describe_error(error, text=str)
+        super().__init__(f"workflow {workflow_id!r} will be retried later: {text}")
         self.workflow_id = workflow_id
 
 
@@ -86,6 +89,23 @@ class WorkflowRejected(KapbitError):
     def __init__(self, workflow_id: str, reason: str) -> None:
         super().__init__(f"workflow {workflow_id!r} rejected: {reason}")
         self.workflow_id = workflow_id
+        self.reason = reason
+
+
+class InvalidReturnValue(KapbitError):
+    """A step action returned neither ``Success``, ``Failure`` nor ``None``.
+
+    A programming error, not a business answer: the workflow is terminated at once (an
+    ``InvalidReturn`` event, no compensation) and the action is never run again.
+    ``step`` is the step's index, ``phase`` ``"execute"`` or ``"compensate"``, ``reason``
+    names the step and the type it returned.
+    """
+
+    def __init__(self, workflow_id: str, step: int, phase: str, reason: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} ended: {reason}")
+        self.workflow_id = workflow_id
+        self.step = step
+        self.phase = phase
         self.reason = reason
 
 
@@ -156,4 +176,19 @@ class CorruptRecord(StorageError):
 
 
 class StartupError(StorageError):
-    """The repository cannot be used (missing topic, wrong partition count, no access)."""
+    """The repository cannot be used (missing topic, wrong partition count, no access), or
+    the start did not finish within ``Options.start_timeout``."""
+
+
+class CodecMismatch(CorruptRecord):
+    """The log was written with another codec than this instance's: the start refuses
+    before writing anything, so encodings are never mixed."""
+
+
+def describe_error(error: BaseException, text: Callable[[object], str] = repr) -> str:
+    """``repr(error)`` (or ``text(error)``) for logs and events; user exceptions whose
+    ``__repr__``/``__str__`` raise are described by their type instead of failing."""
+    try:
+        return text(error)
+    except Exception as exc:
+        return f"<{type(error).__qualname__}, unprintable: {type(exc).__name__}>"

@@ -24,6 +24,7 @@ class EventKind(StrEnum):
     WORKFLOW_RETRY = "workflow_retry"
     DEAD_LETTER = "dead_letter"
     REJECTED = "rejected"
+    INVALID_RETURN = "invalid_return"
 
 
 class _Event(msgspec.Struct, frozen=True, tag_field="kind"):
@@ -31,10 +32,18 @@ class _Event(msgspec.Struct, frozen=True, tag_field="kind"):
 
 
 class ActiveWriter(_Event, frozen=True, tag="active_writer"):
-    """Instance start: ``node`` now owns the partition; later foreign records are zombies."""
+    """Instance start: ``node`` now owns the partition; later foreign records are zombies.
+
+    ``node`` is the start's unique writer id (the record's writer): the configured node id,
+    which may repeat across starts, ``/`` and a random start id. ``codec`` and ``window``
+    (the idempotency window size) tell later readers how this writer encoded records and
+    refused ids (empty/0 in claims written before they were recorded).
+    """
 
     node: str
     at: float
+    codec: str = ""
+    window: int = 0
 
 
 class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):
@@ -93,6 +102,18 @@ class Rejected(_Event, frozen=True, tag="rejected"):
     at: float
 
 
+class InvalidReturn(_Event, frozen=True, tag="invalid_return"):
+    """An action of step ``step`` (``phase``) returned neither ``Success``, ``Failure`` nor
+    ``None``: a programming error, so the workflow is terminated at once and the action is
+    never run again. ``reason`` names the step and the type it returned."""
+
+    id: str
+    step: int
+    phase: Literal["execute", "compensate"]
+    reason: str
+    at: float
+
+
 Event: TypeAlias = (
     ActiveWriter
     | WorkflowCreated
@@ -101,6 +122,7 @@ Event: TypeAlias = (
     | WorkflowRetry
     | DeadLetter
     | Rejected
+    | InvalidReturn
 )
 
 EVENT_TYPES: dict[EventKind, type[Event]] = {
@@ -111,9 +133,17 @@ EVENT_TYPES: dict[EventKind, type[Event]] = {
     EventKind.WORKFLOW_RETRY: WorkflowRetry,
     EventKind.DEAD_LETTER: DeadLetter,
     EventKind.REJECTED: Rejected,
+    EventKind.INVALID_RETURN: InvalidReturn,
 }
 
 KIND_OF: dict[type[Event], EventKind] = {cls: kind for kind, cls in EVENT_TYPES.items()}
 
 #: Kinds after which a workflow has terminated.
-TERMINAL_KINDS = frozenset({EventKind.WORKFLOW_RESULT, EventKind.DEAD_LETTER, EventKind.REJECTED})
+TERMINAL_KINDS = frozenset(
+    {
+        EventKind.WORKFLOW_RESULT,
+        EventKind.DEAD_LETTER,
+        EventKind.REJECTED,
+        EventKind.INVALID_RETURN,
+    }
+)

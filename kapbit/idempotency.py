@@ -36,6 +36,18 @@ class IdempotencyWindow:
         if len(ids) > self.size:
             del ids[next(iter(ids))]
 
+    def renew(self, workflow_id: str, offset: int) -> None:
+        """A later copy of ``workflow_id``'s ``WorkflowCreated`` at ``offset``: the id
+        moves to that copy's place, the newest.
+
+        The engine learns an id at the copy whose append was acknowledged, the last one
+        written, so ids created between two copies are older than it in the engine's
+        window; recovery must keep the same order or it evicts a different id.
+        """
+        ids = self._ids
+        ids.pop(workflow_id, None)
+        self.add(workflow_id, offset)
+
     def __contains__(self, workflow_id: object) -> bool:
         return workflow_id in self._ids
 

@@ -16,6 +16,7 @@ class Stats:
     retried: int = 0
     dead_lettered: int = 0
     rejected: int = 0
+    invalid_returns: int = 0
     in_flight: int = 0
     retrying: int = 0
     gate_open: bool = True

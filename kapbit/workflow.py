@@ -1,8 +1,9 @@
 """The workflow model: definitions, steps, outcomes and the progress passed between them.
 
 A workflow is an ordered list of :class:`Step`. Each step's execute action returns a
-:class:`Success` (move forward) or a :class:`Failure` (turn around and compensate the steps
-that already succeeded, in reverse order). An *exception* from an action is not a business
+:class:`Success` (move forward; ``None`` counts as ``Success(None)``) or a :class:`Failure`
+(turn around and compensate the steps that already succeeded, in reverse order, until a
+compensation returns ``Failure``). An *exception* from an action is not a business
 failure: it means a dependency was unavailable, and the workflow is retried later.
 """
 
@@ -37,7 +38,7 @@ class Failure(Generic[T]):
 Outcome: TypeAlias = Success[Any] | Failure[Any]
 
 #: An execute or compensate action: ``(input, progress) -> Outcome``, sync or ``async``.
-Action: TypeAlias = Callable[[Any, "Progress"], "Outcome | Awaitable[Outcome] | None"]
+Action: TypeAlias = Callable[[Any, "Progress"], "Outcome | Awaitable[Outcome | None] | None"]
 #: Builds the workflow result from its input and final progress, sync or ``async``.
 ResultBuilder: TypeAlias = Callable[[Any, "Progress"], Any]
 
@@ -106,6 +107,17 @@ class Progress:
     def failed(self) -> bool:
         """Whether a step returned :class:`Failure` (the workflow is compensating)."""
         return self.failed_step is not None
+
+    @property
+    def compensation_failed_step(self) -> int | None:
+        """The index of the step whose compensation returned :class:`Failure`, if any.
+
+        The rollback stops there: the steps before it are not compensated.
+        """
+        for index, outcome in self._compensations.items():
+            if isinstance(outcome, Failure):
+                return index
+        return None
 
     def __iter__(self) -> Iterator[tuple[int, Outcome]]:
         return iter(self._executions.items())

@@ -114,8 +114,8 @@ async def test_project_once_then_only_new_records(mixed: MixedLog, tmp_path: Pat
             k: v[0] for k, v in EXPECTED.items()
         }
 
-    await append(mixed.repo, 0, "node-b", created("later"))
-    await append(mixed.repo, 1, "node-b", created("later-too"))
+    await append(mixed.repo, 0, mixed.writer_b, created("later"))
+    await append(mixed.repo, 1, mixed.writer_b, created("later-too"))
     code, _, err = await cli(
         "project", "--once", "--db", db, "--progress", "plain", repo=mixed.repo
     )

@@ -15,6 +15,7 @@ from kapbit import (
     Failure,
     GateClosed,
     InstanceClosed,
+    InvalidReturnValue,
     InvalidWorkflowId,
     Kapbit,
     MemRepository,
@@ -50,7 +51,7 @@ async def test_event_log_of_a_three_step_saga_is_exact() -> None:
     # Every partition starts with this node's ActiveWriter.
     for p in range(3):
         first = repo.records(p)[0]
-        assert (first.kind, first.node, first.offset) == ("active_writer", "node-a", 0)
+        assert (first.kind, first.node, first.offset) == ("active_writer", kbit.writer_id, 0)
     records = repo.records(partition)
     assert [r.kind for r in records] == [
         "active_writer",
@@ -62,9 +63,10 @@ async def test_event_log_of_a_three_step_saga_is_exact() -> None:
     ]
     assert [r.offset for r in records] == list(range(6))
     assert all(r.key == "order-42" for r in records[1:])
-    assert all(r.node == "node-a" for r in records)
+    assert all(r.node == kbit.writer_id for r in records)
+    assert kbit.writer_id.startswith("node-a/") and kbit.node_id == "node-a"
     events = [e for p, _, e in log_events(repo) if p == partition]
-    assert isinstance(events[0], ActiveWriter) and events[0].node == "node-a"
+    assert events[0] == ActiveWriter(kbit.writer_id, events[0].at, codec="json", window=10_000)
     created = events[1]
     assert isinstance(created, WorkflowCreated)
     assert (created.id, created.type) == ("order-42", "saga")
@@ -327,14 +329,15 @@ async def test_thousand_concurrent_workflows_all_complete_with_their_results() -
             assert record.partition == partition_for(record.key, 4)
 
 
-async def test_invalid_step_outcome_goes_to_retry() -> None:
+async def test_invalid_step_outcome_ends_the_workflow_without_retry() -> None:
     def bad(input: Any, progress: Progress) -> str:
         return "not an outcome"
 
     repo = MemRepository()
     async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[list-item]
-        with pytest.raises(WillRetryLater, match="must return Success"):
+        with pytest.raises(InvalidReturnValue, match="must return Success"):
             await kbit.exec_workflow("b", "bad")
+        assert kbit.stats.retrying == 0
 
 
 async def test_caller_cancellation_does_not_stop_the_workflow() -> None:

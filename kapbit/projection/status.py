@@ -23,6 +23,7 @@ import msgspec
 
 from kapbit.events import (
     DeadLetter,
+    InvalidReturn,
     Rejected,
     StepOutcome,
     WorkflowCreated,
@@ -88,6 +89,7 @@ class WorkflowStatus(StrEnum):
     COMPENSATED = "compensated"
     DEAD_LETTERED = "dead-lettered"
     REJECTED = "rejected"
+    INVALID_RETURN = "invalid-return"
 
     @property
     def terminal(self) -> bool:
@@ -101,6 +103,7 @@ _TERMINAL = frozenset(
         WorkflowStatus.COMPENSATED,
         WorkflowStatus.DEAD_LETTERED,
         WorkflowStatus.REJECTED,
+        WorkflowStatus.INVALID_RETURN,
     }
 )
 
@@ -435,6 +438,12 @@ def _change(projected: ProjectedEvent) -> _Change:
             "UPDATE workflows SET status = ?, last_error = ?, finished_at = ? "
             f"WHERE id = ? AND {_NOT_FINISHED}",
             (WorkflowStatus.REJECTED.value, f"{event.event}: {event.reason}", event.at, event.id),
+        )
+    if isinstance(event, InvalidReturn):
+        return (
+            "UPDATE workflows SET status = ?, last_error = ?, finished_at = ? "
+            f"WHERE id = ? AND {_NOT_FINISHED}",
+            (WorkflowStatus.INVALID_RETURN.value, event.reason, event.at, event.id),
         )
     return ("", ())  # ActiveWriter: nothing to show
 

