@@ -9,7 +9,10 @@ frontier just moves forward; only a gap (another writer's record, a duplicate fr
 producer retry) is read back, in one fetch that returns at once because the data exists.
 
 Checkpoints live in a second, compacted topic (``<topic>-checkpoints`` by default), keyed
-by partition.
+by log (``<topic>/<partition>``), so several logs may share one checkpoint topic.
+
+Every error leaving the repository is a :mod:`kapbit.errors` type: aiokafka's errors and
+timeouts are mapped (:func:`_transient`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -49,6 +52,7 @@ logger = logging.getLogger("kapbit.kafka")
 KIND_HEADER = "kapbit-kind"
 NODE_HEADER = "kapbit-node"
 _ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+_KINDS = frozenset(kind.value for kind in EventKind)
 _REJECTIONS = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 _READ_BATCH = 10_000
 #: Room for the record's key, headers and batch framing above ``max_payload``.
@@ -205,12 +209,40 @@ class KafkaRepository:
             self._reader.pause(*self._reader.assignment())
             self._confirmer.assign(log_partitions)
             self._confirmer.pause(*log_partitions)
-        except KafkaError as exc:
+            await self._check_records(log_partitions)
+        except (KafkaError, OSError, TimeoutError, TransientStorageError) as exc:
             await self.close()
             raise StartupError(
                 f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
             ) from exc
+        except BaseException:
+            await self.close()
+            raise
         self._started = True
+
+    async def _check_records(self, partitions: list[TopicPartition]) -> None:
+        """Refuse a topic another application writes, before anything is written into it:
+        the first record of every non-empty partition must carry kapbit's kind header."""
+        assert self._reader is not None
+        async with self._read_lock:
+            begins = await self._reader.beginning_offsets(partitions)
+        for tp in partitions:
+            start = begins[tp]
+            if await self._end_offset(tp) <= start:
+                continue
+            first = [
+                record
+                async for batch in self._fetch(
+                    self._reader, self._read_lock, tp.partition, start, start + 1
+                )
+                for record in batch
+            ]
+            if first and first[0].kind not in _KINDS:
+                raise StartupError(
+                    f"topic {self.topic!r} is not a kapbit log: its record at partition "
+                    f"{tp.partition}, offset {first[0].offset} has no {KIND_HEADER!r} header "
+                    "naming a kapbit event; refusing to write into it"
+                )
 
     async def close(self) -> None:
         """Stop the clients; idempotent. Pending confirmations fail as transient."""
@@ -396,7 +428,7 @@ class KafkaRepository:
         while fence.waiters and fence.fenced is None:
             try:
                 await self._scan(partition, fence, max(fence.waiters))
-            except (KafkaError, TransientStorageError) as exc:
+            except (KafkaError, OSError, TimeoutError, TransientStorageError) as exc:
                 logger.warning(
                     "reading partition %d to confirm writes failed: %r",
                     partition,
@@ -474,24 +506,23 @@ class KafkaRepository:
         stop = min(stop, await self.end_offset(partition))
         if start >= stop:
             return
-        try:
+        with _transient(f"reading partition {partition} failed"):
             async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
                 yield batch
-        except KafkaError as exc:
-            raise TransientStorageError(f"reading partition {partition} failed: {exc!r}") from exc
 
     async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
         consumer = self._new_consumer()
         tp = TopicPartition(self.topic, partition)
-        await consumer.start()
         try:
-            consumer.assign([tp])
-            consumer.seek(tp, start)
-            while True:
-                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
-                batch = [_to_record(partition, message) for message in fetched.get(tp, ())]
-                if batch:
-                    yield batch
+            with _transient(f"following partition {partition} failed"):
+                await consumer.start()
+                consumer.assign([tp])
+                consumer.seek(tp, start)
+                while True:
+                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
+                    batch = [_to_record(partition, message) for message in fetched.get(tp, ())]
+                    if batch:
+                        yield batch
         finally:
             await consumer.stop()
 
@@ -507,15 +538,11 @@ class KafkaRepository:
         stop = await self.end_offset(partition)
         if start >= stop:
             return owner
-        try:
+        with _transient(f"reading claims of partition {partition}"):
             async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
                 for record in batch:
                     if record.kind == _ACTIVE_WRITER:
                         owner = record.node
-        except KafkaError as exc:
-            raise TransientStorageError(
-                f"reading claims of partition {partition}: {exc!r}"
-            ) from exc
         return owner
 
     async def _end_offset(self, tp: TopicPartition) -> int:
@@ -527,7 +554,7 @@ class KafkaRepository:
         consumer = self._reader
         if consumer is None:
             raise TransientStorageError("the Kafka repository is not started")
-        try:
+        with _transient(f"end offset of {tp.topic}/{tp.partition}"):
             async with self._read_lock:
                 reported: int = (await consumer.end_offsets([tp]))[tp]
                 if reported == 0:
@@ -540,8 +567,6 @@ class KafkaRepository:
                     consumer.pause(tp)
                     highwater: int | None = consumer.highwater(tp)
                     _drop_prefetched(consumer, tp, reported - 1)
-        except KafkaError as exc:
-            raise TransientStorageError(f"end offset of {tp}: {exc!r}") from exc
         return max(reported, highwater or 0)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -557,23 +582,27 @@ class KafkaRepository:
         fence = self._fences[partition]
         if fence.node is not None:
             if fence.fenced is None:
-                try:
+                with _transient("checking ownership"):
                     await self._scan(partition, fence, await self.end_offset(partition))
-                except KafkaError as exc:
-                    raise TransientStorageError(f"checking ownership: {exc!r}") from exc
             if fence.fenced is not None:
                 raise fence.fenced
-        try:
+        with _transient("saving checkpoint failed"):
             await self._producer.send_and_wait(
                 self.checkpoint_topic,
                 msgspec.json.encode(checkpoint),
-                key=str(partition).encode(),
+                key=self._checkpoint_key(partition).encode(),
                 partition=0,
             )
-        except KafkaError as exc:
-            raise TransientStorageError(f"saving checkpoint failed: {exc!r}") from exc
+
+    def _checkpoint_key(self, partition: int) -> str:
+        return f"{self.topic}/{partition}"
 
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        """The checkpoints of this log; those of other logs sharing the topic are skipped."""
+        with _transient("loading checkpoints failed"):
+            return await self._load_checkpoints()
+
+    async def _load_checkpoints(self) -> dict[int, Checkpoint]:
         consumer = self._reader
         if consumer is None:
             raise TransientStorageError("the Kafka repository is not started")
@@ -588,10 +617,11 @@ class KafkaRepository:
             consumer, self._read_lock, 0, start, stop, topic=self.checkpoint_topic
         ):
             for record in batch:
+                log, _, partition = record.key.rpartition("/")
+                if log != self.topic:
+                    continue
                 try:
-                    checkpoints[int(record.key)] = msgspec.json.decode(
-                        record.value, type=Checkpoint
-                    )
+                    checkpoints[int(partition)] = msgspec.json.decode(record.value, type=Checkpoint)
                 except (ValueError, msgspec.DecodeError) as exc:
                     logger.warning(
                         "ignoring unreadable checkpoint at offset %d: %s",
@@ -627,6 +657,15 @@ def _drop_prefetched(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int
     because its offset no longer matches; every read seeks before it fetches anyway.
     """
     consumer.seek(tp, offset)
+
+
+@contextlib.contextmanager
+def _transient(what: str) -> Iterator[None]:
+    """Map aiokafka's errors and timeouts (and socket errors) to TransientStorageError."""
+    try:
+        yield
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise TransientStorageError(f"{what}: {exc!r}") from exc
 
 
 def _storage_error(exc: BaseException) -> Exception:

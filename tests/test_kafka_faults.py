@@ -1,0 +1,120 @@
+"""Faults a real deployment meets on Kafka (issue 16): each test names the fault it proves.
+
+Against a real broker: topics shared or owned by another application, calls made while
+the broker is unreachable (through :class:`~kapbit.testing.TcpProxy`), a broker that lost
+its log under a running instance, and the confirmer reading long runs of small batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from kapbit import Checkpoint, KapbitError, StartupError
+from kapbit.repository.kafka import KafkaRepository
+from kapbit.testing.broker import LocalBroker
+
+
+async def test_two_logs_sharing_one_checkpoint_topic_keep_their_own_checkpoints(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    shared = f"{topic}-shared-checkpoints"
+    first = KafkaRepository(kafka_bootstrap, f"{topic}-a", partitions=2, checkpoint_topic=shared)
+    second = KafkaRepository(kafka_bootstrap, f"{topic}-b", partitions=2, checkpoint_topic=shared)
+    await first.start()
+    await second.start()
+    try:
+        await first.save_checkpoint(0, Checkpoint(offset=11, owner="a"))
+        await second.save_checkpoint(0, Checkpoint(offset=22, owner="b"))
+        await second.save_checkpoint(1, Checkpoint(offset=33, owner="b"))
+        assert await first.load_checkpoints() == {0: Checkpoint(offset=11, owner="a")}
+        assert await second.load_checkpoints() == {
+            0: Checkpoint(offset=22, owner="b"),
+            1: Checkpoint(offset=33, owner="b"),
+        }
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_topic_of_another_application_is_refused_before_anything_is_written(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        # Some other application's topic: records without kapbit's headers.
+        repo = KafkaRepository(kafka_bootstrap, topic, partitions=2)
+        await repo.start()  # creates the topic; empty, so it is fine
+        await repo.close()
+        for n in range(3):
+            await producer.send_and_wait(topic, f"order {n}".encode(), key=b"k", partition=1)
+    finally:
+        await producer.stop()
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=2)
+    with pytest.raises(StartupError, match=f"{topic!r}.*not a kapbit log"):
+        await repo.start()
+    await repo.close()
+    # Nothing was written into it: still the three foreign records only.
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(2)])
+        assert sorted((tp.partition, end) for tp, end in ends.items()) == [(0, 0), (1, 3)]
+    finally:
+        await consumer.stop()
+
+
+async def _call_all(repo: KafkaRepository) -> dict[str, BaseException | None]:
+    """Every public call of the repository once; what each raised (None: returned)."""
+
+    async def read() -> None:
+        async for _ in repo.read(0, 0, 10):
+            pass
+
+    calls: dict[str, Any] = {
+        "load_checkpoints": repo.load_checkpoints,
+        "save_checkpoint": lambda: repo.save_checkpoint(0, Checkpoint(offset=1)),
+        "end_offset": lambda: repo.end_offset(0),
+        "current_owner": lambda: repo.current_owner(0),
+        "read": read,
+        "append": lambda: repo.append(0, "workflow_created", "w-cut", "n1", b"v"),
+    }
+    raised: dict[str, BaseException | None] = {}
+    for name, call in calls.items():
+        try:
+            await asyncio.wait_for(call(), 60)
+        except TimeoutError:
+            raise AssertionError(f"{name} hung for 60 s with the broker unreachable") from None
+        except BaseException as exc:
+            raised[name] = exc
+        else:
+            raised[name] = None
+    return raised
+
+
+@pytest.mark.parametrize("blackhole", [False, True], ids=["reset", "blackhole"])
+async def test_every_call_with_the_broker_unreachable_raises_kapbit_errors_only(
+    topic: str, blackhole: bool
+) -> None:
+    async with LocalBroker.behind_proxy() as broker:
+        repo = KafkaRepository(
+            broker.bootstrap_servers,
+            topic,
+            partitions=1,
+            read_timeout=2.0,
+            client_options={"request_timeout_ms": 1000, "retry_backoff_ms": 50},
+        )
+        await repo.start()
+        try:
+            assert await repo.append(0, "active_writer", "n1", "n1", b"aw") == 0
+            await repo.save_checkpoint(0, Checkpoint(offset=1, owner="n1"))
+            await broker.proxy.cut(blackhole=blackhole)
+            raised = await _call_all(repo)
+        finally:
+            await repo.close()
+    untyped = {name: repr(exc) for name, exc in raised.items() if not isinstance(exc, KapbitError)}
+    assert untyped == {}
