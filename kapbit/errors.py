@@ -165,6 +165,12 @@ class Fenced(StorageError):
     """Another instance took over the log: this instance may no longer write."""
 
 
+class LogLost(Fenced):
+    """The log no longer holds records this instance had confirmed (the broker lost its
+    data, or the topic was deleted and created again). The instance stops as when fenced:
+    it fails every caller and writes nothing more; an operator must restore the log."""
+
+
 class CorruptRecord(StorageError):
     """A record in the log cannot be decoded."""
 

@@ -13,9 +13,21 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from kapbit import Checkpoint, KapbitError, StartupError
+from kapbit import (
+    Backoff,
+    Checkpoint,
+    Kapbit,
+    KapbitError,
+    LogLost,
+    Options,
+    StartupError,
+)
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing.broker import LocalBroker
+from tests.helpers import Script, saga
+
+#: Failures surface within a second or two instead of aiokafka's 40 s request timeout.
+FAST_CLIENT = {"request_timeout_ms": 2000, "retry_backoff_ms": 50}
 
 
 async def test_two_logs_sharing_one_checkpoint_topic_keep_their_own_checkpoints(
@@ -118,3 +130,56 @@ async def test_every_call_with_the_broker_unreachable_raises_kapbit_errors_only(
             await repo.close()
     untyped = {name: repr(exc) for name, exc in raised.items() if not isinstance(exc, KapbitError)}
     assert untyped == {}
+
+
+async def test_broker_that_lost_its_log_stops_the_running_instance_with_log_lost(
+    topic: str,
+) -> None:
+    # tansu keeps its data in memory: a restart is a broker that lost its disk. It accepts
+    # writes to the old topic afterwards, from offset 0 again.
+    async with LocalBroker(use_env=False, use_docker=False) as broker:
+        repo = KafkaRepository(
+            broker.bootstrap_servers, topic, partitions=1, client_options=FAST_CLIENT
+        )
+        kbit = Kapbit(
+            [saga(Script())], repo, options=Options(emit_backoff=Backoff(0.02, 0.2, 0.02))
+        )
+        await kbit.start()
+        try:
+            for n in range(20):
+                await kbit.exec_workflow(f"w{n}", "saga", {"id": f"w{n}"})
+            await broker.restart()
+            after = await asyncio.wait_for(
+                asyncio.gather(
+                    *(kbit.exec_workflow(f"x{n}", "saga", {"id": f"x{n}"}) for n in range(20)),
+                    return_exceptions=True,
+                ),
+                60,
+            )
+            with pytest.raises(KapbitError):  # stopped: refuses new work
+                await kbit.exec_workflow("late", "saga", {"id": "late"})
+        finally:
+            await kbit.close()
+    # Not one workflow is confirmed into the log that no longer holds its records.
+    assert [r for r in after if not isinstance(r, BaseException)] == []
+    assert [r for r in after if not isinstance(r, KapbitError)] == []
+    assert any(isinstance(r, LogLost) for r in after), after
+
+
+async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(topic: str) -> None:
+    async with LocalBroker(use_env=False, use_docker=False) as broker:
+        repo = KafkaRepository(
+            broker.bootstrap_servers, topic, partitions=1, client_options=FAST_CLIENT
+        )
+        await repo.start()
+        try:
+            await repo.append(0, "active_writer", "n1", "n1", b"aw")
+            for n in range(5):
+                await repo.append(0, "workflow_created", f"w{n}", "n1", b"v")
+            await broker.restart()
+            with pytest.raises(LogLost, match="lost records"):
+                await asyncio.wait_for(repo.save_checkpoint(0, Checkpoint(offset=6)), 60)
+            with pytest.raises(LogLost):  # and nothing more is written
+                await repo.append(0, "workflow_created", "w9", "n1", b"v")
+        finally:
+            await repo.close()

@@ -8,6 +8,11 @@ known to be harmless. Its own acknowledgements usually arrive contiguous, so a c
 frontier just moves forward; only a gap (another writer's record, a duplicate from a
 producer retry) is read back, in one fetch that returns at once because the data exists.
 
+A log that loses records under a running instance (a broker restarted without its data, a
+topic deleted and created again) shows itself by offsets: an acknowledgement at or below
+one this node already had, a log end below it, a read that the broker moved back to the
+start. Each raises :class:`~kapbit.errors.LogLost`, and the partition accepts nothing more.
+
 Checkpoints live in a second, compacted topic (``<topic>-checkpoints`` by default), keyed
 by log (``<topic>/<partition>``), so several logs may share one checkpoint topic.
 
@@ -39,6 +44,7 @@ from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_dela
 from kapbit._log import fields
 from kapbit.errors import (
     Fenced,
+    LogLost,
     PayloadTooLarge,
     RecordRejected,
     StartupError,
@@ -62,12 +68,23 @@ _RECORD_OVERHEAD = 16 * 1024
 class _PartitionFence:
     """This node's claim on one partition and the frontier of confirmed offsets."""
 
-    __slots__ = ("acked", "claim_offset", "fenced", "frontier", "gap_reader", "node", "waiters")
+    __slots__ = (
+        "acked",
+        "claim_offset",
+        "fenced",
+        "frontier",
+        "gap_reader",
+        "highest",
+        "node",
+        "waiters",
+    )
 
     def __init__(self) -> None:
         self.node: str | None = None
         self.claim_offset = -1
         self.frontier = -1
+        #: The highest offset Kafka acknowledged to this node: the log holds at least that.
+        self.highest = -1
         self.acked: set[int] = set()
         self.waiters: dict[int, asyncio.Future[int]] = {}
         self.fenced: Fenced | None = None
@@ -105,6 +122,46 @@ class _PartitionFence:
                 waiter.set_exception(error)
                 waiter.exception()
         self.waiters.clear()
+
+    def lose(self, error: LogLost) -> None:
+        """The log lost records: every pending and future append of this node fails."""
+        if self.fenced is None or not isinstance(self.fenced, LogLost):
+            logger.critical("%s", error, extra=fields())
+            self.fenced = error
+        _fail(list(self.waiters.values()), self.fenced)
+        self.waiters.clear()
+
+    def check_end(self, partition: int, end: int, acknowledged: int) -> None:
+        """Raise LogLost if the log ends at or below ``acknowledged``, an offset Kafka had
+        acknowledged to this node before the end was asked for."""
+        if end <= acknowledged:
+            error = LogLost(
+                f"the log of partition {partition} ends at offset {end}, but offset "
+                f"{acknowledged} was acknowledged to node {self.node!r}: the log lost records "
+                "(broker data lost, or the topic deleted and created again); stopping"
+            )
+            self.lose(error)
+            raise error
+
+    def delivered(self, partition: int, base: int, count: int) -> LogLost | None:
+        """Record the acknowledged offsets ``base .. base+count-1`` of one batch; a batch
+        at or below an earlier acknowledgement means the log lost records.
+
+        aiokafka has one batch per partition in flight at a time, so a healthy log
+        acknowledges this node's batches at rising offsets."""
+        if base <= self.highest:
+            self.lose(
+                LogLost(
+                    f"Kafka acknowledged a write to partition {partition} at offset {base}, "
+                    f"at or below offset {self.highest} it had acknowledged to node "
+                    f"{self.node!r} before: the log lost records (broker data lost, or the "
+                    "topic deleted and created again); stopping"
+                )
+            )
+            assert isinstance(self.fenced, LogLost)
+            return self.fenced
+        self.highest = base + count - 1
+        return None
 
 
 _Pending = tuple[bytes, bytes, list[tuple[str, bytes]], "asyncio.Future[int]"]
@@ -372,6 +429,7 @@ class KafkaRepository:
         return await waiter
 
     async def _flush(self, topic: str, partition: int, outbox: _Outbox) -> None:
+        fence = self._fences[partition]
         producer = self._producer
         records: list[_Pending] = []
         try:
@@ -396,7 +454,9 @@ class KafkaRepository:
                         # request timeout, while the broker is unreachable): fail them too.
                         records = sent + records
                         raise
-                    delivery.add_done_callback(functools.partial(_delivered, sent))
+                    delivery.add_done_callback(
+                        functools.partial(_delivered, partition, fence, sent)
+                    )
         except BaseException as exc:
             waiters = [waiter for *_, waiter in (*records, *outbox.pending)]
             outbox.pending.clear()
@@ -428,6 +488,9 @@ class KafkaRepository:
         while fence.waiters and fence.fenced is None:
             try:
                 await self._scan(partition, fence, max(fence.waiters))
+            except LogLost as error:
+                fence.lose(error)
+                return
             except (KafkaError, OSError, TimeoutError, TransientStorageError) as exc:
                 logger.warning(
                     "reading partition %d to confirm writes failed: %r",
@@ -482,9 +545,17 @@ class KafkaRepository:
             try:
                 while (position := await consumer.position(tp)) < stop:
                     fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=_READ_BATCH)
+                    messages = fetched.get(tp, ())
+                    if messages and messages[0].offset < start:
+                        # Offset ``start`` was out of range and the consumer started over.
+                        raise LogLost(
+                            f"offset {start} of {tp.topic}/{partition} is no longer in the "
+                            f"log, which now starts again at offset {messages[0].offset}: "
+                            "the log lost records"
+                        )
                     batch = [
                         _to_record(partition, message)
-                        for message in fetched.get(tp, ())
+                        for message in messages
                         if message.offset < stop
                     ]
                     if batch:
@@ -583,7 +654,10 @@ class KafkaRepository:
         if fence.node is not None:
             if fence.fenced is None:
                 with _transient("checking ownership"):
-                    await self._scan(partition, fence, await self.end_offset(partition))
+                    acknowledged = fence.highest
+                    end = await self.end_offset(partition)
+                    fence.check_end(partition, end, acknowledged)
+                    await self._scan(partition, fence, end)
             if fence.fenced is not None:
                 raise fence.fenced
         with _transient("saving checkpoint failed"):
@@ -632,7 +706,9 @@ class KafkaRepository:
         return {p: c for p, c in checkpoints.items() if p < self._partitions}
 
 
-def _delivered(sent: list[_Pending], delivery: asyncio.Future[Any]) -> None:
+def _delivered(
+    partition: int, fence: _PartitionFence, sent: list[_Pending], delivery: asyncio.Future[Any]
+) -> None:
     """Resolve the waiters of one batch: record ``i`` sits at the batch's base offset + i."""
     if delivery.cancelled():
         _fail([waiter for *_, waiter in sent], TransientStorageError("delivery cancelled"))
@@ -642,6 +718,10 @@ def _delivered(sent: list[_Pending], delivery: asyncio.Future[Any]) -> None:
         _fail([waiter for *_, waiter in sent], _storage_error(error))
         return
     base: int = delivery.result().offset
+    lost = fence.delivered(partition, base, len(sent))
+    if lost is not None:
+        _fail([waiter for *_, waiter in sent], lost)
+        return
     for index, (*_, waiter) in enumerate(sent):
         if not waiter.done():
             waiter.set_result(base + index)
