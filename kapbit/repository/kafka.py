@@ -63,6 +63,16 @@ _REJECTIONS = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLarge
 _READ_BATCH = 10_000
 #: Room for the record's key, headers and batch framing above ``max_payload``.
 _RECORD_OVERHEAD = 16 * 1024
+#: Defaults of every aiokafka client (``client_options`` override them). They decide how
+#: fast an unreachable broker is noticed: a request fails after ``request_timeout_ms``
+#: (aiokafka's own default, 40 s, would keep callers waiting long after the storage
+#: breaker should have opened), a failed connection is retried after ``retry_backoff_ms``,
+#: and a moved partition leader is looked up again after ``metadata_max_age_ms``.
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "request_timeout_ms": 5_000,
+    "retry_backoff_ms": 100,
+    "metadata_max_age_ms": 60_000,
+}
 
 
 class _PartitionFence:
@@ -186,6 +196,7 @@ class KafkaRepository:
     ``ssl_context``; SASL: ``sasl_mechanism``, ``sasl_plain_username``, ...);
     ``producer_options`` and ``consumer_options`` only to those clients. A read that
     makes no progress for ``read_timeout`` seconds (broker unreachable) fails as transient.
+    :data:`CLIENT_DEFAULTS` apply to every client unless ``client_options`` say otherwise.
     """
 
     def __init__(
@@ -198,7 +209,7 @@ class KafkaRepository:
         create_topic: bool = True,
         checkpoint_topic: str | None = None,
         max_payload: int = 1_000_000,
-        read_timeout: float = 30.0,
+        read_timeout: float = 10.0,
         client_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
@@ -213,7 +224,7 @@ class KafkaRepository:
         self._requested_partitions = partitions
         self._replication_factor = replication_factor
         self._create_topic = create_topic
-        self._client_options = dict(client_options or {})
+        self._client_options = {**CLIENT_DEFAULTS, **(client_options or {})}
         self._producer_options = dict(producer_options or {})
         self._consumer_options = dict(consumer_options or {})
         self._partitions = partitions or 0
