@@ -183,3 +183,46 @@ async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(topic
                 await repo.append(0, "workflow_created", "w9", "n1", b"v")
         finally:
             await repo.close()
+
+
+async def test_confirmer_keeps_progressing_through_a_long_run_of_small_foreign_batches(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    # Another writer floods the partition with small batches, so nearly every append of
+    # ours has a gap below it that the confirmer must read. tansu answers a fetch whose
+    # max wait is too short to find the offset in a large log with nothing, every time.
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    await repo.start()
+    await repo.append(0, "active_writer", "n1", "n1", b"aw")
+    producers = [AIOKafkaProducer(bootstrap_servers=kafka_bootstrap) for _ in range(4)]
+    headers = [("kapbit-kind", b"step_outcome"), ("kapbit-node", b"other")]
+    done = asyncio.Event()
+    confirmed: list[int] = []
+
+    async def flood(producer: AIOKafkaProducer) -> None:
+        while not done.is_set():
+            sent = [
+                await producer.send(topic, b"z", key=b"z", partition=0, headers=headers)
+                for _ in range(5)
+            ]
+            await asyncio.gather(*sent)
+
+    async def ours(task: int) -> None:
+        for n in range(100):
+            confirmed.append(await repo.append(0, "step_outcome", f"w{task}-{n}", "n1", b"v"))
+            await asyncio.sleep(0.001 * (task % 3))  # spread ours among the foreign batches
+
+    for producer in producers:
+        await producer.start()
+    flooding = [asyncio.create_task(flood(producer)) for producer in producers]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ours(t) for t in range(20))), 180)
+    finally:
+        done.set()
+        await asyncio.gather(*flooding, return_exceptions=True)
+        for producer in producers:
+            await producer.stop()
+        end = await repo.end_offset(0)
+        await repo.close()
+    assert len(set(confirmed)) == 2000
+    assert end > 20_000, f"the log grew to {end} records only: the test proved nothing"

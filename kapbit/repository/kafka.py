@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -174,6 +174,68 @@ class _PartitionFence:
         return None
 
 
+class _Lane:
+    """A long-lived consumer and the lock serialising its reads. Every partition it reads
+    is assigned and paused: a read seeks and resumes one, then pauses it again, so nothing
+    polls in the background.
+
+    tansu answers a fetch whose max wait is too short to find the offset in a large log
+    with nothing, fetch after fetch. A read that gets nothing where records exist makes
+    the lane slower (:meth:`slow_down`): a new consumer waiting ten times longer, up to
+    ``max_wait_ms``. Kafka answers as soon as data exists, so a longer wait costs nothing
+    there; it slows down only during an outage.
+    """
+
+    def __init__(
+        self,
+        new_consumer: Callable[[int], AIOKafkaConsumer],
+        wait_ms: int,
+        max_wait_ms: int,
+        partitions: list[TopicPartition],
+    ) -> None:
+        self._new_consumer = new_consumer
+        self.wait_ms = wait_ms
+        self._max_wait_ms = max(wait_ms, max_wait_ms)
+        self._partitions = partitions
+        self.consumer = new_consumer(wait_ms)
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await _start_paused(self.consumer, self._partitions)
+
+    async def slow_down(self) -> bool:
+        """Replace the consumer by one waiting ten times longer; False at the maximum."""
+        if self.wait_ms >= self._max_wait_ms:
+            return False
+        wait_ms = min(self.wait_ms * 10, self._max_wait_ms)
+        consumer = self._new_consumer(wait_ms)
+        try:
+            await _start_paused(consumer, self._partitions)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise
+        old, self.consumer, self.wait_ms = self.consumer, consumer, wait_ms
+        with contextlib.suppress(Exception):
+            await old.stop()
+        logger.info(
+            "a fetch of existing records came back empty: reading with a %d ms fetch wait",
+            wait_ms,
+            extra=fields(),
+        )
+        return True
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()
+
+
+async def _start_paused(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+    await consumer.start()
+    consumer.assign(partitions)
+    consumer.pause(*partitions)
+
+
 _Pending = tuple[bytes, bytes, list[tuple[str, bytes]], "asyncio.Future[int]"]
 
 
@@ -229,10 +291,8 @@ class KafkaRepository:
         self._consumer_options = dict(consumer_options or {})
         self._partitions = partitions or 0
         self._producer: AIOKafkaProducer | None = None
-        self._reader: AIOKafkaConsumer | None = None
-        self._confirmer: AIOKafkaConsumer | None = None
-        self._read_lock = asyncio.Lock()
-        self._confirm_lock = asyncio.Lock()
+        self._reader: _Lane | None = None
+        self._confirmer: _Lane | None = None
         self._fences: list[_PartitionFence] = []
         self._outboxes: list[_Outbox] = []
         self._started = False
@@ -264,19 +324,21 @@ class KafkaRepository:
                 **self._producer_options,
             },
         )
-        # Long-lived consumers with every partition assigned and paused: a read seeks and
-        # resumes one partition, then pauses it again, so nothing polls in the background.
-        self._reader = self._new_consumer()
-        self._confirmer = self._new_consumer(fetch_max_wait_ms=1)
         log_partitions = [TopicPartition(self.topic, p) for p in range(self._partitions)]
+        # The confirmer reads small gaps near the end: tansu holds a fetch for its whole
+        # max wait while it finds more records, so it starts at 1 ms.
+        max_wait_ms = min(1_000, int(self._client_options["request_timeout_ms"]) // 2)
+        self._reader = _Lane(
+            self._new_consumer,
+            20,
+            max_wait_ms,
+            [*log_partitions, TopicPartition(self.checkpoint_topic, 0)],
+        )
+        self._confirmer = _Lane(self._new_consumer, 1, max_wait_ms, log_partitions)
         try:
             await self._producer.start()
             await self._reader.start()
             await self._confirmer.start()
-            self._reader.assign([*log_partitions, TopicPartition(self.checkpoint_topic, 0)])
-            self._reader.pause(*self._reader.assignment())
-            self._confirmer.assign(log_partitions)
-            self._confirmer.pause(*log_partitions)
             await self._check_records(log_partitions)
         except (KafkaError, OSError, TimeoutError, TransientStorageError) as exc:
             await self.close()
@@ -292,17 +354,15 @@ class KafkaRepository:
         """Refuse a topic another application writes, before anything is written into it:
         the first record of every non-empty partition must carry kapbit's kind header."""
         assert self._reader is not None
-        async with self._read_lock:
-            begins = await self._reader.beginning_offsets(partitions)
+        async with self._reader.lock:
+            begins = await self._reader.consumer.beginning_offsets(partitions)
         for tp in partitions:
             start = begins[tp]
             if await self._end_offset(tp) <= start:
                 continue
             first = [
                 record
-                async for batch in self._fetch(
-                    self._reader, self._read_lock, tp.partition, start, start + 1
-                )
+                async for batch in self._fetch(self._reader, tp.partition, start, start + 1)
                 for record in batch
             ]
             if first and first[0].kind not in _KINDS:
@@ -331,22 +391,24 @@ class KafkaRepository:
                     waiter.set_exception(TransientStorageError("repository closed"))
                     waiter.exception()
             fence.waiters.clear()
-        for client in (self._producer, self._reader, self._confirmer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
-        self._producer = self._reader = self._confirmer = None
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+        for lane in (self._reader, self._confirmer):
+            if lane is not None:
+                await lane.stop()
+        self._producer = None
+        self._reader = self._confirmer = None
 
-    def _new_consumer(self, **extra: Any) -> AIOKafkaConsumer:
+    def _new_consumer(self, fetch_max_wait_ms: int = 20) -> AIOKafkaConsumer:
         options: dict[str, Any] = {
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
-            "fetch_max_wait_ms": 20,
             "max_partition_fetch_bytes": max(1_048_576, self.max_payload + _RECORD_OVERHEAD),
             "fetch_max_bytes": 64 * 1_048_576,
             **self._client_options,
             **self._consumer_options,
-            **extra,
+            "fetch_max_wait_ms": fetch_max_wait_ms,
         }
         return AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None, **options)
 
@@ -519,7 +581,7 @@ class KafkaRepository:
         start = fence.frontier + 1
         if start >= stop:
             return
-        async for batch in self._fetch(self._confirmer, self._confirm_lock, partition, start, stop):
+        async for batch in self._fetch(self._confirmer, partition, start, stop):
             for record in batch:
                 if record.kind == _ACTIVE_WRITER and record.node != fence.node:
                     fence.fence(
@@ -538,17 +600,18 @@ class KafkaRepository:
 
     async def _fetch(
         self,
-        consumer: AIOKafkaConsumer | None,
-        lock: asyncio.Lock,
+        lane: _Lane | None,
         partition: int,
         start: int,
         stop: int,
         topic: str | None = None,
     ) -> AsyncIterator[list[Record]]:
-        if consumer is None:
+        """Yield the records of ``start <= offset < stop``, all of which exist."""
+        if lane is None:
             raise TransientStorageError("the Kafka repository is not started")
         tp = TopicPartition(topic or self.topic, partition)
-        async with lock:
+        async with lane.lock:
+            consumer = lane.consumer
             consumer.seek(tp, start)
             consumer.resume(tp)
             loop = asyncio.get_running_loop()
@@ -577,9 +640,13 @@ class KafkaRepository:
                             f"no progress reading {tp.topic}/{partition} at offset {position} "
                             f"for {self.read_timeout} s"
                         )
+                    elif await lane.slow_down():
+                        consumer = lane.consumer
+                        consumer.seek(tp, position)
+                        consumer.resume(tp)
             finally:
-                consumer.pause(tp)
-                _drop_prefetched(consumer, tp, start)
+                lane.consumer.pause(tp)
+                _drop_prefetched(lane.consumer, tp, start)
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         return self._read(partition, start, stop)
@@ -589,7 +656,7 @@ class KafkaRepository:
         if start >= stop:
             return
         with _transient(f"reading partition {partition} failed"):
-            async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
+            async for batch in self._fetch(self._reader, partition, start, stop):
                 yield batch
 
     async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
@@ -621,7 +688,7 @@ class KafkaRepository:
         if start >= stop:
             return owner
         with _transient(f"reading claims of partition {partition}"):
-            async for batch in self._fetch(self._reader, self._read_lock, partition, start, stop):
+            async for batch in self._fetch(self._reader, partition, start, stop):
                 for record in batch:
                     if record.kind == _ACTIVE_WRITER:
                         owner = record.node
@@ -633,22 +700,27 @@ class KafkaRepository:
         ListOffsets alone is not trusted: some Kafka-protocol brokers answer it with the
         base offset of the last batch plus one.
         """
-        consumer = self._reader
-        if consumer is None:
+        lane = self._reader
+        if lane is None:
             raise TransientStorageError("the Kafka repository is not started")
         with _transient(f"end offset of {tp.topic}/{tp.partition}"):
-            async with self._read_lock:
+            async with lane.lock:
+                consumer = lane.consumer
                 reported: int = (await consumer.end_offsets([tp]))[tp]
                 if reported == 0:
                     return 0
-                consumer.seek(tp, reported - 1)
-                consumer.resume(tp)
-                try:
-                    await consumer.getmany(tp, timeout_ms=1000, max_records=1)
-                finally:
-                    consumer.pause(tp)
-                    highwater: int | None = consumer.highwater(tp)
-                    _drop_prefetched(consumer, tp, reported - 1)
+                while True:
+                    consumer.seek(tp, reported - 1)
+                    consumer.resume(tp)
+                    try:
+                        fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                    finally:
+                        consumer.pause(tp)
+                        highwater: int | None = consumer.highwater(tp)
+                        _drop_prefetched(consumer, tp, reported - 1)
+                    if fetched.get(tp) or not await lane.slow_down():
+                        break
+                    consumer = lane.consumer
         return max(reported, highwater or 0)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -688,19 +760,17 @@ class KafkaRepository:
             return await self._load_checkpoints()
 
     async def _load_checkpoints(self) -> dict[int, Checkpoint]:
-        consumer = self._reader
-        if consumer is None:
+        lane = self._reader
+        if lane is None:
             raise TransientStorageError("the Kafka repository is not started")
         tp = TopicPartition(self.checkpoint_topic, 0)
         checkpoints: dict[int, Checkpoint] = {}
-        async with self._read_lock:
-            start = (await consumer.beginning_offsets([tp]))[tp]
+        async with lane.lock:
+            start = (await lane.consumer.beginning_offsets([tp]))[tp]
         stop = await self._end_offset(tp)
         if start >= stop:
             return checkpoints
-        async for batch in self._fetch(
-            consumer, self._read_lock, 0, start, stop, topic=self.checkpoint_topic
-        ):
+        async for batch in self._fetch(lane, 0, start, stop, topic=self.checkpoint_topic):
             for record in batch:
                 log, _, partition = record.key.rpartition("/")
                 if log != self.topic:
