@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kapbit import (
     Backoff,
@@ -166,7 +167,21 @@ async def test_broker_that_lost_its_log_stops_the_running_instance_with_log_lost
     assert any(isinstance(r, LogLost) for r in after), after
 
 
-async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(topic: str) -> None:
+async def _recreate(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it again, empty, as an operator (or auto-creation) would."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("how", ["broker-restarted", "topic-recreated"])
+async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(
+    topic: str, how: str
+) -> None:
     async with LocalBroker(use_env=False, use_docker=False) as broker:
         repo = KafkaRepository(
             broker.bootstrap_servers, topic, partitions=1, client_options=FAST_CLIENT
@@ -176,7 +191,10 @@ async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(topic
             await repo.append(0, "active_writer", "n1", "n1", b"aw")
             for n in range(5):
                 await repo.append(0, "workflow_created", f"w{n}", "n1", b"v")
-            await broker.restart()
+            if how == "broker-restarted":
+                await broker.restart()
+            else:
+                await _recreate(broker.bootstrap_servers, topic)
             with pytest.raises(LogLost, match="lost records"):
                 await asyncio.wait_for(repo.save_checkpoint(0, Checkpoint(offset=6)), 60)
             with pytest.raises(LogLost):  # and nothing more is written
