@@ -189,9 +189,11 @@ async def test_outage_opens_the_breaker_closes_the_gate_and_loses_nothing(
     )
 
 
-#: What the README promises with the default client settings: a cut closes the gate within
-#: about ``request_timeout_ms`` (5 s) once a handful of workflows are in flight.
-GATE_CLOSES_WITHIN = 10.0
+#: What the README promises with the default client settings: with a handful of workflows
+#: in flight a cut closes the gate within one or two request timeouts (5 s each; a produce
+#: request carries one batch per partition, so the failures may come in two rounds), plus
+#: slack for a loaded machine.
+GATE_CLOSES_WITHIN = 15.0
 
 
 @pytest.mark.parametrize("blackhole", [False, True], ids=["reset", "blackhole"])
