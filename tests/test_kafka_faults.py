@@ -22,6 +22,7 @@ from kapbit import (
     LogLost,
     Options,
     StartupError,
+    StorageError,
 )
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing.broker import LocalBroker
@@ -79,6 +80,53 @@ async def test_topic_of_another_application_is_refused_before_anything_is_writte
         assert sorted((tp.partition, end) for tp, end in ends.items()) == [(0, 0), (1, 3)]
     finally:
         await consumer.stop()
+
+
+async def test_checkpoint_topic_of_another_application_is_refused_before_anything_is_written(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    foreign = f"{topic}-orders"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(foreign, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(foreign, b'{"order": 1}', key=b"order-1", partition=0)
+    finally:
+        await producer.stop()
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=1, checkpoint_topic=foreign)
+    with pytest.raises(StartupError, match=f"{foreign!r} does not hold kapbit checkpoints"):
+        await repo.start()
+    await repo.close()
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(foreign, 0), TopicPartition(topic, 0)])
+        assert sorted(ends.values()) == [0, 1]  # still the one foreign record, an empty log
+    finally:
+        await consumer.stop()
+
+
+async def test_a_partition_the_topic_does_not_have_is_a_typed_error(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=2)
+    await repo.start()
+    try:
+        for call in (
+            lambda: repo.append(2, "active_writer", "n1", "n1", b"aw"),
+            lambda: repo.end_offset(-1),
+            lambda: repo.current_owner(7),
+            lambda: repo.save_checkpoint(2, Checkpoint()),
+        ):
+            with pytest.raises(StorageError, match="has partitions 0 to 1"):
+                await call()
+    finally:
+        await repo.close()
 
 
 async def _call_all(repo: KafkaRepository) -> dict[str, BaseException | None]:

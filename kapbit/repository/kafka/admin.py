@@ -3,16 +3,22 @@ that another application writes before anything is written into it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import msgspec
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from kapbit.errors import StartupError
+from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.reads import Lane, beginning_offsets, end_offset, fetch
 from kapbit.repository.kafka.records import KIND_HEADER, KINDS
+
+#: Checkpoint keys: ``<topic>/<partition>``, or a bare partition (before logs named them).
+_CHECKPOINT_KEY = re.compile(r"(.+/)?[0-9]+")
 
 
 async def ensure_topics(
@@ -42,25 +48,51 @@ async def ensure_topics(
     return count
 
 
-async def check_records(lane: Lane, partitions: list[TopicPartition], read_timeout: float) -> None:
-    """Refuse a topic another application writes, before anything is written into it:
-    the first record of every non-empty partition must carry kapbit's kind header."""
-    begins = await beginning_offsets(lane, partitions)
-    for tp in partitions:
-        start = begins[tp]
-        if await end_offset(lane, tp) <= start:
-            continue
-        first = [
-            record
-            async for batch in fetch(lane, tp, start, start + 1, read_timeout)
-            for record in batch
-        ]
-        if first and first[0].kind not in KINDS:
+async def check_records(
+    lane: Lane, partitions: list[TopicPartition], checkpoints: TopicPartition, read_timeout: float
+) -> None:
+    """Refuse topics another application writes, before anything is written into them: the
+    first record of every non-empty log partition must carry kapbit's kind header, and the
+    first record of the checkpoint topic must be a checkpoint keyed by log."""
+    for record in await _first_records(lane, partitions, read_timeout):
+        if record.kind not in KINDS:
             raise StartupError(
-                f"topic {tp.topic!r} is not a kapbit log: its record at partition "
-                f"{tp.partition}, offset {first[0].offset} has no {KIND_HEADER!r} header "
+                f"topic {partitions[0].topic!r} is not a kapbit log: its record at partition "
+                f"{record.partition}, offset {record.offset} has no {KIND_HEADER!r} header "
                 "naming a kapbit event; refusing to write into it"
             )
+    for record in await _first_records(lane, [checkpoints], read_timeout):
+        try:
+            msgspec.json.decode(record.value, type=Checkpoint)
+        except msgspec.DecodeError:
+            valid = False
+        else:
+            valid = _CHECKPOINT_KEY.fullmatch(record.key) is not None
+        if not valid:
+            raise StartupError(
+                f"topic {checkpoints.topic!r} does not hold kapbit checkpoints: its record at "
+                f"offset {record.offset} is not a checkpoint keyed '<topic>/<partition>'; "
+                "refusing to write into it"
+            )
+
+
+async def _first_records(
+    lane: Lane, partitions: list[TopicPartition], read_timeout: float
+) -> list[Record]:
+    """The first record of each non-empty partition of ``partitions``."""
+    begins = await beginning_offsets(lane, partitions)
+    first: list[Record] = []
+    for tp in partitions:
+        start = begins[tp]
+        if await end_offset(lane, tp) > start:
+            first.extend(
+                [
+                    record
+                    async for batch in fetch(lane, tp, start, start + 1, read_timeout)
+                    for record in batch
+                ]
+            )
+    return first
 
 
 async def _ensure_topic(

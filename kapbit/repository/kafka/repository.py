@@ -8,7 +8,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from kapbit.errors import Fenced, PayloadTooLarge, StartupError, TransientStorageError
+from kapbit.errors import (
+    Fenced,
+    PayloadTooLarge,
+    StartupError,
+    StorageError,
+    TransientStorageError,
+)
 from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.admin import check_records, ensure_topics
 from kapbit.repository.kafka.checkpoints import CheckpointStore
@@ -146,7 +152,12 @@ class KafkaRepository:
         try:
             for client in clients:
                 await client.start()
-            await check_records(reader, log_partitions, self.read_timeout)
+            await check_records(
+                reader,
+                log_partitions,
+                TopicPartition(self.checkpoint_topic, 0),
+                self.read_timeout,
+            )
         except (*BROKER_ERRORS, TransientStorageError) as exc:
             await _stop_all(clients)
             raise StartupError(
@@ -195,9 +206,17 @@ class KafkaRepository:
         }
         return AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None, **options)
 
-    def _started(self) -> _Started:
+    def _started(self, partition: int | None = None) -> _Started:
+        """The started parts; raises StorageError for a partition the topic does not have."""
         if self._parts is None:
             raise TransientStorageError("the Kafka repository is not started")
+        if partition is not None and not (
+            isinstance(partition, int) and 0 <= partition < self._partitions
+        ):
+            raise StorageError(
+                f"topic {self.topic!r} has partitions 0 to {self._partitions - 1}, "
+                f"not {partition!r}"
+            )
         return self._parts
 
     # --- the log --------------------------------------------------------------------------
@@ -205,7 +224,7 @@ class KafkaRepository:
     async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
         if len(value) > self.max_payload:
             raise PayloadTooLarge(len(value), self.max_payload)
-        parts = self._started()
+        parts = self._started(partition)
         fence = parts.fences[partition]
         if kind != ACTIVE_WRITER:
             if fence.fenced is not None:
@@ -222,7 +241,8 @@ class KafkaRepository:
         return self._read(partition, start, stop)
 
     async def _read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
-        reader = self._started().reader
+        reader = self._started(partition).reader
+        start = max(start, 0)
         stop = min(stop, await self.end_offset(partition))
         if start >= stop:
             return
@@ -238,7 +258,7 @@ class KafkaRepository:
             with transient(f"following partition {partition} failed"):
                 await consumer.start()
                 consumer.assign([tp])
-                consumer.seek(tp, start)
+                consumer.seek(tp, max(start, 0))
                 while True:
                     fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
                     batch = [to_record(partition, message) for message in fetched.get(tp, ())]
@@ -248,12 +268,13 @@ class KafkaRepository:
             await consumer.stop()
 
     async def end_offset(self, partition: int) -> int:
-        return await end_offset(self._started().reader, TopicPartition(self.topic, partition))
+        reader = self._started(partition).reader
+        return await end_offset(reader, TopicPartition(self.topic, partition))
 
     async def current_owner(self, partition: int) -> str:
         """Read from this node's own claim (or, never having claimed, from the start) to
         the end, and return the latest claimer."""
-        reader = self._started().reader
+        reader = self._started(partition).reader
         fence = self._fences[partition]
         owner = fence.node or ""
         start = fence.claim_offset + 1 if fence.node is not None else 0
@@ -277,7 +298,7 @@ class KafkaRepository:
         checkpoint older than the new owner's (safe, but recovery would read more); one
         whose log lost records learns that (LogLost).
         """
-        parts = self._started()
+        parts = self._started(partition)
         fence = parts.fences[partition]
         if fence.node is not None:
             if fence.fenced is None:
