@@ -16,14 +16,16 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
 
 from kapbit._log import execution_fields, fields
+from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
+from kapbit.codecs.checked import TypeMismatch, encode_checked, type_name
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
     CorruptRecord,
@@ -35,6 +37,7 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidInput,
     InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
@@ -73,6 +76,9 @@ _CREATED = EventKind.WORKFLOW_CREATED.value
 _MAX_ERROR_LENGTH = 1000
 _MAX_CLAIM_ROUNDS = 10
 
+I = TypeVar("I")  # noqa: E741 - a workflow's input type, as in kapbit.workflow
+R = TypeVar("R")
+
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
     def __init__(self, gate: EntryGate) -> None:
@@ -93,7 +99,7 @@ class Kapbit:
 
     def __init__(
         self,
-        definitions: Iterable[Definition],
+        definitions: Iterable[Definition[Any, Any, Any]],
         repository: Repository,
         codec: Codec | None = None,
         *,
@@ -127,6 +133,9 @@ class Kapbit:
         self._windows: list[IdempotencyWindow] = []
         self._retry_worker = RetryWorker(
             self.options.retry, self.gate, self._retry_attempt, self._dead_letter
+        )
+        self._actions = ActionRunner(
+            self.node_id, self.options.action_executor, self.options.action_threads
         )
         self._checkpointer: Checkpointer | None = None
         self._in_flight: dict[str, WorkflowExecution] = {}
@@ -283,33 +292,64 @@ class Kapbit:
             execution.resolve(error=self._fenced_error or closed)
         if self._state != "fenced":
             self._state = "closed"
+        self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
 
     # --- workflows ------------------------------------------------------------------------
 
-    async def exec_workflow(self, workflow_id: str, workflow_type: str, input: Any = None) -> Any:
-        """Run workflow ``workflow_id`` of type ``workflow_type`` and return its result.
+    @overload
+    async def exec_workflow(
+        self, workflow: Definition[I, Any, R], workflow_id: str, input: I, /
+    ) -> R: ...
 
-        Nothing is written unless every check passes: the instance runs
+    @overload
+    async def exec_workflow(
+        self, workflow_id: str, workflow_type: str, input: Any = None, /
+    ) -> Any: ...
+
+    async def exec_workflow(
+        self, first: Definition[Any, Any, Any] | str, second: str, input: Any = None, /
+    ) -> Any:
+        """Run a workflow and return its result.
+
+        Two forms: ``exec_workflow(ORDER, "order-42", order)`` runs the registered
+        definition ``ORDER`` (a type checker then checks the input and knows the result's
+        type), and ``exec_workflow("order-42", "order", order)`` runs the definition
+        registered under the type name ``"order"`` (for callers that only know the name;
+        the result is ``Any``). The definition comes first, as the thing to run; the string
+        form keeps its historical order (id, type name, input).
+
+        Nothing is written unless every check passes (each refusal is a
+        :class:`~kapbit.errors.WorkflowRefused`, except the first two): the instance runs
         (:class:`~kapbit.errors.InstanceClosed`, :class:`~kapbit.errors.Fenced`), the gate is
         open (:class:`~kapbit.errors.GateClosed`), the type is registered
         (:class:`~kapbit.errors.UnknownWorkflowType`), the id is new
         (:class:`~kapbit.errors.DuplicateWorkflow`), a slot is free
-        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes
-        (:class:`~kapbit.errors.EncodeError`). Once ``WorkflowCreated`` is durable the
-        workflow finishes even if this call is cancelled or the process dies. A step that
-        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`; an action
-        returning a wrong type :class:`~kapbit.errors.InvalidReturnValue`, and storage
-        refusing one of the workflow's events :class:`~kapbit.errors.WorkflowRejected`
-        (both terminal).
+        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes and is of the
+        declared ``input_type`` (:class:`~kapbit.errors.InvalidInput`). Once
+        ``WorkflowCreated`` is durable the workflow finishes even if this call is cancelled
+        or the process dies. A step that raises makes this call raise
+        :class:`~kapbit.errors.WillRetryLater`; an action returning a wrong value or type
+        :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
+        workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
         """
+        if isinstance(first, Definition):
+            workflow_id, workflow_type = second, first.type
+        else:
+            workflow_id, workflow_type = first, second
         self._check_running()
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
         if definition is None:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if isinstance(first, Definition) and definition is not first and definition != first:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
         if not isinstance(workflow_id, str) or not workflow_id:
             raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
         partition = partition_for(workflow_id, self._partitions)
@@ -318,9 +358,17 @@ class Kapbit:
         if len(self._in_flight) >= self.options.max_workflows:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
-        created = WorkflowCreated(
-            workflow_id, workflow_type, msgspec.Raw(codec.encode(input)), time.time()
-        )
+        try:
+            data, input = encode_checked(codec, input, definition.input_type)
+        except EncodeError as exc:
+            raise InvalidInput(
+                workflow_type, type_name(definition.input_type), type(input).__qualname__, str(exc)
+            ) from exc
+        except TypeMismatch as mismatch:
+            raise InvalidInput(
+                workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
+            ) from mismatch
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time())
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)
@@ -433,7 +481,7 @@ class Kapbit:
             self._checkpointer.opened(execution.partition, execution.id, offset)
             self._stats.started += 1
         try:
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             self._note_step_raised(execution, raised)
             self._retry_worker.schedule(execution)
@@ -467,7 +515,7 @@ class Kapbit:
                 execution,
                 WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
             )
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             # The retry worker logs the failed attempt itself.
             self._note_step_raised(execution, raised, logging.INFO)
@@ -644,10 +692,13 @@ class Kapbit:
         for task in [*self._tasks, *self._background]:
             task.cancel()
         self._retry_worker.abort()
+        self._actions.close()
 
 
-def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definition]:
-    index: dict[str, Definition] = {}
+def _index_definitions(
+    definitions: Iterable[Definition[Any, Any, Any]],
+) -> dict[str, Definition[Any, Any, Any]]:
+    index: dict[str, Definition[Any, Any, Any]] = {}
     for definition in definitions:
         if not isinstance(definition, Definition):
             raise InvalidDefinition(f"expected a Definition, got {type(definition).__name__}")
