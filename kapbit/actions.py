@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
-from kapbit.context import _CURRENT, StepContext
 from kapbit.errors import StepTimedOut
+from kapbit.step_context import _CURRENT, StepContext
 
 
 class ActionRunner:

@@ -20,7 +20,6 @@ from kapbit._log import execution_fields
 from kapbit.actions import ActionRunner
 from kapbit.codecs import Codec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
-from kapbit.context import StepContext
 from kapbit.emitter import Emitter
 from kapbit.errors import (
     CircuitBreakerOpen,
@@ -32,6 +31,7 @@ from kapbit.errors import (
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
 from kapbit.options import StepRetry
+from kapbit.step_context import StepContext
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
 logger = logging.getLogger("kapbit")
@@ -279,7 +279,7 @@ class WorkflowExecution:
                 return False
             cause = error.cause
             return not (
-                isinstance(cause, NonRetryable | policy.non_retryable) or _is_breaker_error(cause)
+                isinstance(cause, (NonRetryable, *policy.non_retryable)) or _is_breaker_error(cause)
             )
 
         def used_up(_: RetryCallState) -> bool:

@@ -9,6 +9,8 @@ costs well under a microsecond for small values (``benchmarks/bench_mem.py``).
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 import msgspec
@@ -76,6 +78,10 @@ def unsupported(declared: Any) -> str | None:
 
 def type_name(declared: Any) -> str:
     """A readable name of a declared type: ``Order``, ``list[int]``, ``str | None``."""
+    if declared is type(None):
+        return "None"
     if isinstance(declared, type) and not getattr(declared, "__args__", None):
         return declared.__qualname__
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(declared))
     return repr(declared).replace("typing.", "")
