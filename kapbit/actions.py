@@ -46,6 +46,8 @@ class ActionRunner:
         token = _CURRENT.set(context)
         try:
             if timeout is None:
+                if is_async:  # the hot path: no extra frame
+                    return await fn(*args)
                 return await self._run(fn, is_async, args)
             try:
                 async with asyncio.timeout(timeout) as scope:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -179,9 +180,10 @@ class WorkflowExecution:
             outcome = Success(None) if returned is None else returned
             if not isinstance(outcome, Success | Failure):
                 await self._invalid_return(emitter, index, phase, returned)
+            declared = definition.outcome_type_of(index)
             try:
                 data, value = encode_checked(
-                    codec, outcome.value, definition.outcome_type_of(index)
+                    codec, outcome.value, declared, definition.plain_types(declared)
                 )
             except EncodeError as exc:
                 await self.reject(emitter, "step_outcome", str(exc))
@@ -190,7 +192,9 @@ class WorkflowExecution:
             success = isinstance(outcome, Success)
             event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), time.time())
             await self._persist(emitter, codec, event)
-            progress._record(phase, index, Success(value) if success else Failure(value))
+            if value is not outcome.value:  # keep what was read back, as after a restart
+                outcome = Success(value) if success else Failure(value)
+            progress._record(phase, index, outcome)
             self.step_base = self.attempts
             if phase == "compensate" and not success:
                 logger.warning(
@@ -208,7 +212,8 @@ class WorkflowExecution:
             raise StepRaised(self.id, None, "execute", exc) from exc
         compensated = progress.failed
         try:
-            data, result = encode_checked(codec, result, definition.result_type)
+            declared = definition.result_type
+            data, result = encode_checked(codec, result, declared, definition.plain_types(declared))
         except EncodeError as exc:
             await self.reject(emitter, "workflow_result", str(exc))
         except TypeMismatch as mismatch:
@@ -236,7 +241,6 @@ class WorkflowExecution:
         else:
             assert step.compensate is not None
             fn, is_async = step.compensate, step._compensate_async
-        policy = step.retry
         args = (self.input, self.progress)
 
         async def attempt() -> Any:
@@ -254,21 +258,38 @@ class WorkflowExecution:
             except Exception as exc:  # any error means "retry later", unless told otherwise
                 raise _ActionRaised(exc) from exc
 
-        try:
-            if policy is None:
-                return await attempt()
-            return await self._retry_in_place(emitter, policy, attempt)
-        except _ActionRaised as raised:
-            error = raised.cause
-            if isinstance(error, NonRetryable):
-                return Failure(error.value)
-            if policy is not None and isinstance(error, policy.non_retryable):
+        policy = step.retry
+        error: Exception
+        if policy is None:  # the common case, without the closure's frames
+            context = StepContext(
+                self.id,
+                self.definition.type,
+                step.label,
+                index,
+                phase,
+                self.step_attempt,
+                actions.node_id,
+            )
+            try:
+                return await actions.run(fn, is_async, args, context, step.timeout)
+            except Exception as exc:  # any error means "retry later", unless told otherwise
+                error = exc
+        else:
+            try:
+                return await self._retry_in_place(emitter, policy, attempt)
+            except _ActionRaised as raised:
+                error = raised.cause
+        if isinstance(error, NonRetryable):
+            return Failure(error.value)
+        if policy is not None and not _is_breaker_error(error):
+            if isinstance(error, policy.non_retryable):
                 return Failure(_error_text(error))
-            if policy is not None and not _is_breaker_error(error):
-                return Failure(f"gave up after {self.step_attempt} attempts: {_error_text(error)}")
-            raise StepRaised(self.id, index, phase, error) from error
+            return Failure(f"gave up after {self.step_attempt} attempts: {_error_text(error)}")
+        raise StepRaised(self.id, index, phase, error) from error
 
-    async def _retry_in_place(self, emitter: Emitter, policy: StepRetry, attempt: Any) -> Any:
+    async def _retry_in_place(
+        self, emitter: Emitter, policy: StepRetry, attempt: Callable[[], Awaitable[Any]]
+    ) -> Any:
         """Run ``attempt`` until it returns or ``policy`` gives up (tenacity); each retry is
         a WorkflowRetry event first, so attempt counts survive restarts."""
         if self.step_attempt > policy.max_attempts:  # used up before a restart

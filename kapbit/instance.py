@@ -359,7 +359,8 @@ class Kapbit:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
         try:
-            data, input = encode_checked(codec, input, definition.input_type)
+            declared = definition.input_type
+            data, input = encode_checked(codec, input, declared, definition.plain_types(declared))
         except EncodeError as exc:
             raise InvalidInput(
                 workflow_type, type_name(definition.input_type), type(input).__qualname__, str(exc)

@@ -14,21 +14,22 @@ action runs in.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 from kapbit.errors import NoStepContext
 
 
-@dataclass(frozen=True, slots=True)
-class StepContext:
+class StepContext(msgspec.Struct, frozen=True):
     """The step action being run.
 
     ``step_name`` is the step's ``name`` (or its execute action's function name);
     ``attempt`` counts this step's recorded attempts, 1 on the first run: every retry
     (in place or by the retry worker) is a ``WorkflowRetry`` event in the log, so it goes
     on counting after a restart. A step resumed after a crash without such an event runs
-    again with the same number; an idempotency key should not include it.
+    again with the same number; an idempotency key should not include it. (A msgspec
+    Struct: one is built for every action run, and that is ten times cheaper.)
     """
 
     workflow_id: str

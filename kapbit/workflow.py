@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeAlias, TypeVar, overload
 
-from kapbit.codecs.checked import type_name, unsupported
+from kapbit.codecs.checked import plain_types, type_name, unsupported
 from kapbit.errors import InvalidDefinition
 from kapbit.options import StepRetry
 
@@ -34,6 +34,7 @@ R = TypeVar("R")
 #: A declared type: a class (``Order``, ``str``, ``list[int]``) binds the type parameter;
 #: forms a type checker cannot bind (``str | None``, ``Literal[...]``) are accepted as is.
 TypeForm: TypeAlias = "type[T] | UnionType | _SpecialForm"
+_Plain: TypeAlias = frozenset[type]
 
 Phase: TypeAlias = Literal["execute", "compensate"]
 
@@ -189,9 +190,11 @@ class Step(Generic[I, O]):
     timeout: float | None = field(default=None, kw_only=True)
     _execute_async: bool = field(init=False, repr=False, compare=False, default=False)
     _compensate_async: bool = field(init=False, repr=False, compare=False, default=False)
+    _label: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
-        label = self.label
+        label = self.name or str(getattr(self.execute, "__name__", "step"))
+        object.__setattr__(self, "_label", label)
         if not callable(self.execute):
             raise InvalidDefinition(f"step {label!r}: execute is not callable")
         if self.compensate is not None and not callable(self.compensate):
@@ -217,9 +220,7 @@ class Step(Generic[I, O]):
     @property
     def label(self) -> str:
         """The step's name, or its execute action's name when it has none."""
-        if self.name is not None:
-            return self.name
-        return str(getattr(self.execute, "__name__", "step"))
+        return self._label
 
 
 def _default_result(_input: Any, progress: Progress) -> list[Any]:
@@ -263,6 +264,7 @@ class Definition(Generic[I, O, R]):
     result_type: Any
     _step_names: dict[str, int] = field(repr=False, compare=False)
     _outcome_types: tuple[Any, ...] = field(repr=False, compare=False)
+    _plain: dict[Any, _Plain] = field(repr=False, compare=False)
     _result_async: bool = field(repr=False, compare=False)
 
     @overload
@@ -357,6 +359,7 @@ class Definition(Generic[I, O, R]):
             ("result_type", result_type),
             ("_step_names", names),
             ("_outcome_types", outcome_types),
+            ("_plain", {t: plain_types(t) for t in (input_type, result_type, *outcome_types)}),
             ("_result_async", _is_async(result)),
         ):
             object.__setattr__(self, name, value)
@@ -365,6 +368,11 @@ class Definition(Generic[I, O, R]):
         """The type the outcome values of ``step`` are checked against and decoded with:
         its declared outcome type (or the definition's) or ``None``."""
         return self._outcome_types[step]
+
+    def plain_types(self, declared: Any) -> _Plain:
+        """The types among one of this definition's declared types whose values need no
+        read-back (see :func:`kapbit.codecs.checked.plain_types`), computed once."""
+        return self._plain.get(declared, frozenset())
 
     def new_progress(self) -> Progress:
         """An empty progress that resolves this definition's step names."""

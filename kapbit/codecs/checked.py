@@ -30,14 +30,33 @@ class TypeMismatch(Exception):
         super().__init__(f"expected {self.declared}, got {self.actual} ({self.detail})")
 
 
-def encode_checked(codec: Codec, value: Any, declared: Any) -> tuple[bytes, Any]:
+#: Types whose values read back unchanged as themselves once they encode.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def plain_types(declared: Any) -> frozenset[type]:
+    """The types among ``declared`` (a class or a union) whose values need no read-back:
+    a value of exactly such a type that encodes is valid and reads back equal."""
+    members = typing.get_args(declared) if _is_union(declared) else (declared,)
+    return frozenset(member for member in members if member in _PLAIN)
+
+
+def _is_union(declared: Any) -> bool:
+    return typing.get_origin(declared) in (typing.Union, types.UnionType)
+
+
+def encode_checked(
+    codec: Codec, value: Any, declared: Any, plain: frozenset[type] = frozenset()
+) -> tuple[bytes, Any]:
     """``(encoded, value as read back)``: ``value`` encoded and checked against ``declared``.
 
-    Raises :class:`~kapbit.errors.EncodeError` if the codec cannot encode the value and
+    ``plain`` is :func:`plain_types` of ``declared`` (precomputed by the caller): a value of
+    exactly one of those types is not read back. Raises
+    :class:`~kapbit.errors.EncodeError` if the codec cannot encode the value and
     :class:`TypeMismatch` if the encoding does not decode as ``declared``.
     """
     data = codec.encode(value)
-    if declared is Any:
+    if declared is Any or type(value) in plain:
         return data, value
     try:
         return data, codec.decode(data, declared)
@@ -82,6 +101,6 @@ def type_name(declared: Any) -> str:
         return "None"
     if isinstance(declared, type) and not getattr(declared, "__args__", None):
         return declared.__qualname__
-    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+    if _is_union(declared):
         return " | ".join(type_name(arg) for arg in typing.get_args(declared))
     return repr(declared).replace("typing.", "")
