@@ -435,3 +435,27 @@ def test_step_options_are_validated() -> None:
         StepRetry(non_retryable=("x",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="action_threads"):
         Options(action_threads=0)
+
+
+async def test_the_log_reads_back_with_the_public_event_types() -> None:
+    """kapbit.events documents how to read a record: decode its value as its kind's type."""
+    from kapbit import JsonCodec
+    from kapbit.events import EVENT_TYPES, EventKind, StepOutcome, WorkflowResult
+
+    definition = Definition("w", [Step(lambda i, p: Success(i * 2))], input_type=int)
+    repo = MemRepository()
+    async with Kapbit([definition], repo, options=fast_options()) as kbit:
+        assert await kbit.exec_workflow(definition, "w-1", 21) == [42]
+    codec = JsonCodec()
+    events = [
+        codec.decode(record.value, EVENT_TYPES[EventKind(record.kind)]) for record in repo.records()
+    ]
+    assert [type(e).__name__ for e in events][1:] == [
+        "WorkflowCreated",
+        "StepOutcome",
+        "WorkflowResult",
+    ]
+    outcome, result = events[2], events[3]
+    assert isinstance(outcome, StepOutcome) and codec.decode(outcome.value, int) == 42
+    assert isinstance(result, WorkflowResult) and codec.decode(result.result, list[int]) == [42]
+    assert codec.decode(events[1].input, int) == 21
