@@ -98,7 +98,8 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
     partitions = repo.partitions
     windows = [IdempotencyWindow(window) for _ in range(partitions)]
     for p in range(partitions):
-        await repo.append(p, "active_writer", node, node, encode(ActiveWriter(node, now)))
+        claim = ActiveWriter(node, now, codec=codec.name, window=window)
+        await repo.append(p, "active_writer", node, node, encode(claim))
     outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
     result = msgspec.Raw(encode(sum(range(STEPS))))
     append = repo.append
@@ -123,6 +124,8 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
         windows,
         [OwnerTracker(node) for _ in range(partitions)],
         [Checkpoint() for _ in range(partitions)],
+        writer=node,
+        window_size=window,
     )
     await checkpointer.save()
 

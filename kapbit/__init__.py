@@ -9,6 +9,7 @@ partitioned log; a crash, a restart or a second instance taking over loses nothi
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 from kapbit.errors import (
     CircuitBreakerOpen,
+    CodecMismatch,
     CorruptRecord,
     DeadLettered,
     DecodeError,
@@ -68,6 +69,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointPolicy",
     "CircuitBreakerOpen",
+    "CodecMismatch",
     "Codec",
     "CorruptRecord",
     "DeadLettered",

@@ -38,7 +38,13 @@ class Checkpointer:
         owners: list[OwnerTracker],
         saved: list[Checkpoint],
         on_fenced: Callable[[Fenced], None] | None = None,
+        writer: str = "",
+        window_size: int = 0,
     ) -> None:
+        # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
+        # in its partition, so a start can tell it belongs to this log.
+        self._writer = writer
+        self._window_size = window_size
         self._repository = repository
         self._on_fenced = on_fenced
         self._policy = policy
@@ -89,6 +95,9 @@ class Checkpointer:
             owner=owners.owner_at(offset),
             window_offset=window_offset,
             window_owner=owners.owner_at(window_offset),
+            window_size=self._window_size,
+            anchor_offset=self._acked[partition] if self._writer else -1,
+            anchor_writer=self._writer,
         )
 
     async def save(self) -> None:

@@ -35,6 +35,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -98,7 +99,7 @@ class InvalidDefinition(KapbitError):
 
 
 class InvalidWorkflowId(WorkflowRefused):
-    """A workflow id is empty or not a string."""
+    """A workflow id is empty, not a string, or not valid UTF-8 text."""
 
 
 class InvalidInput(WorkflowRefused, EncodeError):
@@ -125,7 +126,8 @@ class WillRetryLater(KapbitError):
     """
 
     def __init__(self, workflow_id: str, error: BaseException | str) -> None:
-        super().__init__(f"workflow {workflow_id!r} will be retried later: {error}")
+        text = error if isinstance(error, str) else describe_error(error, text=str)
+        super().__init__(f"workflow {workflow_id!r} will be retried later: {text}")
         self.workflow_id = workflow_id
 
 
@@ -274,4 +276,19 @@ class CorruptRecord(StorageError):
 
 
 class StartupError(StorageError):
-    """The repository cannot be used (missing topic, wrong partition count, no access)."""
+    """The repository cannot be used (missing topic, wrong partition count, no access), or
+    the start did not finish within ``Options.start_timeout``."""
+
+
+class CodecMismatch(CorruptRecord):
+    """The log was written with another codec than this instance's: the start refuses
+    before writing anything, so encodings are never mixed."""
+
+
+def describe_error(error: BaseException, text: Callable[[object], str] = repr) -> str:
+    """``repr(error)`` (or ``text(error)``) for logs and events; user exceptions whose
+    ``__repr__``/``__str__`` raise are described by their type instead of failing."""
+    try:
+        return text(error)
+    except Exception as exc:
+        return f"<{type(error).__qualname__}, unprintable: {type(exc).__name__}>"

@@ -51,12 +51,16 @@ class _Event(msgspec.Struct, frozen=True, tag_field="kind"):
 class ActiveWriter(_Event, frozen=True, tag="active_writer"):
     """Instance start: ``node`` now owns the partition; later foreign records are zombies.
 
-    ``node`` is the instance's node id (the record's key and writer too); ``at`` when it
-    claimed the partition.
+    ``node`` is the start's unique writer id (the record's writer): the configured node id,
+    which may repeat across starts, ``/`` and a random start id. ``codec`` and ``window``
+    (the idempotency window size) tell later readers how this writer encoded records and
+    refused ids (empty/0 in claims written before they were recorded).
     """
 
     node: str
     at: float
+    codec: str = ""
+    window: int = 0
 
 
 class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):

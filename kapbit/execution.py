@@ -29,6 +29,7 @@ from kapbit.errors import (
     NonRetryable,
     RecordRejected,
     WorkflowRejected,
+    describe_error,
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
 from kapbit.options import StepRetry
@@ -55,7 +56,7 @@ class StepRaised(Exception):
 
     def __init__(self, workflow_id: str, step: int | None, phase: Phase, cause: BaseException):
         where = "result builder" if step is None else f"step {step} ({phase})"
-        super().__init__(f"workflow {workflow_id!r}: {where} raised {cause!r}")
+        super().__init__(f"workflow {workflow_id!r}: {where} raised {describe_error(cause)}")
         self.step = step
         self.phase = phase
         self.cause = cause
@@ -69,8 +70,8 @@ def _is_breaker_error(error: BaseException) -> bool:
 class _ActionRaised(Exception):
     """An action raised ``cause`` (wrapped, so that in-place retries retry nothing else)."""
 
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(repr(cause))
+    def __init__(self, cause: Exception | asyncio.CancelledError) -> None:
+        super().__init__(describe_error(cause))
         self.cause = cause
 
 
@@ -208,6 +209,10 @@ class WorkflowExecution:
 
         try:
             result = await _call(definition.result, definition._result_async, self.input, progress)
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise
+            raise StepRaised(self.id, None, "execute", exc) from exc
         except Exception as exc:
             raise StepRaised(self.id, None, "execute", exc) from exc
         compensated = progress.failed
@@ -255,11 +260,15 @@ class WorkflowExecution:
             )
             try:
                 return await actions.run(fn, is_async, args, context, step.timeout)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                raise _ActionRaised(exc) from exc  # raised by the step itself
             except Exception as exc:  # any error means "retry later", unless told otherwise
                 raise _ActionRaised(exc) from exc
 
         policy = step.retry
-        error: Exception
+        error: Exception | asyncio.CancelledError
         if policy is None:  # the common case, without the closure's frames
             context = StepContext(
                 self.id,
@@ -272,6 +281,10 @@ class WorkflowExecution:
             )
             try:
                 return await actions.run(fn, is_async, args, context, step.timeout)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                error = exc  # raised by the step itself
             except Exception as exc:  # any error means "retry later", unless told otherwise
                 error = exc
         else:
@@ -326,7 +339,7 @@ class WorkflowExecution:
 
     async def record_retry(self, emitter: Emitter, cause: BaseException) -> None:
         """Count another attempt and record it (``WorkflowRetry``) before it runs."""
-        self.last_error = repr(cause)[:MAX_ERROR_LENGTH]
+        self.last_error = describe_error(cause)[:MAX_ERROR_LENGTH]
         self.attempts += 1
         event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
         try:
@@ -423,6 +436,13 @@ class WorkflowExecution:
         )
 
 
+def _being_cancelled() -> bool:
+    """Whether the running task was asked to stop (a CancelledError a step raises on its
+    own, without that, is an error of the step)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def _bounded(reason: str) -> str:
     """``reason`` cut to :data:`MAX_REASON_LENGTH` characters (marked as cut)."""
     if len(reason) <= MAX_REASON_LENGTH:
@@ -432,7 +452,7 @@ def _bounded(reason: str) -> str:
 
 def _error_text(error: BaseException) -> str:
     """An error as a Failure value: its type and message."""
-    return f"{type(error).__name__}: {error}"[:MAX_ERROR_LENGTH]
+    return f"{type(error).__name__}: {describe_error(error, str)}"[:MAX_ERROR_LENGTH]
 
 
 def restore_outcome(success: bool, value: Any) -> Outcome:

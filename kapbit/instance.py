@@ -8,18 +8,20 @@ recovers, and resumes the in-flight workflows in the background.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit._log import execution_fields, fields
 from kapbit.actions import ActionRunner
@@ -44,10 +46,12 @@ from kapbit.errors import (
     RecordRejected,
     StartupError,
     TooManyWorkflows,
+    TransientStorageError,
     UnknownWorkflowType,
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
+    describe_error,
 )
 from kapbit.events import (
     KIND_OF,
@@ -64,17 +68,26 @@ from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Options
 from kapbit.partitioner import partition_for
 from kapbit.repository import Checkpoint, Repository
-from kapbit.restore import RestoredPartition, RestoredWorkflow, restore_partition
+from kapbit.restore import (
+    PartitionRestorer,
+    RestoredPartition,
+    RestoredWorkflow,
+    check_codec,
+    trusted_checkpoint,
+)
 from kapbit.retry_worker import RetryWorker
 from kapbit.stats import Stats
 from kapbit.workflow import Definition
 
 logger = logging.getLogger("kapbit")
 
+_T = TypeVar("_T")
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
 _CREATED = EventKind.WORKFLOW_CREATED.value
 _MAX_ERROR_LENGTH = 1000
 _MAX_CLAIM_ROUNDS = 10
+#: How long close() waits for cancelled tasks before abandoning them.
+_CANCEL_GRACE = 1.0
 
 I = TypeVar("I")  # noqa: E741 - a workflow's input type, as in kapbit.workflow
 R = TypeVar("R")
@@ -109,9 +122,14 @@ class Kapbit:
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
-        self.node_id = self.options.node_id or (
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        )
+        #: This instance's name: ``Options.node_id``, by default host name and process id.
+        #: It may repeat across starts (a pod name); the log tells starts apart by
+        #: :attr:`writer_id`.
+        self.node_id = self.options.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        #: The unique identity of this start, written as the writer of every record:
+        #: ``node_id`` plus a random start id. Fencing compares writer ids.
+        self.writer_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
+        self._start_error = ""
         self._partitions = 0  # known once the repository has started
         self._state: _State = "new"
         self._fenced_error: Fenced | None = None
@@ -124,7 +142,7 @@ class Kapbit:
         self._emitter = Emitter(
             repository,
             self._codec,
-            self.node_id,
+            self.writer_id,
             self._breaker,
             self.options.emit_backoff,
             self._on_fenced,
@@ -160,35 +178,34 @@ class Kapbit:
         await self.close()
 
     async def start(self) -> None:
-        """Claim every partition, recover, and resume in-flight workflows."""
+        """Check the log, claim every partition, recover, and resume in-flight workflows.
+
+        Everything that can be checked by reading comes before this node's first write
+        (its claims), recovery up to each partition's current end included: a storage that
+        cannot be read, a log written with another codec
+        (:class:`~kapbit.errors.CodecMismatch`), a workflow type this instance lacks or a
+        corrupt record fails the start without fencing the live owner. Transient storage
+        errors are retried until ``Options.start_timeout``, after which the start fails
+        with :class:`~kapbit.errors.StartupError`; a start failing after its claims leaves
+        them in the log, and the owner they replaced is fenced.
+        """
         if self._state != "new":
             raise InstanceClosed(f"instance {self.node_id} cannot be started twice")
         self._state = "starting"
         started = time.perf_counter()
+        timeout = self.options.start_timeout
         try:
-            await self._repository.start()
-            self._partitions = self._repository.partitions
-            self._windows = [
-                IdempotencyWindow(self.options.idempotency_window) for _ in range(self._partitions)
-            ]
-            self._emitter.acked = [-1] * self._partitions
-            claims = await asyncio.gather(*(self._claim(p) for p in range(self._partitions)))
-            await self._settle_claims(claims)
-            checkpoints = await self._repository.load_checkpoints()
-            restored = await asyncio.gather(
-                *(
-                    restore_partition(
-                        self._repository,
-                        self._codec,
-                        partition,
-                        claims[partition],
-                        checkpoints.get(partition, Checkpoint()),
-                        self.options.idempotency_window,
-                    )
-                    for partition in range(self._partitions)
-                )
-            )
-            executions = self._adopt(restored, checkpoints)
+            async with asyncio.timeout(timeout) as deadline:
+                executions, restored = await self._start()
+        except TimeoutError as exc:
+            self._state = "closed"
+            await self._repository.close()
+            if not deadline.expired():
+                raise
+            raise StartupError(
+                f"node {self.writer_id!r} did not start within start_timeout ({timeout} s)"
+                + (f"; last storage error: {self._start_error}" if self._start_error else "")
+            ) from exc
         except BaseException:
             self._state = "closed"
             await self._repository.close()
@@ -207,9 +224,10 @@ class Kapbit:
                 self._spawn(execution, None)
         self._open_gate_if_idle()
         logger.info(
-            "kapbit node %s started on %d partitions in %.3f s: %d workflows resumed, "
-            "%d records read",
+            "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
+            "resumed, %d records read",
             self.node_id,
+            self.writer_id,
             self._partitions,
             time.perf_counter() - started,
             len(executions),
@@ -217,28 +235,115 @@ class Kapbit:
             extra=fields(),
         )
 
+    async def _start(self) -> tuple[list[WorkflowExecution], list[RestoredPartition]]:
+        """Read and check, claim, recover the rest; the executions to resume."""
+        repository = self._repository
+        await self._retrying("starting the repository", repository.start)
+        partitions = self._partitions = repository.partitions
+        self._windows = [
+            IdempotencyWindow(self.options.idempotency_window) for _ in range(partitions)
+        ]
+        self._emitter.acked = [-1] * partitions
+        loaded = await self._retrying("loading checkpoints", repository.load_checkpoints)
+        # Read first: nothing is written unless the log can be recovered as it stands.
+        restorers = await asyncio.gather(
+            *(self._read_before_claiming(p, loaded.get(p)) for p in range(partitions))
+        )
+        for restorer in restorers:
+            for workflow in restorer.open.values():
+                self._rebuild(restorer.partition, workflow)  # a type or input it cannot take
+        claims = await asyncio.gather(*(self._claim(p) for p in range(partitions)))
+        await self._settle_claims(claims)
+        await asyncio.gather(
+            *(
+                self._retrying(
+                    f"recovering partition {restorer.partition}",
+                    functools.partial(restorer.read_to, claims[restorer.partition]),
+                )
+                for restorer in restorers
+            )
+        )
+        restored = [restorer.result(claims[restorer.partition]) for restorer in restorers]
+        checkpoints = [restorer.checkpoint for restorer in restorers]
+        return self._adopt(restored, checkpoints), restored
+
+    async def _read_before_claiming(
+        self, partition: int, checkpoint: Checkpoint | None
+    ) -> PartitionRestorer:
+        """Refuse a log of another codec, pick the checkpoint to recover from (none when
+        the stored one is another log's), and recover up to the log's current end."""
+        repository = self._repository
+
+        async def check() -> tuple[int, Checkpoint]:
+            end = await repository.end_offset(partition)
+            await check_codec(repository, self._codec, partition, end)
+            return end, await trusted_checkpoint(repository, partition, checkpoint, end)
+
+        end, trusted = await self._retrying(f"checking partition {partition}", check)
+        restorer = PartitionRestorer(
+            repository, self._codec, partition, trusted, self.options.idempotency_window
+        )
+        what = f"recovering partition {partition}"
+        await self._retrying(what, restorer.prepare)
+        await self._retrying(what, functools.partial(restorer.read_to, end))
+        return restorer
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, retried on transient storage errors (bounded by start_timeout)."""
+
+        def note(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self._start_error = f"{what}: {error}"
+            logger.warning(
+                "%s failed (attempt %d), retrying: %s",
+                what,
+                state.attempt_number,
+                error,
+                extra=fields(),
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            wait=self.options.emit_backoff.wait(),
+            before_sleep=note,
+            reraise=True,
+        ):
+            with attempt:
+                result = await call()
+        return result
+
     async def _claim(self, partition: int) -> int:
         """Append this node's ActiveWriter to ``partition``; return its offset."""
-        return await self._emitter.emit(
-            partition, self.node_id, ActiveWriter(self.node_id, time.time())
+        claim = ActiveWriter(
+            self.writer_id,
+            time.time(),
+            codec=self._codec.name,
+            window=self.options.idempotency_window,
         )
+        return await self._emitter.emit(partition, self.writer_id, claim)
 
     async def _settle_claims(self, claims: list[int]) -> None:
         """Resolve a start racing another one: if another node claimed a partition after
-        this node did, the greater node id keeps the whole log, re-claiming what it lost,
+        this node did, the greater writer id keeps the whole log, re-claiming what it lost,
         and the other gives up with Fenced before it accepts any work."""
         for _ in range(_MAX_CLAIM_ROUNDS):
             owners = await asyncio.gather(
-                *(self._repository.current_owner(p) for p in range(self._partitions))
+                *(
+                    self._retrying(
+                        f"reading the owner of partition {p}",
+                        functools.partial(self._repository.current_owner, p),
+                    )
+                    for p in range(self._partitions)
+                )
             )
-            lost = [p for p, owner in enumerate(owners) if owner != self.node_id]
+            lost = [p for p, owner in enumerate(owners) if owner != self.writer_id]
             if not lost:
                 return
             rival = max(owners[p] for p in lost)
-            if rival > self.node_id:
+            if rival > self.writer_id:
                 raise Fenced(
-                    f"node {rival!r} started at the same time as {self.node_id!r} and keeps "
-                    f"the log (partitions {lost} were claimed by it after this node)"
+                    f"node {rival!r} started at the same time as {self.writer_id!r} and "
+                    f"keeps the log (partitions {lost} were claimed by it after this node)"
                 )
             logger.warning(
                 "partitions %s were claimed by %r during start; claiming them again",
@@ -248,7 +353,7 @@ class Kapbit:
             )
             for partition in lost:
                 claims[partition] = await self._claim(partition)
-        raise StartupError(f"node {self.node_id!r} could not settle its claims")
+        raise StartupError(f"node {self.writer_id!r} could not settle its claims")
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop accepting work, wait up to ``timeout`` for in-flight workflows, release.
@@ -267,7 +372,7 @@ class Kapbit:
             return
         if self._state == "running":
             self._state = "closing"
-        await self._retry_worker.stop()
+        await self._await_cancelled(self._retry_worker.abort())
         tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(
@@ -275,7 +380,7 @@ class Kapbit:
             )
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await self._await_cancelled(pending)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -295,6 +400,26 @@ class Kapbit:
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
+
+    async def _await_cancelled(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
+        """Wait up to ``_CANCEL_GRACE`` for cancelled ``tasks`` to end; a task still running
+        then (a step that swallows cancellation) is abandoned as a crash would leave it:
+        nothing it does later is written, its workflow stays open for the next instance."""
+        tasks = list(tasks)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+        if stuck:
+            logger.error(
+                "kapbit node %s abandons %d tasks that ignored cancellation for %.1f s; "
+                "their workflows stay open for the next instance",
+                self.node_id,
+                len(stuck),
+                _CANCEL_GRACE,
+                extra=fields(),
+            )
+            if self._emitter.fenced is None:
+                self._emitter.fenced = Fenced(f"instance {self.node_id} closed")
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -350,8 +475,7 @@ class Kapbit:
                 sorted(self._definitions),
                 " (the definition passed is not the one registered under that name)",
             )
-        if not isinstance(workflow_id, str) or not workflow_id:
-            raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
+        _check_workflow_id(workflow_id)
         partition = partition_for(workflow_id, self._partitions)
         if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
             raise DuplicateWorkflow(workflow_id)
@@ -497,7 +621,7 @@ class Kapbit:
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
     ) -> None:
         # Bounded: the error goes into WorkflowRetry / DeadLetter events.
-        execution.last_error = repr(raised.cause)[:_MAX_ERROR_LENGTH]
+        execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
         logger.log(
             level,
             "%s",
@@ -505,7 +629,7 @@ class Kapbit:
             extra=execution_fields(execution),
         )
         if raised.breaker_open:
-            self.gate.close(f"workflow {execution.id!r}: {raised.cause}")
+            self.gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
 
     async def _retry_attempt(self, execution: WorkflowExecution) -> None:
         """One retry-worker attempt: record it, resume, finish on success."""
@@ -614,7 +738,7 @@ class Kapbit:
             self._close_task = asyncio.create_task(self._close(0))
 
     def _adopt(
-        self, restored: list[RestoredPartition], checkpoints: dict[int, Checkpoint]
+        self, restored: list[RestoredPartition], checkpoints: list[Checkpoint]
     ) -> list[WorkflowExecution]:
         """Turn what recovery found into windows, checkpoint state and executions."""
         owners: list[OwnerTracker] = []
@@ -623,7 +747,7 @@ class Kapbit:
             window = self._windows[part.partition]
             for workflow_id, offset in part.window:
                 window.add(workflow_id, offset)
-            part.owners.claimed(part.claim_offset, self.node_id)
+            part.owners.claimed(part.claim_offset, self.writer_id)
             owners.append(part.owners)
             if self._emitter.acked[part.partition] < part.claim_offset:
                 self._emitter.acked[part.partition] = part.claim_offset
@@ -635,8 +759,10 @@ class Kapbit:
             self._emitter.acked,
             self._windows,
             owners,
-            [checkpoints.get(p, Checkpoint()) for p in range(self._partitions)],
+            checkpoints,
             on_fenced=self._on_fenced,
+            writer=self.writer_id,
+            window_size=self.options.idempotency_window,
         )
         for execution in executions:
             self._in_flight[execution.id] = execution
@@ -694,6 +820,19 @@ class Kapbit:
             task.cancel()
         self._retry_worker.abort()
         self._actions.close()
+
+
+def _check_workflow_id(workflow_id: object) -> None:
+    """Refuse an id that is not a non-empty string of valid UTF-8 text (a lone surrogate
+    cannot be a record key) with InvalidWorkflowId."""
+    if not isinstance(workflow_id, str) or not workflow_id:
+        raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
+    try:
+        workflow_id.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidWorkflowId(
+            f"workflow id {workflow_id!r} is not valid UTF-8 text: {exc.reason} at {exc.start}"
+        ) from None
 
 
 def _index_definitions(

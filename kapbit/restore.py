@@ -1,6 +1,7 @@
 """Recovery: rebuilding a partition's state from its log at instance start.
 
-Per partition, after this node appended its ``ActiveWriter`` at ``claim_offset``:
+Per partition, up to this node's ``ActiveWriter`` at ``claim_offset`` (most of it before
+that claim is written, see :class:`PartitionRestorer`):
 
 1. read ``[checkpoint.window_offset, checkpoint.offset)`` for workflow ids only, to refill
    the idempotency window: only the record's kind, key and writer are looked at, no payload
@@ -15,22 +16,35 @@ skipped, and second copies of an event (a producer retry) are ignored, so the wo
 depends on the checkpoint lag and the window size, not the log's length.
 
 A ``WorkflowCreated`` counts as a second copy exactly when the engine would have refused
-the id at that point: the id is still in the idempotency window or its workflow is still
+the id at that point: the id is still in the idempotency window *of the node that wrote
+it* (each ``ActiveWriter`` carries its writer's window size) or its workflow is still
 open. An id that has left the window may be used again, and then starts a new workflow.
+
+A checkpoint covers the window of the instance that saved it. When this start keeps more
+ids (``idempotency_window`` grew), the missing ones are read further back, from the
+checkpoint's window start towards the log's beginning, in growing chunks; there a
+``WorkflowCreated`` counts only if its writer is the node of the nearest ``ActiveWriter``
+below it (the exact zombie rule, applied backwards).
+
+Before a checkpoint is used it is checked against the log (:func:`trusted_checkpoint`),
+and the log's last record against this instance's codec (:func:`check_codec`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from kapbit._log import fields
 from kapbit.codecs import Codec
-from kapbit.errors import CorruptRecord, DecodeError
+from kapbit.errors import CodecMismatch, CorruptRecord, DecodeError
 from kapbit.events import (
     EVENT_TYPES,
     TERMINAL_KINDS,
+    ActiveWriter,
     EventKind,
     StepOutcome,
     WorkflowCreated,
@@ -40,8 +54,14 @@ from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Checkpoint, Record, Repository
 
+logger = logging.getLogger("kapbit.restore")
+
 _ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 _CREATED = EventKind.WORKFLOW_CREATED.value
+#: Records read per step when reading back for older ids (the step doubles each time).
+_BACK_CHUNK = 1024
+#: How many of a partition's last records the codec check looks at.
+_CODEC_PROBE = 64
 
 
 @dataclass(slots=True)
@@ -102,6 +122,291 @@ def decode_event(codec: Codec, record: Record) -> Any:
     return event
 
 
+async def _record_at(repository: Repository, partition: int, offset: int) -> Record | None:
+    async for batch in repository.read(partition, offset, offset + 1):
+        for record in batch:
+            if record.offset == offset:
+                return record
+    return None
+
+
+async def check_codec(repository: Repository, codec: Codec, partition: int, end: int) -> None:
+    """Refuse (:class:`~kapbit.errors.CodecMismatch`) a log written with another codec:
+    read before this node writes anything.
+
+    The newest record that decodes with ``codec`` must not be a claim naming another
+    codec; if none of the last ``_CODEC_PROBE`` decodes, the log is another codec's. (An
+    undecodable record alone may be a zombie write, which recovery never decodes; the
+    last record is read first, the others only if it does not decode.)
+    """
+    if end <= 0:
+        return  # an empty partition: this start's claim will be its first record
+    first_error: CorruptRecord | None = None
+    checked = 0
+    for begin in (end - 1, max(0, end - _CODEC_PROBE)):
+        tail = [
+            r async for batch in repository.read(partition, begin, end - checked) for r in batch
+        ]
+        for record in reversed(tail):
+            checked += 1
+            try:
+                event = decode_event(codec, record)
+            except CorruptRecord as exc:
+                first_error = first_error or exc
+                continue
+            if isinstance(event, ActiveWriter) and event.codec and event.codec != codec.name:
+                raise CodecMismatch(
+                    partition,
+                    record.offset,
+                    f"node {event.node!r} claimed the log with the {event.codec} codec, "
+                    f"this instance uses {codec.name}",
+                )
+            return
+    if first_error is not None:
+        raise CodecMismatch(
+            first_error.partition,
+            first_error.offset,
+            f"none of the last {checked} records decodes with this instance's {codec.name} "
+            f"codec; was the log written with another codec? ({first_error.cause})",
+        ) from first_error
+
+
+async def trusted_checkpoint(
+    repository: Repository, partition: int, checkpoint: Checkpoint | None, end: int
+) -> Checkpoint:
+    """``checkpoint`` if it belongs to this log, else an empty one (recovery then reads the
+    partition from its start: slow, but nothing is lost or accepted twice).
+
+    A checkpoint names a record of its log (``anchor_offset``, ``anchor_writer``: the
+    latest record the saving instance had written). It is trusted only if it lies within
+    the log (below ``end``) and the log holds a record of that writer at that offset: a
+    checkpoint of another log sharing the store, or of a log that was deleted and
+    recreated, fails this, as writer ids are unique per start. A record no longer there at
+    all (below ``end``: removed by retention) cannot be checked; the checkpoint is then
+    trusted, as reading a log whose start was removed could not do better.
+    """
+    if checkpoint is None:
+        return Checkpoint()
+    anchor, writer = checkpoint.anchor_offset, checkpoint.anchor_writer
+    problem = ""
+    if max(checkpoint.offset, checkpoint.window_offset) > end:
+        problem = f"it points past the log's end ({end})"
+    elif anchor < 0 or not writer:
+        problem = "it names no record of its log (saved by an older kapbit version)"
+    elif anchor >= end:
+        problem = f"the record it names, at offset {anchor}, is past the log's end ({end})"
+    else:
+        record = await _record_at(repository, partition, anchor)
+        if record is None:
+            logger.warning(
+                "partition %d: the record the checkpoint names (offset %d) is gone, "
+                "removed by retention?; the checkpoint is used unchecked",
+                partition,
+                anchor,
+                extra=fields(partition=partition),
+            )
+        elif record.node != writer:
+            problem = (
+                f"the log holds no record of {writer!r} at offset {anchor} (but one of "
+                f"{record.node!r}): the checkpoint is another log's (a shared checkpoint "
+                "store, or the log was recreated)"
+            )
+    if not problem:
+        return checkpoint
+    logger.warning(
+        "ignoring the checkpoint of partition %d: %s; recovery reads the partition from its start",
+        partition,
+        problem,
+        extra=fields(partition=partition),
+    )
+    return Checkpoint()
+
+
+async def older_ids(
+    repository: Repository,
+    partition: int,
+    stop: int,
+    owner: str,
+    wanted: int,
+    chunk: int = _BACK_CHUNK,
+) -> list[tuple[str, int]]:
+    """The newest ``wanted`` ids created below ``stop`` by their partition's owner, oldest
+    first, read backwards in growing chunks. ``owner`` is the owner in force at ``stop``;
+    further back, a record's owner is the node of the nearest claim below it, so records
+    wait in ``pending`` until that claim is read."""
+    found: list[tuple[str, int]] = []  # newest first
+    seen: set[str] = set()
+    pending: list[Record] = []
+    known: str | None = owner
+    end, step = stop, chunk
+
+    def take(record: Record) -> None:
+        if record.key not in seen:
+            seen.add(record.key)
+            found.append((record.key, record.offset))
+
+    while end > 0 and len(found) < wanted:
+        begin = max(0, end - step)
+        records = [r async for batch in repository.read(partition, begin, end) for r in batch]
+        for record in reversed(records):
+            if record.kind == _CREATED:
+                if known is None:
+                    pending.append(record)
+                elif record.node == known:
+                    take(record)
+            elif record.kind == _ACTIVE_WRITER:
+                for waiting in pending:
+                    if waiting.node == record.node:
+                        take(waiting)
+                pending.clear()
+                known = None  # below a claim: the previous owner, not known yet
+        end, step = begin, step * 2
+    return list(reversed(found[:wanted]))
+
+
+class _Windows:
+    """The idempotency window rebuilt at every window size met while reading (this start's,
+    the checkpoint saver's, each writer's), so each ``WorkflowCreated`` is judged by the
+    window of the node that wrote it."""
+
+    def __init__(self, sizes: set[int]) -> None:
+        self._by_size = {size: IdempotencyWindow(size) for size in sizes}
+
+    def add(self, workflow_id: str, offset: int) -> None:
+        for window in self._by_size.values():
+            window.renew(workflow_id, offset)
+
+    def of(self, size: int) -> IdempotencyWindow:
+        window = self._by_size.get(size)
+        if window is None:  # a size first met here: seeded from the largest window kept
+            largest = max(self._by_size.values(), key=lambda w: w.size)
+            window = IdempotencyWindow(size, list(largest.entries())[-size:])
+            self._by_size[size] = window
+        return window
+
+
+class PartitionRestorer:
+    """Rebuilds one partition's state in steps, so most of the reading can happen before
+    this node claims the partition: :meth:`prepare` (ids below the checkpoint), then
+    :meth:`read_to` any number of times (in full, up to a growing stop: first the log's
+    end before claiming, then the claim), then :meth:`result`. A step that fails (a
+    transient storage error) can be called again: ``prepare`` starts over, ``read_to``
+    goes on after the last record it took in."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        codec: Codec,
+        partition: int,
+        checkpoint: Checkpoint,
+        window_size: int,
+    ) -> None:
+        self._repository = repository
+        self._codec = codec
+        self.partition = partition
+        self.checkpoint = checkpoint
+        self._window_size = window_size
+        self._start = min(checkpoint.window_offset, checkpoint.offset)
+        self._start_owner = (
+            checkpoint.window_owner if self._start < checkpoint.offset else checkpoint.owner
+        )
+        self._saver_size = checkpoint.window_size or window_size
+        self.owners = OwnerTracker(self._start_owner)
+        self._windows = _Windows({window_size, self._saver_size})
+        self._writer_window = self._windows.of(self._saver_size)
+        self.open: dict[str, RestoredWorkflow] = {}
+        self.position = checkpoint.offset
+        self.records_read = self.records_decoded = 0
+
+    async def prepare(self) -> None:
+        """Refill the idempotency window from the ids below the checkpoint."""
+        checkpoint, window_size = self.checkpoint, self._window_size
+        self.owners = owners = OwnerTracker(self._start_owner)
+        self._windows = windows = _Windows({window_size, self._saver_size})
+        self.records_read = 0
+
+        # 0. The checkpoint covers fewer ids than this start keeps: read further back.
+        if self._start > 0 and checkpoint.window_size < window_size:
+            for workflow_id, offset in await older_ids(
+                self._repository, self.partition, self._start, self._start_owner, window_size
+            ):
+                windows.add(workflow_id, offset)
+
+        # 1. Ids only: every workflow created here has terminated; nothing is decoded.
+        async for batch in self._repository.read(self.partition, self._start, checkpoint.offset):
+            self.records_read += len(batch)
+            for record in batch:
+                kind = record.kind
+                if kind == _CREATED:
+                    if record.node == owners.owner:
+                        windows.add(record.key, record.offset)
+                elif kind == _ACTIVE_WRITER:
+                    owners.admit(record)
+        self._writer_window = windows.of(self._saver_size)
+
+    async def read_to(self, stop: int) -> None:
+        """2. Read in full from where the last call stopped up to ``stop``."""
+        async for batch in self._repository.read(self.partition, self.position, stop):
+            for record in batch:
+                if record.offset < self.position:
+                    continue
+                self._take(record)
+                self.records_read += 1
+                self.position = record.offset + 1
+
+    def _take(self, record: Record) -> None:
+        if not self.owners.admit(record):
+            return  # a zombie write: never acted on
+        event = decode_event(self._codec, record)
+        self.records_decoded += 1
+        kind = record.kind
+        if kind == _ACTIVE_WRITER:
+            assert isinstance(event, ActiveWriter)
+            self._writer_window = self._windows.of(event.window or self._window_size)
+            return
+        workflow_id = record.key
+        open_workflows = self.open
+        if kind == _CREATED:
+            if workflow_id in open_workflows or workflow_id in self._writer_window:
+                # A second copy: the writer would have refused the id here. It knows the
+                # id at its last copy, so the windows do too.
+                self._windows.add(workflow_id, record.offset)
+                return
+            assert isinstance(event, WorkflowCreated)
+            self._windows.add(workflow_id, record.offset)
+            open_workflows[workflow_id] = RestoredWorkflow(
+                workflow_id, event.type, record.offset, event.input
+            )
+            return
+        workflow = open_workflows.get(workflow_id)
+        if workflow is None:
+            # Terminated already (or created before the checkpoint, hence terminated):
+            # a late or second copy, nothing to resume.
+            return
+        if kind in TERMINAL_KINDS:
+            del open_workflows[workflow_id]
+        elif isinstance(event, StepOutcome):
+            if not any(
+                o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
+            ):
+                workflow.outcomes.append((record.offset, event))
+        elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
+            workflow.attempts = event.attempt
+            workflow.last_error = event.error
+
+    def result(self, claim_offset: int) -> RestoredPartition:
+        """What was rebuilt, once read up to this node's claim at ``claim_offset``."""
+        return RestoredPartition(
+            partition=self.partition,
+            claim_offset=claim_offset,
+            window=list(self._windows.of(self._window_size).entries()),
+            in_flight=list(self.open.values()),
+            owners=self.owners,
+            records_read=self.records_read,
+            records_decoded=self.records_decoded,
+        )
+
+
 async def restore_partition(
     repository: Repository,
     codec: Codec,
@@ -110,72 +415,8 @@ async def restore_partition(
     checkpoint: Checkpoint,
     window_size: int,
 ) -> RestoredPartition:
-    """Read what recovery needs of ``partition`` and rebuild its state."""
-    start = min(checkpoint.window_offset, checkpoint.offset)
-    owners = OwnerTracker(
-        checkpoint.window_owner if start < checkpoint.offset else checkpoint.owner
-    )
-    window = IdempotencyWindow(window_size)
-    read = decoded = 0
-
-    # 1. Ids only: every workflow created here has terminated; nothing is decoded.
-    async for batch in repository.read(partition, start, checkpoint.offset):
-        read += len(batch)
-        for record in batch:
-            kind = record.kind
-            if kind == _CREATED:
-                if record.node == owners.owner:
-                    window.renew(record.key, record.offset)
-            elif kind == _ACTIVE_WRITER:
-                owners.admit(record)
-
-    # 2. In full, from the checkpoint up to this node's claim.
-    open_workflows: dict[str, RestoredWorkflow] = {}
-    async for batch in repository.read(partition, checkpoint.offset, claim_offset):
-        read += len(batch)
-        for record in batch:
-            if not owners.admit(record):
-                continue  # a zombie write: never acted on
-            event = decode_event(codec, record)
-            decoded += 1
-            kind = record.kind
-            if kind == _ACTIVE_WRITER:
-                continue
-            workflow_id = record.key
-            if kind == _CREATED:
-                if workflow_id in open_workflows or workflow_id in window:
-                    # A second copy: the engine would have refused the id here. It knows
-                    # the id at its last copy, so the window does too.
-                    window.renew(workflow_id, record.offset)
-                    continue
-                assert isinstance(event, WorkflowCreated)
-                window.add(workflow_id, record.offset)
-                open_workflows[workflow_id] = RestoredWorkflow(
-                    workflow_id, event.type, record.offset, event.input
-                )
-                continue
-            workflow = open_workflows.get(workflow_id)
-            if workflow is None:
-                # Terminated already (or created before the checkpoint, hence terminated):
-                # a late or second copy, nothing to resume.
-                continue
-            if kind in TERMINAL_KINDS:
-                del open_workflows[workflow_id]
-            elif isinstance(event, StepOutcome):
-                if not any(
-                    o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
-                ):
-                    workflow.outcomes.append((record.offset, event))
-            elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
-                workflow.attempts = event.attempt
-                workflow.last_error = event.error
-
-    return RestoredPartition(
-        partition=partition,
-        claim_offset=claim_offset,
-        window=list(window.entries()),
-        in_flight=list(open_workflows.values()),
-        owners=owners,
-        records_read=read,
-        records_decoded=decoded,
-    )
+    """Read what recovery needs of ``partition`` up to this node's claim, in one go."""
+    restorer = PartitionRestorer(repository, codec, partition, checkpoint, window_size)
+    await restorer.prepare()
+    await restorer.read_to(claim_offset)
+    return restorer.result(claim_offset)

@@ -145,6 +145,9 @@ class MixedLog:
 
     repo: MemRepository
     zombie_offsets: list[tuple[int, int]]
+    #: The writer ids of the two instances (``node-a/...``, ``node-b/...``).
+    writer_a: str = ""
+    writer_b: str = ""
 
 
 async def build_mixed_log(partitions: int = 2) -> MixedLog:
@@ -183,7 +186,7 @@ async def build_mixed_log(partitions: int = 2) -> MixedLog:
         (p, r.offset)
         for p in range(partitions)
         for r in repo.records(p)[before[p] :]
-        if r.node == "node-a"
+        if r.node == kbit_a.writer_id
     ]
     assert zombies, "the fenced instance left no zombie record"
     b.release["zomb-1"].set()
@@ -211,7 +214,7 @@ async def build_mixed_log(partitions: int = 2) -> MixedLog:
         with contextlib.suppress(Exception):
             await task
     await kbit_a.close()
-    return MixedLog(repo, zombies)
+    return MixedLog(repo, zombies, kbit_a.writer_id, kbit_b.writer_id)
 
 
 # --- hand-made records -------------------------------------------------------------------------

@@ -44,8 +44,10 @@ async def test_checkpoints_are_saved_after_every_n_terminated_workflows() -> Non
         partition, checkpoint = repo.saves[0]
         end = len(repo.records())
         # nothing open: everything below the end of the log has terminated
-        assert (partition, checkpoint.offset, checkpoint.owner) == (0, end, "n")
-        assert (checkpoint.window_offset, checkpoint.window_owner) == (1, "n")
+        n = kbit.writer_id
+        assert (partition, checkpoint.offset, checkpoint.owner) == (0, end, n)
+        assert (checkpoint.window_offset, checkpoint.window_owner) == (1, n)
+        assert (checkpoint.anchor_offset, checkpoint.anchor_writer) == (end - 1, n)
     assert repo.checkpoint_errors == []
 
 
@@ -159,9 +161,11 @@ async def test_recovery_reads_from_the_checkpoint_and_the_windows_ids_only() -> 
         [gated_saga(None, calls), gated_saga(None, calls, name="slow")], repo, options=options
     ) as kbit:
         claim = log_length  # the claim is the first record after the old log
-        assert repo.records(0)[claim].node == "second"
+        assert repo.records(0)[claim].node == kbit.writer_id
         assert repo.lowest_read[0] == checkpoint.window_offset
-        assert repo.records_read[0] == claim - checkpoint.window_offset
+        # and, before claiming, the record the checkpoint names (to check it is this log's)
+        # and the log's last record (to check the codec)
+        assert repo.records_read[0] == claim - checkpoint.window_offset + 1 + 1
         assert repo.records_read[0] < log_length // 10
         assert kbit.stats.recovered == 2
         for workflow_id in ("q59", "s0", "s1", "q60", "q61"):
@@ -207,7 +211,9 @@ async def test_without_a_checkpoint_recovery_reads_the_whole_log() -> None:
     repo.reset_counters()
     async with Kapbit([gated_saga(None, calls)], repo, options=Options(node_id="second")) as kbit:
         assert kbit.stats.recovered == 1
-        assert repo.records_read[0] == 3  # claim of first, created, step 0
+        # the log's last record (checked against the codec before claiming), then from
+        # the start: claim of first, created, step 0
+        assert repo.records_read[0] == 1 + 3
         assert await kbit.wait_result("w", timeout=5) == ["w", "w-0", "w-1", "w-2"]
 
 
@@ -232,13 +238,13 @@ async def test_checkpoints_after_a_takeover_and_a_stale_one_from_the_old_owner()
     await b.exec_workflow("b1", "gated", {"id": "b1"})
     stuck = asyncio.create_task(b.exec_workflow("b2", "slow", {"id": "b2"}))
     await b.exec_workflow("b3", "gated", {"id": "b3"})
-    await wait_until(lambda: repo.saves[-1][1].owner == "B")
+    await wait_until(lambda: repo.saves[-1][1].owner == b.writer_id)
     # held at or below b2's WorkflowCreated (at the bound set before it was appended)
     assert b_claim < repo.saves[-1][1].offset <= _created_offsets(repo)["b2"]
     await b.close(timeout=0)
     await asyncio.gather(stuck, return_exceptions=True)
     await a.close()  # A saves its stale checkpoint over B's
-    assert repo.saves[-1][1].owner == "A" and repo.saves[-1][1].offset <= b_claim
+    assert repo.saves[-1][1].owner == a.writer_id and repo.saves[-1][1].offset <= b_claim
     assert repo.checkpoint_errors == []
 
     calls.clear()
@@ -268,7 +274,7 @@ async def test_a_fenced_instance_saves_no_checkpoint_when_it_stops() -> None:
     await a.close()
     assert repo.saves == []
     await b.close()
-    assert [c.owner for _, c in repo.saves] == ["B"]
+    assert [c.owner for _, c in repo.saves] == [b.writer_id]
 
 
 async def test_the_checkpointer_holds_below_a_workflow_whose_creation_is_in_flight() -> None:
@@ -313,9 +319,10 @@ async def test_the_test_checker_flags_a_checkpoint_ahead_of_an_open_workflow() -
         task = asyncio.create_task(kbit.exec_workflow("w", "gated", {"id": "w"}))
         await wait_until(lambda: len(calls) == 2)
         end = len(repo.records())
-        await repo.save_checkpoint(0, Checkpoint(end, "n", end, "n"))
+        n = kbit.writer_id
+        await repo.save_checkpoint(0, Checkpoint(end, n, end, n))
         assert len(repo.checkpoint_errors) == 1 and "ahead of open" in repo.checkpoint_errors[0]
-        await repo.save_checkpoint(0, Checkpoint(1, "other", 1, "n"))
+        await repo.save_checkpoint(0, Checkpoint(1, "other", 1, n))
         assert len(repo.checkpoint_errors) == 2 and "owner 'other'" in repo.checkpoint_errors[1]
         release.set()
         await task

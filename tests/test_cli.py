@@ -164,7 +164,8 @@ async def test_tail_from_the_beginning_until_the_end(mixed: MixedLog) -> None:
     for p in range(2):  # log order within a partition
         offsets = [o for q, o in where if q == p]
         assert offsets == sorted(offsets)
-    assert lines[where.index((0, 0))].startswith("0:0 active_writer node=node-a at=")
+    claim = f"0:0 active_writer node={mixed.writer_a} at="
+    assert lines[where.index((0, 0))].startswith(claim)
     by_where = dict(zip(where, lines, strict=True))
     first_step = next(
         r for r in records if r.key == "ok-1" and r.kind == "step_outcome" and r.partition == 0
@@ -182,7 +183,7 @@ async def test_tail_as_json(mixed: MixedLog) -> None:
     documents = [json.loads(line) for line in out.splitlines()]
     results = {d["id"]: d for d in documents if d["kind"] == "workflow_result"}
     assert results["zomb-1"]["result"] == {"values": ["a-0", "b-1", "b-2"], "compensated": []}
-    assert results["zomb-1"]["node"] == "node-b"
+    assert results["zomb-1"]["node"] == mixed.writer_b
     assert results["zomb-1"]["workflow_type"] == "order"
     created_docs = [d for d in documents if d["kind"] == "workflow_created"]
     assert {d["id"] for d in created_docs} == set(EXPECTED)
@@ -254,7 +255,7 @@ async def test_db_is_kept_up_to_date_and_queried_alone(mixed: MixedLog, tmp_path
     code, out, _ = await cli("status", "ok-2", "--db", db)  # no log: the database alone
     assert code == 0
     assert "succeeded" in out
-    await append(mixed.repo, 0, "node-b", created("later"))
+    await append(mixed.repo, 0, mixed.writer_b, created("later"))
     code, out, _ = await cli("status", "later", "--db", db)
     assert code == 3  # not projected yet
     code, out, _ = await cli("list", "--status", "running", "--db", db, repo=mixed.repo)

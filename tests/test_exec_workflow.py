@@ -51,7 +51,7 @@ async def test_event_log_of_a_three_step_saga_is_exact() -> None:
     # Every partition starts with this node's ActiveWriter.
     for p in range(3):
         first = repo.records(p)[0]
-        assert (first.kind, first.node, first.offset) == ("active_writer", "node-a", 0)
+        assert (first.kind, first.node, first.offset) == ("active_writer", kbit.writer_id, 0)
     records = repo.records(partition)
     assert [r.kind for r in records] == [
         "active_writer",
@@ -63,9 +63,10 @@ async def test_event_log_of_a_three_step_saga_is_exact() -> None:
     ]
     assert [r.offset for r in records] == list(range(6))
     assert all(r.key == "order-42" for r in records[1:])
-    assert all(r.node == "node-a" for r in records)
+    assert all(r.node == kbit.writer_id for r in records)
+    assert kbit.writer_id.startswith("node-a/") and kbit.node_id == "node-a"
     events = [e for p, _, e in log_events(repo) if p == partition]
-    assert isinstance(events[0], ActiveWriter) and events[0].node == "node-a"
+    assert events[0] == ActiveWriter(kbit.writer_id, events[0].at, codec="json", window=10_000)
     created = events[1]
     assert isinstance(created, WorkflowCreated)
     assert (created.id, created.type) == ("order-42", "saga")

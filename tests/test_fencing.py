@@ -71,7 +71,7 @@ async def test_second_instance_claims_every_partition_and_resumes_the_work() -> 
     b = Kapbit([gated_saga(None, b_calls, tag="B")], repo, options=Options(node_id="B"))
     await b.start()
     for p in range(3):
-        assert _claims(repo, p) == ["A", "B"]
+        assert _claims(repo, p) == [a.writer_id, b.writer_id]
     assert b.stats.recovered == 6
     results = {i: await b.wait_result(i, timeout=5) for i in ids}
     # B resumed after step 0 (A's value kept), ran steps 1 and 2 itself
@@ -95,7 +95,7 @@ async def test_second_instance_claims_every_partition_and_resumes_the_work() -> 
     # A wrote exactly one record after B's claim (its first write failed and it stopped),
     # and no reader acts on it.
     zombies = _zombies(repo)
-    assert [(z.node, z.kind) for z in zombies] == [("A", "step_outcome")]
+    assert [(z.node, z.kind) for z in zombies] == [(a.writer_id, "step_outcome")]
     for i in ids:
         check_history(i, histories(repo)[i], steps=3, compensable=())
         assert _result_value(repo, i) == results[i]
@@ -129,7 +129,8 @@ async def test_fenced_instance_never_returns_a_result_the_new_owner_does_not_see
             await b.wait_result("done")
     assert b_calls == []  # every step of "late" had its outcome in the log
     assert _result_value(repo, "done") == done
-    assert [(z.node, z.kind, z.key) for z in _zombies(repo)] == [("A", "workflow_result", "late")]
+    zombies = [(z.node, z.kind, z.key) for z in _zombies(repo)]
+    assert zombies == [(a.writer_id, "workflow_result", "late")]
     for i in ("done", "late"):
         assert kinds(repo, i).count("workflow_result") == (2 if i == "late" else 1)
         check_history(i, histories(repo)[i], steps=3, compensable=())
@@ -149,7 +150,7 @@ async def test_an_idle_fenced_instance_learns_it_on_its_next_write() -> None:
     # A's WorkflowCreated is a zombie: the id is free for the owner.
     assert await b.exec_workflow("n", "gated", {"id": "n"}) == ["n", "n-0", "n-1", "n-2"]
     await asyncio.gather(a.close(), b.close())
-    assert [r.node for r in live_records(repo) if r.key == "n"] == ["B"] * 5
+    assert [r.node for r in live_records(repo) if r.key == "n"] == [b.writer_id] * 5
 
 
 def _encode(event: Any) -> bytes:
@@ -192,12 +193,18 @@ async def test_recovery_ignores_records_written_after_another_nodes_claim(checkp
     repo, at = await _zombie_log()
     if checkpoint == "before-claim":
         # saved by A while w1 was open: recovery starts at w1 with A as the owner
-        await repo.save_checkpoint(0, Checkpoint(at["w1"], "A", at["w1"], "A"))
+        await repo.save_checkpoint(
+            0,
+            Checkpoint(at["w1"], "A", at["w1"], "A", anchor_offset=at["w1"], anchor_writer="A"),
+        )
     elif checkpoint == "window-across-claim":
         # a (hand-made) checkpoint after everything, with ids to refill from the start:
         # the ids-only pass must skip the zombie WorkflowCreated of w2 as well
         end = len(repo.records(0))
-        await repo.save_checkpoint(0, Checkpoint(end, "B", at["claim-a"], ""))
+        await repo.save_checkpoint(
+            0,
+            Checkpoint(end, "B", at["claim-a"], "", anchor_offset=at["claim-b"], anchor_writer="B"),
+        )
     script = Script()
     async with Kapbit([saga(script)], repo, options=Options(node_id="C")) as c:
         if checkpoint != "window-across-claim":
@@ -231,9 +238,10 @@ async def test_takeover_while_workflows_run_on_the_first_instance() -> None:
     a = Kapbit(definitions, repo, options=Options(node_id="A"))
     b = Kapbit(definitions, repo, options=Options(node_id="B"))
     await a.start()
-    # B starts when A makes its 100th append (which waits, then lands as a zombie write)
+    # B starts when A makes its 10th append (which waits, then lands as a zombie write); B
+    # reads the log before it claims, so A's workflows go on for a few loop turns meanwhile
     b_starting: list[asyncio.Task[None]] = []
-    repo.hold(100, then=lambda: b_starting.append(asyncio.create_task(b.start())))
+    repo.hold(10, then=lambda: b_starting.append(asyncio.create_task(b.start())))
     on_a = {i: asyncio.create_task(a.exec_workflow(i, t, {"id": i})) for i, t in ids}
     await asyncio.wait_for(repo.held.wait(), 5)
     await b_starting[0]
@@ -260,7 +268,7 @@ async def test_takeover_while_workflows_run_on_the_first_instance() -> None:
         check_history(i, all_histories[i], steps=3, compensable={0, 1, 2})
         assert _result_value(repo, i) == results[i]
         assert results[i]["compensated"] == ([] if t == "ok" else [1, 0])
-    assert {z.node for z in _zombies(repo)} <= {"A"}
+    assert {z.node for z in _zombies(repo)} <= {a.writer_id}
     assert_no_step_reran_after_its_outcome(repo, journal)
     assert repo.checkpoint_errors == []
 
@@ -298,15 +306,15 @@ async def test_two_instances_starting_at_once_leave_exactly_one_owner(
     b_start = asyncio.create_task(b.start())
     await second_settles.wait_hits(2)  # second has claimed both, not yet checked
     late_claim.release()  # first's claim of p1 lands after second's ...
-    await wait_until(lambda: log.records(1)[-1].node == first)
+    await wait_until(lambda: log.records(1)[-1].node == a.writer_id)
     second_settles.release()  # ... and before second checks its claims
     results = await asyncio.gather(a_start, b_start, return_exceptions=True)
 
-    winner, loser = (a, b) if first > second else (b, a)
+    winner, loser = (a, b) if a.writer_id > b.writer_id else (b, a)
     loser_result = results[0] if loser is a else results[1]
     assert isinstance(loser_result, Fenced)
     assert winner.is_running and not loser.is_running
-    assert [await log.current_owner(p) for p in range(2)] == [winner.node_id] * 2
+    assert [await log.current_owner(p) for p in range(2)] == [winner.writer_id] * 2
     try:
         # The winner writes to both partitions without being fenced.
         ids = ["w0", "w1", "w2", "w3", "w4", "w5"]

@@ -248,7 +248,7 @@ async def test_records_a_fenced_node_wrote_after_the_takeover_are_ignored_by_rec
 
     log = await read_log(kafka_bootstrap, topic)
     zombies = {(e.kind, e.key) for e in log.zombies()}
-    assert {e.node for e in log.zombies()} == {"node-a"}
+    assert {e.node for e in log.zombies()} == {a.writer_id}
     assert zombies >= {("step_outcome", "z1"), ("workflow_result", "z2")}, zombies
     zombie_z3 = ("workflow_created", "z3") in zombies
 
@@ -267,10 +267,10 @@ async def test_records_a_fenced_node_wrote_after_the_takeover_are_ignored_by_rec
         (1, "execute"),
         "workflow_result",
     ]
-    assert [e.node for e in workflows["z1"][1:]] == [c.node_id] * 3
+    assert [e.node for e in workflows["z1"][1:]] == [c.writer_id] * 3
     assert _shape(workflows["z2"])[-1] == "workflow_result"
-    assert workflows["z2"][-1].node == c.node_id
-    assert [e.node for e in workflows["z3"]] == [c.node_id] * 4
+    assert workflows["z2"][-1].node == c.writer_id
+    assert [e.node for e in workflows["z3"]] == [c.writer_id] * 4
     assert log.results() == {
         "z1": [{"by": "C", "values": ["C0", "C1"]}],
         "z2": [{"by": "C", "values": ["A0", "A1"]}],
@@ -335,9 +335,9 @@ async def test_takeover_while_workflows_run_loses_nothing(kafka_bootstrap: str, 
     # Whatever A returned is in the log, and A's writes after B's claim are ignored.
     assert {wid: results[wid][0] for wid in returned} == returned
     assert log.zombies(), "A can only have learnt it was fenced from a record after B's claim"
-    b_claims = {e.partition: e.offset for e in log.claims() if e.node == b.node_id}
+    b_claims = {e.partition: e.offset for e in log.claims() if e.node == b.writer_id}
     assert all(e.offset > b_claims[e.partition] for e in log.zombies())
-    assert all(terminals[f"h{i}"][0].node == b.node_id for i in range(5))
+    assert all(terminals[f"h{i}"][0].node == b.writer_id for i in range(5))
 
 
 def _load_result(workflow_id: str) -> list[int]:

@@ -183,10 +183,10 @@ async def test_position_is_stored_and_projection_resumes(mixed: MixedLog, tmp_pa
     assert {p: pos.offset for p, pos in positions.items()} == {
         p: len(mixed.repo.records(p)) for p in range(2)
     }
-    assert positions[0].owner == "node-b"
+    assert positions[0].owner == mixed.writer_b
     assert await _project(mixed.repo, path) == 0  # nothing new, nothing applied twice
     # New records are applied on top.
-    await append(mixed.repo, 1, "node-b", created("late-1"))
+    await append(mixed.repo, 1, mixed.writer_b, created("late-1"))
     assert await _project(mixed.repo, path) == 1
     async with StatusModel(path) as model:
         late = await model.get("late-1")

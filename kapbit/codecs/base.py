@@ -47,6 +47,10 @@ class MsgspecCodec:
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             message = f"{self.name} codec cannot encode {type(value).__name__}: {exc}"
             raise EncodeError(message) from exc
+        except RecursionError as exc:
+            raise EncodeError(
+                f"{self.name} codec cannot encode {type(value).__name__}: nested too deeply"
+            ) from exc
         return data
 
     def decode(self, data: Buffer, type: Any = Any) -> Any:

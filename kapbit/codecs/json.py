@@ -2,20 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
 
 from kapbit.codecs.base import MsgspecCodec
+from kapbit.errors import EncodeError
 
 
 class JsonCodec(MsgspecCodec):
-    """Encodes with ``msgspec.json``; Structs, dataclasses, primitives and containers."""
+    """Encodes with ``msgspec.json``; Structs, dataclasses, primitives and containers.
+
+    JSON has no NaN or infinity (msgspec would write ``null``, which then fails to decode
+    as a float): a value holding one is refused with :class:`~kapbit.errors.EncodeError`.
+    """
 
     name = "json"
 
     def __init__(self) -> None:
         super().__init__(msgspec.json.Encoder(), _decoder)
+
+    def encode(self, value: Any) -> bytes:
+        data = super().encode(value)
+        # A non-finite float is written as null: only then is the value walked.
+        if b"null" in data and _has_non_finite(value):
+            raise EncodeError(
+                f"{self.name} codec cannot encode {type(value).__name__}: "
+                "NaN or infinity has no JSON form (use MsgpackCodec to store them)"
+            )
+        return data
+
+
+def _raw_as_none(obj: Any) -> Any:
+    if isinstance(obj, msgspec.Raw):  # already encoded, and checked when it was
+        return None
+    raise TypeError(f"unsupported type {type(obj).__name__}")
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a float that is NaN or infinite (walked without recursion)."""
+    pending = [msgspec.to_builtins(value, enc_hook=_raw_as_none)]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
 
 
 def _decoder(type: Any) -> msgspec.json.Decoder[Any]:

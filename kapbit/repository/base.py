@@ -27,15 +27,22 @@ class Checkpoint(msgspec.Struct, frozen=True):
     """Where recovery of a partition starts.
 
     Every workflow created below ``offset`` has terminated. ``window_offset`` is where the
-    ids of the idempotency window start (read ids-only up to ``offset``). Each offset comes
-    with the partition's owner at that point, so readers starting there can tell zombie
-    writes apart.
+    ids of the idempotency window start (read ids-only up to ``offset``), for a window of
+    ``window_size`` ids. Each offset comes with the partition's owner at that point, so
+    readers starting there can tell zombie writes apart. ``anchor_offset`` and
+    ``anchor_writer`` name a record of the log the checkpoint was saved for: the latest
+    one the saving instance had written (writer ids are unique per start). A start trusts
+    the checkpoint only if its log holds a record of that writer there, which tells
+    another log's checkpoint (or a recreated log's) apart.
     """
 
     offset: int = 0
     owner: str = ""
     window_offset: int = 0
     window_owner: str = ""
+    window_size: int = 0
+    anchor_offset: int = -1
+    anchor_writer: str = ""
 
 
 @runtime_checkable
