@@ -461,6 +461,12 @@ class Kapbit:
         """
         if isinstance(first, Definition):
             workflow_id, workflow_type = second, first.type
+        elif isinstance(second, Definition):
+            raise UnknownWorkflowType(
+                second.type,
+                sorted(self._definitions),
+                " given second: the definition goes first, exec_workflow(definition, id, input)",
+            )
         else:
             workflow_id, workflow_type = first, second
         self._check_running()

@@ -63,7 +63,12 @@ class StepRetry:
     ``max_attempts`` times in all; then the step fails for good with a ``Failure`` whose
     value is the text of the last error, and the saga compensates. Each retry is first
     recorded in the log (a ``WorkflowRetry`` event, as the retry worker writes), so attempts
-    are counted across restarts. An exception of a ``non_retryable`` type (and
+    are counted across restarts: a step never runs more than ``max_attempts`` times. (A
+    resumed workflow counts conservatively: every retry it recorded, those of earlier
+    steps too, so it may give up sooner than a run that was not interrupted.) These count
+    towards
+    the retry worker's ``RetryPolicy.max_attempts`` too, should the workflow reach it
+    later. An exception of a ``non_retryable`` type (and
     :class:`kapbit.NonRetryable`, with or without a policy) fails the step at once.
     ``pybreaker.CircuitBreakerError`` / :class:`kapbit.CircuitBreakerOpen` are not retried
     in place: they close the entry gate and go to the retry worker, as without a policy.

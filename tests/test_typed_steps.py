@@ -459,3 +459,12 @@ async def test_the_log_reads_back_with_the_public_event_types() -> None:
     assert isinstance(outcome, StepOutcome) and codec.decode(outcome.value, int) == 42
     assert isinstance(result, WorkflowResult) and codec.decode(result.result, list[int]) == [42]
     assert codec.decode(events[1].input, int) == 21
+
+
+async def test_a_definition_given_in_the_string_form_order_is_refused_clearly() -> None:
+    definition = Definition("w", [Step(lambda i, p: Success(1))])
+    repo = MemRepository()
+    async with Kapbit([definition], repo, options=fast_options()) as kbit:
+        with pytest.raises(WorkflowRefused, match="the definition goes first"):
+            await kbit.exec_workflow("w-1", definition, None)  # type: ignore[call-overload]
+    assert events_of(repo, WorkflowCreated) == []
