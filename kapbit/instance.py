@@ -77,7 +77,7 @@ from kapbit.restore import (
 )
 from kapbit.retry_worker import RetryWorker
 from kapbit.stats import Stats
-from kapbit.workflow import Definition
+from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
 
@@ -425,17 +425,15 @@ class Kapbit:
 
     @overload
     async def exec_workflow(
-        self, workflow: Definition[I, Any, R], workflow_id: str, input: I, /
+        self, workflow: Definition[I, Any, R], workflow_id: str, input: I
     ) -> R: ...
 
     @overload
     async def exec_workflow(
-        self, workflow_id: str, workflow_type: str, input: Any = None, /
+        self, workflow_id: str, workflow_type: str, input: Any = None
     ) -> Any: ...
 
-    async def exec_workflow(
-        self, first: Definition[Any, Any, Any] | str, second: str, input: Any = None, /
-    ) -> Any:
+    async def exec_workflow(self, *args: Any, **kwargs: Any) -> Any:
         """Run a workflow and return its result.
 
         Two forms: ``exec_workflow(ORDER, "order-42", order)`` runs the registered
@@ -443,7 +441,8 @@ class Kapbit:
         type), and ``exec_workflow("order-42", "order", order)`` runs the definition
         registered under the type name ``"order"`` (for callers that only know the name;
         the result is ``Any``). The definition comes first, as the thing to run; the string
-        form keeps its historical order (id, type name, input).
+        form keeps its historical order (id, type name, input). Arguments may be passed
+        by keyword, named as in either form.
 
         Nothing is written unless every check passes (each refusal is a
         :class:`~kapbit.errors.WorkflowRefused`, except the first two): the instance runs
@@ -459,23 +458,20 @@ class Kapbit:
         :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
         workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
         """
-        if isinstance(first, Definition):
-            workflow_id, workflow_type = second, first.type
-        elif isinstance(second, Definition):
+        given, workflow_type, workflow_id, input = parse_call(args, kwargs)
+        if isinstance(workflow_type, Definition):
             raise UnknownWorkflowType(
-                second.type,
+                workflow_type.type,
                 sorted(self._definitions),
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
-        else:
-            workflow_id, workflow_type = first, second
         self._check_running()
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
         if definition is None:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if isinstance(first, Definition) and definition is not first and definition != first:
+        if given is not None and definition is not given and definition != given:
             raise UnknownWorkflowType(
                 workflow_type,
                 sorted(self._definitions),

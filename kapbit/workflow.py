@@ -377,3 +377,36 @@ class Definition(Generic[I, O, R]):
     def new_progress(self) -> Progress:
         """An empty progress that resolves this definition's step names."""
         return Progress(self._step_names)
+
+
+def parse_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Definition[Any, Any, Any] | None, Any, Any, Any]:
+    """``(definition or None, workflow type, workflow id, input)`` of a call in either form.
+
+    ``(definition, workflow_id, input)`` runs a definition object; ``(workflow_id,
+    workflow_type, input=None)`` names the type (the older form). Keywords use those names.
+    A call that fits neither raises :class:`TypeError`, as Python does for a bad call.
+    """
+    if not kwargs and len(args) in (2, 3):  # the common case, without binding
+        first, second = args[0], args[1]
+        input = args[2] if len(args) == 3 else None
+    else:
+        typed = (bool(args) and isinstance(args[0], Definition)) or "workflow" in kwargs
+        signature = _TYPED_CALL if typed else _NAMED_CALL
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        first, second, input = bound.args
+    if isinstance(first, Definition):
+        return first, first.type, second, input
+    return None, second, first, input
+
+
+def _typed_call(workflow: Any, workflow_id: Any, input: Any) -> None: ...
+
+
+def _named_call(workflow_id: Any, workflow_type: Any, input: Any = None) -> None: ...
+
+
+_TYPED_CALL = inspect.signature(_typed_call)
+_NAMED_CALL = inspect.signature(_named_call)

@@ -468,3 +468,16 @@ async def test_a_definition_given_in_the_string_form_order_is_refused_clearly() 
         with pytest.raises(WorkflowRefused, match="the definition goes first"):
             await kbit.exec_workflow("w-1", definition, None)  # type: ignore[call-overload]
     assert events_of(repo, WorkflowCreated) == []
+
+
+async def test_both_forms_take_keywords_as_the_old_signature_did() -> None:
+    definition = Definition("w", [Step(lambda i, p: Success(i))], input_type=int)
+    async with Kapbit([definition], MemRepository(), options=fast_options()) as kbit:
+        assert await kbit.exec_workflow(workflow_id="a", workflow_type="w", input=1) == [1]
+        assert await kbit.exec_workflow("b", "w", input=2) == [2]
+        assert await kbit.exec_workflow(definition, workflow_id="c", input=3) == [3]
+        assert await kbit.exec_workflow(workflow=definition, workflow_id="d", input=4) == [4]
+        with pytest.raises(InvalidInput, match="got NoneType"):
+            await kbit.exec_workflow("e", "w")  # the string form's default input: None
+        with pytest.raises(TypeError):
+            await kbit.exec_workflow("f", "w", 1, 2)  # type: ignore[call-overload]

@@ -102,6 +102,8 @@ async def correct_calls(kbit: Kapbit) -> None:
     result = await kbit.exec_workflow(ORDER, "order-42", Order("order-42", 100))
     assert_type(result, Receipt)
     assert_type(result.status, str)
+    by_keyword = await kbit.exec_workflow(ORDER, workflow_id="o-48", input=Order("o-48", 1))
+    assert_type(by_keyword, Receipt)
     # The string form, for callers that only know the type name: the result is Any.
     untyped = await kbit.exec_workflow("order-43", "order", Order("order-43", 100))
     assert_type(untyped, Any)
