@@ -112,7 +112,7 @@ class Kapbit:
 
     def __init__(
         self,
-        definitions: Iterable[Definition[Any, Any, Any]],
+        definitions: Iterable[Definition],
         repository: Repository,
         codec: Codec | None = None,
         *,
@@ -837,10 +837,8 @@ def _check_workflow_id(workflow_id: object) -> None:
         ) from None
 
 
-def _index_definitions(
-    definitions: Iterable[Definition[Any, Any, Any]],
-) -> dict[str, Definition[Any, Any, Any]]:
-    index: dict[str, Definition[Any, Any, Any]] = {}
+def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definition]:
+    index: dict[str, Definition] = {}
     for definition in definitions:
         if not isinstance(definition, Definition):
             raise InvalidDefinition(f"expected a Definition, got {type(definition).__name__}")

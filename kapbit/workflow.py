@@ -20,16 +20,25 @@ from kapbit.codecs.checked import plain_types, type_name, unsupported
 from kapbit.errors import InvalidDefinition
 from kapbit.options import StepRetry
 
+T = TypeVar("T")
 if TYPE_CHECKING:
     from typing import _SpecialForm
 
-T = TypeVar("T")
-#: The type of a workflow's input.
-I = TypeVar("I")  # noqa: E741 - the conventional name next to O and R
-#: The type of a step's outcome values.
-O = TypeVar("O")  # noqa: E741
-#: The type of a workflow's result.
-R = TypeVar("R")
+    # PEP 696 defaults (typing_extensions for checkers only; Python 3.13 has them): what a
+    # checker cannot infer (an unannotated lambda) is Any, and a bare ``Definition`` is
+    # ``Definition[Any, Any, Any]``.
+    from typing_extensions import TypeVar as DefaultTypeVar
+
+    I = DefaultTypeVar("I", default=Any)  # noqa: E741 - the conventional name next to O, R
+    O = DefaultTypeVar("O", default=Any)  # noqa: E741
+    R = DefaultTypeVar("R", default=Any)
+else:
+    #: The type of a workflow's input.
+    I = TypeVar("I")  # noqa: E741
+    #: The type of a step's outcome values.
+    O = TypeVar("O")  # noqa: E741
+    #: The type of a workflow's result.
+    R = TypeVar("R")
 
 #: A declared type: a class (``Order``, ``str``, ``list[int]``) binds the type parameter;
 #: forms a type checker cannot bind (``str | None``, ``Literal[...]``) are accepted as is.

@@ -112,7 +112,7 @@ async def test_a_result_of_the_wrong_type_ends_the_workflow_naming_the_result_bu
     definition = Definition(
         "w",
         [Step(lambda i, p: Success("x"))],
-        result=lambda i, p: 42,
+        result=lambda i, p: 42,  # type: ignore[arg-type, return-value]
         outcome_type=str,
         result_type=Receipt,
     )

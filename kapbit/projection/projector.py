@@ -244,7 +244,7 @@ class Projector:
         model: ReadModel,
         *,
         codec: Codec | None = None,
-        definitions: Iterable[Definition[Any, Any, Any]] = (),
+        definitions: Iterable[Definition] = (),
         partitions: Iterable[int] | None = None,
         start_positions: Mapping[int, Position] | None = None,
         batch_size: int = 512,

@@ -56,7 +56,7 @@ def fast_options(
 class _Recipe:
     """What an instance was started with, so a restart can start its successor."""
 
-    definitions: tuple[Definition[Any, Any, Any], ...]
+    definitions: tuple[Definition, ...]
     repository: Repository
     codec: Codec | None
     options: Options
@@ -84,7 +84,7 @@ class KapbitFactory:
 
     async def start(
         self,
-        definitions: Sequence[Definition[Any, Any, Any]],
+        definitions: Sequence[Definition],
         *,
         repository: Repository | None = None,
         options: Options | None = None,
