@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from kapbit.errors import StepTimedOut
-from kapbit.step_context import _CURRENT, StepContext
+from kapbit.step_context import StepContext
 
 
 class ActionRunner:
@@ -34,7 +34,26 @@ class ActionRunner:
         self._owned: ThreadPoolExecutor | None = None
         self._threads = threads
 
-    async def run(
+    def start(
+        self,
+        fn: Callable[..., Any],
+        is_async: bool,
+        args: tuple[Any, ...],
+        context: StepContext,
+        timeout: float | None,
+    ) -> Awaitable[Any]:
+        """The awaitable that runs ``fn(*args)``; it raises StepTimedOut after ``timeout``.
+
+        Await it with ``context`` set in :data:`~kapbit.step_context.CURRENT_STEP` (a sync
+        action's thread gets a copy of it). An async action without a timeout is returned
+        as it is: the common case costs no frame of its own.
+        """
+        if is_async and timeout is None:
+            awaitable: Awaitable[Any] = fn(*args)
+            return awaitable
+        return self._run(fn, is_async, args, context, timeout)
+
+    async def _run(
         self,
         fn: Callable[..., Any],
         is_async: bool,
@@ -42,26 +61,19 @@ class ActionRunner:
         context: StepContext,
         timeout: float | None,
     ) -> Any:
-        """Run ``fn(*args)`` with ``context`` set; raise StepTimedOut after ``timeout``."""
-        token = _CURRENT.set(context)
+        if timeout is None:
+            return await self._call(fn, is_async, args)
         try:
-            if timeout is None:
-                if is_async:  # the hot path: no extra frame
-                    return await fn(*args)
-                return await self._run(fn, is_async, args)
-            try:
-                async with asyncio.timeout(timeout) as scope:
-                    return await self._run(fn, is_async, args)
-            except TimeoutError:
-                if scope.expired():
-                    raise StepTimedOut(
-                        context.workflow_id, context.step_name, context.phase, timeout
-                    ) from None
-                raise
-        finally:
-            _CURRENT.reset(token)
+            async with asyncio.timeout(timeout) as scope:
+                return await self._call(fn, is_async, args)
+        except TimeoutError:
+            if scope.expired():
+                raise StepTimedOut(
+                    context.workflow_id, context.step_name, context.phase, timeout
+                ) from None
+            raise
 
-    async def _run(self, fn: Callable[..., Any], is_async: bool, args: tuple[Any, ...]) -> Any:
+    async def _call(self, fn: Callable[..., Any], is_async: bool, args: tuple[Any, ...]) -> Any:
         if is_async:
             return await fn(*args)
         loop = asyncio.get_running_loop()

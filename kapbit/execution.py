@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -32,8 +32,7 @@ from kapbit.errors import (
     describe_error,
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
-from kapbit.options import StepRetry
-from kapbit.step_context import StepContext
+from kapbit.step_context import CURRENT_STEP, StepContext
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
 logger = logging.getLogger("kapbit")
@@ -175,17 +174,37 @@ class WorkflowExecution:
         while (action := self.next_action()) is not None:
             index, phase = action
             step = steps[index]
-            returned = await self._run_action(emitter, actions, step, index, phase)
+            if phase == "execute":
+                fn, is_async = step.execute, step._execute_async
+            else:
+                assert step.compensate is not None
+                fn, is_async = step.compensate, step._compensate_async
+            if step.retry is None:  # the common case, inline: no frames of kapbit's own
+                context = self._context(actions, step, index, phase)
+                token = CURRENT_STEP.set(context)
+                try:
+                    returned = await actions.start(
+                        fn, is_async, (self.input, progress), context, step.timeout
+                    )
+                except asyncio.CancelledError as exc:
+                    if _being_cancelled():
+                        raise
+                    returned = self._step_failed(step, index, phase, exc)  # raised by the step
+                except Exception as exc:  # any error means "retry later", unless told otherwise
+                    returned = self._step_failed(step, index, phase, exc)
+                finally:
+                    CURRENT_STEP.reset(token)
+            else:
+                returned = await self._retry_in_place(
+                    emitter, actions, step, fn, is_async, index, phase
+                )
             # Checked outside the action's error handling: a wrong return value is a
             # programming error, and retrying would run the action's side effect again.
             outcome = Success(None) if returned is None else returned
             if not isinstance(outcome, Success | Failure):
                 await self._invalid_return(emitter, index, phase, returned)
-            declared = definition.outcome_type_of(index)
             try:
-                data, value = encode_checked(
-                    codec, outcome.value, declared, definition.plain_types(declared)
-                )
+                data, value = encode_checked(codec, outcome.value, definition.outcome_check(index))
             except EncodeError as exc:
                 await self.reject(emitter, "step_outcome", str(exc))
             except TypeMismatch as mismatch:
@@ -217,8 +236,7 @@ class WorkflowExecution:
             raise StepRaised(self.id, None, "execute", exc) from exc
         compensated = progress.failed
         try:
-            declared = definition.result_type
-            data, result = encode_checked(codec, result, declared, definition.plain_types(declared))
+            data, result = encode_checked(codec, result, definition.result_check)
         except EncodeError as exc:
             await self.reject(emitter, "workflow_result", str(exc))
         except TypeMismatch as mismatch:
@@ -228,72 +246,28 @@ class WorkflowExecution:
         )
         return result, compensated
 
-    async def _run_action(
-        self,
-        emitter: Emitter,
-        actions: ActionRunner,
-        step: Step[Any, Any],
-        index: int,
-        phase: Phase,
-    ) -> Any:
-        """Run the step's action (retrying in place under its policy); what it returned.
+    def _context(
+        self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
+    ) -> StepContext:
+        return StepContext(
+            self.id,
+            self.definition.type,
+            step.label,
+            index,
+            phase,
+            self.attempts - self.step_base + 1,
+            actions.node_id,
+        )
 
-        An error the step may not retry becomes ``Failure``; any other error raises
-        :class:`StepRaised` for the retry worker.
-        """
-        if phase == "execute":
-            fn, is_async = step.execute, step._execute_async
-        else:
-            assert step.compensate is not None
-            fn, is_async = step.compensate, step._compensate_async
-        args = (self.input, self.progress)
-
-        async def attempt() -> Any:
-            context = StepContext(
-                self.id,
-                self.definition.type,
-                step.label,
-                index,
-                phase,
-                self.step_attempt,
-                actions.node_id,
-            )
-            try:
-                return await actions.run(fn, is_async, args, context, step.timeout)
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                raise _ActionRaised(exc) from exc  # raised by the step itself
-            except Exception as exc:  # any error means "retry later", unless told otherwise
-                raise _ActionRaised(exc) from exc
-
-        policy = step.retry
-        error: Exception | asyncio.CancelledError
-        if policy is None:  # the common case, without the closure's frames
-            context = StepContext(
-                self.id,
-                self.definition.type,
-                step.label,
-                index,
-                phase,
-                self.step_attempt,
-                actions.node_id,
-            )
-            try:
-                return await actions.run(fn, is_async, args, context, step.timeout)
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                error = exc  # raised by the step itself
-            except Exception as exc:  # any error means "retry later", unless told otherwise
-                error = exc
-        else:
-            try:
-                return await self._retry_in_place(emitter, policy, attempt)
-            except _ActionRaised as raised:
-                error = raised.cause
+    def _step_failed(
+        self, step: Step[Any, Any], index: int, phase: Phase, error: BaseException
+    ) -> Failure[Any]:
+        """What an action's error means: a ``Failure`` if the step may not retry it (it is
+        :class:`~kapbit.errors.NonRetryable`, of a type its policy lists, or its policy is
+        used up), else :class:`StepRaised` for the retry worker."""
         if isinstance(error, NonRetryable):
             return Failure(error.value)
+        policy = step.retry
         if policy is not None and not _is_breaker_error(error):
             if isinstance(error, policy.non_retryable):
                 return Failure(_error_text(error))
@@ -301,12 +275,40 @@ class WorkflowExecution:
         raise StepRaised(self.id, index, phase, error) from error
 
     async def _retry_in_place(
-        self, emitter: Emitter, policy: StepRetry, attempt: Callable[[], Awaitable[Any]]
+        self,
+        emitter: Emitter,
+        actions: ActionRunner,
+        step: Step[Any, Any],
+        fn: Callable[..., Any],
+        is_async: bool,
+        index: int,
+        phase: Phase,
     ) -> Any:
-        """Run ``attempt`` until it returns or ``policy`` gives up (tenacity); each retry is
-        a WorkflowRetry event first, so attempt counts survive restarts."""
+        """Run the action under its step's policy until it returns or the policy gives up
+        (tenacity); what it returned, or :meth:`_step_failed` of its last error. Each retry
+        is a WorkflowRetry event first, so attempt counts survive restarts."""
+        policy = step.retry
+        assert policy is not None
         if self.step_attempt > policy.max_attempts:  # used up before a restart
-            raise _ActionRaised(RuntimeError(self.last_error or "no error recorded"))
+            return self._step_failed(
+                step, index, phase, RuntimeError(self.last_error or "no error recorded")
+            )
+
+        async def attempt() -> Any:
+            context = self._context(actions, step, index, phase)
+            token = CURRENT_STEP.set(context)
+            try:
+                return await actions.start(
+                    fn, is_async, (self.input, self.progress), context, step.timeout
+                )
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                raise _ActionRaised(exc) from exc  # raised by the step itself
+            except Exception as exc:  # any error means "retry later", unless told otherwise
+                raise _ActionRaised(exc) from exc
+            finally:
+                CURRENT_STEP.reset(token)
 
         def retryable(error: BaseException) -> bool:
             if not isinstance(error, _ActionRaised):
@@ -326,15 +328,18 @@ class WorkflowExecution:
             reraise=True,
         )
         last: _ActionRaised | None = None
-        async for call in retrying:
-            with call:
-                if last is not None:
-                    await self.record_retry(emitter, last.cause)
-                try:
-                    return await attempt()
-                except _ActionRaised as raised:
-                    last = raised
-                    raise
+        try:
+            async for call in retrying:
+                with call:
+                    if last is not None:
+                        await self.record_retry(emitter, last.cause)
+                    try:
+                        return await attempt()
+                    except _ActionRaised as raised:
+                        last = raised
+                        raise
+        except _ActionRaised as raised:
+            return self._step_failed(step, index, phase, raised.cause)
         raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
     async def record_retry(self, emitter: Emitter, cause: BaseException) -> None:

@@ -27,7 +27,7 @@ from kapbit._log import execution_fields, fields
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
-from kapbit.codecs.checked import TypeMismatch, encode_checked, type_name
+from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
     CorruptRecord,
@@ -458,7 +458,14 @@ class Kapbit:
         :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
         workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
         """
-        given, workflow_type, workflow_id, input = parse_call(args, kwargs)
+        if kwargs or len(args) != 3:  # keywords or a default (rare): bind either form's names
+            given, workflow_type, workflow_id, input = parse_call(args, kwargs)
+        elif isinstance(args[0], Definition):
+            given, workflow_id, input = args
+            workflow_type = given.type
+        else:
+            workflow_id, workflow_type, input = args
+            given = None
         if isinstance(workflow_type, Definition):
             raise UnknownWorkflowType(
                 workflow_type.type,
@@ -485,11 +492,10 @@ class Kapbit:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
         try:
-            declared = definition.input_type
-            data, input = encode_checked(codec, input, declared, definition.plain_types(declared))
+            data, input = encode_checked(codec, input, definition.input_check)
         except EncodeError as exc:
             raise InvalidInput(
-                workflow_type, type_name(definition.input_type), type(input).__qualname__, str(exc)
+                workflow_type, definition.input_check.name, type(input).__qualname__, str(exc)
             ) from exc
         except TypeMismatch as mismatch:
             raise InvalidInput(

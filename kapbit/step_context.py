@@ -41,7 +41,9 @@ class StepContext(msgspec.Struct, frozen=True):
     node_id: str
 
 
-_CURRENT: ContextVar[StepContext] = ContextVar("kapbit_step_context")
+#: The context of the step action running in this task or thread; kapbit sets it around
+#: each action (read it with :func:`context`).
+CURRENT_STEP: ContextVar[StepContext] = ContextVar("kapbit_step_context")
 
 
 def context() -> StepContext:
@@ -51,6 +53,6 @@ def context() -> StepContext:
     has none either).
     """
     try:
-        return _CURRENT.get()
+        return CURRENT_STEP.get()
     except LookupError:
         raise NoStepContext("kapbit.context() is only available inside a step action") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeAlias, TypeVar, overload
 
-from kapbit.codecs.checked import plain_types, type_name, unsupported
+from kapbit.codecs.checked import Declared, type_name, unsupported
 from kapbit.errors import InvalidDefinition
 from kapbit.options import StepRetry
 
@@ -43,7 +43,6 @@ else:
 #: A declared type: a class (``Order``, ``str``, ``list[int]``) binds the type parameter;
 #: forms a type checker cannot bind (``str | None``, ``Literal[...]``) are accepted as is.
 TypeForm: TypeAlias = "type[T] | UnionType | _SpecialForm"
-_Plain: TypeAlias = frozenset[type]
 
 Phase: TypeAlias = Literal["execute", "compensate"]
 
@@ -199,11 +198,12 @@ class Step(Generic[I, O]):
     timeout: float | None = field(default=None, kw_only=True)
     _execute_async: bool = field(init=False, repr=False, compare=False, default=False)
     _compensate_async: bool = field(init=False, repr=False, compare=False, default=False)
-    _label: str = field(init=False, repr=False, compare=False, default="")
+    #: The step's name, or its execute action's name when it has none.
+    label: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         label = self.name or str(getattr(self.execute, "__name__", "step"))
-        object.__setattr__(self, "_label", label)
+        object.__setattr__(self, "label", label)
         if not callable(self.execute):
             raise InvalidDefinition(f"step {label!r}: execute is not callable")
         if self.compensate is not None and not callable(self.compensate):
@@ -225,11 +225,6 @@ class Step(Generic[I, O]):
         object.__setattr__(self, "_execute_async", _is_async(self.execute))
         if self.compensate is not None:
             object.__setattr__(self, "_compensate_async", _is_async(self.compensate))
-
-    @property
-    def label(self) -> str:
-        """The step's name, or its execute action's name when it has none."""
-        return self._label
 
 
 def _default_result(_input: Any, progress: Progress) -> list[Any]:
@@ -272,8 +267,11 @@ class Definition(Generic[I, O, R]):
     outcome_type: Any
     result_type: Any
     _step_names: dict[str, int] = field(repr=False, compare=False)
-    _outcome_types: tuple[Any, ...] = field(repr=False, compare=False)
-    _plain: dict[Any, _Plain] = field(repr=False, compare=False)
+    #: The declared input type, prepared for checks.
+    input_check: Declared = field(repr=False, compare=False)
+    #: The declared result type, prepared for checks.
+    result_check: Declared = field(repr=False, compare=False)
+    _outcome_checks: tuple[Declared, ...] = field(repr=False, compare=False)
     _result_async: bool = field(repr=False, compare=False)
 
     @overload
@@ -355,8 +353,8 @@ class Definition(Generic[I, O, R]):
             ("result_type", result_type),
         ):
             _check_type(f"workflow {type!r}: {what}", declared)
-        outcome_types = tuple(
-            _or_none(outcome_type if step.outcome_type is None else step.outcome_type)
+        outcome_checks = tuple(
+            Declared(_or_none(outcome_type if step.outcome_type is None else step.outcome_type))
             for step in steps
         )
         for name, value in (
@@ -367,8 +365,9 @@ class Definition(Generic[I, O, R]):
             ("outcome_type", outcome_type),
             ("result_type", result_type),
             ("_step_names", names),
-            ("_outcome_types", outcome_types),
-            ("_plain", {t: plain_types(t) for t in (input_type, result_type, *outcome_types)}),
+            ("input_check", Declared(input_type)),
+            ("result_check", Declared(result_type)),
+            ("_outcome_checks", outcome_checks),
             ("_result_async", _is_async(result)),
         ):
             object.__setattr__(self, name, value)
@@ -376,12 +375,11 @@ class Definition(Generic[I, O, R]):
     def outcome_type_of(self, step: int) -> Any:
         """The type the outcome values of ``step`` are checked against and decoded with:
         its declared outcome type (or the definition's) or ``None``."""
-        return self._outcome_types[step]
+        return self._outcome_checks[step].type
 
-    def plain_types(self, declared: Any) -> _Plain:
-        """The types among one of this definition's declared types whose values need no
-        read-back (see :func:`kapbit.codecs.checked.plain_types`), computed once."""
-        return self._plain.get(declared, frozenset())
+    def outcome_check(self, step: int) -> Declared:
+        """:meth:`outcome_type_of` ``step``, prepared for checks."""
+        return self._outcome_checks[step]
 
     def new_progress(self) -> Progress:
         """An empty progress that resolves this definition's step names."""

@@ -23,11 +23,26 @@ class TypeMismatch(Exception):
     """A value encoded but did not decode as its declared type (internal: callers turn it
     into the typed error of their situation)."""
 
-    def __init__(self, declared: Any, value: object, cause: DecodeError) -> None:
-        self.declared = type_name(declared)
+    def __init__(self, declared: str, value: object, cause: DecodeError) -> None:
+        self.declared = declared
         self.actual = type(value).__qualname__
         self.detail = str(cause)
         super().__init__(f"expected {self.declared}, got {self.actual} ({self.detail})")
+
+
+class Declared:
+    """A declared type, prepared once for the hot path: the type, its readable name, and
+    the plain types among it whose values need no read-back (:func:`plain_types`)."""
+
+    __slots__ = ("name", "plain", "type")
+
+    def __init__(self, declared: Any) -> None:
+        self.type = declared
+        self.name = type_name(declared)
+        self.plain = plain_types(declared)
+
+    def __repr__(self) -> str:
+        return f"Declared({self.name})"
 
 
 #: Types whose values read back unchanged as themselves once they encode.
@@ -45,23 +60,20 @@ def _is_union(declared: Any) -> bool:
     return typing.get_origin(declared) in (typing.Union, types.UnionType)
 
 
-def encode_checked(
-    codec: Codec, value: Any, declared: Any, plain: frozenset[type] = frozenset()
-) -> tuple[bytes, Any]:
+def encode_checked(codec: Codec, value: Any, declared: Declared) -> tuple[bytes, Any]:
     """``(encoded, value as read back)``: ``value`` encoded and checked against ``declared``.
 
-    ``plain`` is :func:`plain_types` of ``declared`` (precomputed by the caller): a value of
-    exactly one of those types is not read back. Raises
-    :class:`~kapbit.errors.EncodeError` if the codec cannot encode the value and
-    :class:`TypeMismatch` if the encoding does not decode as ``declared``.
+    A value of one of ``declared.plain`` types, or any value when the type is ``Any``, is
+    not read back. Raises :class:`~kapbit.errors.EncodeError` if the codec cannot encode
+    the value and :class:`TypeMismatch` if the encoding does not decode as the type.
     """
     data = codec.encode(value)
-    if declared is Any or type(value) in plain:
+    if declared.type is Any or type(value) in declared.plain:
         return data, value
     try:
-        return data, codec.decode(data, declared)
+        return data, codec.decode(data, declared.type)
     except DecodeError as exc:
-        raise TypeMismatch(declared, value, exc) from exc
+        raise TypeMismatch(declared.name, value, exc) from exc
 
 
 def unsupported(declared: Any) -> str | None:
