@@ -17,15 +17,17 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit._log import execution_fields, fields
+from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
+from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
     CorruptRecord,
@@ -37,6 +39,7 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidInput,
     InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
@@ -74,7 +77,7 @@ from kapbit.restore import (
 )
 from kapbit.retry_worker import RetryWorker
 from kapbit.stats import Stats
-from kapbit.workflow import Definition
+from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
 
@@ -85,6 +88,9 @@ _MAX_ERROR_LENGTH = 1000
 _MAX_CLAIM_ROUNDS = 10
 #: How long close() waits for cancelled tasks before abandoning them.
 _CANCEL_GRACE = 1.0
+
+I = TypeVar("I")  # noqa: E741 - a workflow's input type, as in kapbit.workflow
+R = TypeVar("R")
 
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
@@ -145,6 +151,9 @@ class Kapbit:
         self._windows: list[IdempotencyWindow] = []
         self._retry_worker = RetryWorker(
             self.options.retry, self.gate, self._retry_attempt, self._dead_letter
+        )
+        self._actions = ActionRunner(
+            self.node_id, self.options.action_executor, self.options.action_threads
         )
         self._checkpointer: Checkpointer | None = None
         self._in_flight: dict[str, WorkflowExecution] = {}
@@ -388,6 +397,7 @@ class Kapbit:
             execution.resolve(error=self._fenced_error or closed)
         if self._state != "fenced":
             self._state = "closed"
+        self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
 
@@ -413,28 +423,67 @@ class Kapbit:
 
     # --- workflows ------------------------------------------------------------------------
 
-    async def exec_workflow(self, workflow_id: str, workflow_type: str, input: Any = None) -> Any:
-        """Run workflow ``workflow_id`` of type ``workflow_type`` and return its result.
+    @overload
+    async def exec_workflow(
+        self, workflow: Definition[I, Any, R], workflow_id: str, input: I
+    ) -> R: ...
 
-        Nothing is written unless every check passes: the instance runs
+    @overload
+    async def exec_workflow(
+        self, workflow_id: str, workflow_type: str, input: Any = None
+    ) -> Any: ...
+
+    async def exec_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a workflow and return its result.
+
+        Two forms: ``exec_workflow(ORDER, "order-42", order)`` runs the registered
+        definition ``ORDER`` (a type checker then checks the input and knows the result's
+        type), and ``exec_workflow("order-42", "order", order)`` runs the definition
+        registered under the type name ``"order"`` (for callers that only know the name;
+        the result is ``Any``). The definition comes first, as the thing to run; the string
+        form keeps its historical order (id, type name, input). Arguments may be passed
+        by keyword, named as in either form.
+
+        Nothing is written unless every check passes (each refusal is a
+        :class:`~kapbit.errors.WorkflowRefused`, except the first two): the instance runs
         (:class:`~kapbit.errors.InstanceClosed`, :class:`~kapbit.errors.Fenced`), the gate is
         open (:class:`~kapbit.errors.GateClosed`), the type is registered
         (:class:`~kapbit.errors.UnknownWorkflowType`), the id is new
         (:class:`~kapbit.errors.DuplicateWorkflow`), a slot is free
-        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes
-        (:class:`~kapbit.errors.EncodeError`). Once ``WorkflowCreated`` is durable the
-        workflow finishes even if this call is cancelled or the process dies. A step that
-        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`; an action
-        returning a wrong type :class:`~kapbit.errors.InvalidReturnValue`, and storage
-        refusing one of the workflow's events :class:`~kapbit.errors.WorkflowRejected`
-        (both terminal).
+        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes and is of the
+        declared ``input_type`` (:class:`~kapbit.errors.InvalidInput`). Once
+        ``WorkflowCreated`` is durable the workflow finishes even if this call is cancelled
+        or the process dies. A step that raises makes this call raise
+        :class:`~kapbit.errors.WillRetryLater`; an action returning a wrong value or type
+        :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
+        workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
         """
+        if kwargs or len(args) != 3:  # keywords or a default (rare): bind either form's names
+            given, workflow_type, workflow_id, input = parse_call(args, kwargs)
+        elif isinstance(args[0], Definition):
+            given, workflow_id, input = args
+            workflow_type = given.type
+        else:
+            workflow_id, workflow_type, input = args
+            given = None
+        if isinstance(workflow_type, Definition):
+            raise UnknownWorkflowType(
+                workflow_type.type,
+                sorted(self._definitions),
+                " given second: the definition goes first, exec_workflow(definition, id, input)",
+            )
         self._check_running()
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
         if definition is None:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if given is not None and definition is not given and definition != given:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
         _check_workflow_id(workflow_id)
         partition = partition_for(workflow_id, self._partitions)
         if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
@@ -442,9 +491,17 @@ class Kapbit:
         if len(self._in_flight) >= self.options.max_workflows:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
-        created = WorkflowCreated(
-            workflow_id, workflow_type, msgspec.Raw(codec.encode(input)), time.time()
-        )
+        try:
+            data, input = encode_checked(codec, input, definition.input_check)
+        except EncodeError as exc:
+            raise InvalidInput(
+                workflow_type, definition.input_check.name, type(input).__qualname__, str(exc)
+            ) from exc
+        except TypeMismatch as mismatch:
+            raise InvalidInput(
+                workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
+            ) from mismatch
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time())
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)
@@ -557,7 +614,7 @@ class Kapbit:
             self._checkpointer.opened(execution.partition, execution.id, offset)
             self._stats.started += 1
         try:
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             self._note_step_raised(execution, raised)
             self._retry_worker.schedule(execution)
@@ -591,7 +648,7 @@ class Kapbit:
                 execution,
                 WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
             )
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             # The retry worker logs the failed attempt itself.
             self._note_step_raised(execution, raised, logging.INFO)
@@ -770,6 +827,7 @@ class Kapbit:
         for task in [*self._tasks, *self._background]:
             task.cancel()
         self._retry_worker.abort()
+        self._actions.close()
 
 
 def _check_workflow_id(workflow_id: object) -> None:
