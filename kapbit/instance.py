@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
@@ -25,15 +25,19 @@ import pybreaker
 from kapbit._lifecycle import CANCEL_GRACE, AsyncResource, TaskHost
 from kapbit._log import fields
 from kapbit._start_retries import StartRetries
+from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
+from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
     DuplicateWorkflow,
+    EncodeError,
     Fenced,
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidInput,
     InvalidWorkflowId,
     KapbitError,
     StartupError,
@@ -52,11 +56,14 @@ from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Repository
 from kapbit.stats import Stats
 from kapbit.supervisor import Supervisor
-from kapbit.workflow import Definition
+from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
 
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
+
+I = TypeVar("I")  # noqa: E741 - a workflow's input type, as in kapbit.workflow
+R = TypeVar("R")
 
 
 class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
@@ -113,6 +120,9 @@ class Kapbit(AsyncResource):
             self._breaker,
             self.options.emit_backoff,
             self._fence,
+        )
+        self._actions = ActionRunner(
+            self.node_id, self.options.action_executor, self.options.action_threads
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
@@ -206,6 +216,7 @@ class Kapbit(AsyncResource):
             recovered.windows,
             checkpointer,
             self._stats,
+            self._actions,
         )
         await self._background.start()
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
@@ -217,6 +228,7 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             await self._supervisor.close(0)
         await self._background.close(CANCEL_GRACE)
+        self._actions.close()
         await self._repository.close()
 
     async def _save_checkpoints(self, checkpointer: Checkpointer) -> None:
@@ -273,6 +285,7 @@ class Kapbit(AsyncResource):
             )
         if self._state != "fenced":
             self._state = "closed"
+        self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
 
@@ -286,31 +299,71 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             self._supervisor.abort()
         self._background.abort()
+        self._actions.close()
 
     # --- workflows ------------------------------------------------------------------------
 
-    async def exec_workflow(self, workflow_id: str, workflow_type: str, input: Any = None) -> Any:
-        """Run workflow ``workflow_id`` of type ``workflow_type`` and return its result.
+    @overload
+    async def exec_workflow(
+        self, workflow: Definition[I, Any, R], workflow_id: str, input: I
+    ) -> R: ...
 
-        Nothing is written unless every check passes: the instance runs
+    @overload
+    async def exec_workflow(
+        self, workflow_id: str, workflow_type: str, input: Any = None
+    ) -> Any: ...
+
+    async def exec_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a workflow and return its result.
+
+        Two forms: ``exec_workflow(ORDER, "order-42", order)`` runs the registered
+        definition ``ORDER`` (a type checker then checks the input and knows the result's
+        type), and ``exec_workflow("order-42", "order", order)`` runs the definition
+        registered under the type name ``"order"`` (for callers that only know the name;
+        the result is ``Any``). The definition comes first, as the thing to run; the string
+        form keeps its historical order (id, type name, input). Arguments may be passed
+        by keyword, named as in either form.
+
+        Nothing is written unless every check passes (each refusal is a
+        :class:`~kapbit.errors.WorkflowRefused`, except the first two): the instance runs
         (:class:`~kapbit.errors.InstanceClosed`, :class:`~kapbit.errors.Fenced`), the gate is
         open (:class:`~kapbit.errors.GateClosed`), the type is registered
         (:class:`~kapbit.errors.UnknownWorkflowType`), the id is new
         (:class:`~kapbit.errors.DuplicateWorkflow`), a slot is free
-        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes
-        (:class:`~kapbit.errors.EncodeError`). Once ``WorkflowCreated`` is durable the
-        workflow finishes even if this call is cancelled or the process dies. A step that
-        raises makes this call raise :class:`~kapbit.errors.WillRetryLater`; an action
-        returning a wrong type :class:`~kapbit.errors.InvalidReturnValue`, and storage
-        refusing one of the workflow's events :class:`~kapbit.errors.WorkflowRejected`
-        (both terminal).
+        (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes and is of the
+        declared ``input_type`` (:class:`~kapbit.errors.InvalidInput`). Once
+        ``WorkflowCreated`` is durable the workflow finishes even if this call is cancelled
+        or the process dies. A step that raises makes this call raise
+        :class:`~kapbit.errors.WillRetryLater`; an action returning a wrong value or type
+        :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
+        workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
         """
+        if kwargs or len(args) != 3:  # keywords or a default (rare): bind either form's names
+            given, workflow_type, workflow_id, input = parse_call(args, kwargs)
+        elif isinstance(args[0], Definition):
+            given, workflow_id, input = args
+            workflow_type = given.type
+        else:
+            workflow_id, workflow_type, input = args
+            given = None
+        if isinstance(workflow_type, Definition):
+            raise UnknownWorkflowType(
+                workflow_type.type,
+                sorted(self._definitions),
+                " given second: the definition goes first, exec_workflow(definition, id, input)",
+            )
         supervisor = self._running()
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
         if definition is None:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if given is not None and definition is not given and definition != given:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
         _check_workflow_id(workflow_id)
         partition = partition_for(workflow_id, self._partitions)
         if supervisor.knows(workflow_id, partition):
@@ -318,9 +371,17 @@ class Kapbit(AsyncResource):
         if len(supervisor) >= self.options.max_workflows:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
-        created = WorkflowCreated(
-            workflow_id, workflow_type, msgspec.Raw(codec.encode(input)), time.time()
-        )
+        try:
+            data, input = encode_checked(codec, input, definition.input_check)
+        except EncodeError as exc:
+            raise InvalidInput(
+                workflow_type, definition.input_check.name, type(input).__qualname__, str(exc)
+            ) from exc
+        except TypeMismatch as mismatch:
+            raise InvalidInput(
+                workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
+            ) from mismatch
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time())
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)

@@ -17,6 +17,7 @@ from typing import Any
 
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
 from kapbit._log import execution_fields
+from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec
 from kapbit.emitter import Emitter
@@ -48,7 +49,8 @@ class Supervisor:
     """Runs and finishes the workflows of one started instance.
 
     ``windows`` are the partitions' idempotency windows as recovery left them and
-    ``checkpointer`` the checkpoint state of the same start; ``stats`` is counted in.
+    ``checkpointer`` the checkpoint state of the same start; ``stats`` is counted in;
+    ``actions`` runs the steps' actions.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Supervisor:
         windows: list[IdempotencyWindow],
         checkpointer: Checkpointer,
         stats: Stats,
+        actions: ActionRunner,
     ) -> None:
         self._emitter = emitter
         self._codec = codec
@@ -68,6 +71,7 @@ class Supervisor:
         self._windows = windows
         self._checkpointer = checkpointer
         self._stats = stats
+        self._actions = actions
         self._in_flight: dict[str, WorkflowExecution] = {}
         self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
         self._tasks = TaskHost("kapbit-workflows")
@@ -174,7 +178,7 @@ class Supervisor:
             self._checkpointer.opened(execution.partition, execution.id, offset)
             self._stats.started += 1
         try:
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             self._note_step_raised(execution, raised)
             self._retry_worker.schedule(execution)
@@ -203,7 +207,7 @@ class Supervisor:
                 execution,
                 WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
             )
-            result, compensated = await execution.run(self._emitter, self._codec)
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             # The retry worker logs the failed attempt itself.
             self._note_step_raised(execution, raised, logging.INFO)
