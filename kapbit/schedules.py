@@ -118,7 +118,7 @@ class Schedule:
         if not isinstance(self.catch_up, CatchUp):
             raise InvalidSchedule(name, repr(self.catch_up), "catch_up must be a CatchUp")
         if not isinstance(self.grace, timedelta) or self.grace < timedelta(0):
-            raise InvalidSchedule(name, repr(self.grace), "grace must be a timedelta >= 0")
+            raise InvalidSchedule(name, str(self.grace), "grace must be a timedelta >= 0")
         try:
             zone = ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:

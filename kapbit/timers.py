@@ -35,7 +35,7 @@ _COMPACT_AFTER = 1024
 class Sleep(Generic[T]):
     """The step succeeded with ``value``; run the next step after ``delay``.
 
-    ``delay`` is a ``timedelta`` (or seconds); zero resumes at once, through the queue.
+    A zero ``delay`` resumes at once, through the queue.
     """
 
     delay: timedelta
@@ -43,11 +43,8 @@ class Sleep(Generic[T]):
 
     def __post_init__(self) -> None:
         delay = self.delay
-        if isinstance(delay, int | float) and not isinstance(delay, bool):
-            delay = timedelta(seconds=delay)
-            object.__setattr__(self, "delay", delay)
         if not isinstance(delay, timedelta):
-            raise InvalidTimer(f"Sleep needs a timedelta or seconds, got {type(delay).__name__}")
+            raise InvalidTimer(f"Sleep needs a timedelta, got {type(delay).__name__}")
         if delay < timedelta(0):
             raise InvalidTimer(f"Sleep needs a delay of zero or more, got {delay}")
 

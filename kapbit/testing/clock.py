@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -96,13 +97,19 @@ class ManualClock:
         return self._wake()
 
     def _wake(self) -> int:
-        due: list[_Sleeper] = []
-        for sleepers, now in ((self._wall_sleepers, self._wall), (self._mono_sleepers, self._mono)):
+        # Both kinds are ordered on the monotonic scale (a wall deadline shifted by the
+        # current wall - monotonic offset); resolving in that order runs them in it.
+        due: list[tuple[float, int, _Sleeper]] = []
+        shift = self._wall - self._mono
+        for sleepers, now, offset in (
+            (self._wall_sleepers, self._wall, shift),
+            (self._mono_sleepers, self._mono, 0.0),
+        ):
             while sleepers and sleepers[0].deadline <= now:
-                due.append(heapq.heappop(sleepers))
-        # Resolving in deadline order makes the woken tasks run in that order.
+                sleeper = heapq.heappop(sleepers)
+                due.append((sleeper.deadline - offset, sleeper.seq, sleeper))
         woken = 0
-        for sleeper in sorted(due, key=lambda s: (s.deadline, s.seq)):
+        for _, _, sleeper in sorted(due, key=lambda d: (d[0], d[1])):
             if not sleeper.future.done():
                 sleeper.future.set_result(None)
                 woken += 1
@@ -116,8 +123,19 @@ class ManualClock:
     async def wait_for_sleepers(self, count: int = 1, timeout: float = 5.0) -> None:
         """Return once at least ``count`` sleeps are waiting; TimeoutError after ``timeout``
         seconds of real time (a test that never reaches its wait fails, not hangs)."""
+        await self._wait_until(lambda: self.sleepers >= count, timeout)
+
+    async def wait_for_deadline(self, when: float, timeout: float = 5.0) -> None:
+        """Return once a ``sleep_until(when)`` is waiting (the code under test chose that
+        deadline); TimeoutError after ``timeout`` seconds of real time."""
+        await self._wait_until(
+            lambda: any(s.deadline == when and not s.future.done() for s in self._wall_sleepers),
+            timeout,
+        )
+
+    async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         if self._changed is None:
             self._changed = asyncio.Condition()
         changed = self._changed
         async with asyncio.timeout(timeout), changed:
-            await changed.wait_for(lambda: self.sleepers >= count)
+            await changed.wait_for(predicate)
