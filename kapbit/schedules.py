@@ -11,10 +11,10 @@ decides, purely from that and the time now, which firings to start under the sch
 Cron expressions are evaluated by ``cronsim`` (the ``schedules`` extra:
 ``pip install 'kapbit[schedules]'``), which follows Debian cron, also across daylight
 saving time in the schedule's ``tz``: a firing in a skipped hour runs right after the
-clocks jump, one in a repeated hour runs once, at its first occurrence (for expressions
-with fixed minute and hour fields; ``*``-hour ones fire on real time, so the repeated
-hour fires twice). Intervals count from ``anchor`` (default: the Unix epoch) in UTC and
-know no daylight saving time.
+clocks jump, one in a repeated hour runs once, at its first occurrence (for 5-field
+expressions whose minute and hour fields do not start with ``*``; others fire on real
+time, so the repeated hour fires twice, under distinct UTC ids). Intervals count from
+``anchor`` (default: the Unix epoch) in UTC and know no daylight saving time.
 """
 
 from __future__ import annotations

@@ -177,6 +177,14 @@ def test_a_firing_in_the_repeated_hour_runs_once_at_its_first_occurrence() -> No
     assert len({schedule.workflow_id(t) for t in times}) == 3
 
 
+def test_an_hourly_cron_fires_on_real_time_through_the_repeated_hour() -> None:
+    schedule = Schedule("hourly", "h", cron="0 * * * *", tz="Europe/Berlin")
+    times = schedule.fire_times(utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 2))
+    local = [t.astimezone(BERLIN).strftime("%H:%M%z") for t in times]
+    assert local == ["02:00+0200", "02:00+0100", "03:00+0100"]
+    assert len({schedule.workflow_id(t) for t in times}) == 3
+
+
 def test_catch_up_across_the_dst_gap_counts_the_moved_firing() -> None:
     schedule = Schedule("dst", "d", cron="30 2 * * *", tz="Europe/Berlin", catch_up=CatchUp.ALL(9))
     firings = schedule.due_firings(utc(2026, 3, 28, 1, 30), utc(2026, 3, 30, 12))
