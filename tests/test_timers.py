@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kapbit.errors import InvalidTimer, KapbitError
 from kapbit.testing import ManualClock
@@ -236,3 +238,39 @@ async def test_100k_entries_fire_once_each_in_order_with_cancellations() -> None
     assert fired == sorted(fired)  # fire time, then partition and offset
     assert all(e.fire_at <= clock.now() for e in fired)
     assert len(queue) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(0, 15), st.integers(0, 100)),
+            st.tuples(st.just("cancel"), st.integers(0, 15), st.just(0)),
+            st.tuples(st.just("advance"), st.just(0), st.integers(0, 40)),
+        ),
+        max_size=80,
+    )
+)
+def test_the_queue_agrees_with_a_plain_model(ops: list[tuple[str, int, int]]) -> None:
+    """Random adds (re-adds replace), cancels and clock moves: every armed timer fires once,
+    at or after its time, unless cancelled or replaced first, in (time, log position)
+    order."""
+    queue = TimerQueue(ManualClock(START))
+    model: dict[str, SleepingWorkflow] = {}
+    now = T0
+    for op, key, amount in ops:
+        workflow_id = f"w{key}"
+        if op == "add":
+            armed = SleepingWorkflow(now + amount, key % 3, key, workflow_id, 0)
+            queue.add(armed)
+            model[workflow_id] = armed
+        elif op == "cancel":
+            assert queue.cancel(workflow_id) == model.pop(workflow_id, None)
+        else:
+            now += amount
+            expected = sorted(e for e in model.values() if e.fire_at <= now)
+            assert queue.pop_due(now) == expected
+            for fired in expected:
+                del model[fired.workflow_id]
+        assert len(queue) == len(model)
+        assert queue.next_fire_at() == min((e.fire_at for e in model.values()), default=None)
