@@ -270,13 +270,13 @@ async def test_id_used_again_after_termination_is_a_new_workflow(tmp_path: Path)
         dead("w", 3),
         created("w", at=15.0),  # a late copy: "w" is still remembered as terminated
         created("v"),
-        rejected("v"),  # "w" leaves a dedup window of 1
+        rejected("v"),  # "w" leaves a window of 1
         created("w", at=20.0, type="other"),
         outcome("w", 0),
     ]:
         await append(repo, 0, "n", event)
     path = tmp_path / "status.db"
-    await _project(repo, path, dedup_window=1)
+    await _project(repo, path, idempotency_window=1)
     async with StatusModel(path) as model:
         row = await model.get("w")
     assert row is not None
