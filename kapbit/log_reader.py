@@ -190,6 +190,7 @@ class PartitionReader:
     __slots__ = (
         "_codec",
         "_default_size",
+        "_sizes",
         "_writer_window",
         "adopt",
         "open",
@@ -216,6 +217,8 @@ class PartitionReader:
         writer_size = writer_window or window_size
         self.windows = Windows({window_size, writer_size, *extra_sizes})
         self._writer_window = self.windows.of(writer_size)
+        # (claim offset, window its writer is judged by), as ``owners.writers``
+        self._sizes: list[tuple[int, int]] = [(-1, writer_size)]
         self.open: dict[str, OpenWorkflow] = {}
         self.adopt = adopt
 
@@ -242,7 +245,9 @@ class PartitionReader:
             # Writer ids are unique per start: the owner's claim read again is a copy.
             verdict = Verdict.COPY if record.node == owners.owner else Verdict.NEW
             owners.admit(record)
-            self._writer_window = self.windows.of(claim.window or self._default_size)
+            size = claim.window or self._default_size
+            self._writer_window = self.windows.of(size)
+            self._sizes.append((record.offset, size))
             return verdict, claim, None
         if record.node != owners.owner:
             return Verdict.ZOMBIE, None, None
@@ -277,6 +282,13 @@ class PartitionReader:
             workflow.attempts = event.attempt
             workflow.last_error = event.error
         return Verdict.NEW, event, workflow
+
+    def window_at(self, offset: int) -> int:
+        """The window the writer in force for the record at ``offset`` is judged by."""
+        for start, size in reversed(self._sizes):
+            if start < offset:
+                return size
+        return self._sizes[0][1]
 
     def horizon(self, offset: int) -> int:
         """Where reading must start again to rebuild this state at ``offset``: the oldest

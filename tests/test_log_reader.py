@@ -216,3 +216,19 @@ async def test_a_lost_ack_copy_after_another_id_is_still_a_copy() -> None:
     recovered = await _recovered(repo, 1)
     assert recovered == projected_open
     assert recovered["w"] == _Seen(1, {(0, "execute")})
+
+
+async def test_a_resumed_projector_judges_by_the_window_of_a_claim_before_its_horizon() -> None:
+    """The writer (window 1) claimed at 0; a projector stops at 3 with its horizon at 1, past
+    that claim. Resumed, it must still judge "w0" by a window of 1 (the position names it),
+    or the reused "w0" at 4 is taken for a copy."""
+    repo = MemRepository()
+    await append(repo, 0, "n", ActiveWriter("n", 1.0, window=1))
+    for event in [created("w0"), created("w1")]:
+        await append(repo, 0, "n", event)
+    model = await _projected(repo)
+    assert model.position == Position(3, "n", 1, "n", 1)
+    for event in [result("w0"), created("w0")]:
+        await append(repo, 0, "n", event)
+    await _projected(repo, model)
+    assert [e.offset for e in model.events] == [0, 1, 2, 3, 4]

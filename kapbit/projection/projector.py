@@ -39,7 +39,7 @@ from kapbit.errors import TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind
 from kapbit.log_reader import PartitionReader, Verdict, decode_value
 from kapbit.options import Backoff, Options
-from kapbit.repository import Record, Repository
+from kapbit.repository import Checkpoint, Record, Repository
 from kapbit.workflow import Definition
 
 logger = logging.getLogger("kapbit.projection")
@@ -55,13 +55,15 @@ class Position(msgspec.Struct, frozen=True):
     (so zombie writes right after the position are still recognised). ``horizon`` (at most
     ``offset``; ``None`` means ``offset``) is where a restarting projector re-reads, without
     applying anything, to learn which events it already applied; ``horizon_owner`` is the
-    owner in force at the horizon.
+    owner in force at the horizon and ``horizon_window`` the idempotency window that owner
+    is judged by (its claim names it, but may lie before the horizon).
     """
 
     offset: int = 0
     owner: str = ""
     horizon: int | None = None
     horizon_owner: str | None = None
+    horizon_window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +133,15 @@ class _PartitionState:
 
     def position(self) -> Position:
         """The position to store now, with the horizon that rebuilds this state."""
-        owners = self.reader.owners
-        horizon = self.reader.horizon(self.offset)
-        return Position(self.offset, owners.owner, horizon, owners.owner_at(horizon))
+        reader = self.reader
+        horizon = reader.horizon(self.offset)
+        return Position(
+            self.offset,
+            reader.owners.owner,
+            horizon,
+            reader.owners.owner_at(horizon),
+            reader.window_at(horizon),
+        )
 
 
 async def positions_at_end(
@@ -152,7 +160,10 @@ async def positions_at_end(
         checkpoint = checkpoints.get(partition)
         start = min(checkpoint.offset, end) if checkpoint is not None else 0
         owner = checkpoint.owner if checkpoint is not None else ""
-        positions[partition] = Position(end, owner, start, owner)
+        size = None
+        if checkpoint is not None and checkpoint.anchor_writer == owner:
+            size = checkpoint.window_size or None
+        positions[partition] = Position(end, owner, start, owner, size)
     return positions
 
 
@@ -164,9 +175,10 @@ class Projector:
     ``partitions`` restricts projection to some partitions. ``start_positions`` are used
     for partitions the model has no position for (default: the beginning of the log; see
     :func:`positions_at_end`). At most ``batch_size`` records go into one ``apply``.
-    ``idempotency_window`` is the window assumed for a writer whose claim the projector
-    has not read (a claim written by an older kapbit, or one that lies before where the
-    projector resumed); every claim names its writer's window and is judged by it. With
+    Every claim names its writer's idempotency window, by which the writer's
+    ``WorkflowCreated`` records are judged; ``idempotency_window`` is the window assumed for
+    a writer whose claim names none (written by an older kapbit) or lies before where the
+    projector resumed and whose checkpoint does not name it either. With
     ``owns_repository`` the projector closes the repository when it stops (a projector in
     a process of its own).
 
@@ -365,10 +377,13 @@ class Projector:
     async def _restore(self) -> None:
         """Load positions and re-read each partition from its horizon, applying nothing."""
         stored = await self._model.load_positions()
+        checkpoints = await self._repository.load_checkpoints()
         states = await asyncio.gather(
             *(
                 self._restore_partition(
-                    p, stored.get(p) or self._start_positions.get(p) or Position()
+                    p,
+                    stored.get(p) or self._start_positions.get(p) or Position(),
+                    checkpoints.get(p),
                 )
                 for p in self._partitions
             )
@@ -376,23 +391,30 @@ class Projector:
         self._states = {state.partition: state for state in states}
         self._stale = False
 
-    def _reader(self, partition: int, owner: str) -> PartitionReader:
-        return PartitionReader(self._codec, partition, owner, self._window, adopt=True)
+    def _reader(
+        self, partition: int, owner: str, size: int | None, checkpoint: Checkpoint | None
+    ) -> PartitionReader:
+        """A log reader starting where ``owner`` writes, judged by a window of ``size`` ids;
+        not known (a position stored without it), the size the owner's checkpoint names."""
+        if not size and checkpoint is not None and checkpoint.anchor_writer == owner:
+            size = checkpoint.window_size
+        return PartitionReader(
+            self._codec, partition, owner, self._window, writer_window=size or None, adopt=True
+        )
 
-    async def _restore_partition(self, partition: int, position: Position) -> _PartitionState:
+    async def _restore_partition(
+        self, partition: int, position: Position, checkpoint: Checkpoint | None
+    ) -> _PartitionState:
         horizon = position.offset if position.horizon is None else position.horizon
         horizon = min(horizon, position.offset)
-        if horizon >= position.offset:
-            state = _PartitionState(
-                self._reader(partition, position.owner), position.offset, position.owner
-            )
-            state.committed = position
-            return state
-        owner = position.owner if position.horizon_owner is None else position.horizon_owner
-        reader = self._reader(partition, owner)
-        async for batch in self._repository.read(partition, horizon, position.offset):
-            for record in batch:
-                reader.take(record)
+        owner = position.owner
+        if horizon < position.offset and position.horizon_owner is not None:
+            owner = position.horizon_owner
+        reader = self._reader(partition, owner, position.horizon_window, checkpoint)
+        if horizon < position.offset:
+            async for batch in self._repository.read(partition, horizon, position.offset):
+                for record in batch:
+                    reader.take(record)
         state = _PartitionState(reader, position.offset, position.owner)
         state.committed = position
         return state
