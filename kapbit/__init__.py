@@ -34,6 +34,7 @@ from kapbit.errors import (
     WorkflowRejected,
 )
 from kapbit.events import EventKind
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowState
 from kapbit.instance import Kapbit
 from kapbit.options import Backoff, BreakerPolicy, CheckpointPolicy, Options, RetryPolicy
 from kapbit.partitioner import partition_for
@@ -74,6 +75,7 @@ __all__ = [
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
+    "OnDuplicate",
     "KapbitError",
     "MemRepository",
     "MsgpackCodec",
@@ -99,9 +101,11 @@ __all__ = [
     "TransientStorageError",
     "UnknownWorkflowType",
     "WillRetryLater",
+    "WorkflowHandle",
     "WorkflowNotFound",
     "WorkflowRejected",
     "WorkflowRow",
+    "WorkflowState",
     "WorkflowStatus",
     "partition_for",
 ]

@@ -61,6 +61,7 @@ from kapbit.events import (
 from kapbit.execution import StepRaised, WorkflowExecution, restore_outcome
 from kapbit.fencing import OwnerTracker
 from kapbit.gate import EntryGate
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Options
 from kapbit.partitioner import partition_for
@@ -413,8 +414,20 @@ class Kapbit:
 
     # --- workflows ------------------------------------------------------------------------
 
-    async def exec_workflow(self, workflow_id: str, workflow_type: str, input: Any = None) -> Any:
+    async def exec_workflow(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        input: Any = None,
+        *,
+        on_duplicate: OnDuplicate = "raise",
+    ) -> Any:
         """Run workflow ``workflow_id`` of type ``workflow_type`` and return its result.
+
+        With ``on_duplicate="attach"`` an id this instance runs or keeps in its idempotency
+        window is not refused: the call waits for that workflow's end and returns its result
+        (or raises its error), as :meth:`WorkflowHandle.result` does, also after a restart;
+        an id used by a workflow of another type still raises ``DuplicateWorkflow``.
 
         Nothing is written unless every check passes: the instance runs
         (:class:`~kapbit.errors.InstanceClosed`, :class:`~kapbit.errors.Fenced`), the gate is
@@ -429,7 +442,93 @@ class Kapbit:
         refusing one of the workflow's events :class:`~kapbit.errors.WorkflowRejected`
         (both terminal).
         """
+        submitted = await self._submit(workflow_id, workflow_type, input, on_duplicate)
+        if isinstance(submitted, WorkflowHandle):
+            return await submitted.result()
+        execution, task = submitted
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise self._stopped_before(execution, "finished") from None
+            raise
+
+    async def start_workflow(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        input: Any = None,
+        *,
+        on_duplicate: OnDuplicate = "raise",
+    ) -> WorkflowHandle[Any]:
+        """Start workflow ``workflow_id`` of type ``workflow_type`` and return its handle
+        as soon as its ``WorkflowCreated`` is durable (the workflow then finishes, even if
+        the process dies); ``await handle.result()`` waits for its end.
+
+        Refuses as :meth:`exec_workflow` does, writing nothing; ``on_duplicate="attach"``
+        returns the handle of the workflow already using the id instead of raising
+        ``DuplicateWorkflow``.
+        """
+        submitted = await self._submit(workflow_id, workflow_type, input, on_duplicate)
+        if isinstance(submitted, WorkflowHandle):
+            return submitted
+        execution, task = submitted
+        created = execution.created()
+        await asyncio.wait([created, task], return_when=asyncio.FIRST_COMPLETED)
+        if not created.done():
+            if task.cancelled():
+                raise self._stopped_before(execution, "was created")
+            task.result()  # raises what refused it
+        return self._handle(workflow_id)
+
+    def get_workflow(self, workflow_id: str) -> WorkflowHandle[Any]:
+        """A handle of workflow ``workflow_id``: one this instance runs, or any id in its
+        idempotency window, also one created before a restart or by the instance this one
+        took over from (read from the log). :class:`~kapbit.errors.WorkflowNotFound` for
+        another id."""
         self._check_running()
+        partition = partition_for(workflow_id, self._partitions)
+        if workflow_id not in self._in_flight and workflow_id not in self._windows[partition]:
+            raise WorkflowNotFound(workflow_id)
+        return self._handle(workflow_id)
+
+    def running_type(self, workflow_id: str) -> str | None:
+        """The type of workflow ``workflow_id`` if this instance runs it, else ``None``."""
+        return self._workflow_type(workflow_id)
+
+    def _handle(self, workflow_id: str) -> WorkflowHandle[Any]:
+        log = WorkflowLog(self._repository, self._codec, self._definitions, self._windows)
+        return WorkflowHandle(workflow_id, self, log)
+
+    def _stopped_before(self, execution: WorkflowExecution, what: str) -> KapbitError:
+        """Why a workflow's task was cancelled before it ``what``: fenced or closed."""
+        if execution.created_offset < 0:
+            next_ = (
+                "its WorkflowCreated may have been written (not acknowledged yet); "
+                "if it was, the next instance resumes it"
+            )
+        else:
+            next_ = "the next instance resumes it"
+        return self._fenced_error or InstanceClosed(
+            f"instance closed before workflow {execution.id!r} {what}; {next_}"
+        )
+
+    async def _submit(
+        self, workflow_id: str, workflow_type: str, input: Any, on_duplicate: OnDuplicate
+    ) -> tuple[WorkflowExecution, asyncio.Task[Any]] | WorkflowHandle[Any]:
+        """Check, then create and run a workflow (its execution and task), or the handle of
+        the workflow already using the id (``on_duplicate="attach"``)."""
+        self._check_running()
+        if on_duplicate not in ("raise", "attach"):
+            raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
+        if on_duplicate == "attach" and workflow_type in self._definitions:
+            _check_workflow_id(workflow_id)
+            partition = partition_for(workflow_id, self._partitions)
+            if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
+                handle = self._handle(workflow_id)
+                if (await handle.describe()).type != workflow_type:
+                    raise DuplicateWorkflow(workflow_id)
+                return handle
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
@@ -451,22 +550,7 @@ class Kapbit:
         self._in_flight[workflow_id] = execution
         assert self._checkpointer is not None
         self._checkpointer.opening(partition, workflow_id)
-        task = self._spawn(execution, value)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                if execution.created_offset < 0:
-                    what = (
-                        "its WorkflowCreated may have been written (not acknowledged yet); "
-                        "if it was, the next instance resumes it"
-                    )
-                else:
-                    what = "the next instance resumes it"
-                raise self._fenced_error or InstanceClosed(
-                    f"instance closed before workflow {workflow_id!r} finished; {what}"
-                ) from None
-            raise
+        return execution, self._spawn(execution, value)
 
     async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Await the final result of a workflow this instance runs or recently finished.
@@ -551,7 +635,7 @@ class Kapbit:
                 if self._checkpointer is not None:
                     self._checkpointer.abandoned(execution.partition, execution.id)
                 raise
-            execution.created_offset = offset
+            execution.mark_created(offset)
             self._windows[execution.partition].add(execution.id, offset)
             assert self._checkpointer is not None
             self._checkpointer.opened(execution.partition, execution.id, offset)
