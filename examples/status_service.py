@@ -1,10 +1,15 @@
 """An order service: an order saga per request, and its status served from a read model.
 
     POST /orders            {"sku": "book", "qty": 1, "card": "ok"}, optional "id"
-                            201 with the receipt, 202 if a service was down (retried later),
-                            409 for an id already used, 503 when overloaded, 400 if invalid
+                            201 with the receipt, 202 if a service was down (retried
+                            later), 409 for an id already used, 503 when overloaded or
+                            stopping, 422 if the body is not a valid order
     GET  /orders/{id}       the order's workflow status, from the status read model; 404
-    GET  /orders?status=S   the orders in status S (all without it)
+    GET  /orders?status=S   the orders in status S (all without it); 422 for an unknown S
+
+Every answer about an order's state uses the read model's words
+(:class:`~kapbit.projection.WorkflowStatus`): ``POST`` waits until the projector has seen
+what it did and answers with the order's status, so ``POST`` and ``GET`` never disagree.
 
 One process holds the kapbit instance (which runs the sagas), a projector following the log
 in the background, and the SQLite status read model it keeps. The read model could as well
@@ -18,7 +23,10 @@ Run it (hand-written ASGI, any ASGI server works)::
     python examples/status_service.py            # in-memory log, on port 8000
     KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders python examples/status_service.py
 
-``KAPBIT_STATUS_DB`` keeps the status database at a path instead of a temporary one.
+On Kafka the topic is used with the partitions it has (for instance the topic of
+``examples/order_saga_kafka.py``); a missing topic is created with ``KAPBIT_PARTITIONS``
+partitions (then required). ``KAPBIT_STATUS_DB`` keeps the status database at a path
+instead of a temporary one.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import msgspec
@@ -39,7 +47,9 @@ from kapbit import (
     Definition,
     DuplicateWorkflow,
     Failure,
+    Fenced,
     GateClosed,
+    InstanceClosed,
     Kapbit,
     MemRepository,
     Options,
@@ -126,13 +136,17 @@ ORDER = Definition(
 )
 
 
-class OrderRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The body of ``POST /orders``."""
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
-    sku: str
-    qty: int
-    card: str = "ok"
-    id: str | None = None
+
+class OrderRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of ``POST /orders``: a positive quantity; an ``id``, when given, not empty
+    (without one the service makes one up)."""
+
+    sku: NonEmpty
+    qty: Annotated[int, msgspec.Meta(ge=1)]
+    card: Literal["ok", "declined", "flaky"] = "ok"
+    id: NonEmpty | None = None
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -167,7 +181,10 @@ class OrderService:
         if bootstrap and topic:
             from kapbit.repository.kafka import KafkaRepository
 
-            repository = KafkaRepository(bootstrap, topic, partitions=4)
+            partitions = os.environ.get("KAPBIT_PARTITIONS")
+            repository = KafkaRepository(
+                bootstrap, topic, partitions=int(partitions) if partitions else None
+            )
         return cls(repository, os.environ.get("KAPBIT_STATUS_DB"))
 
     async def __aenter__(self) -> OrderService:
@@ -249,26 +266,40 @@ class OrderService:
         await _respond(send, status, body)
 
     async def _create(self, raw: bytes) -> tuple[int, Any]:
-        assert self.kapbit is not None and self.projector is not None
+        assert self.kapbit is not None
         try:
             request = msgspec.json.decode(raw, type=OrderRequest)
-        except msgspec.DecodeError as exc:
-            return 400, {"error": str(exc)}
+        except msgspec.DecodeError as exc:  # not JSON, or not a valid order
+            return 422, {"error": str(exc)}
         order = Order(request.id or uuid.uuid4().hex, request.sku, request.qty, request.card)
         try:
             result: Receipt = await self.kapbit.exec_workflow(order.id, "order", order)
         except WillRetryLater:
-            return 202, {"id": order.id, "status": WorkflowStatus.RETRYING.value}
+            return 202, {
+                "id": order.id,
+                "status": await self._status_after(order.id),
+                "status_url": f"/orders/{order.id}",
+            }
         except DuplicateWorkflow:
             return 409, {"error": f"order {order.id!r} was already placed"}
-        except (GateClosed, TooManyWorkflows) as exc:
+        except (GateClosed, TooManyWorkflows, InstanceClosed, Fenced) as exc:
             return 503, {"error": str(exc)}
         except WorkflowRejected as exc:
             return 422, {"error": str(exc)}
-        # So that the client's next GET sees its own order finished.
+        status = await self._status_after(order.id)
+        return 201, {"id": order.id, "status": status, "result": result}
+
+    async def _status_after(self, order_id: str) -> str:
+        """The order's status once the projector has seen what this request did.
+
+        So that the answer and the client's next GET agree.
+        """
+        assert self.projector is not None and self.model is not None
         with contextlib.suppress(TimeoutError):
-            await self.projector.wait_caught_up(timeout=1.0)
-        return 201, {"id": order.id, "result": result}
+            await self.projector.wait_caught_up(timeout=5.0)
+        row = await self.model.get(order_id)
+        # Not projected within the timeout: it was created and has not terminated.
+        return row.status.value if row is not None else WorkflowStatus.RUNNING.value
 
     async def _show(self, order_id: str) -> tuple[int, Any]:
         assert self.model is not None
@@ -281,7 +312,7 @@ class OrderService:
         assert self.model is not None
         status = query.get("status", [None])[0]
         if status is not None and status not in {s.value for s in WorkflowStatus}:
-            return 400, {"error": f"unknown status {status!r}"}
+            return 422, {"error": f"unknown status {status!r}"}
         rows = await self.model.find(status=status, type="order")
         return 200, [_row(row) for row in rows]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import kapbit
 from kapbit import Definition, Kapbit, MemRepository, MsgpackCodec, Record, Step, Success
 from kapbit.cli import build_parser, execute
 from kapbit.repository import Repository
@@ -55,7 +56,7 @@ async def test_status_of_a_workflow(mixed: MixedLog) -> None:
     assert fields["type"] == "order"
     assert fields["status"] == "compensated"
     assert fields["steps done"] == "2"
-    assert fields["failed step"] == "2"
+    assert fields["failed step"] == "step index 2 (name unknown: see --definitions)"
     assert fields["compensated"] == "2 steps"
     assert fields["last error"] == "-"
     assert fields["finished"].endswith("Z")
@@ -277,11 +278,16 @@ async def test_no_source_given(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--bootstrap and --topic" in _one_error_line(err)
     code, _, err = await cli("status", "x", "--bootstrap", "localhost:9092")
     assert code == 1
-    assert "both --bootstrap and --topic" in _one_error_line(err)
+    assert "needs --topic (or $KAPBIT_TOPIC)" in _one_error_line(err)
+    code, _, err = await cli("status", "x", "--topic", "orders")
+    assert code == 1
+    assert "needs --bootstrap (or $KAPBIT_BOOTSTRAP)" in _one_error_line(err)
 
 
-async def test_tail_needs_the_log(tmp_path: Path) -> None:
-    code, _, err = await cli("tail", "--db", str(tmp_path / "s.db"))
+async def test_tail_needs_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAPBIT_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("KAPBIT_TOPIC", raising=False)
+    code, _, err = await cli("tail")
     assert code == 1
     assert "tail reads the log" in _one_error_line(err)
 
@@ -317,3 +323,36 @@ async def test_main_as_a_process(mixed: MixedLog, tmp_path: Path) -> None:
     code, out, err = await _run_module("status", "missing", "--db", db)
     assert (code, out) == (3, "")
     assert _one_error_line(err) == "kapbit: no workflow 'missing'\n"
+
+
+# --- usage --------------------------------------------------------------------------------------
+
+
+def test_a_bad_number_is_named_in_plain_words(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    for argv, expected in (
+        (["list", "--limit", "abc"], "argument --limit: expected a whole number, got 'abc'"),
+        (["list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+        (["tail", "--max-events", "x"], "argument --max-events: expected a whole number"),
+        (["stats", "--timeout", "soon"], "argument --timeout: expected a number of seconds"),
+        (["stats", "--timeout", "-1"], "argument --timeout: must be more than 0 seconds"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err, err
+        assert "_positive" not in err and "_seconds" not in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"kapbit {kapbit.__version__}\n"
+
+
+async def test_version_of_the_installed_command() -> None:
+    code, out, err = await _run_module("--version")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"kapbit {kapbit.__version__}"

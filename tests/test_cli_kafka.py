@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -17,8 +19,18 @@ from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository.kafka import KafkaRepository
 from tests.projection_logs import TYPE, Behaviour, options, order, order_definition
 
+ROOT = Path(__file__).resolve().parent.parent
 
-async def _run_cli(*argv: str, timeout: float = 120) -> tuple[int, str, str]:
+
+def _environment(**variables: str) -> dict[str, str]:
+    """This process's environment without ``KAPBIT_*``, plus ``variables``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KAPBIT_")}
+    return {**environment, **variables}
+
+
+async def _run_cli(
+    *argv: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """``python -m kapbit.cli ARGV`` in a process of its own, as a user runs it."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -27,6 +39,8 @@ async def _run_cli(*argv: str, timeout: float = 120) -> tuple[int, str, str]:
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
@@ -183,3 +197,94 @@ async def test_projector_follows_a_topic_alongside_an_instance(
             await projector.stop()
             await running
     assert counts == {WorkflowStatus.SUCCEEDED: 10}
+
+
+async def test_the_readme_sequence_after_the_order_example(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    """The README's commands, as written, after ``examples/order_saga_kafka.py``."""
+    example = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "order_saga_kafka.py"),
+        "--bootstrap",
+        kafka_bootstrap,
+        "--topic",
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, example_err = await asyncio.wait_for(example.communicate(), 120)
+    assert example.returncode == 0, example_err.decode()
+    env = _environment(KAPBIT_BOOTSTRAP=kafka_bootstrap, KAPBIT_TOPIC=topic)
+    db = str(tmp_path / "status.sqlite3")
+    definitions = "examples.order_saga_kafka:ORDER"
+    code, out, err = await _run_cli(
+        "project", "--once", "--db", db, "--definitions", definitions, env=env
+    )
+    assert (code, out) == (0, ""), err
+    assert err.splitlines()[-1].startswith("kapbit: caught up: ")
+    code, out, err = await _run_cli("status", "order-2", "--db", db, env=env)
+    assert (code, err) == (0, "")
+    assert "failed step: charge (step index 1)" in out
+    assert "status:      compensated" in out
+    code, out, _ = await _run_cli("list", "--status", "compensated", "--db", db, env=env)
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["order-2", "order-4"]
+    code, out, _ = await _run_cli("stats", "--json", "--db", db, env=env)
+    assert json.loads(out)["by_status"] == {"succeeded": 3, "compensated": 2}
+    code, out, _ = await _run_cli("tail", "--from-beginning", "--until-end", "--json", env=env)
+    assert code == 0
+    documents = [json.loads(line) for line in out.splitlines()]
+    assert sum(d["kind"] == "workflow_result" for d in documents) == 5
+    # Queries with --db read the database only: an unreachable broker in the environment
+    # changes nothing.
+    unreachable = _environment(KAPBIT_BOOTSTRAP=f"127.0.0.1:{_closed_port()}", KAPBIT_TOPIC=topic)
+    code, out, err = await _run_cli("status", "order-2", "--db", db, env=unreachable)
+    assert (code, err) == (0, "")
+    assert "compensated" in out
+
+
+async def test_project_follows_a_topic_until_sigterm(
+    kafka_log: tuple[str, str], tmp_path: Path
+) -> None:
+    bootstrap, topic = kafka_log
+    db = str(tmp_path / "status.db")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kapbit.cli",
+        "project",
+        "--db",
+        db,
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_environment(),
+    )
+    try:
+        assert process.stderr is not None
+        lines: list[str] = []
+        while not lines or "following the log" not in lines[-1]:
+            line = await asyncio.wait_for(process.stderr.readline(), 120)
+            assert line, f"project ended early: {lines}"
+            lines.append(line.decode())
+        assert lines[-1].startswith("kapbit: caught up, following the log")
+        repo = KafkaRepository(bootstrap, topic)
+        async with Kapbit(
+            [order_definition(Behaviour("s"))], repo, options=options("node-s")
+        ) as kbit:
+            await kbit.exec_workflow("k-late", TYPE, order("k-late"))
+        async with StatusModel(db, create=False) as model, asyncio.timeout(60):
+            # Another process writes the database: nothing to await but the file itself.
+            while (row := await model.get("k-late")) is None or not row.status.terminal:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert row.status is WorkflowStatus.SUCCEEDED
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 60)
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

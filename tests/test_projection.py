@@ -327,6 +327,23 @@ async def test_stop_while_run_is_starting() -> None:
     assert await projector.catch_up() == 1  # usable afterwards
 
 
+async def test_stop_before_a_run_task_begins() -> None:
+    """``create_task(projector.run())`` then ``stop()`` at once (a service shut down right
+    after it started): the run must still end, and the projector stays usable."""
+    repo = MemRepository()
+    await append(repo, 0, "n", writer("n"))
+    model = ListModel()
+    projector = Projector(repo, model)
+    await projector.start()
+    running = asyncio.create_task(projector.run())
+    catching = asyncio.create_task(projector.catch_up())
+    await projector.stop()  # before either task ran a single step
+    await asyncio.wait_for(running, 5)
+    assert await asyncio.wait_for(catching, 5) == 0
+    assert model.events == []
+    assert await projector.catch_up() == 1
+
+
 async def test_only_one_projection_at_a_time() -> None:
     projector = Projector(MemRepository(), ListModel())
     running = asyncio.create_task(projector.run())

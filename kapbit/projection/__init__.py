@@ -11,6 +11,7 @@ from kapbit.projection.projector import (
     Projector,
     ReadModel,
     positions_at_end,
+    step_label,
 )
 from kapbit.projection.status import StatusModel, WorkflowRow, WorkflowStatus
 
@@ -23,4 +24,5 @@ __all__ = [
     "WorkflowRow",
     "WorkflowStatus",
     "positions_at_end",
+    "step_label",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.errors import TransientStorageError
-from kapbit.events import KIND_OF, Event, EventKind
+from kapbit.events import KIND_OF, Event, EventKind, StepOutcome
 from kapbit.log_reader import PartitionReader, Verdict, decode_value
 from kapbit.options import Backoff, Options
 from kapbit.repository import Checkpoint, Record, Repository
@@ -75,7 +75,8 @@ class ProjectedEvent:
     ``value`` is the decoded user value: the input of ``WorkflowCreated``, the outcome value
     of ``StepOutcome``, the result of ``WorkflowResult``, ``None`` for the other kinds. It is
     decoded with the workflow's declared types when its definition was given to the
-    projector, generically (dicts, lists, primitives) otherwise.
+    projector, generically (dicts, lists, primitives) otherwise. ``step_name`` names the step
+    of a ``StepOutcome`` when the definition was given (see :func:`step_label`).
     """
 
     partition: int
@@ -84,6 +85,7 @@ class ProjectedEvent:
     event: Event
     workflow_type: str | None = None
     value: Any = None
+    step_name: str | None = None
 
     @property
     def kind(self) -> EventKind:
@@ -142,6 +144,24 @@ class _PartitionState:
             reader.owners.owner_at(horizon),
             reader.window_at(horizon),
         )
+
+
+def step_label(definition: Definition, step: int) -> str | None:
+    """What to call step ``step`` of ``definition``: its name, else its action's name.
+
+    ``None`` when neither says anything (an unnamed lambda) or the index is out of range.
+    """
+    if not 0 <= step < len(definition.steps):
+        return None
+    declared = definition.steps[step]
+    if declared.name is not None:
+        return declared.name
+    action: str | None = getattr(declared.execute, "__name__", None)
+    return None if action is None or action.startswith("<") else action
+
+
+def _step_name(definition: Definition, event: Event) -> str | None:
+    return step_label(definition, event.step) if isinstance(event, StepOutcome) else None
 
 
 async def positions_at_end(
@@ -275,25 +295,38 @@ class Projector:
 
     # --- projecting -----------------------------------------------------------------------
 
-    async def catch_up(self) -> int:
+    def catch_up(self) -> Coroutine[Any, Any, int]:
         """Project every partition up to its current end; return the events applied.
 
         The ends are read when each partition starts, so events appended meanwhile may or
-        may not be included. :meth:`stop` ends it early.
+        may not be included. :meth:`stop` ends it early, also a stop that comes after this
+        call but before the returned coroutine (a task, say) begins.
         """
+        return self._catch_up(self._stops)
+
+    async def _catch_up(self, stops: int) -> int:
+        if self._stops != stops:
+            return 0  # stopped before it began: not even started again
         before = self.applied
-        async with self._session():
+        async with self._session(stops):
             with contextlib.suppress(_Stopped):
                 await self._all_partitions(self._catch_up_partition)
         return self.applied - before
 
-    async def run(self) -> None:
+    def run(self) -> Coroutine[Any, Any, None]:
         """Follow every partition, applying new events as they arrive.
 
-        Returns when :meth:`stop` is called, raises when cancelled or when a record cannot be
+        Returns when :meth:`stop` is called (also a stop that comes after this call but
+        before the returned coroutine begins, as when ``create_task(projector.run())`` is
+        followed at once by ``stop()``); raises when cancelled or when a record cannot be
         decoded or the model fails. Transient storage errors are retried with backoff.
         """
-        async with self._session():
+        return self._run(self._stops)
+
+    async def _run(self, stops: int) -> None:
+        if self._stops != stops:
+            return  # stopped before it began: not even started again
+        async with self._session(stops):
             with contextlib.suppress(_Stopped):
                 await self._all_partitions(self._follow_partition)
 
@@ -321,12 +354,16 @@ class Projector:
     # --- internals ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[None]:
-        """One catch_up or run at a time; reload from the model after a failure."""
+    async def _session(self, stops: int) -> AsyncIterator[None]:
+        """One catch_up or run at a time; reload from the model after a failure.
+
+        ``stops`` is the count of :meth:`stop` calls when the caller asked to project: one
+        since then ends the session at once.
+        """
         if self._busy:
             raise RuntimeError("the projector is already projecting (run or catch_up)")
         self._busy = True
-        self._session_stops = self._stops
+        self._session_stops = stops
         try:
             await self.start()
             if self._stale:
@@ -483,6 +520,7 @@ class Projector:
                     event,
                     workflow_type,
                     decode_value(self._codec, definition, event, record.partition, record.offset),
+                    None if definition is None else _step_name(definition, event),
                 )
             )
         return events

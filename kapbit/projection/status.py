@@ -1,8 +1,9 @@
 """A ready read model: the status of every workflow, in SQLite.
 
 One row per workflow (id, type, partition, status, steps done, last error, attempts, created
-and finished times, result as JSON text), and the projector's position per partition,
-written in the same transaction as the rows it produced. SQLite runs in WAL mode, so other
+and finished times, result as JSON text), the names of the steps seen (when the projector has
+the definitions), and the projector's position per partition, written in the same
+transaction as the rows it produced. SQLite runs in WAL mode, so other
 processes (the ``kapbit`` command line, a status endpoint) read while the projector writes.
 Every call to SQLite runs on one dedicated worker thread, never on the event loop.
 """
@@ -57,6 +58,12 @@ CREATE TABLE IF NOT EXISTS workflows (
 );
 CREATE INDEX IF NOT EXISTS workflows_by_status ON workflows (status, type);
 CREATE INDEX IF NOT EXISTS workflows_by_type ON workflows (type, status);
+CREATE TABLE IF NOT EXISTS step_names (
+    type TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (type, step)
+);
 CREATE TABLE IF NOT EXISTS projection_positions (
     partition INTEGER PRIMARY KEY,
     next_offset INTEGER NOT NULL,
@@ -149,6 +156,7 @@ class StatusModel:
         self._timeout = timeout
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
+        self._named: dict[tuple[str, int], str] = {}  # step names already stored
 
     async def __aenter__(self) -> StatusModel:
         await self.open()
@@ -196,7 +204,26 @@ class StatusModel:
     ) -> None:
         """Apply ``events`` and store ``position`` in one transaction."""
         rows = [_change(event) for event in events]
+        rows += self._new_step_names(events)
         await self._run(self._apply, partition, rows, position)
+        for _, (workflow_type, step, name) in rows[len(events) :]:
+            self._named[(workflow_type, step)] = name
+
+    def _new_step_names(self, events: Sequence[ProjectedEvent]) -> list[_Change]:
+        """Statements storing the step names in ``events`` not stored yet."""
+        names: dict[tuple[str, int], str] = {}
+        for projected in events:
+            event = projected.event
+            if projected.step_name is None or projected.workflow_type is None:
+                continue
+            assert isinstance(event, StepOutcome)
+            key = (projected.workflow_type, event.step)
+            if self._named.get(key) != projected.step_name:
+                names[key] = projected.step_name
+        return [
+            ("INSERT OR REPLACE INTO step_names (type, step, name) VALUES (?, ?, ?)", (t, i, n))
+            for (t, i), n in names.items()
+        ]
 
     # --- queries --------------------------------------------------------------------------
 
@@ -252,6 +279,14 @@ class StatusModel:
             self._fetch, "SELECT type, COUNT(*) FROM workflows GROUP BY type ORDER BY type", ()
         )
         return dict(rows)
+
+    async def step_names(self) -> dict[str, dict[int, str]]:
+        """The names of the steps seen so far, by workflow type and step index."""
+        rows = await self._run(self._fetch, "SELECT type, step, name FROM step_names", ())
+        names: dict[str, dict[int, str]] = {}
+        for workflow_type, step, name in rows:
+            names.setdefault(workflow_type, {})[step] = name
+        return names
 
     # --- worker thread --------------------------------------------------------------------
 
