@@ -52,6 +52,7 @@ from kapbit.workflow import Definition
 
 _ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 _CREATED = EventKind.WORKFLOW_CREATED.value
+_NO_INPUT = msgspec.Raw(b"")
 
 
 def decode_event(codec: Codec, record: Record) -> Any:
@@ -128,14 +129,15 @@ class Verdict(enum.Enum):
 class OpenWorkflow:
     """A workflow created (or, adopted, first seen) and not terminated yet.
 
-    ``type`` and ``input`` are ``None`` for an adopted workflow; ``outcomes`` lists the
-    first copy of each step outcome with its offset.
+    ``type`` is ``""`` and ``input`` empty for an adopted workflow, whose
+    ``created_offset`` is where it was first seen; ``outcomes`` lists the first copy of
+    each step outcome with its offset.
     """
 
     id: str
-    type: str | None
+    type: str
     created_offset: int
-    input: msgspec.Raw | None
+    input: msgspec.Raw
     outcomes: list[tuple[int, StepOutcome]] = field(default_factory=list)
     attempts: int = 0
     last_error: str = ""
@@ -268,7 +270,7 @@ class PartitionReader:
             if not self.adopt or workflow_id in self.windows.largest:
                 return Verdict.COPY, event, None  # its workflow terminated: a late copy
             workflow = open_workflows[workflow_id] = OpenWorkflow(
-                workflow_id, None, record.offset, None
+                workflow_id, "", record.offset, _NO_INPUT
             )
         if record.kind in TERMINAL_KINDS:
             del open_workflows[workflow_id]

@@ -32,14 +32,12 @@ and the log's last record against this instance's codec (:func:`check_codec`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
-import msgspec
+from dataclasses import dataclass
 
 from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import CodecMismatch, CorruptRecord
-from kapbit.events import ActiveWriter, EventKind, StepOutcome
+from kapbit.events import ActiveWriter, EventKind
 from kapbit.fencing import OwnerTracker
 from kapbit.log_reader import OpenWorkflow, PartitionReader, Verdict, decode_event
 from kapbit.repository import Checkpoint, Record, Repository
@@ -65,17 +63,8 @@ _BACK_CHUNK = 1024
 _CODEC_PROBE = 64
 
 
-@dataclass(slots=True)
-class RestoredWorkflow:
-    """A workflow found in flight: created, not terminated."""
-
-    id: str
-    type: str
-    created_offset: int
-    input: msgspec.Raw
-    outcomes: list[tuple[int, StepOutcome]] = field(default_factory=list)
-    attempts: int = 0
-    last_error: str = ""
+#: A workflow found in flight: created, not terminated.
+RestoredWorkflow = OpenWorkflow
 
 
 @dataclass(slots=True)
@@ -286,7 +275,7 @@ class PartitionRestorer:
     @property
     def open(self) -> dict[str, RestoredWorkflow]:
         """The workflows open as read so far, by id."""
-        return {w.id: _restored(w) for w in self._reader.open.values()}
+        return self._reader.open
 
     async def prepare(self) -> None:
         """Refill the idempotency window from the ids below the checkpoint."""
@@ -325,25 +314,11 @@ class PartitionRestorer:
             partition=self.partition,
             claim_offset=claim_offset,
             window=list(reader.windows.of(self._window_size).entries()),
-            in_flight=[_restored(w) for w in reader.open.values()],
+            in_flight=list(reader.open.values()),
             owners=reader.owners,
             records_read=self.records_read,
             records_decoded=self.records_decoded,
         )
-
-
-def _restored(workflow: OpenWorkflow) -> RestoredWorkflow:
-    # Recovery reads every workflow open at its end from its WorkflowCreated on.
-    assert workflow.type is not None and workflow.input is not None
-    return RestoredWorkflow(
-        workflow.id,
-        workflow.type,
-        workflow.created_offset,
-        workflow.input,
-        workflow.outcomes,
-        workflow.attempts,
-        workflow.last_error,
-    )
 
 
 async def restore_partition(

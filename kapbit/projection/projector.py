@@ -510,7 +510,7 @@ class Projector:
             if verdict is Verdict.COPY:
                 self.skipped_copies += 1
                 continue
-            workflow_type = workflow.type if workflow is not None else None
+            workflow_type = workflow.type or None if workflow is not None else None
             definition = self._definitions.get(workflow_type) if workflow_type else None
             events.append(
                 ProjectedEvent(
