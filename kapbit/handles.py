@@ -13,7 +13,7 @@ after the process died can learn what happened to it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from kapbit.codecs import Codec
@@ -140,7 +140,6 @@ def _after(
     offset: int,
 ) -> WorkflowState:
     """``state`` moved past ``event``, with the status read model's rules."""
-    replace = _replace
     if isinstance(event, StepOutcome):
         if event.phase == "compensate":
             return replace(
@@ -178,12 +177,6 @@ def _after(
     if isinstance(event, InvalidReturn):
         return replace(state, status=WorkflowStatus.INVALID_RETURN, error=error)
     return state
-
-
-def _replace(state: WorkflowState, **changes: Any) -> WorkflowState:
-    values = {name: getattr(state, name) for name in WorkflowState.__slots__}
-    values.update(changes)
-    return WorkflowState(**values)
 
 
 class RunningWorkflows(Protocol):

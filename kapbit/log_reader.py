@@ -209,7 +209,6 @@ class PartitionReader:
         window_size: int,
         *,
         writer_window: int | None = None,
-        extra_sizes: Sequence[int] = (),
         adopt: bool = False,
     ) -> None:
         self._codec = codec
@@ -217,7 +216,7 @@ class PartitionReader:
         self.owners = OwnerTracker(owner)
         self._default_size = window_size
         writer_size = writer_window or window_size
-        self.windows = Windows({window_size, writer_size, *extra_sizes})
+        self.windows = Windows({window_size, writer_size})
         self._writer_window = self.windows.of(writer_size)
         # (claim offset, window its writer is judged by), as ``owners.writers``
         self._sizes: list[tuple[int, int]] = [(-1, writer_size)]
