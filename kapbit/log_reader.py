@@ -53,16 +53,14 @@ from kapbit.workflow import Definition
 _ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 _CREATED = EventKind.WORKFLOW_CREATED.value
 _NO_INPUT = msgspec.Raw(b"")
+_EVENT_TYPES = {kind.value: event_type for kind, event_type in EVENT_TYPES.items()}
 
 
 def decode_event(codec: Codec, record: Record) -> Any:
     """Decode a record's event, checking it against the record's kind, key and writer."""
-    try:
-        event_type = EVENT_TYPES[EventKind(record.kind)]
-    except ValueError:
-        raise CorruptRecord(
-            record.partition, record.offset, f"unknown event kind {record.kind!r}"
-        ) from None
+    event_type = _EVENT_TYPES.get(record.kind)
+    if event_type is None:
+        raise CorruptRecord(record.partition, record.offset, f"unknown event kind {record.kind!r}")
     try:
         event = codec.decode(record.value, event_type)
     except DecodeError as exc:
@@ -144,7 +142,10 @@ class OpenWorkflow:
 
     def has_outcome(self, step: int, phase: str) -> bool:
         """Whether an outcome of ``step`` in ``phase`` was read already."""
-        return any(o.step == step and o.phase == phase for _, o in self.outcomes)
+        for _, outcome in self.outcomes:  # noqa: SIM110 (per event: no generator)
+            if outcome.step == step and outcome.phase == phase:
+                return True
+        return False
 
 
 class Windows:
@@ -192,6 +193,7 @@ class PartitionReader:
     __slots__ = (
         "_codec",
         "_default_size",
+        "_pending",
         "_sizes",
         "_writer_window",
         "adopt",
@@ -222,6 +224,7 @@ class PartitionReader:
         self._sizes: list[tuple[int, int]] = [(-1, writer_size)]
         self.open: dict[str, OpenWorkflow] = {}
         self.adopt = adopt
+        self._pending: dict[str, list[Record]] = {}  # skimmed, decoded by settle()
 
     def take_ids(self, records: Sequence[Record]) -> None:
         """Learn the ids of ``records``, a stretch in which every workflow created has
@@ -234,6 +237,64 @@ class PartitionReader:
                     windows.add(record.key, record.offset)
             elif kind == _ACTIVE_WRITER:
                 owners.admit(record)
+
+    def skim(self, records: Sequence[Record]) -> None:
+        """Move past ``records`` as :meth:`take` would, decoding only claims: the records
+        of workflows open at the end are kept and decoded by :meth:`settle`, which must
+        follow before anything else. For re-reading a stretch already judged (a
+        projector's horizon), where most workflows terminate before its end."""
+        owners, windows, open_workflows, pending = (
+            self.owners,
+            self.windows,
+            self.open,
+            self._pending,
+        )
+        for record in records:
+            kind = record.kind
+            if kind == _ACTIVE_WRITER:
+                self.take(record)
+                continue
+            if record.node != owners.owner:
+                continue
+            workflow_id = record.key
+            if kind == _CREATED:
+                copy = workflow_id in open_workflows or workflow_id in self._writer_window
+                windows.add(workflow_id, record.offset)
+                if not copy:
+                    open_workflows[workflow_id] = OpenWorkflow(
+                        workflow_id, "", record.offset, _NO_INPUT
+                    )
+                    pending[workflow_id] = [record]
+                continue
+            if workflow_id not in open_workflows:
+                if not self.adopt or workflow_id in windows.largest:
+                    continue
+                open_workflows[workflow_id] = OpenWorkflow(
+                    workflow_id, "", record.offset, _NO_INPUT
+                )
+                pending[workflow_id] = []
+            if kind in TERMINAL_KINDS:
+                del open_workflows[workflow_id]
+                del pending[workflow_id]
+            else:
+                pending[workflow_id].append(record)
+
+    def settle(self) -> None:
+        """Decode what :meth:`skim` kept of the workflows still open."""
+        codec, open_workflows = self._codec, self.open
+        for workflow_id, records in self._pending.items():
+            workflow = open_workflows[workflow_id]
+            for record in records:
+                event = decode_event(codec, record)
+                if isinstance(event, WorkflowCreated):
+                    workflow.type, workflow.input = event.type, event.input
+                elif isinstance(event, StepOutcome):
+                    if not workflow.has_outcome(event.step, event.phase):
+                        workflow.outcomes.append((record.offset, event))
+                elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
+                    workflow.attempts = event.attempt
+                    workflow.last_error = event.error
+        self._pending = {}
 
     def take(self, record: Record) -> tuple[Verdict, Any, OpenWorkflow | None]:
         """Judge ``record`` (the next in offset order) and move past it: its verdict, its

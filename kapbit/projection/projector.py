@@ -450,8 +450,8 @@ class Projector:
         reader = self._reader(partition, owner, position.horizon_window, checkpoint)
         if horizon < position.offset:
             async for batch in self._repository.read(partition, horizon, position.offset):
-                for record in batch:
-                    reader.take(record)
+                reader.skim(batch)
+            reader.settle()
         state = _PartitionState(reader, position.offset, position.owner)
         state.committed = position
         return state
