@@ -14,6 +14,7 @@ from kapbit import (
     Definition,
     DuplicateWorkflow,
     Failure,
+    InstanceClosed,
     InvalidReturnValue,
     Kapbit,
     MemRepository,
@@ -256,3 +257,13 @@ async def test_a_refused_start_writes_nothing(
     with pytest.raises(WorkflowNotFound):
         kbit.get_workflow("o-7")
     assert repo.appended["workflow_created"] == 0
+
+
+async def test_handles_need_a_running_instance(factory: KapbitFactory) -> None:
+    kbit = await factory.start(ALL)
+    await kbit.exec_workflow("o-8", "order", "o-8")
+    await kbit.close()
+    with pytest.raises(InstanceClosed):
+        kbit.get_workflow("o-8")
+    with pytest.raises(InstanceClosed):
+        await kbit.start_workflow("o-9", "order", "o-9")
