@@ -90,10 +90,8 @@ def decode_value(
     ``partition``/``offset``."""
     target: Any = Any
     if isinstance(event, WorkflowCreated):
-        raw, what = event.input, "input"
-        if definition is not None:
-            target = definition.input_type
-    elif isinstance(event, StepOutcome):
+        return decode_input(codec, definition, event.input, partition, offset)
+    if isinstance(event, StepOutcome):
         raw, what = event.value, "outcome value"
         if definition is not None:
             if not 0 <= event.step < len(definition.steps):
@@ -109,6 +107,21 @@ def decode_value(
             target = definition.result_type
     else:
         return None
+    return _decode(codec, raw, target, what, partition, offset)
+
+
+def decode_input(
+    codec: Codec, definition: Definition | None, raw: msgspec.Raw, partition: int, offset: int
+) -> Any:
+    """A workflow's input (``WorkflowCreated.input`` at ``partition``/``offset``), decoded
+    as :func:`decode_value` does."""
+    target: Any = Any if definition is None else definition.input_type
+    return _decode(codec, raw, target, "input", partition, offset)
+
+
+def _decode(
+    codec: Codec, raw: msgspec.Raw, target: Any, what: str, partition: int, offset: int
+) -> Any:
     try:
         return codec.decode(raw, target)
     except DecodeError as exc:
