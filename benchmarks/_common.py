@@ -69,18 +69,33 @@ def _result(_order: Order, progress: Progress) -> str:
     return "compensated" if progress.failed else "shipped"
 
 
-SAGA = Definition(
-    "order",
-    steps=[
-        Step(_reserve, _release, name="reserve"),
-        Step(_charge, _refund, name="charge"),
-        Step(_ship, name="ship"),
-    ],
-    result=_result,
-    input_type=Order,
-    outcome_type=str,
-    result_type=str,
-)
+def _async(action: Callable[[Order, Progress], Any]) -> Callable[[Order, Progress], Any]:
+    async def run(order: Order, progress: Progress) -> Any:
+        return action(order, progress)
+
+    run.__name__ = action.__name__
+    return run
+
+
+def saga(sync: bool = False) -> Definition[Order, str, str]:
+    """The saga with async steps (the way to write steps that do not block), or with plain
+    ``def`` steps, which kapbit runs in its thread pool."""
+    wrap: Callable[[Callable[[Order, Progress], Any]], Any] = (lambda a: a) if sync else _async
+    return Definition(
+        "order",
+        steps=[
+            Step(wrap(_reserve), wrap(_release), name="reserve"),
+            Step(wrap(_charge), wrap(_refund), name="charge"),
+            Step(wrap(_ship), name="ship"),
+        ],
+        result=_result,
+        input_type=Order,
+        outcome_type=str,
+        result_type=str,
+    )
+
+
+SAGA = saga()
 
 EXPECTED_RESULT = {"ok": "shipped", "compensate": "compensated"}
 

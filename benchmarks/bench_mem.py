@@ -1,7 +1,9 @@
 """kapbit on the in-memory repository: the 3-step order saga, sequential and 1,000 in flight.
 
-Prints workflows/s, p50/p99 latency and peak memory for both codecs.
-Usage: ``python benchmarks/bench_mem.py [--workflows N]``.
+Prints workflows/s, p50/p99 latency and peak memory for both codecs. The steps are async;
+``--sync-steps`` runs the same steps as plain functions, which kapbit runs in its thread
+pool (the cost of a thread hop per action).
+Usage: ``python benchmarks/bench_mem.py [--workflows N] [--sync-steps]``.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
 
-from _common import SAGA, RunStats, drive, machine, machine_line, order, peak_rss_mib
+from _common import RunStats, drive, machine, machine_line, order, peak_rss_mib, saga
 
 from kapbit import Kapbit, MemRepository, Options
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 
 
-async def run(count: int, codec: Codec) -> list[tuple[str, RunStats]]:
+async def run(count: int, codec: Codec, sync: bool = False) -> list[tuple[str, RunStats]]:
     """A warm-up, then ``count`` workflows sequentially and ``count`` with 1,000 in flight."""
     options = Options(max_workflows=2_000, idempotency_window=count)
-    async with Kapbit([SAGA], MemRepository(partitions=8), codec, options=options) as kbit:
+    definition = saga(sync)
+    async with Kapbit([definition], MemRepository(partitions=8), codec, options=options) as kbit:
 
         def runner(prefix: str) -> Callable[[int], Awaitable[object]]:
             return lambda i: kbit.exec_workflow(f"{prefix}-{i}", "order", order(i, "ok", prefix))
@@ -38,16 +41,20 @@ async def run(count: int, codec: Codec) -> list[tuple[str, RunStats]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workflows", type=int, default=20_000)
+    parser.add_argument("--sync-steps", action="store_true", help="plain def steps (threads)")
     args = parser.parse_args()
     print(machine_line(machine()))
-    print(f"kapbit on MemRepository, 3-step saga, {args.workflows} workflows per run")
+    kind = "sync" if args.sync_steps else "async"
+    print(
+        f"kapbit on MemRepository, 3-step saga ({kind} steps), {args.workflows} workflows per run"
+    )
     print(f"{'codec':8} {'mode':16} {'workflows/s':>12} {'p50 us':>9} {'p99 us':>9}")
     for codec in (JsonCodec(), MsgpackCodec()):
-        for mode, stats in asyncio.run(run(args.workflows, codec)):
+        for mode, stats in asyncio.run(run(args.workflows, codec, args.sync_steps)):
             p50, p99 = stats.percentile(0.5) * 1e6, stats.percentile(0.99) * 1e6
             print(f"{codec.name:8} {mode:16} {stats.rate:12,.0f} {p50:9.1f} {p99:9.1f}")
     tracemalloc.start()
-    asyncio.run(run(args.workflows, JsonCodec()))
+    asyncio.run(run(args.workflows, JsonCodec(), args.sync_steps))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(f"peak traced memory of one json run: {peak / 2**20:.1f} MiB")

@@ -83,7 +83,14 @@ def receipt(_order: dict[str, Any], progress: Progress) -> list[str]:
     return progress.values()
 
 
-PAYMENT = Definition("payment", steps=[Step(charge), Step(confirm)], result=receipt)
+PAYMENT = Definition(
+    "payment",
+    steps=[Step(charge), Step(confirm)],
+    result=receipt,
+    input_type=dict[str, Any],
+    outcome_type=str,
+    result_type=list[str],
+)
 
 OPTIONS = Options(
     retry=RetryPolicy(
@@ -101,9 +108,7 @@ class Elapsed(logging.Formatter):
 
 async def submit(kbit: Kapbit, order_id: str) -> None:
     try:
-        result = await kbit.exec_workflow(
-            order_id, "payment", {"id": order_id, "amount_cents": 4200}
-        )
+        result = await kbit.exec_workflow(PAYMENT, order_id, {"id": order_id, "amount_cents": 4200})
         say(f"{order_id}: done: {result}")
     except WillRetryLater as exc:
         say(f"{order_id}: WillRetryLater ({exc.__cause__!r}); the retry worker has it")

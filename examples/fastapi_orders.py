@@ -239,7 +239,7 @@ def create_app(
         url = f"/orders/{key}"
         order = Order(key, body.sku, body.qty, body.card)
         try:
-            result: Receipt = await service.kapbit.exec_workflow(key, "order", order)
+            result = await service.kapbit.exec_workflow(ORDER, key, order)
         except WillRetryLater:
             status = await service.status_after(key)
             return JSONResponse(

@@ -112,7 +112,7 @@ async def main(bootstrap: str, topic: str) -> None:
     async with Kapbit([ORDER], repository) as kbit:
         print(f"kapbit node {kbit.node_id} on topic {topic!r} at {bootstrap}")
         results = await asyncio.gather(
-            *(kbit.exec_workflow(order.order_id, "order", order) for order in ORDERS),
+            *(kbit.exec_workflow(ORDER, order.order_id, order) for order in ORDERS),
             return_exceptions=True,
         )
         for order, result in zip(ORDERS, results, strict=True):

@@ -21,17 +21,21 @@ def greeting(input: str, progress: Progress) -> str:
     return " ".join([input, *progress.values()])
 
 
+# A Definition[str, str, str]: the input, outcome and result types, checked by mypy against
+# the actions' annotations and by kapbit against the values when they are written.
+SIMPLE = Definition(
+    "simple",
+    steps=[Step(incredible), Step(world)],
+    result=greeting,
+    input_type=str,
+    outcome_type=str,
+    result_type=str,
+)
+
+
 async def main() -> str:
-    simple = Definition(
-        "simple",
-        steps=[Step(incredible), Step(world)],
-        result=greeting,
-        input_type=str,
-        outcome_type=str,
-        result_type=str,
-    )
-    async with Kapbit([simple], MemRepository(partitions=1)) as kbit:
-        result: str = await kbit.exec_workflow("wfl-1", "simple", "Hello")
+    async with Kapbit([SIMPLE], MemRepository(partitions=1)) as kbit:
+        result = await kbit.exec_workflow(SIMPLE, "wfl-1", "Hello")  # a str
     print(f"Result: {result}")
     return result
 

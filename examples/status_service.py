@@ -273,7 +273,7 @@ class OrderService:
             return 422, {"error": str(exc)}
         order = Order(request.id or uuid.uuid4().hex, request.sku, request.qty, request.card)
         try:
-            result: Receipt = await self.kapbit.exec_workflow(order.id, "order", order)
+            result = await self.kapbit.exec_workflow(ORDER, order.id, order)
         except WillRetryLater:
             return 202, {
                 "id": order.id,

@@ -44,7 +44,7 @@ class Packing:
         await self.done.wait()
 
 
-def shipment(instance: str, packing: Packing | None = None) -> Definition:
+def shipment(instance: str, packing: Packing | None = None) -> Definition[str, str, str]:
     """The shipment workflow as run by ``instance``; every step records who ran it."""
 
     def reserve(shipment_id: str, _progress: Progress) -> Success[str]:
@@ -73,9 +73,9 @@ def shipment(instance: str, packing: Packing | None = None) -> Definition:
     )
 
 
-async def run_on_a(kbit: Kapbit, shipment_id: str) -> str:
+async def run_on_a(kbit: Kapbit, definition: Definition[str, str, str], shipment_id: str) -> str:
     try:
-        result = await kbit.exec_workflow(shipment_id, "shipment", shipment_id)
+        result = await kbit.exec_workflow(definition, shipment_id, shipment_id)
     except Fenced as exc:
         return f"A: {shipment_id} -> Fenced: {exc}"
     return f"A: {shipment_id} finished on A ({result}): A was not fenced"
@@ -83,14 +83,16 @@ async def run_on_a(kbit: Kapbit, shipment_id: str) -> str:
 
 async def main(bootstrap: str, topic: str) -> None:
     packing = Packing()
-    a = Kapbit([shipment("A", packing)], KafkaRepository(bootstrap, topic, partitions=2))
+    on_a = shipment("A", packing)
+    a = Kapbit([on_a], KafkaRepository(bootstrap, topic, partitions=2))
     await a.start()
     print(f"A: started on topic {topic!r} (node {a.node_id})")
-    calls = [asyncio.create_task(run_on_a(a, shipment_id)) for shipment_id in SHIPMENTS]
+    calls = [asyncio.create_task(run_on_a(a, on_a, shipment_id)) for shipment_id in SHIPMENTS]
     await packing.all_waiting.wait()
     print(f"A: {len(SHIPMENTS)} shipments reserved, all of them now packing")
 
-    b = Kapbit([shipment("B")], KafkaRepository(bootstrap, topic))
+    on_b = shipment("B")
+    b = Kapbit([on_b], KafkaRepository(bootstrap, topic))
     await b.start()
     print(
         f"B: started on the same topic (node {b.node_id}): claimed every partition and "
@@ -102,14 +104,15 @@ async def main(bootstrap: str, topic: str) -> None:
     for line in await asyncio.gather(*calls):
         print(line)
     try:
-        await a.exec_workflow("ship-5", "shipment", "ship-5")
+        await a.exec_workflow(on_a, "ship-5", "ship-5")
     except Fenced:
         print(f"A: running={a.is_running}; a new workflow on A -> Fenced")
     await a.close()
 
     for shipment_id in SHIPMENTS:
         print(f"B: {shipment_id}: {await b.wait_result(shipment_id, timeout=30)}")
-    print(f"B: new workflow ship-5: {await b.exec_workflow('ship-5', 'shipment', 'ship-5')}")
+    fresh = await b.exec_workflow(on_b, "ship-5", "ship-5")
+    print(f"B: new workflow ship-5: {fresh}")
     await b.close()
 
 

@@ -33,7 +33,7 @@ def fresh_shop(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_an_order_ships(kapbit_factory: KapbitFactory) -> None:
     kbit = await kapbit_factory.start([ORDER])
-    result = await kbit.exec_workflow("o-1", "order", Order("o-1", "KB-BOARD", 2, GOOD_CARD, 100))
+    result = await kbit.exec_workflow(ORDER, "o-1", Order("o-1", "KB-BOARD", 2, GOOD_CARD, 100))
     assert result.status == "shipped"
     assert shop.STOCK["KB-BOARD"] == 8
 
@@ -41,7 +41,7 @@ async def test_an_order_ships(kapbit_factory: KapbitFactory) -> None:
 async def test_a_declined_card_releases_the_stock(kapbit_factory: KapbitFactory) -> None:
     kbit = await kapbit_factory.start([ORDER])
     order = Order("o-2", "KB-CABLE", 3, DECLINED_CARD, 100)
-    result = await kbit.exec_workflow("o-2", "order", order)
+    result = await kbit.exec_workflow(ORDER, "o-2", order)
     assert result.status == "cancelled"
     assert result.detail == "card declined; undone: stock released"
     assert shop.STOCK["KB-CABLE"] == 10
@@ -53,7 +53,7 @@ async def test_a_storage_outage_is_retried(
     kbit = await kapbit_factory.start([ORDER])
     outage = faulty_repository.fail(times=2, kinds="step_outcome")  # the log is unreachable
     order = Order("o-3", "KB-BOARD", 1, GOOD_CARD, 100)
-    result = await kbit.exec_workflow("o-3", "order", order)
+    result = await kbit.exec_workflow(ORDER, "o-3", order)
     assert result.status == "shipped"
     assert outage.hits == 2  # both failed writes were retried
     assert shop.STOCK["KB-BOARD"] == 9  # and the stock was reserved once
@@ -70,14 +70,14 @@ async def test_a_crash_before_the_payment_is_logged_resumes_on_restart(
         times=1,
     )
     order = Order("o-4", "KB-BOARD", 1, GOOD_CARD, 100)
-    call = asyncio.create_task(kbit.exec_workflow("o-4", "order", order))
+    call = asyncio.create_task(kbit.exec_workflow(ORDER, "o-4", order))
     await held.wait_hits(1)
 
     kbit = await kapbit_factory.crash_and_restart(kbit)  # the caller dies with the process
     await asyncio.gather(call, return_exceptions=True)
 
     with pytest.raises(DuplicateWorkflow):  # a client retrying the request is refused ...
-        await kbit.exec_workflow("o-4", "order", order)
+        await kbit.exec_workflow(ORDER, "o-4", order)
     result = await kbit.wait_result("o-4", timeout=5)  # ... and can wait for the result
     assert result.status == "shipped"
     # the payment ran again after the restart; the reservation (idempotent) happened once

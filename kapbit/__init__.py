@@ -2,7 +2,7 @@
 
 Define workflows as ordered steps with compensations, start a :class:`Kapbit` instance on
 a repository (in memory for tests, Kafka in production) and ``await
-kbit.exec_workflow(id, type, input)``. Every state change is an event in an append-only,
+kbit.exec_workflow(DEFINITION, id, input)``. Every state change is an event in an append-only,
 partitioned log; a crash, a restart or a second instance taking over loses nothing.
 """
 
@@ -19,24 +19,37 @@ from kapbit.errors import (
     GateClosed,
     InstanceClosed,
     InvalidDefinition,
+    InvalidInput,
     InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
+    LogLost,
+    NonRetryable,
+    NoStepContext,
     PayloadTooLarge,
     RecordRejected,
     StartupError,
+    StepTimedOut,
     StorageError,
     TooManyWorkflows,
     TransientStorageError,
     UnknownWorkflowType,
     WillRetryLater,
     WorkflowNotFound,
+    WorkflowRefused,
     WorkflowRejected,
 )
 from kapbit.events import EventKind
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowState
 from kapbit.instance import Kapbit
-from kapbit.options import Backoff, BreakerPolicy, CheckpointPolicy, Options, RetryPolicy
+from kapbit.options import (
+    Backoff,
+    BreakerPolicy,
+    CheckpointPolicy,
+    Options,
+    RetryPolicy,
+    StepRetry,
+)
 from kapbit.partitioner import partition_for
 from kapbit.projection import (
     Position,
@@ -49,6 +62,7 @@ from kapbit.projection import (
 )
 from kapbit.repository import Checkpoint, MemRepository, Record, Repository
 from kapbit.stats import Stats
+from kapbit.step_context import StepContext, context
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
 
 __all__ = [
@@ -71,14 +85,18 @@ __all__ = [
     "GateClosed",
     "InstanceClosed",
     "InvalidDefinition",
+    "InvalidInput",
     "InvalidReturnValue",
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
     "OnDuplicate",
     "KapbitError",
+    "LogLost",
     "MemRepository",
     "MsgpackCodec",
+    "NoStepContext",
+    "NonRetryable",
     "Options",
     "Outcome",
     "PayloadTooLarge",
@@ -95,6 +113,9 @@ __all__ = [
     "Stats",
     "StatusModel",
     "Step",
+    "StepContext",
+    "StepRetry",
+    "StepTimedOut",
     "StorageError",
     "Success",
     "TooManyWorkflows",
@@ -103,10 +124,12 @@ __all__ = [
     "WillRetryLater",
     "WorkflowHandle",
     "WorkflowNotFound",
+    "WorkflowRefused",
     "WorkflowRejected",
     "WorkflowRow",
     "WorkflowState",
     "WorkflowStatus",
+    "context",
     "partition_for",
 ]
 

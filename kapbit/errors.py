@@ -1,12 +1,42 @@
 """Every exception kapbit raises, grouped under :class:`KapbitError`.
 
-Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by type;
-none of the refusals raised before ``WorkflowCreated`` is written leaves anything in the log.
+Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by type; a
+:class:`WorkflowRefused` guarantees that nothing of the workflow was written. The tree::
+
+    KapbitError
+    ├── WorkflowRefused            exec_workflow refused; nothing was written
+    │   ├── GateClosed             a circuit breaker is open
+    │   ├── UnknownWorkflowType    no such definition registered (also: start, for the log)
+    │   ├── InvalidWorkflowId      empty or not a string
+    │   ├── DuplicateWorkflow      the id is running or in the idempotency window
+    │   ├── TooManyWorkflows       max_workflows in flight
+    │   └── InvalidInput           the input is not of the declared input type (an EncodeError too)
+    ├── InstanceClosed             not started / closing / closed (a refusal if raised at the call)
+    ├── WillRetryLater             a step raised; the retry worker resumes the workflow
+    ├── WorkflowRejected           storage refused one of the workflow's events; terminated
+    ├── InvalidReturnValue         an action returned a wrong value or type; terminated
+    ├── DeadLettered               the retry worker gave up; terminated
+    ├── WorkflowNotFound           wait_result: this instance does not know the id
+    ├── InvalidDefinition          a malformed definition (at definition or instance creation)
+    ├── NoStepContext              kapbit.context() called outside a step action
+    ├── StepTimedOut               an action overran its step's timeout (counts as raised)
+    ├── NonRetryable               raise it from an action: the step fails, the saga compensates
+    ├── CircuitBreakerOpen         raise it from an action: a dependency's breaker is open
+    ├── EncodeError                a value the codec cannot encode
+    ├── DecodeError                bytes that do not decode as the expected type
+    └── StorageError
+        ├── TransientStorageError  unreachable or timed out; retried
+        ├── RecordRejected         refused for good (at exec_workflow: nothing was written)
+        │   └── PayloadTooLarge
+        ├── Fenced                 another instance took over the log
+        ├── CorruptRecord          a record in the log cannot be decoded
+        └── StartupError           the repository cannot be used
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 
 class KapbitError(Exception):
@@ -16,15 +46,20 @@ class KapbitError(Exception):
 # --- refusals of exec_workflow (nothing written) -------------------------------------------
 
 
+class WorkflowRefused(KapbitError):
+    """``exec_workflow`` refused the workflow before writing anything: nothing of it is in
+    the log, and calling again (once the cause is gone) is safe."""
+
+
 class InstanceClosed(KapbitError):
     """The instance is not started, is closing, or has been closed."""
 
 
-class GateClosed(KapbitError):
+class GateClosed(WorkflowRefused):
     """The entry gate is closed because a circuit breaker opened; try again later."""
 
 
-class UnknownWorkflowType(KapbitError):
+class UnknownWorkflowType(WorkflowRefused):
     """No definition is registered under the requested workflow type."""
 
     def __init__(self, workflow_type: str, known: list[str], where: str = "") -> None:
@@ -35,7 +70,7 @@ class UnknownWorkflowType(KapbitError):
         self.workflow_type = workflow_type
 
 
-class DuplicateWorkflow(KapbitError):
+class DuplicateWorkflow(WorkflowRefused):
     """A workflow with this id was already started (in flight or in the idempotency window)."""
 
     def __init__(self, workflow_id: str) -> None:
@@ -43,7 +78,7 @@ class DuplicateWorkflow(KapbitError):
         self.workflow_id = workflow_id
 
 
-class TooManyWorkflows(KapbitError):
+class TooManyWorkflows(WorkflowRefused):
     """``max_workflows`` workflows are already in flight on this instance."""
 
     def __init__(self, limit: int) -> None:
@@ -63,8 +98,21 @@ class InvalidDefinition(KapbitError):
     """A workflow definition is malformed (no steps, duplicate type, non-callable action...)."""
 
 
-class InvalidWorkflowId(KapbitError):
+class InvalidWorkflowId(WorkflowRefused):
     """A workflow id is empty, not a string, or not valid UTF-8 text."""
+
+
+class InvalidInput(WorkflowRefused, EncodeError):
+    """The input of ``exec_workflow`` does not encode, or is not of the definition's
+    ``input_type``. ``declared`` and ``actual`` name the two types."""
+
+    def __init__(self, workflow_type: str, declared: str, actual: str, detail: str) -> None:
+        super().__init__(
+            f"input of workflow type {workflow_type!r} must be {declared}, got {actual}: {detail}"
+        )
+        self.workflow_type = workflow_type
+        self.declared = declared
+        self.actual = actual
 
 
 # --- outcomes of an accepted workflow ------------------------------------------------------
@@ -93,20 +141,34 @@ class WorkflowRejected(KapbitError):
 
 
 class InvalidReturnValue(KapbitError):
-    """A step action returned neither ``Success``, ``Failure`` nor ``None``.
+    """An action returned neither ``Success``, ``Failure`` nor ``None``, or a value that is
+    not of its declared type (the step's outcome type, or the result builder's
+    ``result_type``).
 
     A programming error, not a business answer: the workflow is terminated at once (an
     ``InvalidReturn`` event, no compensation) and the action is never run again.
-    ``step`` is the step's index, ``phase`` ``"execute"`` or ``"compensate"``, ``reason``
-    names the step and the type it returned.
+    ``step`` is the step's index (``-1`` for the result builder), ``phase``
+    ``"execute"`` or ``"compensate"``, ``reason`` names the step and the types;
+    ``declared`` and ``actual`` are the declared and the returned type's names (``declared``
+    is ``None`` when the action returned no ``Success`` / ``Failure`` at all).
     """
 
-    def __init__(self, workflow_id: str, step: int, phase: str, reason: str) -> None:
+    def __init__(
+        self,
+        workflow_id: str,
+        step: int,
+        phase: str,
+        reason: str,
+        declared: str | None = None,
+        actual: str | None = None,
+    ) -> None:
         super().__init__(f"workflow {workflow_id!r} ended: {reason}")
         self.workflow_id = workflow_id
         self.step = step
         self.phase = phase
         self.reason = reason
+        self.declared = declared
+        self.actual = actual
 
 
 class DeadLettered(KapbitError):
@@ -127,6 +189,44 @@ class WorkflowNotFound(KapbitError):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"no workflow {workflow_id!r} is known to this instance")
         self.workflow_id = workflow_id
+
+
+class NoStepContext(KapbitError):
+    """:func:`kapbit.context` was called outside a step action."""
+
+
+class StepTimedOut(KapbitError):
+    """A step action ran longer than its step's ``timeout`` and was cancelled.
+
+    It counts as a raised error: the step is retried (its own policy or the retry worker),
+    and this error's text, naming the step and the timeout, is what the ``WorkflowRetry``
+    and ``DeadLetter`` events record. A sync action's thread cannot be stopped; its late
+    result is discarded.
+    """
+
+    def __init__(self, workflow_id: str, step: str, phase: str, timeout: float) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r}: step {step!r} ({phase}) timed out after {timeout:g} s"
+        )
+        self.workflow_id = workflow_id
+        self.step = step
+        self.phase = phase
+        self.timeout = timeout
+
+
+class NonRetryable(KapbitError):
+    """Raise from a step action when retrying cannot help ("card expired").
+
+    The step fails for good: it ends with ``Failure(value)`` (``value`` defaults to the
+    message), so the saga compensates what succeeded before, instead of retrying. The value
+    must be of the step's outcome type (a ``str`` message needs an outcome type that
+    admits ``str``). Raised from a compensation, it fails the compensation, which stops the
+    rollback there.
+    """
+
+    def __init__(self, message: str, *, value: Any = None) -> None:
+        super().__init__(message)
+        self.value = message if value is None else value
 
 
 class CircuitBreakerOpen(KapbitError):
@@ -163,6 +263,12 @@ class PayloadTooLarge(RecordRejected):
 
 class Fenced(StorageError):
     """Another instance took over the log: this instance may no longer write."""
+
+
+class LogLost(Fenced):
+    """The log no longer holds records this instance had confirmed (the broker lost its
+    data, or the topic was deleted and created again). The instance stops as when fenced:
+    it fails every caller and writes nothing more; an operator must restore the log."""
 
 
 class CorruptRecord(StorageError):

@@ -1,9 +1,26 @@
 """The events that make up the log: one msgspec Struct per kind, tagged by kind.
 
-User values (inputs, outcome values, results) are stored as ``msgspec.Raw``: already
-encoded by the codec, decoded with the workflow's declared types only when needed. The
-record also carries the kind, workflow id and writer node outside the payload (see
-:class:`kapbit.repository.Record`), so readers can filter without decoding.
+These types are public: read the log with them instead of decoding JSON by hand. A
+:class:`kapbit.repository.Record` carries the kind (:class:`EventKind`), the workflow id
+(the key) and the writer node outside the payload, so readers can filter without
+decoding; its value decodes with the instance's codec as the kind's type::
+
+    from kapbit import JsonCodec
+    from kapbit.events import EVENT_TYPES, EventKind
+
+    event = JsonCodec().decode(record.value, EVENT_TYPES[EventKind(record.kind)])
+
+(:class:`kapbit.Projector` does this for you, skipping zombie writes and second copies
+as recovery does.) User values (inputs, outcome values, results) are fields of type
+``msgspec.Raw``: already encoded by the codec, decoded with the workflow's declared types
+(``codec.decode(event.input, definition.input_type)``). ``at`` is the writer's wall clock
+in seconds since the epoch.
+
+A workflow's life in the log: ``WorkflowCreated``, then one ``StepOutcome`` per action
+run to its end (execute phase in step order; after a ``Failure``, compensate phase in
+reverse), ``WorkflowRetry`` before each retry, and exactly one terminal event:
+``WorkflowResult``, ``DeadLetter``, ``Rejected`` or ``InvalidReturn``
+(:data:`TERMINAL_KINDS`). ``ActiveWriter`` events belong to no workflow: they fence.
 """
 
 from __future__ import annotations
@@ -47,7 +64,11 @@ class ActiveWriter(_Event, frozen=True, tag="active_writer"):
 
 
 class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):
-    """The workflow was accepted; from here on it will finish, even across crashes."""
+    """The workflow was accepted; from here on it will finish, even across crashes.
+
+    ``id`` is the workflow id, ``type`` the definition's type name, ``input`` the encoded
+    input (checked against the definition's ``input_type`` before it was written).
+    """
 
     id: str
     type: str
@@ -56,7 +77,12 @@ class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):
 
 
 class StepOutcome(_Event, frozen=True, tag="step_outcome"):
-    """The persisted outcome of step ``step`` in ``phase``."""
+    """The persisted outcome of step ``step`` (its index) in ``phase``.
+
+    ``success`` is true for ``Success``, false for ``Failure`` (a step that failed for good
+    after ``NonRetryable``, a listed error or its retries, too); ``value`` is the encoded
+    outcome value, of the step's outcome type or ``None``.
+    """
 
     id: str
     step: int
@@ -67,7 +93,11 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
 
 
 class WorkflowResult(_Event, frozen=True, tag="workflow_result"):
-    """The final result; the workflow is terminated. ``compensated`` after a Failure."""
+    """The final result; the workflow is terminated.
+
+    ``result`` is the encoded result (of the definition's ``result_type``);
+    ``compensated`` is true when a step failed and the saga compensated.
+    """
 
     id: str
     result: msgspec.Raw
@@ -76,7 +106,13 @@ class WorkflowResult(_Event, frozen=True, tag="workflow_result"):
 
 
 class WorkflowRetry(_Event, frozen=True, tag="workflow_retry"):
-    """The retry worker started attempt ``attempt`` (counts survive restarts)."""
+    """Attempt ``attempt`` of the workflow starts (counts survive restarts).
+
+    Written by the retry worker, and by a step retrying in place under its ``StepRetry``,
+    before the attempt runs. ``attempt`` counts the workflow's retries (1, 2, ...);
+    ``error`` is the ``repr`` of the error that made the previous attempt fail (for a
+    timeout it names the step and the seconds), cut to 1,000 characters.
+    """
 
     id: str
     attempt: int
@@ -85,7 +121,10 @@ class WorkflowRetry(_Event, frozen=True, tag="workflow_retry"):
 
 
 class DeadLetter(_Event, frozen=True, tag="dead_letter"):
-    """The retry worker gave up after ``attempts``; the workflow is terminated."""
+    """The retry worker gave up after ``attempts``; the workflow is terminated.
+
+    ``error`` is the last error, as in :class:`WorkflowRetry`. A person should look.
+    """
 
     id: str
     attempts: int
@@ -94,7 +133,11 @@ class DeadLetter(_Event, frozen=True, tag="dead_letter"):
 
 
 class Rejected(_Event, frozen=True, tag="rejected"):
-    """Storage rejected an event of the workflow (``event`` names its kind); terminated."""
+    """Storage rejected an event of the workflow (``event`` names its kind); terminated.
+
+    ``reason`` is the storage's or codec's reason, cut to 256 characters, or empty if
+    storage refused the full record too.
+    """
 
     id: str
     event: str
@@ -104,8 +147,10 @@ class Rejected(_Event, frozen=True, tag="rejected"):
 
 class InvalidReturn(_Event, frozen=True, tag="invalid_return"):
     """An action of step ``step`` (``phase``) returned neither ``Success``, ``Failure`` nor
-    ``None``: a programming error, so the workflow is terminated at once and the action is
-    never run again. ``reason`` names the step and the type it returned."""
+    ``None``, or a value not of its declared type: a programming error, so the workflow is
+    terminated at once and the action is never run again. ``step`` is ``-1`` when the result
+    builder returned a value not of the ``result_type``. ``reason`` names the step, the
+    declared and the returned type (cut to 256 characters)."""
 
     id: str
     step: int
@@ -114,6 +159,7 @@ class InvalidReturn(_Event, frozen=True, tag="invalid_return"):
     at: float
 
 
+#: Any event.
 Event: TypeAlias = (
     ActiveWriter
     | WorkflowCreated
@@ -125,6 +171,7 @@ Event: TypeAlias = (
     | InvalidReturn
 )
 
+#: The event type of each kind: what a record's value decodes as.
 EVENT_TYPES: dict[EventKind, type[Event]] = {
     EventKind.ACTIVE_WRITER: ActiveWriter,
     EventKind.WORKFLOW_CREATED: WorkflowCreated,
@@ -136,6 +183,7 @@ EVENT_TYPES: dict[EventKind, type[Event]] = {
     EventKind.INVALID_RETURN: InvalidReturn,
 }
 
+#: The kind of each event type.
 KIND_OF: dict[type[Event], EventKind] = {cls: kind for kind, cls in EVENT_TYPES.items()}
 
 #: Kinds after which a workflow has terminated.

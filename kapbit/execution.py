@@ -10,30 +10,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import msgspec
 import pybreaker
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from kapbit._log import execution_fields
+from kapbit.actions import ActionRunner
 from kapbit.codecs import Codec
+from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter
 from kapbit.errors import (
     CircuitBreakerOpen,
     EncodeError,
     InvalidReturnValue,
+    NonRetryable,
     RecordRejected,
     WorkflowRejected,
     describe_error,
 )
-from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult
-from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Success, _call
+from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
+from kapbit.step_context import CURRENT_STEP, StepContext
+from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
 logger = logging.getLogger("kapbit")
 
 #: Longest reason stored in a Rejected event (as kapbit-go); longer ones are cut.
 MAX_REASON_LENGTH = 256
 _TRUNCATED = "... (truncated)"
+#: Longest error text kept for WorkflowRetry / DeadLetter events.
+MAX_ERROR_LENGTH = 1000
+#: The step index an InvalidReturn event gives the result builder.
+RESULT_BUILDER = -1
 
 
 class StepRaised(Exception):
@@ -49,7 +59,19 @@ class StepRaised(Exception):
         self.step = step
         self.phase = phase
         self.cause = cause
-        self.breaker_open = isinstance(cause, pybreaker.CircuitBreakerError | CircuitBreakerOpen)
+        self.breaker_open = _is_breaker_error(cause)
+
+
+def _is_breaker_error(error: BaseException) -> bool:
+    return isinstance(error, pybreaker.CircuitBreakerError | CircuitBreakerOpen)
+
+
+class _ActionRaised(Exception):
+    """An action raised ``cause`` (wrapped, so that in-place retries retry nothing else)."""
+
+    def __init__(self, cause: Exception | asyncio.CancelledError) -> None:
+        super().__init__(describe_error(cause))
+        self.cause = cause
 
 
 class WorkflowExecution:
@@ -66,12 +88,13 @@ class WorkflowExecution:
         "last_error",
         "partition",
         "progress",
+        "step_base",
     )
 
     def __init__(
         self,
         workflow_id: str,
-        definition: Definition,
+        definition: Definition[Any, Any, Any],
         partition: int,
         input: Any,
         progress: Progress | None = None,
@@ -86,6 +109,8 @@ class WorkflowExecution:
         self.attempts = attempts
         self.last_error = last_error
         self.created_offset = -1
+        #: ``attempts`` when the current action became current (its step's attempt 1).
+        self.step_base = 0
         self._waiter: asyncio.Future[Any] | None = None
         self._created: asyncio.Future[int] | None = None
 
@@ -145,14 +170,20 @@ class WorkflowExecution:
                 return None
         return None
 
-    async def run(self, emitter: Emitter, codec: Codec) -> tuple[Any, bool]:
+    @property
+    def step_attempt(self) -> int:
+        """The current action's attempt number: 1, plus the retries recorded since."""
+        return self.attempts - self.step_base + 1
+
+    async def run(self, emitter: Emitter, codec: Codec, actions: ActionRunner) -> tuple[Any, bool]:
         """Run to the end; return ``(result, compensated)`` once WorkflowResult is durable.
 
         Raises :class:`StepRaised` when an action raises (nothing of that step is
         persisted), :class:`~kapbit.errors.WorkflowRejected` when storage refuses one of
         the workflow's events (a Rejected event then terminates it) and
         :class:`~kapbit.errors.InvalidReturnValue` when an action returns neither
-        ``Success``, ``Failure`` nor ``None`` (an InvalidReturn event terminates it).
+        ``Success``, ``Failure`` nor ``None``, or a value not of its declared type (an
+        InvalidReturn event terminates it).
         """
         definition = self.definition
         steps = definition.steps
@@ -160,38 +191,55 @@ class WorkflowExecution:
         while (action := self.next_action()) is not None:
             index, phase = action
             step = steps[index]
-            try:
-                if phase == "execute":
-                    returned = await _call(step.execute, step._execute_async, self.input, progress)
-                else:
-                    assert step.compensate is not None
-                    returned = await _call(
-                        step.compensate, step._compensate_async, self.input, progress
+            if phase == "execute":
+                fn, is_async = step.execute, step._execute_async
+            else:
+                assert step.compensate is not None
+                fn, is_async = step.compensate, step._compensate_async
+            if step.retry is None:  # the common case, inline: no frames of kapbit's own
+                context = self._context(actions, step, index, phase)
+                token = CURRENT_STEP.set(context)
+                try:
+                    returned = await actions.start(
+                        fn, is_async, (self.input, progress), context, step.timeout
                     )
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                raise StepRaised(self.id, index, phase, exc) from exc  # raised by the step
-            except Exception as exc:  # any error means "retry later"
-                raise StepRaised(self.id, index, phase, exc) from exc
-            # Checked outside the handler above: a wrong return value is a programming
-            # error, and retrying would run the action's side effect again.
+                except asyncio.CancelledError as exc:
+                    if _being_cancelled():
+                        raise
+                    returned = self._step_failed(step, index, phase, exc)  # raised by the step
+                except Exception as exc:  # any error means "retry later", unless told otherwise
+                    returned = self._step_failed(step, index, phase, exc)
+                finally:
+                    CURRENT_STEP.reset(token)
+            else:
+                returned = await self._retry_in_place(
+                    emitter, actions, step, fn, is_async, index, phase
+                )
+            # Checked outside the action's error handling: a wrong return value is a
+            # programming error, and retrying would run the action's side effect again.
             outcome = Success(None) if returned is None else returned
             if not isinstance(outcome, Success | Failure):
                 await self._invalid_return(emitter, index, phase, returned)
-            value = await self._encode(emitter, codec, outcome.value, "step_outcome")
-            event = StepOutcome(
-                self.id, index, phase, isinstance(outcome, Success), value, time.time()
-            )
+            try:
+                data, value = encode_checked(codec, outcome.value, definition.outcome_check(index))
+            except EncodeError as exc:
+                await self.reject(emitter, "step_outcome", str(exc))
+            except TypeMismatch as mismatch:
+                await self._wrong_type(emitter, index, phase, mismatch)
+            success = isinstance(outcome, Success)
+            event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), time.time())
             await self._persist(emitter, codec, event)
-            progress._record(phase, index, outcome)
-            if phase == "compensate" and isinstance(outcome, Failure):
+            if value is not outcome.value:  # keep what was read back, as after a restart
+                outcome = Success(value) if success else Failure(value)
+            progress.record(phase, index, outcome)
+            self.step_base = self.attempts
+            if phase == "compensate" and not success:
                 logger.warning(
                     "workflow %r: compensation of step %d failed (%r); the rollback stops, "
                     "steps before it are not compensated",
                     self.id,
                     index,
-                    outcome.value,
+                    value,
                     extra=execution_fields(self),
                 )
 
@@ -204,23 +252,128 @@ class WorkflowExecution:
         except Exception as exc:
             raise StepRaised(self.id, None, "execute", exc) from exc
         compensated = progress.failed
-        encoded = await self._encode(emitter, codec, result, "workflow_result")
+        try:
+            data, result = encode_checked(codec, result, definition.result_check)
+        except EncodeError as exc:
+            await self.reject(emitter, "workflow_result", str(exc))
+        except TypeMismatch as mismatch:
+            await self._wrong_type(emitter, RESULT_BUILDER, "execute", mismatch)
         await self._persist(
-            emitter, codec, WorkflowResult(self.id, encoded, compensated, time.time())
+            emitter, codec, WorkflowResult(self.id, msgspec.Raw(data), compensated, time.time())
         )
         return result, compensated
 
-    async def _encode(self, emitter: Emitter, codec: Codec, value: Any, kind: str) -> msgspec.Raw:
+    def _context(
+        self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
+    ) -> StepContext:
+        return StepContext(
+            self.id,
+            self.definition.type,
+            step.label,
+            index,
+            phase,
+            self.attempts - self.step_base + 1,
+            actions.node_id,
+        )
+
+    def _step_failed(
+        self, step: Step[Any, Any], index: int, phase: Phase, error: BaseException
+    ) -> Failure[Any]:
+        """What an action's error means: a ``Failure`` if the step may not retry it (it is
+        :class:`~kapbit.errors.NonRetryable`, of a type its policy lists, or its policy is
+        used up), else :class:`StepRaised` for the retry worker."""
+        if isinstance(error, NonRetryable):
+            return Failure(error.value)
+        policy = step.retry
+        if policy is not None and not _is_breaker_error(error):
+            if isinstance(error, policy.non_retryable):
+                return Failure(_error_text(error))
+            return Failure(f"gave up after {self.step_attempt} attempts: {_error_text(error)}")
+        raise StepRaised(self.id, index, phase, error) from error
+
+    async def _retry_in_place(
+        self,
+        emitter: Emitter,
+        actions: ActionRunner,
+        step: Step[Any, Any],
+        fn: Callable[..., Any],
+        is_async: bool,
+        index: int,
+        phase: Phase,
+    ) -> Any:
+        """Run the action under its step's policy until it returns or the policy gives up
+        (tenacity); what it returned, or :meth:`_step_failed` of its last error. Each retry
+        is a WorkflowRetry event first, so attempt counts survive restarts."""
+        policy = step.retry
+        assert policy is not None
+        if self.step_attempt > policy.max_attempts:  # used up before a restart
+            return self._step_failed(
+                step, index, phase, RuntimeError(self.last_error or "no error recorded")
+            )
+
+        async def attempt() -> Any:
+            context = self._context(actions, step, index, phase)
+            token = CURRENT_STEP.set(context)
+            try:
+                return await actions.start(
+                    fn, is_async, (self.input, self.progress), context, step.timeout
+                )
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                raise _ActionRaised(exc) from exc  # raised by the step itself
+            except Exception as exc:  # any error means "retry later", unless told otherwise
+                raise _ActionRaised(exc) from exc
+            finally:
+                CURRENT_STEP.reset(token)
+
+        def retryable(error: BaseException) -> bool:
+            if not isinstance(error, _ActionRaised):
+                return False
+            cause = error.cause
+            return not (
+                isinstance(cause, (NonRetryable, *policy.non_retryable)) or _is_breaker_error(cause)
+            )
+
+        def used_up(_: RetryCallState) -> bool:
+            return self.step_attempt >= policy.max_attempts
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            stop=used_up,
+            wait=policy.backoff.wait(),
+            reraise=True,
+        )
+        last: _ActionRaised | None = None
         try:
-            return msgspec.Raw(codec.encode(value))
-        except EncodeError as exc:
-            await self.reject(emitter, kind, str(exc))
+            async for call in retrying:
+                with call:
+                    if last is not None:
+                        await self.record_retry(emitter, last.cause)
+                    try:
+                        return await attempt()
+                    except _ActionRaised as raised:
+                        last = raised
+                        raise
+        except _ActionRaised as raised:
+            return self._step_failed(step, index, phase, raised.cause)
+        raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
+
+    async def record_retry(self, emitter: Emitter, cause: BaseException) -> None:
+        """Count another attempt and record it (``WorkflowRetry``) before it runs."""
+        self.last_error = describe_error(cause)[:MAX_ERROR_LENGTH]
+        self.attempts += 1
+        event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
+        try:
+            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
+        except (RecordRejected, EncodeError) as exc:
+            await self.reject(emitter, "workflow_retry", str(exc))
 
     async def _persist(
         self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult
     ) -> None:
         try:
-            await emitter.emit(self.partition, self.id, event)
+            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
             kind = "step_outcome" if isinstance(event, StepOutcome) else "workflow_result"
             await self.reject(emitter, kind, str(exc))
@@ -253,7 +406,28 @@ class WorkflowExecution:
             InvalidReturn(self.id, index, phase, _bounded(reason), time.time()),
             InvalidReturn(self.id, index, phase, "", time.time()),
         )
-        raise InvalidReturnValue(self.id, index, phase, reason)
+        raise InvalidReturnValue(self.id, index, phase, reason, actual=type(returned).__qualname__)
+
+    async def _wrong_type(
+        self, emitter: Emitter, index: int, phase: Phase, mismatch: TypeMismatch
+    ) -> NoReturn:
+        """Terminate with InvalidReturn: a value is not of its declared type."""
+        if index == RESULT_BUILDER:
+            where = "the result builder"
+        else:
+            where = f"step {index} ({self.definition.steps[index].label!r}) {phase}"
+        reason = (
+            f"{where} returned a value of type {mismatch.actual} where {mismatch.declared} is "
+            f"declared: {mismatch.detail}"
+        )
+        await self._terminate(
+            emitter,
+            InvalidReturn(self.id, index, phase, _bounded(reason), time.time()),
+            InvalidReturn(self.id, index, phase, "", time.time()),
+        )
+        raise InvalidReturnValue(
+            self.id, index, phase, reason, declared=mismatch.declared, actual=mismatch.actual
+        )
 
     async def _terminate(
         self,
@@ -270,7 +444,9 @@ class WorkflowExecution:
         error: Exception | None = None
         for candidate in (event, minimal):
             try:
-                await emitter.emit(self.partition, self.id, candidate)
+                await emitter.emit(
+                    self.partition, self.id, candidate, workflow_type=self.definition.type
+                )
                 return
             except (RecordRejected, EncodeError) as exc:
                 error = exc
@@ -296,6 +472,11 @@ def _bounded(reason: str) -> str:
     if len(reason) <= MAX_REASON_LENGTH:
         return reason
     return reason[:MAX_REASON_LENGTH] + _TRUNCATED
+
+
+def _error_text(error: BaseException) -> str:
+    """An error as a Failure value: its type and message."""
+    return f"{type(error).__name__}: {describe_error(error, str)}"[:MAX_ERROR_LENGTH]
 
 
 def restore_outcome(success: bool, value: Any) -> Outcome:

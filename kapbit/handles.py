@@ -186,7 +186,7 @@ class RunningWorkflows(Protocol):
         """The type of ``workflow_id`` if it runs on this instance (else ``None``)."""
         ...
 
-    async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
+    async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here (raising its
         error); :class:`~kapbit.errors.WorkflowNotFound` for any other."""
         ...

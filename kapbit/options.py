@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from tenacity import wait_exponential, wait_random
@@ -55,6 +56,41 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class StepRetry:
+    """A step's own retry policy: retry the action in place, then fail the step.
+
+    When the action raises, it runs again after ``backoff`` until it has run
+    ``max_attempts`` times in all; then the step fails for good with a ``Failure`` whose
+    value is the text of the last error, and the saga compensates. Each retry is first
+    recorded in the log (a ``WorkflowRetry`` event, as the retry worker writes), so attempts
+    are counted across restarts: a step never runs more than ``max_attempts`` times. (A
+    resumed workflow counts conservatively: every retry it recorded, those of earlier
+    steps too, so it may give up sooner than a run that was not interrupted.) These count
+    towards
+    the retry worker's ``RetryPolicy.max_attempts`` too, should the workflow reach it
+    later. An exception of a ``non_retryable`` type (and
+    :class:`kapbit.NonRetryable`, with or without a policy) fails the step at once.
+    ``pybreaker.CircuitBreakerError`` / :class:`kapbit.CircuitBreakerOpen` are not retried
+    in place: they close the entry gate and go to the retry worker, as without a policy.
+    """
+
+    max_attempts: int = 3
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0, jitter=0.1))
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not isinstance(self.backoff, Backoff):
+            raise ValueError(f"backoff must be a Backoff, got {self.backoff!r}")
+        if not all(
+            isinstance(kind, type) and issubclass(kind, BaseException)
+            for kind in self.non_retryable
+        ):
+            raise ValueError(f"non_retryable must be exception types, got {self.non_retryable!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointPolicy:
     """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds."""
 
@@ -74,6 +110,12 @@ class Options:
     ``node_id`` names the instance (host name and process id by default); it may repeat
     across starts, e.g. a pod name: each start writes as ``node_id`` plus a random start id.
     ``start_timeout`` bounds ``start()``, transient storage errors included (retried).
+
+    Sync (plain ``def``) actions run in a thread pool so that a blocking call never stalls
+    other workflows; async actions run on the event loop. By default kapbit starts its own
+    pool of ``action_threads`` threads at the first sync action and shuts it down at
+    close. ``action_executor`` replaces it with an executor of your own (kapbit does not
+    shut that one down).
     """
 
     max_workflows: int = 10_000
@@ -86,10 +128,14 @@ class Options:
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     node_id: str | None = None
     start_timeout: float = 120.0
+    action_threads: int = 32
+    action_executor: Executor | None = None
 
     def __post_init__(self) -> None:
         if self.start_timeout <= 0:
             raise ValueError(f"start_timeout must be positive, got {self.start_timeout}")
+        if self.action_threads < 1:
+            raise ValueError(f"action_threads must be at least 1, got {self.action_threads}")
         if self.max_workflows < 1:
             raise ValueError(f"max_workflows must be at least 1, got {self.max_workflows}")
         if self.idempotency_window < 1:

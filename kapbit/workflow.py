@@ -10,13 +10,39 @@ failure: it means a dependency was unavailable, and the workflow is retried late
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeAlias, TypeVar
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeAlias, TypeVar, overload
 
+from kapbit.codecs.checked import Declared, type_name, unsupported
 from kapbit.errors import InvalidDefinition
+from kapbit.options import StepRetry
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing import _SpecialForm
+
+    # PEP 696 defaults (typing_extensions for checkers only; Python 3.13 has them): what a
+    # checker cannot infer (an unannotated lambda) is Any, and a bare ``Definition`` is
+    # ``Definition[Any, Any, Any]``.
+    from typing_extensions import TypeVar as DefaultTypeVar
+
+    I = DefaultTypeVar("I", default=Any)  # noqa: E741 - the conventional name next to O, R
+    O = DefaultTypeVar("O", default=Any)  # noqa: E741
+    R = DefaultTypeVar("R", default=Any)
+else:
+    #: The type of a workflow's input.
+    I = TypeVar("I")  # noqa: E741
+    #: The type of a step's outcome values.
+    O = TypeVar("O")  # noqa: E741
+    #: The type of a workflow's result.
+    R = TypeVar("R")
+
+#: A declared type: a class (``Order``, ``str``, ``list[int]``) binds the type parameter;
+#: forms a type checker cannot bind (``str | None``, ``Literal[...]``) are accepted as is.
+TypeForm: TypeAlias = "type[T] | UnionType | _SpecialForm"
 
 Phase: TypeAlias = Literal["execute", "compensate"]
 
@@ -37,10 +63,13 @@ class Failure(Generic[T]):
 
 Outcome: TypeAlias = Success[Any] | Failure[Any]
 
-#: An execute or compensate action: ``(input, progress) -> Outcome``, sync or ``async``.
-Action: TypeAlias = Callable[[Any, "Progress"], "Outcome | Awaitable[Outcome | None] | None"]
+#: What an action returns: ``Success(value)``, ``Failure(value)`` or ``None`` (a bare
+#: ``return``, which counts as ``Success(None)``).
+Returned: TypeAlias = "Success[O] | Failure[O] | None"
+#: An execute or compensate action: ``(input, progress) -> Returned``, sync or ``async``.
+Action: TypeAlias = "Callable[[I, Progress], Returned[O] | Awaitable[Returned[O]]]"
 #: Builds the workflow result from its input and final progress, sync or ``async``.
-ResultBuilder: TypeAlias = Callable[[Any, "Progress"], Any]
+ResultBuilder: TypeAlias = "Callable[[I, Progress], R | Awaitable[R]]"
 
 
 class Progress:
@@ -128,7 +157,8 @@ class Progress:
     def __repr__(self) -> str:
         return f"Progress(executions={self._executions!r}, compensations={self._compensations!r})"
 
-    def _record(self, phase: Phase, step: int, outcome: Outcome) -> None:
+    def record(self, phase: Phase, step: int, outcome: Outcome) -> None:
+        """Add an outcome (the engine does, as it persists or recovers one)."""
         target = self._executions if phase == "execute" else self._compensations
         target[step] = outcome
 
@@ -148,26 +178,51 @@ async def _call(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class Step(Generic[I, O]):
     """One step of a workflow: an execute action and an optional compensation.
 
-    ``outcome_type`` is the type of this step's outcome values, used to decode them from
-    the log; it defaults to the definition's ``outcome_type``.
+    ``outcome_type`` is the type of this step's outcome values; it defaults to the
+    definition's ``outcome_type``. Values are checked against it when they are written and
+    decoded with it when read back; ``None`` (a bare ``return``) is always allowed.
+
+    ``retry`` retries the action in place when it raises (see :class:`StepRetry`); without
+    it a raising step goes to the instance's retry worker. ``timeout`` (seconds) cancels an
+    action that runs longer; that counts as a raised error (:class:`~kapbit.errors.StepTimedOut`).
+    A sync action runs in a thread, which cannot be stopped: its late result is discarded.
     """
 
-    execute: Action
-    compensate: Action | None = None
+    execute: Action[I, O]
+    compensate: Action[I, O] | None = None
     name: str | None = None
-    outcome_type: Any = None
+    outcome_type: TypeForm[O] | None = None
+    retry: StepRetry | None = field(default=None, kw_only=True)
+    timeout: float | None = field(default=None, kw_only=True)
     _execute_async: bool = field(init=False, repr=False, compare=False, default=False)
     _compensate_async: bool = field(init=False, repr=False, compare=False, default=False)
+    #: The step's name, or its execute action's name when it has none.
+    label: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
-        label = self.name or getattr(self.execute, "__name__", "step")
+        label = self.name or str(getattr(self.execute, "__name__", "step"))
+        object.__setattr__(self, "label", label)
         if not callable(self.execute):
             raise InvalidDefinition(f"step {label!r}: execute is not callable")
         if self.compensate is not None and not callable(self.compensate):
             raise InvalidDefinition(f"step {label!r}: compensate is not callable")
+        if self.retry is not None and not isinstance(self.retry, StepRetry):
+            raise InvalidDefinition(f"step {label!r}: retry must be a StepRetry")
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, int | float)
+            or not math.isfinite(self.timeout)
+            or self.timeout <= 0
+        ):
+            raise InvalidDefinition(
+                f"step {label!r}: timeout must be a positive number of seconds, "
+                f"got {self.timeout!r}"
+            )
+        if self.outcome_type is not None:
+            _check_type(f"step {label!r}: outcome_type", self.outcome_type)
         object.__setattr__(self, "_execute_async", _is_async(self.execute))
         if self.compensate is not None:
             object.__setattr__(self, "_compensate_async", _is_async(self.compensate))
@@ -177,54 +232,189 @@ def _default_result(_input: Any, progress: Progress) -> list[Any]:
     return progress.values()
 
 
-@dataclass(frozen=True, slots=True)
-class Definition:
-    """A workflow type: its name, ordered steps and result builder.
+def _check_type(what: str, declared: Any) -> None:
+    """Refuse a declared type the codecs cannot decode: the log could not be read back."""
+    reason = unsupported(declared)
+    if reason is not None:
+        raise InvalidDefinition(f"{what} {type_name(declared)} cannot be decoded: {reason}")
 
-    ``input_type``, ``outcome_type`` and ``result_type`` are the Python types used to decode
-    values from the log (msgspec Structs, dataclasses, primitives, or containers of them);
-    ``Any`` keeps the codec's generic form. Without ``result``, the result is the list of
-    the successful step values.
+
+def _or_none(declared: Any) -> Any:
+    """``declared | None``: the type outcome values are checked against (``Any`` stays)."""
+    return declared if declared is Any else Optional[declared]  # noqa: UP045 - any form
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Definition(Generic[I, O, R]):
+    """A workflow type: its name, ordered steps and result builder, and declared types.
+
+    ``input_type``, ``outcome_type`` and ``result_type`` are the Python types of the input,
+    the steps' outcome values and the result (msgspec Structs, dataclasses, primitives,
+    containers and unions of them; ``Any``, the default, keeps the codec's generic form).
+    Values are checked against them when they are written and decoded with them when read
+    back, so a wrong type fails on the first run. A type the codecs cannot decode is refused
+    here (:class:`~kapbit.errors.InvalidDefinition`). Without ``result``, the result is the
+    list of the successful step values.
+
+    A type checker infers ``Definition[Input, Outcome, Result]`` from the arguments and
+    reports a declared type that does not match the actions' annotations. Steps with
+    outcome types of their own leave out the definition's ``outcome_type``.
     """
 
     type: str
-    steps: Sequence[Step]
-    result: ResultBuilder = _default_result
-    input_type: Any = Any
-    outcome_type: Any = Any
-    result_type: Any = Any
-    _step_names: dict[str, int] = field(init=False, repr=False, compare=False)
-    _result_async: bool = field(init=False, repr=False, compare=False, default=False)
+    steps: Sequence[Step[I, Any]]
+    result: ResultBuilder[I, R]
+    input_type: Any
+    outcome_type: Any
+    result_type: Any
+    _step_names: dict[str, int] = field(repr=False, compare=False)
+    #: The declared input type, prepared for checks.
+    input_check: Declared = field(repr=False, compare=False)
+    #: The declared result type, prepared for checks.
+    result_check: Declared = field(repr=False, compare=False)
+    _outcome_checks: tuple[Declared, ...] = field(repr=False, compare=False)
+    _result_async: bool = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.type, str) or not self.type:
-            raise InvalidDefinition(f"workflow type must be a non-empty string, got {self.type!r}")
-        steps = tuple(self.steps)
+    @overload
+    def __init__(
+        self: Definition[I, O, R],
+        type: str,
+        steps: Sequence[Step[I, O]],
+        result: ResultBuilder[I, R],
+        input_type: TypeForm[I] = ...,
+        *,
+        outcome_type: TypeForm[O],
+        result_type: TypeForm[R] = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Definition[I, Any, R],
+        type: str,
+        steps: Sequence[Step[I, Any]],
+        result: ResultBuilder[I, R],
+        input_type: TypeForm[I] = ...,
+        *,
+        result_type: TypeForm[R] = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Definition[I, O, list[Any]],
+        type: str,
+        steps: Sequence[Step[I, O]],
+        *,
+        input_type: TypeForm[I] = ...,
+        outcome_type: TypeForm[O],
+        result_type: Any = ...,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Definition[I, Any, list[Any]],
+        type: str,
+        steps: Sequence[Step[I, Any]],
+        *,
+        input_type: TypeForm[I] = ...,
+        result_type: Any = ...,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        type: str,
+        steps: Sequence[Step[Any, Any]],
+        result: Callable[[Any, Progress], Any] = _default_result,
+        input_type: Any = Any,
+        *,
+        outcome_type: Any = Any,
+        result_type: Any = Any,
+    ) -> None:
+        if not isinstance(type, str) or not type:
+            raise InvalidDefinition(f"workflow type must be a non-empty string, got {type!r}")
+        steps = tuple(steps)
         if not steps:
-            raise InvalidDefinition(f"workflow {self.type!r} has no steps")
+            raise InvalidDefinition(f"workflow {type!r} has no steps")
         names: dict[str, int] = {}
         for index, step in enumerate(steps):
             if not isinstance(step, Step):
                 raise InvalidDefinition(
-                    f"workflow {self.type!r}: step {index} is {type(step).__name__}, not Step"
+                    f"workflow {type!r}: step {index} is {step.__class__.__name__}, not Step"
                 )
             if step.name is not None:
                 if step.name in names:
                     raise InvalidDefinition(
-                        f"workflow {self.type!r}: step name {step.name!r} is used twice"
+                        f"workflow {type!r}: step name {step.name!r} is used twice"
                     )
                 names[step.name] = index
-        if not callable(self.result):
-            raise InvalidDefinition(f"workflow {self.type!r}: result builder is not callable")
-        object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "_step_names", names)
-        object.__setattr__(self, "_result_async", _is_async(self.result))
+        if not callable(result):
+            raise InvalidDefinition(f"workflow {type!r}: result builder is not callable")
+        for what, declared in (
+            ("input_type", input_type),
+            ("outcome_type", outcome_type),
+            ("result_type", result_type),
+        ):
+            _check_type(f"workflow {type!r}: {what}", declared)
+        outcome_checks = tuple(
+            Declared(_or_none(outcome_type if step.outcome_type is None else step.outcome_type))
+            for step in steps
+        )
+        for name, value in (
+            ("type", type),
+            ("steps", steps),
+            ("result", result),
+            ("input_type", input_type),
+            ("outcome_type", outcome_type),
+            ("result_type", result_type),
+            ("_step_names", names),
+            ("input_check", Declared(input_type)),
+            ("result_check", Declared(result_type)),
+            ("_outcome_checks", outcome_checks),
+            ("_result_async", _is_async(result)),
+        ):
+            object.__setattr__(self, name, value)
 
     def outcome_type_of(self, step: int) -> Any:
-        """The type used to decode the outcome value of ``step``."""
-        declared = self.steps[step].outcome_type
-        return self.outcome_type if declared is None else declared
+        """The type the outcome values of ``step`` are checked against and decoded with:
+        its declared outcome type (or the definition's) or ``None``."""
+        return self._outcome_checks[step].type
+
+    def outcome_check(self, step: int) -> Declared:
+        """:meth:`outcome_type_of` ``step``, prepared for checks."""
+        return self._outcome_checks[step]
 
     def new_progress(self) -> Progress:
         """An empty progress that resolves this definition's step names."""
         return Progress(self._step_names)
+
+
+def parse_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Definition[Any, Any, Any] | None, Any, Any, Any]:
+    """``(definition or None, workflow type, workflow id, input)`` of a call in either form.
+
+    ``(definition, workflow_id, input)`` runs a definition object; ``(workflow_id,
+    workflow_type, input=None)`` names the type (the older form). Keywords use those names.
+    A call that fits neither raises :class:`TypeError`, as Python does for a bad call.
+    """
+    if not kwargs and len(args) in (2, 3):  # the common case, without binding
+        first, second = args[0], args[1]
+        input = args[2] if len(args) == 3 else None
+    else:
+        typed = (bool(args) and isinstance(args[0], Definition)) or "workflow" in kwargs
+        signature = _TYPED_CALL if typed else _NAMED_CALL
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        first, second, input = bound.args
+    if isinstance(first, Definition):
+        return first, first.type, second, input
+    return None, second, first, input
+
+
+def _typed_call(workflow: Any, workflow_id: Any, input: Any) -> None: ...
+
+
+def _named_call(workflow_id: Any, workflow_type: Any, input: Any = None) -> None: ...
+
+
+_TYPED_CALL = inspect.signature(_typed_call)
+_NAMED_CALL = inspect.signature(_named_call)

@@ -148,7 +148,7 @@ async def _run(args: argparse.Namespace) -> int:
     except Fenced as exc:
         print(f"fenced {exc}", flush=True)
         return EXIT_FENCED
-    recovered = list(kbit._in_flight)
+    recovered = kbit.in_flight()
     print(f"started {node} {len(recovered)}", flush=True)
     slots = asyncio.Semaphore(args.concurrency)
     fenced: list[Fenced] = []
@@ -396,6 +396,96 @@ async def read_log(bootstrap: str, topic: str, **options: Any) -> Log:
     finally:
         await repository.close()
     return log
+
+
+@dataclass
+class Audit:
+    """What the log and the execution journal say about a run of ``crash`` sagas.
+
+    ``lost``: ids expected to finish that have no admitted terminal record (or none created).
+    ``doubled``: ids created by two nodes, terminated twice, a step outcome persisted by two
+    nodes, or a result other than the saga's. ``reruns``: step executions that cannot be
+    explained by a kill before the outcome was persisted (``(wid, step, phase, pids)``).
+    ``repeated``: executions repeated because a kill fell before the outcome was persisted
+    (allowed). ``copies``: second copies of a record by the same node (a lost ack).
+    """
+
+    expected: int
+    accepted: int = 0
+    lost: list[str] = field(default_factory=list)
+    doubled: list[str] = field(default_factory=list)
+    reruns: list[tuple[str, int, str, list[int]]] = field(default_factory=list)
+    repeated: int = 0
+    copies: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.expected} workflows, {self.accepted} accepted, {len(self.lost)} lost, "
+            f"{len(self.doubled)} doubled, {len(self.reruns)} steps re-run after a persisted "
+            f"outcome, {self.repeated} executions repeated after kills, {self.copies} "
+            "duplicate records"
+        )
+
+
+def audit(log: Log, journal: Path, killed: set[int], count: int) -> Audit:
+    """Check workflows ``w0`` .. ``w<count-1>`` of the ``crash`` saga against ``log`` and the
+    execution journal; ``killed`` are the pids of the workers SIGKILLed during the run."""
+    report = Audit(count)
+    ids = {f"w{n}" for n in range(count)}
+    doubled: set[str] = set()
+
+    def distinct(entries: list[Entry], key: Any) -> list[Entry]:
+        """The entries with distinct ``key``; the rest are copies of one node's record."""
+        seen: dict[Any, Entry] = {}
+        for entry in entries:
+            if key(entry) in seen:
+                report.copies += 1
+            else:
+                seen[key(entry)] = entry
+        return list(seen.values())
+
+    created = log.created()
+    report.accepted = len(created)
+    results = log.results()
+    terminals = log.terminals()
+    outcomes = log.outcomes()
+    for wid in sorted(ids | set(created)):
+        n = int(wid[1:])
+        if len(distinct(created.get(wid, []), lambda e: e.node)) > 1:
+            doubled.add(wid)
+        ends = distinct(terminals.get(wid, []), lambda e: (e.node, e.kind))
+        if not ends:
+            report.lost.append(wid)
+            continue
+        if len(ends) > 1 or {repr(r) for r in results.get(wid, [])} != {repr(expected_result(n))}:
+            doubled.add(wid)
+        persisted = distinct(outcomes.get(wid, []), lambda e: (e.event.step, e.event.phase, e.node))
+        path = [(e.event.step, e.event.phase) for e in persisted]
+        if path != expected_path(n):
+            doubled.add(wid)
+    report.doubled = sorted(doubled)
+
+    executors: dict[tuple[str, int, str], list[int]] = defaultdict(list)
+    for line in read_lines(journal):
+        wid, step, phase, pid = line.split()
+        executors[(wid, int(step), phase)].append(int(pid))
+    writer = {
+        (wid, e.event.step, e.event.phase): pid_of(e.node)
+        for wid, entries in outcomes.items()
+        for e in entries
+    }
+    for key, pids in executors.items():
+        # Every earlier execution was in a process killed before it persisted the outcome,
+        # one process runs a step at most once, and the outcome is the last run's.
+        explained = (
+            len(set(pids)) == len(pids) and writer.get(key) == pids[-1] and set(pids[:-1]) <= killed
+        )
+        if not explained:
+            report.reruns.append((*key, pids))
+        report.repeated += len(pids) - 1
+    for key in set(writer) - set(executors):  # persisted but never executed
+        report.reruns.append((*key, []))
+    return report
 
 
 def read_lines(path: Path) -> list[str]:

@@ -4,7 +4,9 @@ the log after a crash or a takeover, typed errors, and on_duplicate="attach"."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import pytest
@@ -83,8 +85,8 @@ REFUND = Definition(
 )
 
 
-def broken(_order: str, _progress: Progress) -> int:
-    return 42
+def broken(_order: str, _progress: Progress) -> Any:
+    return 42  # neither Success, Failure nor None: a programming error
 
 
 BROKEN = Definition("broken", steps=[Step(broken)], input_type=str)
@@ -96,7 +98,7 @@ def unavailable(_order: str, _progress: Progress) -> None:
 
 FLAKY = Definition("flaky", steps=[Step(unavailable)], input_type=str)
 
-ALL = [ORDER, REFUND, BROKEN, FLAKY]
+ALL: list[Definition[Any, Any, Any]] = [ORDER, REFUND, BROKEN, FLAKY]
 
 
 @pytest.fixture
@@ -105,9 +107,9 @@ def repo() -> FaultyRepository:
 
 
 @pytest.fixture
-async def factory(repo: FaultyRepository) -> KapbitFactory:
+async def factory(repo: FaultyRepository) -> AsyncIterator[KapbitFactory]:
     async with KapbitFactory(repo, options=fast_options(max_attempts=1)) as factory:
-        yield factory  # type: ignore[misc]
+        yield factory
 
 
 def _gate(order: str) -> Gate:
@@ -120,7 +122,7 @@ async def test_start_workflow_returns_once_created_is_durable(
 ) -> None:
     kbit = await factory.start(ALL)
     gate = _gate("o-1")
-    handle = await kbit.start_workflow("o-1", "order", "o-1")
+    handle = await kbit.start_workflow(ORDER, "o-1", "o-1")  # the typed form
     assert handle.id == "o-1"
     assert repo.appended["workflow_created"] == 1  # durable when start_workflow returned
     await gate.entered.wait()
@@ -214,7 +216,7 @@ async def test_on_duplicate_attach_returns_the_workflow_already_using_the_id(
     with pytest.raises(UnknownWorkflowType):
         await kbit.exec_workflow("o-5", "nope", "o-5", on_duplicate="attach")
     with pytest.raises(ValueError, match="on_duplicate"):
-        await kbit.exec_workflow("o-5", "order", "o-5", on_duplicate="ignore")  # type: ignore[arg-type]
+        await kbit.exec_workflow("o-5", "order", "o-5", on_duplicate="ignore")  # type: ignore[call-overload]
     assert repo.appended["workflow_created"] == 1
 
 

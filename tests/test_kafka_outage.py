@@ -187,3 +187,58 @@ async def test_outage_opens_the_breaker_closes_the_gate_and_loses_nothing(
         f"{len(returned)} workflows, {len(refused)} refused while the gate was closed, "
         f"duplicate records: {dict(copies)}"
     )
+
+
+#: What the README promises with the default client settings: with a handful of workflows
+#: in flight a cut closes the gate within one or two request timeouts (5 s each; a produce
+#: request carries one batch per partition, so the failures may come in two rounds), plus
+#: slack for a loaded machine.
+GATE_CLOSES_WITHIN = 15.0
+
+
+@pytest.mark.parametrize("blackhole", [False, True], ids=["reset", "blackhole"])
+async def test_with_default_client_settings_a_cut_closes_the_gate_within_the_documented_bound(
+    topic: str, blackhole: bool
+) -> None:
+    async with LocalBroker.behind_proxy() as broker:
+        # Default client settings and default options: only what a user gets out of the box.
+        repository = KafkaRepository(broker.bootstrap_servers, topic, partitions=2)
+        calls: list[tuple[str, int, str]] = []
+        kbit = Kapbit([_definition(calls)], repository)
+        returned: dict[str, Any] = {}
+        counter = iter(range(1_000_000))
+        stop = asyncio.Event()
+
+        async def submit() -> None:
+            # Submitting until the gate closes: 8 workflows are in flight at the cut.
+            while not stop.is_set():
+                workflow_id = f"d{next(counter)}"
+                try:
+                    returned[workflow_id] = await kbit.exec_workflow(
+                        workflow_id, "saga", {"id": workflow_id}
+                    )
+                except GateClosed:
+                    return
+
+        async with kbit:
+            submitters = [asyncio.create_task(submit()) for _ in range(8)]
+            try:
+                await wait_until(lambda: len(returned) >= 50, timeout=30)
+                await broker.proxy.cut(blackhole=blackhole)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                await wait_until(lambda: not kbit.gate.is_open, timeout=GATE_CLOSES_WITHIN)
+                print(f"gate closed {loop.time() - started:.1f} s after the cut")
+                with pytest.raises(GateClosed):
+                    await kbit.exec_workflow("refused", "saga", {"id": "refused"})
+                stop.set()
+                await broker.proxy.restore()
+                # The callers in flight at the cut finish once the broker is back.
+                done = await asyncio.wait_for(
+                    asyncio.gather(*submitters, return_exceptions=True), 60
+                )
+            finally:
+                for submitter in submitters:
+                    submitter.cancel()
+        assert [d for d in done if d is not None] == []
+        assert {k: n for k, n in Counter(calls).items() if n != 1} == {}

@@ -202,7 +202,8 @@ async def test_an_id_reused_after_the_writers_window_is_a_new_workflow_for_both(
     second "w" for a late copy and never showed the second workflow."""
     repo = MemRepository()
     await append(repo, 0, "n", ActiveWriter("n", 1.0, window=1))
-    for event in [created("w"), result("w"), created("v"), result("v"), created("w")]:
+    events: list[Event] = [created("w"), result("w"), created("v"), result("v"), created("w")]
+    for event in events:
         await append(repo, 0, "n", event)
     await append(repo, 0, "n", outcome("w", 0))
     model = await _projected(repo)
@@ -218,7 +219,14 @@ async def test_a_lost_ack_copy_after_another_id_is_still_a_copy() -> None:
     retried append of "w" landed. "w" was open: the second record is a copy for both."""
     repo = MemRepository()
     await append(repo, 0, "n", ActiveWriter("n", 1.0, window=1))
-    for event in [created("w"), created("v"), created("w"), outcome("w", 0), outcome("w", 0)]:
+    events: list[Event] = [
+        created("w"),
+        created("v"),
+        created("w"),
+        outcome("w", 0),
+        outcome("w", 0),
+    ]
+    for event in events:
         await append(repo, 0, "n", event)
     model = await _projected(repo)
     creations, projected_open = _fold(model.events)
@@ -234,11 +242,13 @@ async def test_a_resumed_projector_judges_by_the_window_of_a_claim_before_its_ho
     or the reused "w0" at 4 is taken for a copy."""
     repo = MemRepository()
     await append(repo, 0, "n", ActiveWriter("n", 1.0, window=1))
-    for event in [created("w0"), created("w1")]:
+    events: list[Event] = [created("w0"), created("w1")]
+    for event in events:
         await append(repo, 0, "n", event)
     model = await _projected(repo)
     assert model.position == Position(3, "n", 1, "n", 1)
-    for event in [result("w0"), created("w0")]:
+    later: list[Event] = [result("w0"), created("w0")]
+    for event in later:
         await append(repo, 0, "n", event)
     await _projected(repo, model)
     assert [e.offset for e in model.events] == [0, 1, 2, 3, 4]

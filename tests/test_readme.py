@@ -63,7 +63,7 @@ def test_the_readme_has_the_snippets_this_test_expects() -> None:
     assert any("asyncio.run(main())" in c and "KafkaRepository(" in c for c in codes)
     assert any("import aiokafka.helpers" in c for c in codes)
     assert any(s.include for s in PYTHON)
-    assert all(s.language in {"python", "sh", "toml"} for s in snippets(README.read_text()))
+    assert all(s.language in {"python", "sh", "toml", "text"} for s in snippets(README.read_text()))
 
 
 def _ca_file(directory: Path) -> None:

@@ -350,6 +350,20 @@ class LocalBroker:
             if container is not None:
                 await asyncio.to_thread(container.stop)
 
+    async def restart(self) -> None:
+        """Stop the tansu broker and start a fresh one on the same addresses.
+
+        tansu keeps its data in memory: the new broker has no topics and no records, as a
+        broker that lost its disk would. Clients keep their bootstrap address.
+        """
+        if self._kind != "tansu" or self._listen is None or self._bootstrap is None:
+            raise RuntimeError(f"only a started tansu broker can restart, not {self._kind!r}")
+        port = _split_address(self._listen)[1]
+        advertised = _split_address(self._bootstrap)[1]
+        await self._stop_tansu()
+        binary = await asyncio.to_thread(find_tansu_binary)
+        await self._spawn_tansu(binary, port, advertised)
+
     async def __aenter__(self) -> LocalBroker:
         await self.start()
         return self

@@ -3,6 +3,11 @@
 Kafka clients learn broker addresses from metadata, so a proxy in front of a broker only sees
 the client traffic if the broker *advertises* the proxy address (see
 :meth:`kapbit.testing.broker.LocalBroker.behind_proxy`).
+
+Besides cutting connections, the proxy can lose acknowledgements for real
+(:meth:`TcpProxy.lose_acks`): it follows the Kafka frames of every connection, lets a produce
+request through to the broker, and resets the connection when the response comes back,
+before any of it reaches the client. The records land; the client never learns it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,45 @@ from types import TracebackType
 __all__ = ["TcpProxy"]
 
 _CHUNK = 64 * 1024
+_PRODUCE = 0  # Kafka api key of a produce request
+
+
+class _Frames:
+    """Follows the frames of one direction of a Kafka connection (int32 size, then the
+    payload) and reports where each starts, with the first ``head`` bytes of its payload."""
+
+    def __init__(self, head: int) -> None:
+        self._head = head
+        self._skip = 0  # payload bytes of the current frame still to pass
+        self._buf = bytearray()  # size and head of the next frame, as far as seen
+        self._start = 0  # where the frame being assembled began in the current chunk
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """``(start, head)`` of every frame whose head completes in ``data``; ``start`` is
+        its position in ``data``, -1 if it began in an earlier chunk."""
+        found: list[tuple[int, bytes]] = []
+        i = 0
+        if self._buf:
+            self._start = -1
+        while i < len(data):
+            if self._skip:
+                n = min(self._skip, len(data) - i)
+                self._skip -= n
+                i += n
+                continue
+            if not self._buf:
+                self._start = i
+            want = 4 + self._head - len(self._buf)
+            piece = data[i : i + want]
+            self._buf += piece
+            i += len(piece)
+            if len(self._buf) < 4 + self._head:
+                break
+            size = int.from_bytes(self._buf[:4], "big", signed=True)
+            found.append((self._start, bytes(self._buf[4:])))
+            self._skip = max(0, size - self._head)
+            self._buf.clear()
+        return found
 
 
 class _Link:
@@ -24,6 +68,9 @@ class _Link:
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.tainted = False  # data was dropped while blackholed
+        self.requests = _Frames(head=8)  # api key, api version, correlation id
+        self.responses = _Frames(head=4)  # correlation id
+        self.lost: set[int] = set()  # correlation ids whose responses must not arrive
 
     def abort(self) -> None:
         """Reset both sockets and cancel the pumps (except the calling task)."""
@@ -67,6 +114,9 @@ class TcpProxy:
         """Connections accepted and forwarded (or blackholed) since start."""
         self.connections_rejected = 0
         """Connections accepted and immediately closed because the proxy was cut."""
+        self._acks_to_lose = 0
+        self.acks_lost = 0
+        """Produce responses dropped (their connections reset) by :meth:`lose_acks`."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +176,11 @@ class TcpProxy:
     def connections_active(self) -> int:
         return len(self._links)
 
+    @property
+    def acks_pending(self) -> int:
+        """Acknowledgements :meth:`lose_acks` has yet to lose."""
+        return self._acks_to_lose
+
     # -- fault injection -------------------------------------------------------------------
 
     async def cut(self, *, blackhole: bool = False) -> None:
@@ -139,6 +194,15 @@ class TcpProxy:
         if not blackhole:
             await self._abort_all()
         await self._notify()
+
+    def lose_acks(self, count: int = 1) -> None:
+        """Lose the acknowledgements of the next ``count`` produce requests.
+
+        Each request still reaches the broker, which appends its records; then the
+        connection is reset before any byte of the response reaches the client. A Kafka
+        producer sees a connection error and (without idempotence) sends the records again.
+        """
+        self._acks_to_lose += count
 
     async def restore(self) -> None:
         """Resume forwarding. Connections that lost data while blackholed are aborted."""
@@ -211,8 +275,8 @@ class TcpProxy:
             return
         link.upstream = up_writer
         link.tasks = [
-            asyncio.create_task(self._pump(reader, up_writer, link)),
-            asyncio.create_task(self._pump(up_reader, writer, link)),
+            asyncio.create_task(self._pump(reader, up_writer, link, upstream=True)),
+            asyncio.create_task(self._pump(up_reader, writer, link, upstream=False)),
         ]
         await asyncio.gather(*link.tasks, return_exceptions=True)
         self._finish(link)
@@ -233,13 +297,24 @@ class TcpProxy:
             link.abort()
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        link: _Link,
+        *,
+        upstream: bool,
     ) -> None:
         try:
             while data := await reader.read(_CHUNK):
                 if self._blackhole:
                     link.tainted = True
                     continue
+                if upstream:
+                    self._mark_produce_requests(link, data)
+                elif (cut := self._lost_ack_at(link, data)) is not None:
+                    writer.write(data[:cut])
+                    self.acks_lost += 1
+                    break  # the finally clause resets both sides
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
@@ -247,3 +322,17 @@ class TcpProxy:
         finally:
             # One side finished: tear down both directions (Kafka never half-closes).
             link.abort()
+
+    def _mark_produce_requests(self, link: _Link, data: bytes) -> None:
+        """Note the correlation ids of produce requests whose acknowledgement is to be lost."""
+        for _, head in link.requests.feed(data):
+            if self._acks_to_lose and int.from_bytes(head[:2], "big") == _PRODUCE:
+                self._acks_to_lose -= 1
+                link.lost.add(int.from_bytes(head[4:8], "big", signed=True))
+
+    def _lost_ack_at(self, link: _Link, data: bytes) -> int | None:
+        """Where in ``data`` a response to be lost starts (0 if it began earlier), if any."""
+        for start, head in link.responses.feed(data):
+            if int.from_bytes(head, "big", signed=True) in link.lost:
+                return max(start, 0)
+        return None

@@ -1,0 +1,322 @@
+"""KafkaRepository: the front that puts the Kafka package's parts together."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from kapbit.errors import (
+    Fenced,
+    PayloadTooLarge,
+    StartupError,
+    StorageError,
+    TransientStorageError,
+)
+from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.kafka.admin import check_records, ensure_topics
+from kapbit.repository.kafka.checkpoints import CheckpointStore
+from kapbit.repository.kafka.errors import BROKER_ERRORS, transient
+from kapbit.repository.kafka.fencing import Confirmer, PartitionFence
+from kapbit.repository.kafka.outbox import Outboxes
+from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset, fetch
+from kapbit.repository.kafka.records import ACTIVE_WRITER, to_record
+
+#: Room for the record's key, headers and batch framing above ``max_payload``.
+_RECORD_OVERHEAD = 16 * 1024
+#: Defaults of every aiokafka client (``client_options`` override them). They decide how
+#: fast an unreachable broker is noticed: a request fails after ``request_timeout_ms``
+#: (aiokafka's own default, 40 s, would keep callers waiting long after the storage
+#: breaker should have opened), a failed connection is retried after ``retry_backoff_ms``,
+#: and a moved partition leader is looked up again after ``metadata_max_age_ms``.
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "request_timeout_ms": 5_000,
+    "retry_backoff_ms": 100,
+    "metadata_max_age_ms": 60_000,
+}
+
+
+class _Started:
+    """The parts of a started repository."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        reader: Lane,
+        confirmer_lane: Lane,
+        fences: list[PartitionFence],
+        outboxes: Outboxes,
+        confirmer: Confirmer,
+        checkpoints: CheckpointStore,
+    ) -> None:
+        self.producer = producer
+        self.reader = reader
+        self.confirmer_lane = confirmer_lane
+        self.fences = fences
+        self.outboxes = outboxes
+        self.confirmer = confirmer
+        self.checkpoints = checkpoints
+
+
+class KafkaRepository:
+    """A kapbit log in the Kafka topic ``topic``.
+
+    ``partitions`` is required to create the topic; for an existing topic it is checked
+    (a mismatch refuses to start) or, when ``None``, read from the topic.
+    ``client_options`` go to every aiokafka client (TLS: ``security_protocol``,
+    ``ssl_context``; SASL: ``sasl_mechanism``, ``sasl_plain_username``, ...);
+    ``producer_options`` and ``consumer_options`` only to those clients. A read that
+    makes no progress for ``read_timeout`` seconds (broker unreachable) fails as transient.
+    :data:`CLIENT_DEFAULTS` apply to every client unless ``client_options`` say otherwise.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str],
+        topic: str,
+        *,
+        partitions: int | None = None,
+        replication_factor: int = 1,
+        create_topic: bool = True,
+        checkpoint_topic: str | None = None,
+        max_payload: int = 1_000_000,
+        read_timeout: float = 10.0,
+        client_options: Mapping[str, Any] | None = None,
+        producer_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if partitions is not None and partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.checkpoint_topic = checkpoint_topic or f"{topic}-checkpoints"
+        self.max_payload = max_payload
+        self.read_timeout = read_timeout
+        self._requested_partitions = partitions
+        self._replication_factor = replication_factor
+        self._create_topic = create_topic
+        self._client_options = {**CLIENT_DEFAULTS, **(client_options or {})}
+        self._producer_options = dict(producer_options or {})
+        self._consumer_options = dict(consumer_options or {})
+        self._partitions = partitions or 0
+        self._parts: _Started | None = None
+        self._fences: list[PartitionFence] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def partitions(self) -> int:
+        if not self._partitions:
+            raise StartupError(f"the partition count of {self.topic!r} is known after start()")
+        return self._partitions
+
+    async def start(self) -> None:
+        """Connect, create or check the topics, start the clients. Idempotent."""
+        if self._parts is not None:
+            return
+        self._partitions = await ensure_topics(
+            self.bootstrap_servers,
+            self._client_options,
+            self.topic,
+            self._requested_partitions,
+            self.checkpoint_topic,
+            create=self._create_topic,
+            replication_factor=self._replication_factor,
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,
+            max_request_size=self.max_payload + _RECORD_OVERHEAD,
+            **{
+                "linger_ms": 0,
+                "max_batch_size": 1_048_576,
+                **self._client_options,
+                **self._producer_options,
+            },
+        )
+        log_partitions = [TopicPartition(self.topic, p) for p in range(self._partitions)]
+        max_wait_ms = min(1_000, int(self._client_options["request_timeout_ms"]) // 2)
+        reader = Lane(
+            self._new_consumer,
+            20,
+            max_wait_ms,
+            [*log_partitions, TopicPartition(self.checkpoint_topic, 0)],
+        )
+        # The confirmer reads small gaps near the end: tansu holds a fetch for its whole
+        # max wait while it finds more records, so it starts at 1 ms.
+        confirmer_lane = Lane(self._new_consumer, 1, max_wait_ms, log_partitions)
+        clients = [producer, reader, confirmer_lane]
+        try:
+            for client in clients:
+                await client.start()
+            await check_records(
+                reader,
+                log_partitions,
+                TopicPartition(self.checkpoint_topic, 0),
+                self.read_timeout,
+            )
+        except (*BROKER_ERRORS, TransientStorageError) as exc:
+            await _stop_all(clients)
+            raise StartupError(
+                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
+            ) from exc
+        except BaseException:
+            await _stop_all(clients)
+            raise
+        fences = [PartitionFence() for _ in range(self._partitions)]
+        self._fences = fences
+        self._parts = _Started(
+            producer,
+            reader,
+            confirmer_lane,
+            fences,
+            Outboxes(producer, self.topic, fences),
+            Confirmer(self.topic, fences, confirmer_lane, self.read_timeout),
+            CheckpointStore(
+                self.topic,
+                self._partitions,
+                self.checkpoint_topic,
+                producer,
+                reader,
+                self.read_timeout,
+            ),
+        )
+
+    async def close(self) -> None:
+        """Stop the clients; idempotent. Pending confirmations fail as transient."""
+        parts, self._parts = self._parts, None
+        if parts is None:
+            return
+        parts.outboxes.close()
+        parts.confirmer.close()
+        await _stop_all([parts.producer, parts.reader, parts.confirmer_lane])
+
+    def _new_consumer(self, fetch_max_wait_ms: int = 20) -> AIOKafkaConsumer:
+        options: dict[str, Any] = {
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_partition_fetch_bytes": max(1_048_576, self.max_payload + _RECORD_OVERHEAD),
+            "fetch_max_bytes": 64 * 1_048_576,
+            **self._client_options,
+            **self._consumer_options,
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+        }
+        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None, **options)
+
+    def _started(self, partition: int | None = None) -> _Started:
+        """The started parts; raises StorageError for a partition the topic does not have."""
+        if self._parts is None:
+            raise TransientStorageError("the Kafka repository is not started")
+        if partition is not None and not (
+            isinstance(partition, int) and 0 <= partition < self._partitions
+        ):
+            raise StorageError(
+                f"topic {self.topic!r} has partitions 0 to {self._partitions - 1}, "
+                f"not {partition!r}"
+            )
+        return self._parts
+
+    # --- the log --------------------------------------------------------------------------
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        if len(value) > self.max_payload:
+            raise PayloadTooLarge(len(value), self.max_payload)
+        parts = self._started(partition)
+        fence = parts.fences[partition]
+        if kind != ACTIVE_WRITER:
+            if fence.fenced is not None:
+                raise fence.fenced
+            if fence.node != node:
+                raise Fenced(f"node {node!r} has not claimed partition {partition}")
+        offset = await parts.outboxes.send(partition, kind, key, node, value)
+        if kind == ACTIVE_WRITER:
+            fence.claim(node, offset)
+            return offset
+        return await parts.confirmer.confirm(partition, offset)
+
+    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        return self._read(partition, start, stop)
+
+    async def _read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        reader = self._started(partition).reader
+        start = max(start, 0)
+        stop = min(stop, await self.end_offset(partition))
+        if start >= stop:
+            return
+        tp = TopicPartition(self.topic, partition)
+        with transient(f"reading partition {partition} failed"):
+            async for batch in fetch(reader, tp, start, stop, self.read_timeout):
+                yield batch
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        consumer = self._new_consumer()
+        tp = TopicPartition(self.topic, partition)
+        try:
+            with transient(f"following partition {partition} failed"):
+                await consumer.start()
+                consumer.assign([tp])
+                consumer.seek(tp, max(start, 0))
+                while True:
+                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
+                    batch = [to_record(partition, message) for message in fetched.get(tp, ())]
+                    if batch:
+                        yield batch
+        finally:
+            await consumer.stop()
+
+    async def end_offset(self, partition: int) -> int:
+        reader = self._started(partition).reader
+        return await end_offset(reader, TopicPartition(self.topic, partition))
+
+    async def current_owner(self, partition: int) -> str:
+        """Read from this node's own claim (or, never having claimed, from the start) to
+        the end, and return the latest claimer."""
+        reader = self._started(partition).reader
+        fence = self._fences[partition]
+        owner = fence.node or ""
+        start = fence.claim_offset + 1 if fence.node is not None else 0
+        stop = await self.end_offset(partition)
+        if start >= stop:
+            return owner
+        tp = TopicPartition(self.topic, partition)
+        with transient(f"reading claims of partition {partition}"):
+            async for batch in fetch(reader, tp, start, stop, self.read_timeout):
+                for record in batch:
+                    if record.kind == ACTIVE_WRITER:
+                        owner = record.node
+        return owner
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        """Store the checkpoint, after making sure this node still owns the partition.
+
+        An instance that was replaced while idle learns it here, instead of writing a
+        checkpoint older than the new owner's (safe, but recovery would read more); one
+        whose log lost records learns that (LogLost).
+        """
+        parts = self._started(partition)
+        fence = parts.fences[partition]
+        if fence.node is not None:
+            if fence.fenced is None:
+                with transient("checking ownership"):
+                    acknowledged = fence.highest
+                    end = await self.end_offset(partition)
+                    fence.check_end(partition, end, acknowledged)
+                    await parts.confirmer.scan(partition, end)
+            if fence.fenced is not None:
+                raise fence.fenced
+        await parts.checkpoints.save(partition, checkpoint)
+
+    async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        """The checkpoints of this log; those of other logs sharing the topic are skipped."""
+        return await self._started().checkpoints.load()
+
+
+async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
