@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -87,12 +87,22 @@ class TaskHost:
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
         """Run ``coro`` in the group; it must handle its own errors."""
+        return self._spawn(coro, name, self._tasks.discard)
+
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        name: str | None,
+        done: Callable[[asyncio.Task[None]], object],
+    ) -> asyncio.Task[None]:
+        """:meth:`spawn` with ``done`` as the task's one done callback (it must discard the
+        task from ``_tasks``): one callback per task, not two, on the hot path."""
         if self._group is None:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
         task = self._group.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(done)
         return task
 
     def spawn_future(
@@ -113,13 +123,14 @@ class TaskHost:
             else:
                 future.set_result(result)
 
-        def cancelled(task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
             # Also when cancelled before it ran: the coroutine never started then.
             if not future.done():
                 future.cancel()
             coro.close()
 
-        self.spawn(deliver(), name).add_done_callback(cancelled)
+        self._spawn(deliver(), name, done)
         return future
 
     async def wait(self, timeout: float | None) -> None:

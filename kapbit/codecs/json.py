@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 
 from kapbit.codecs.base import MsgspecCodec
-from kapbit.errors import EncodeError
 
 
 class JsonCodec(MsgspecCodec):
@@ -21,16 +20,22 @@ class JsonCodec(MsgspecCodec):
     name = "json"
 
     def __init__(self) -> None:
-        super().__init__(msgspec.json.Encoder(), _decoder)
+        super().__init__(_FiniteEncoder(), _decoder)
+
+
+class _FiniteEncoder:
+    """``msgspec.json.Encoder`` that refuses NaN and infinity (a ``ValueError``, which the
+    codec reports as :class:`~kapbit.errors.EncodeError`). Checked inside the encoder, so
+    an encode costs no Python call of its own beyond this one."""
+
+    def __init__(self) -> None:
+        self._encode = msgspec.json.Encoder().encode
 
     def encode(self, value: Any) -> bytes:
-        data = super().encode(value)
+        data: bytes = self._encode(value)
         # A non-finite float is written as null: only then is the value walked.
         if b"null" in data and _has_non_finite(value):
-            raise EncodeError(
-                f"{self.name} codec cannot encode {type(value).__name__}: "
-                "NaN or infinity has no JSON form (use MsgpackCodec to store them)"
-            )
+            raise ValueError("NaN or infinity has no JSON form (use MsgpackCodec to store them)")
         return data
 
 
