@@ -116,7 +116,7 @@ class Emitter:
         self._fence.check()
         acked = self._acked
         # Every try of this append lands above what was acknowledged before it began.
-        floor = self.acked(partition) + 1
+        floor = (acked[partition] if partition < len(acked) else -1) + 1  # as acked()
         try:
             offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:

@@ -31,13 +31,15 @@ class TypeMismatch(Exception):
 
 
 class Declared:
-    """A declared type, prepared once for the hot path: the type, its readable name, and
-    the plain types among it whose values need no read-back (:func:`plain_types`)."""
+    """A declared type, prepared once for the hot path: the type, its readable name, whether
+    it is ``Any``, and the plain types among it whose values need no read-back
+    (:func:`plain_types`)."""
 
-    __slots__ = ("name", "plain", "type")
+    __slots__ = ("any", "name", "plain", "type")
 
     def __init__(self, declared: Any) -> None:
         self.type = declared
+        self.any = declared is Any
         self.name = type_name(declared)
         self.plain = plain_types(declared)
 
@@ -68,7 +70,7 @@ def encode_checked(codec: Codec, value: Any, declared: Declared) -> tuple[bytes,
     the value and :class:`TypeMismatch` if the encoding does not decode as the type.
     """
     data = codec.encode(value)
-    if declared.type is Any or type(value) in declared.plain:
+    if declared.any or type(value) in declared.plain:
         return data, value
     try:
         return data, codec.decode(data, declared.type)
