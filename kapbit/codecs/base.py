@@ -27,6 +27,10 @@ class Codec(Protocol):
         ...
 
 
+#: What msgspec's encoders raise for a value they cannot encode.
+ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.EncodeError, RecursionError)
+
+
 class MsgspecCodec:
     """A codec over one msgspec format; decoders are built once per requested type."""
 
@@ -44,14 +48,14 @@ class MsgspecCodec:
     def encode(self, value: Any) -> bytes:
         try:
             data: bytes = self._encode(value)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            message = f"{self.name} codec cannot encode {type(value).__name__}: {exc}"
-            raise EncodeError(message) from exc
-        except RecursionError as exc:
-            raise EncodeError(
-                f"{self.name} codec cannot encode {type(value).__name__}: nested too deeply"
-            ) from exc
+        except ENCODE_ERRORS as exc:
+            raise self._encode_error(value, exc) from exc
         return data
+
+    def _encode_error(self, value: Any, exc: BaseException) -> EncodeError:
+        """The :class:`~kapbit.errors.EncodeError` for one of :data:`ENCODE_ERRORS`."""
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return EncodeError(f"{self.name} codec cannot encode {type(value).__name__}: {reason}")
 
     def decode(self, data: Buffer, type: Any = Any) -> Any:
         decode = self._decoders.get(type)

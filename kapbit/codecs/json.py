@@ -7,7 +7,8 @@ from typing import Any
 
 import msgspec
 
-from kapbit.codecs.base import MsgspecCodec
+from kapbit.codecs.base import ENCODE_ERRORS, MsgspecCodec
+from kapbit.errors import EncodeError
 
 
 class JsonCodec(MsgspecCodec):
@@ -20,22 +21,20 @@ class JsonCodec(MsgspecCodec):
     name = "json"
 
     def __init__(self) -> None:
-        super().__init__(_FiniteEncoder(), _decoder)
-
-
-class _FiniteEncoder:
-    """``msgspec.json.Encoder`` that refuses NaN and infinity (a ``ValueError``, which the
-    codec reports as :class:`~kapbit.errors.EncodeError`). Checked inside the encoder, so
-    an encode costs no Python call of its own beyond this one."""
-
-    def __init__(self) -> None:
-        self._encode = msgspec.json.Encoder().encode
+        super().__init__(msgspec.json.Encoder(), _decoder)
 
     def encode(self, value: Any) -> bytes:
-        data: bytes = self._encode(value)
+        # The base's encode, inlined: one Python call per encode on the hot path.
+        try:
+            data: bytes = self._encode(value)
+        except ENCODE_ERRORS as exc:
+            raise self._encode_error(value, exc) from exc
         # A non-finite float is written as null: only then is the value walked.
         if b"null" in data and _has_non_finite(value):
-            raise ValueError("NaN or infinity has no JSON form (use MsgpackCodec to store them)")
+            raise EncodeError(
+                f"{self.name} codec cannot encode {type(value).__name__}: "
+                "NaN or infinity has no JSON form (use MsgpackCodec to store them)"
+            )
         return data
 
 
