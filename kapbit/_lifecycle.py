@@ -109,7 +109,8 @@ class TaskHost:
         self, coro: Coroutine[Any, Any, _T], name: str | None = None
     ) -> asyncio.Future[_T]:
         """Run ``coro`` in the group; its result, error or cancellation goes to the
-        returned future (never to the group)."""
+        returned future (never to the group). Cancelling the future does not stop ``coro``:
+        its outcome is then dropped."""
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
 
         async def deliver() -> None:
@@ -118,10 +119,12 @@ class TaskHost:
             except asyncio.CancelledError:
                 raise
             except BaseException as error:  # handed to whoever awaits
-                future.set_exception(error)
-                future.exception()  # retrieved: nobody may be waiting
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # retrieved: nobody may be waiting
             else:
-                future.set_result(result)
+                if not future.done():
+                    future.set_result(result)
 
         def done(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)

@@ -44,6 +44,8 @@ _TRUNCATED = "... (truncated)"
 MAX_ERROR_LENGTH = 1000
 #: The step index an InvalidReturn event gives the result builder.
 RESULT_BUILDER = -1
+#: What an action may return besides ``None`` (a tuple: no union built per check).
+_OUTCOMES = (Success, Failure)
 
 
 class StepRaised(Exception):
@@ -218,7 +220,7 @@ class WorkflowExecution:
             # Checked outside the action's error handling: a wrong return value is a
             # programming error, and retrying would run the action's side effect again.
             outcome = Success(None) if returned is None else returned
-            if not isinstance(outcome, Success | Failure):
+            if not isinstance(outcome, _OUTCOMES):
                 await self._invalid_return(emitter, index, phase, returned)
             try:
                 data, value = encode_checked(codec, outcome.value, definition.outcome_check(index))

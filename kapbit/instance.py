@@ -365,10 +365,13 @@ class Kapbit(AsyncResource):
         if isinstance(submitted, WorkflowHandle):
             return await submitted.result()
         execution, outcome = submitted
+        # ``outcome`` is this call's alone: awaited without a shield, cancelling the call
+        # cancels only it (the workflow runs on, and its task drops the result).
         try:
-            return await asyncio.shield(outcome)
+            return await outcome
         except asyncio.CancelledError:
-            if outcome.cancelled():
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:  # the workflow's task stopped
                 raise self._stopped_before(execution, "finished") from None
             raise
 

@@ -356,6 +356,8 @@ async def test_caller_cancellation_does_not_stop_the_workflow() -> None:
             await caller
         gate.set()
         assert await kbit.wait_result("c", timeout=5) == ["ok", "ok"]
+        # The dropped outcome left the instance running: the next call is served.
+        assert await kbit.exec_workflow("d", "slow") == ["ok", "ok"]
     assert kinds(repo, "c")[-1] == "workflow_result"
 
 
