@@ -63,17 +63,22 @@ class ActiveWriter(_Event, frozen=True, tag="active_writer"):
     window: int = 0
 
 
-class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):
+class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults=True):
     """The workflow was accepted; from here on it will finish, even across crashes.
 
     ``id`` is the workflow id, ``type`` the definition's type name, ``input`` the encoded
     input (checked against the definition's ``input_type`` before it was written).
+    ``trace`` is the W3C trace context (``traceparent``, ``tracestate``) of the workflow's
+    span when it was created with tracing on (:mod:`kapbit.otel`), so that an instance
+    resuming it continues the trace; ``None`` (not written) otherwise, and in records
+    written before the field existed.
     """
 
     id: str
     type: str
     input: msgspec.Raw
     at: float
+    trace: dict[str, str] | None = None
 
 
 class StepOutcome(_Event, frozen=True, tag="step_outcome"):

@@ -17,7 +17,7 @@ import msgspec
 import pybreaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.codecs import Codec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
@@ -32,6 +32,7 @@ from kapbit.errors import (
     describe_error,
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
+from kapbit.instrumentation import WorkflowObserver
 from kapbit.step_context import CURRENT_STEP, StepContext
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
@@ -49,15 +50,27 @@ RESULT_BUILDER = -1
 class StepRaised(Exception):
     """A step action or the result builder raised: a dependency is unavailable.
 
-    ``step`` is ``None`` for the result builder. ``breaker_open`` says the cause was an
-    open circuit breaker, which closes the entry gate.
+    ``step`` is ``None`` for the result builder, ``name`` the step's name (``"result"``
+    for the result builder), ``attempt`` the step's attempt that raised.
+    ``breaker_open`` says the cause was an open circuit breaker, which closes the entry
+    gate.
     """
 
-    def __init__(self, workflow_id: str, step: int | None, phase: Phase, cause: BaseException):
-        where = "result builder" if step is None else f"step {step} ({phase})"
+    def __init__(
+        self,
+        workflow_id: str,
+        step: int | None,
+        phase: Phase,
+        cause: BaseException,
+        name: str = "result",
+        attempt: int = 1,
+    ):
+        where = "result builder" if step is None else f"step {name!r} ({step}, {phase})"
         super().__init__(f"workflow {workflow_id!r}: {where} raised {describe_error(cause)}")
         self.step = step
+        self.name = name
         self.phase = phase
+        self.attempt = attempt
         self.cause = cause
         self.breaker_open = _is_breaker_error(cause)
 
@@ -88,6 +101,7 @@ class WorkflowExecution:
         "partition",
         "progress",
         "step_base",
+        "telemetry",
     )
 
     def __init__(
@@ -110,6 +124,8 @@ class WorkflowExecution:
         self.created_offset = -1
         #: ``attempts`` when the current action became current (its step's attempt 1).
         self.step_base = 0
+        #: What reports this workflow's run to traces and metrics (``None``: nothing does).
+        self.telemetry: WorkflowObserver | None = None
         self._waiter: asyncio.Future[Any] | None = None
 
     def waiter(self) -> asyncio.Future[Any]:
@@ -179,7 +195,8 @@ class WorkflowExecution:
             else:
                 assert step.compensate is not None
                 fn, is_async = step.compensate, step._compensate_async
-            if step.retry is None:  # the common case, inline: no frames of kapbit's own
+            if step.retry is None and self.telemetry is None:
+                # the common case, inline: no frames of kapbit's own
                 context = self._context(actions, step, index, phase)
                 token = CURRENT_STEP.set(context)
                 try:
@@ -194,6 +211,11 @@ class WorkflowExecution:
                     returned = self._step_failed(step, index, phase, exc)
                 finally:
                     CURRENT_STEP.reset(token)
+            elif step.retry is None:
+                try:
+                    returned = await self._attempt(actions, step, fn, is_async, index, phase)
+                except _ActionRaised as raised:
+                    returned = self._step_failed(step, index, phase, raised.cause)
             else:
                 returned = await self._retry_in_place(
                     emitter, actions, step, fn, is_async, index, phase
@@ -218,12 +240,13 @@ class WorkflowExecution:
             self.step_base = self.attempts
             if phase == "compensate" and not success:
                 logger.warning(
-                    "workflow %r: compensation of step %d failed (%r); the rollback stops, "
-                    "steps before it are not compensated",
+                    "workflow %r: compensation of step %r (%d) failed (%r); the rollback "
+                    "stops, steps before it are not compensated",
                     self.id,
+                    step.label,
                     index,
                     value,
-                    extra=execution_fields(self),
+                    extra=step_fields(self, index, phase, self.step_attempt),
                 )
 
         try:
@@ -231,9 +254,9 @@ class WorkflowExecution:
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise
-            raise StepRaised(self.id, None, "execute", exc) from exc
+            raise StepRaised(self.id, None, "execute", exc, attempt=self.step_attempt) from exc
         except Exception as exc:
-            raise StepRaised(self.id, None, "execute", exc) from exc
+            raise StepRaised(self.id, None, "execute", exc, attempt=self.step_attempt) from exc
         compensated = progress.failed
         try:
             data, result = encode_checked(codec, result, definition.result_check)
@@ -272,7 +295,7 @@ class WorkflowExecution:
             if isinstance(error, policy.non_retryable):
                 return Failure(_error_text(error))
             return Failure(f"gave up after {self.step_attempt} attempts: {_error_text(error)}")
-        raise StepRaised(self.id, index, phase, error) from error
+        raise StepRaised(self.id, index, phase, error, step.label, self.step_attempt) from error
 
     async def _retry_in_place(
         self,
@@ -293,22 +316,6 @@ class WorkflowExecution:
             return self._step_failed(
                 step, index, phase, RuntimeError(self.last_error or "no error recorded")
             )
-
-        async def attempt() -> Any:
-            context = self._context(actions, step, index, phase)
-            token = CURRENT_STEP.set(context)
-            try:
-                return await actions.start(
-                    fn, is_async, (self.input, self.progress), context, step.timeout
-                )
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                raise _ActionRaised(exc) from exc  # raised by the step itself
-            except Exception as exc:  # any error means "retry later", unless told otherwise
-                raise _ActionRaised(exc) from exc
-            finally:
-                CURRENT_STEP.reset(token)
 
         def retryable(error: BaseException) -> bool:
             if not isinstance(error, _ActionRaised):
@@ -332,9 +339,9 @@ class WorkflowExecution:
             async for call in retrying:
                 with call:
                     if last is not None:
-                        await self.record_retry(emitter, last.cause)
+                        await self.record_retry(emitter, last.cause, in_place=True)
                     try:
-                        return await attempt()
+                        return await self._attempt(actions, step, fn, is_async, index, phase)
                     except _ActionRaised as raised:
                         last = raised
                         raise
@@ -342,8 +349,54 @@ class WorkflowExecution:
             return self._step_failed(step, index, phase, raised.cause)
         raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
-    async def record_retry(self, emitter: Emitter, cause: BaseException) -> None:
-        """Count another attempt and record it (``WorkflowRetry``) before it runs."""
+    async def _attempt(
+        self,
+        actions: ActionRunner,
+        step: Step[Any, Any],
+        fn: Callable[..., Any],
+        is_async: bool,
+        index: int,
+        phase: Phase,
+    ) -> Any:
+        """Run the action once, in its context and (with telemetry) its span: what it
+        returned, or :class:`_ActionRaised` if it raised."""
+        context = self._context(actions, step, index, phase)
+        token = CURRENT_STEP.set(context)
+        telemetry = self.telemetry
+        observed = None
+        if telemetry is not None:
+            observed = telemetry.step(step.label, index, phase, context.attempt)
+        try:
+            returned = await actions.start(
+                fn, is_async, (self.input, self.progress), context, step.timeout
+            )
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                if observed is not None:
+                    observed.cancelled()
+                raise
+            if observed is not None:
+                observed.raised(exc)
+            raise _ActionRaised(exc) from exc  # raised by the step itself
+        except Exception as exc:  # any error means "retry later", unless told otherwise
+            if observed is not None:
+                observed.raised(exc)
+            raise _ActionRaised(exc) from exc
+        except BaseException:
+            if observed is not None:
+                observed.cancelled()
+            raise
+        finally:
+            CURRENT_STEP.reset(token)
+        if observed is not None:
+            observed.returned(returned)
+        return returned
+
+    async def record_retry(
+        self, emitter: Emitter, cause: BaseException, in_place: bool = False
+    ) -> None:
+        """Count another attempt and record it (``WorkflowRetry``) before it runs;
+        ``in_place`` says the step's own policy retries it, not the retry worker."""
         self.last_error = describe_error(cause)[:MAX_ERROR_LENGTH]
         self.attempts += 1
         event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
@@ -351,6 +404,8 @@ class WorkflowExecution:
             await emitter.emit(self.partition, self.id, event)
         except (RecordRejected, EncodeError) as exc:
             await self.reject(emitter, "workflow_retry", str(exc))
+        if self.telemetry is not None:
+            self.telemetry.retried(self.attempts, self.last_error, in_place)
 
     async def _persist(
         self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult

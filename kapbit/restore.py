@@ -75,6 +75,8 @@ class RestoredWorkflow:
     outcomes: list[tuple[int, StepOutcome]] = field(default_factory=list)
     attempts: int = 0
     last_error: str = ""
+    #: The trace context its WorkflowCreated stored (``None``: it stored none).
+    trace: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -375,7 +377,7 @@ class PartitionRestorer:
             assert isinstance(event, WorkflowCreated)
             self._windows.add(workflow_id, record.offset)
             open_workflows[workflow_id] = RestoredWorkflow(
-                workflow_id, event.type, record.offset, event.input
+                workflow_id, event.type, record.offset, event.input, trace=event.trace
             )
             return
         workflow = open_workflows.get(workflow_id)
