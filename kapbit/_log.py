@@ -54,3 +54,13 @@ def step_fields(
         phase,
         attempt,
     )
+
+
+def raised_fields(execution: WorkflowExecution, error: BaseException | None) -> dict[str, object]:
+    """``extra=`` for a log call about ``error``: the step's fields when it is a
+    :class:`~kapbit.execution.StepRaised`, else the workflow's."""
+    from kapbit.execution import StepRaised  # imports this module
+
+    if not isinstance(error, StepRaised):
+        return execution_fields(execution)
+    return step_fields(execution, error.step, error.phase, error.attempt)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, raised_fields
 from kapbit.errors import Fenced, InstanceClosed
 from kapbit.execution import StepRaised, WorkflowExecution
 from kapbit.gate import EntryGate
@@ -131,7 +131,7 @@ class RetryWorker:
                 policy.max_attempts,
                 state.upcoming_sleep,
                 error,
-                extra=execution_fields(execution),
+                extra=raised_fields(execution, error),
             )
 
         retrying = AsyncRetrying(
