@@ -102,6 +102,7 @@ class WorkflowExecution:
         "progress",
         "step_base",
         "telemetry",
+        "trace",
     )
 
     def __init__(
@@ -113,6 +114,7 @@ class WorkflowExecution:
         progress: Progress | None = None,
         attempts: int = 0,
         last_error: str = "",
+        trace: dict[str, str] | None = None,
     ) -> None:
         self.id = workflow_id
         self.definition = definition
@@ -124,6 +126,8 @@ class WorkflowExecution:
         self.created_offset = -1
         #: ``attempts`` when the current action became current (its step's attempt 1).
         self.step_base = 0
+        #: The trace context stored in its ``WorkflowCreated`` (``None``: none was).
+        self.trace = trace
         #: What reports this workflow's run to traces and metrics (``None``: nothing does).
         self.telemetry: WorkflowObserver | None = None
         self._waiter: asyncio.Future[Any] | None = None
