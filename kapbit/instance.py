@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
@@ -126,6 +126,7 @@ class Kapbit(AsyncResource):
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._checkpointer: Checkpointer | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
@@ -222,9 +223,19 @@ class Kapbit(AsyncResource):
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
         self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
         await supervisor.start(recovered.executions)
+        instrumentation = self.options.instrumentation
+        if instrumentation is not None:
+            self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
+
+    def _stop_watching(self) -> None:
+        """The instrumentation stops reading this instance's gauges."""
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
 
     async def _fail_start(self) -> None:
         self._state = "closed"
+        self._stop_watching()
         if self._supervisor is not None:
             await self._supervisor.close(0)
         await self._background.close(CANCEL_GRACE)
@@ -285,6 +296,7 @@ class Kapbit(AsyncResource):
             )
         if self._state != "fenced":
             self._state = "closed"
+        self._stop_watching()
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
@@ -299,6 +311,7 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             self._supervisor.abort()
         self._background.abort()
+        self._stop_watching()
         self._actions.close()
 
     # --- workflows ------------------------------------------------------------------------
@@ -381,10 +394,16 @@ class Kapbit(AsyncResource):
             raise InvalidInput(
                 workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
             ) from mismatch
-        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time())
+        instrumentation = self.options.instrumentation
+        telemetry = trace = None
+        if instrumentation is not None:
+            telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
+            trace = telemetry.trace
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time(), trace)
         value = codec.encode(created)
 
-        execution = WorkflowExecution(workflow_id, definition, partition, input)
+        execution = WorkflowExecution(workflow_id, definition, partition, input, trace=trace)
+        execution.telemetry = telemetry
         outcome = supervisor.submit(execution, value)
         try:
             return await asyncio.shield(outcome)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, raised_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec
@@ -99,7 +99,15 @@ class Supervisor:
         await self._tasks.start()
         await self._retry_worker.start()
         checkpointer = self._checkpointer
+        instrumentation = self._options.instrumentation
         for execution in executions:
+            if instrumentation is not None:
+                execution.telemetry = instrumentation.workflow(
+                    execution.id,
+                    execution.definition.type,
+                    execution.partition,
+                    execution.trace or {},
+                )
             self._in_flight[execution.id] = execution
             checkpointer.opened(execution.partition, execution.id, execution.created_offset)
         self._stats.recovered = len(executions)
@@ -143,6 +151,15 @@ class Supervisor:
         """Fail every caller still waiting for a workflow of this instance."""
         for execution in list(self._in_flight.values()):
             execution.resolve(error=error)
+            self._interrupted(execution, describe_error(error, str))
+
+    @staticmethod
+    def _interrupted(execution: WorkflowExecution, reason: str) -> None:
+        """This instance stops reporting on ``execution`` before its end."""
+        telemetry = execution.telemetry
+        if telemetry is not None:
+            execution.telemetry = None
+            telemetry.interrupted(reason)
 
     def abort(self) -> None:
         """Cancel every task at once (a crash)."""
@@ -167,10 +184,12 @@ class Supervisor:
                 # try whose ack was lost may have landed. The checkpoint keeps holding
                 # below it, so the next instance finds the workflow and finishes it.
                 self._in_flight.pop(execution.id, None)
+                self._interrupted(execution, "stopped while WorkflowCreated was appended")
                 raise
-            except BaseException:
+            except BaseException as refused:
                 # Refused (or fenced): nothing this instance acts on was written.
                 self._in_flight.pop(execution.id, None)
+                self._interrupted(execution, f"not created: {describe_error(refused, str)}")
                 self._checkpointer.abandoned(execution.partition, execution.id)
                 raise
             execution.created_offset = offset
@@ -194,7 +213,7 @@ class Supervisor:
     ) -> None:
         # Bounded: the error goes into WorkflowRetry / DeadLetter events.
         execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
-        logger.log(level, "%s", raised, extra=execution_fields(execution))
+        logger.log(level, "%s", raised, extra=raised_fields(execution, raised))
         if raised.breaker_open:
             self._gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
 
@@ -207,6 +226,8 @@ class Supervisor:
                 execution,
                 WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
             )
+            if execution.telemetry is not None:
+                execution.telemetry.retried(execution.attempts, execution.last_error, False)
             result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             # The retry worker logs the failed attempt itself.
@@ -268,17 +289,26 @@ class Supervisor:
         if error is None:
             if compensated:
                 stats.compensated += 1
+                outcome = "compensated"
             else:
                 stats.succeeded += 1
+                outcome = "succeeded"
             self._gate.open()
         elif isinstance(error, DeadLettered):
             stats.dead_lettered += 1
+            outcome = "dead_lettered"
         elif isinstance(error, InvalidReturnValue):
             stats.invalid_returns += 1
-            logger.error("%s", error, extra=execution_fields(execution))
+            outcome = "invalid_return"
+            step = error.step if error.step >= 0 else None
+            extra = step_fields(execution, step, error.phase, execution.step_attempt)
+            logger.error("%s", error, extra=extra)
         else:
             stats.rejected += 1
+            outcome = "rejected"
             logger.error("%s", error, extra=execution_fields(execution))
+        if execution.telemetry is not None:
+            execution.telemetry.ended(outcome, error)
         self._open_gate_if_idle()
         execution.resolve(result, error)
         finished = self._finished
