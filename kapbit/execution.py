@@ -50,8 +50,8 @@ RESULT_BUILDER = -1
 class StepRaised(Exception):
     """A step action or the result builder raised: a dependency is unavailable.
 
-    ``step`` is ``None`` for the result builder, ``name`` the step's name (``"result"``
-    for the result builder), ``attempt`` the step's attempt that raised.
+    ``step`` is ``None`` for the result builder, ``name`` the step's name, ``attempt``
+    the step's attempt that raised.
     ``breaker_open`` says the cause was an open circuit breaker, which closes the entry
     gate.
     """
@@ -62,10 +62,15 @@ class StepRaised(Exception):
         step: int | None,
         phase: Phase,
         cause: BaseException,
-        name: str = "result",
+        name: str | None = None,
         attempt: int = 1,
     ):
-        where = "result builder" if step is None else f"step {name!r} ({step}, {phase})"
+        if step is None:
+            where = "result builder"
+        elif name is None:
+            where = f"step {step} ({phase})"
+        else:
+            where = f"step {name!r} ({step}, {phase})"
         super().__init__(f"workflow {workflow_id!r}: {where} raised {describe_error(cause)}")
         self.step = step
         self.name = name

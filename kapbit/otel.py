@@ -106,7 +106,7 @@ class _StepRun:
 
     def raised(self, error: BaseException) -> None:
         span = self._span
-        span.record_exception(error, escaped=True)
+        span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         self._end("raised", _error_type(error))
 

@@ -465,3 +465,27 @@ async def test_log_records_about_a_step_name_it_and_carry_its_attempt() -> None:
     for record in logs.records:
         assert all(hasattr(record, name) for name in STEP_FIELDS), record.getMessage()
         formatter.format(record)
+
+
+async def test_a_workflow_still_running_at_close_ends_its_span_as_interrupted(
+    telemetry: Telemetry,
+) -> None:
+    behaviour: dict[str, Any] = {"gate": asyncio.Event(), "entered": asyncio.Event()}
+    definition = order_saga(behaviour)
+    options = fast_options(instrumentation=telemetry.instrumentation)
+    kbit = Kapbit([definition], MemRepository(), options=options)
+    await kbit.start()
+    call = asyncio.create_task(kbit.exec_workflow(definition, "o-10", {"amount": 10}))
+    await asyncio.wait_for(behaviour["entered"].wait(), 5)
+    await kbit.close(timeout=0)  # the charge is cancelled; the workflow stays open in the log
+    await asyncio.gather(call, return_exceptions=True)
+
+    (workflow,) = telemetry.finished("workflow order")
+    assert workflow.attributes is not None
+    assert workflow.attributes["kapbit.workflow.outcome"] == "interrupted"
+    assert workflow.status.status_code is StatusCode.UNSET
+    assert [e.name for e in workflow.events] == ["kapbit.interrupted"]
+    (charge,) = telemetry.finished("execute charge")
+    assert charge.attributes is not None
+    assert charge.attributes["kapbit.step.outcome"] == "cancelled"
+    assert telemetry.points("kapbit.workflow.duration") == []  # it did not end
