@@ -598,7 +598,7 @@ def parent(args: argparse.Namespace) -> None:
             broker_peak = process_peak_rss_mib(broker.pid)
     finally:
         if broker is not None:
-            loop.run_until_complete(broker.stop())
+            loop.run_until_complete(broker.close())
         loop.close()
     header = [
         "kapbit peer benchmark: 3-step order saga, small payload; "

@@ -224,7 +224,7 @@ def create_app(
                 try:
                     yield
                 finally:
-                    await projector.stop()
+                    await projector.close()
                     await follower
 
     app = FastAPI(title="orders", lifespan=lifespan)

@@ -208,7 +208,7 @@ class OrderService:
         self.kapbit = Kapbit([ORDER], self.repository, options=self._options)
         await self.kapbit.start()
         self.model = StatusModel(path)
-        await self.model.open()
+        await self.model.start()
         self.projector = Projector(self.repository, self.model, definitions=[ORDER])
         await self.projector.start()
         self._follower = asyncio.create_task(self.projector.run(), name="orders-projector")
@@ -216,7 +216,7 @@ class OrderService:
     async def stop(self) -> None:
         """Stop following, close the model, then the instance."""
         if self.projector is not None:
-            await self.projector.stop()
+            await self.projector.close()
         if self._follower is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower

@@ -16,11 +16,11 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
-from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
 
+from kapbit._lifecycle import AsyncResource
 from kapbit.events import (
     DeadLetter,
     InvalidReturn,
@@ -136,14 +136,14 @@ class WorkflowRow(msgspec.Struct, frozen=True):
         return None if self.result is None else msgspec.json.decode(self.result)
 
 
-class StatusModel:
+class StatusModel(AsyncResource):
     """The workflow status read model in the SQLite database at ``path``.
 
     The database is created unless ``create`` is false (then a missing one raises
     :class:`FileNotFoundError`); ``timeout`` is how long to wait for another writer's lock.
 
     It is a :class:`~kapbit.projection.ReadModel`: give it to a
-    :class:`~kapbit.projection.Projector`. Open it with ``await open()`` / ``await
+    :class:`~kapbit.projection.Projector`. Open it with ``await start()`` / ``await
     close()`` or ``async with``; queries can run while the projector applies.
     """
 
@@ -157,19 +157,7 @@ class StatusModel:
         self._connection: sqlite3.Connection | None = None
         self._named: dict[tuple[str, int], str] = {}  # step names already stored
 
-    async def __aenter__(self) -> StatusModel:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def open(self) -> None:
+    async def start(self) -> None:
         """Open (and create if needed) the database; idempotent."""
         if self._executor is not None:
             return
