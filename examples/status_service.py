@@ -51,10 +51,8 @@ from kapbit import (
     GateClosed,
     InstanceClosed,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
-    Repository,
     Step,
     Success,
     TooManyWorkflows,
@@ -62,6 +60,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.projection import Projector, StatusModel, WorkflowRow, WorkflowStatus
+from kapbit.repository import MemRepository, Repository
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

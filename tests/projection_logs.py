@@ -25,7 +25,6 @@ from kapbit import (
     Fenced,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
     RetryPolicy,
@@ -45,6 +44,7 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
+from kapbit.repository import MemRepository
 
 TYPE = "order"
 STEPS = 3

@@ -8,19 +8,18 @@ import asyncio
 import pytest
 
 from kapbit import (
-    Checkpoint,
     CheckpointPolicy,
     DuplicateWorkflow,
     Fenced,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     partition_for,
 )
 from kapbit.checkpoints import Checkpointer
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
+from kapbit.repository import Checkpoint, MemRepository
 from kapbit.restore import restore_partition
 from tests.helpers import CrashRepository, gated_saga, wait_until
 

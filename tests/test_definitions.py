@@ -6,16 +6,8 @@ from typing import Any
 
 import pytest
 
-from kapbit import (
-    Definition,
-    Failure,
-    InvalidDefinition,
-    Kapbit,
-    MemRepository,
-    Progress,
-    Step,
-    Success,
-)
+from kapbit import Definition, Failure, InvalidDefinition, Kapbit, Progress, Step, Success
+from kapbit.repository import MemRepository
 
 
 def _ok(input: Any, progress: Progress) -> Success[None]:

@@ -12,10 +12,11 @@ import msgspec
 import pybreaker
 import pytest
 
-from kapbit import Backoff, EncodeError, Fenced, JsonCodec, MemRepository, RecordRejected
+from kapbit import Backoff, EncodeError, Fenced, JsonCodec, RecordRejected
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.events import StepOutcome
 from kapbit.fencing import Fence
+from kapbit.repository import MemRepository
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import BreakerStates, Clock, LogCapture, expire_reset_timeout, wait_until
 

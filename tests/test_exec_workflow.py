@@ -18,7 +18,6 @@ from kapbit import (
     InvalidReturnValue,
     InvalidWorkflowId,
     Kapbit,
-    MemRepository,
     Options,
     PayloadTooLarge,
     Progress,
@@ -30,6 +29,7 @@ from kapbit import (
     partition_for,
 )
 from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit.repository import MemRepository
 from tests.helpers import Script, kinds, log_events, saga, wait_until
 
 

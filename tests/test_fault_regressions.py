@@ -32,7 +32,6 @@ from kapbit import (
     InvalidWorkflowId,
     JsonCodec,
     Kapbit,
-    MemRepository,
     MsgpackCodec,
     Options,
     StartupError,
@@ -43,7 +42,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.fencing import OwnerTracker
-from kapbit.repository import Checkpoint, Record
+from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.restore import older_ids, trusted_checkpoint
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import fast_options, gated_saga, live_records, wait_until

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kapbit import Checkpoint, Fenced, PayloadTooLarge, StartupError
+from kapbit import Fenced, PayloadTooLarge, StartupError
+from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 
 

@@ -9,19 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapbit import (
-    CorruptRecord,
-    Definition,
-    Kapbit,
-    MemRepository,
-    Progress,
-    Record,
-    Step,
-    Success,
-    TransientStorageError,
-)
+from kapbit import CorruptRecord, Definition, Kapbit, Progress, Step, Success, TransientStorageError
 from kapbit.events import ActiveWriter, EventKind, StepOutcome, WorkflowCreated, WorkflowResult
 from kapbit.projection import Position, ProjectedEvent, Projector, ReadModel, positions_at_end
+from kapbit.repository import MemRepository, Record
 from tests.projection_logs import (
     CODEC,
     EXPECTED,
@@ -396,7 +387,7 @@ async def test_positions_at_end_start_from_the_checkpoint() -> None:
     repo = MemRepository()
     for event in [writer("n"), created("w"), result("w"), created("v")]:
         await append(repo, 0, "n", event)
-    from kapbit import Checkpoint
+    from kapbit.repository import Checkpoint
 
     await repo.save_checkpoint(0, Checkpoint(offset=3, owner="n"))
     assert (await positions_at_end(repo))[0] == Position(4, "n", 3, "n")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kapbit import MemRepository, partition_for
+from kapbit import partition_for
 from kapbit.projection import (
     Position,
     ProjectedEvent,
@@ -18,6 +18,7 @@ from kapbit.projection import (
     StatusModel,
     WorkflowStatus,
 )
+from kapbit.repository import MemRepository
 from tests.projection_logs import (
     EXPECTED,
     TYPE,

@@ -27,7 +27,6 @@ from kapbit import (
     InvalidInput,
     InvalidReturnValue,
     Kapbit,
-    MemRepository,
     NonRetryable,
     NoStepContext,
     Options,
@@ -41,6 +40,7 @@ from kapbit import (
     context,
 )
 from kapbit.events import InvalidReturn, StepOutcome, WorkflowCreated, WorkflowRetry
+from kapbit.repository import MemRepository
 from kapbit.testing import KapbitFactory
 
 TINY = Backoff(initial=0.001, maximum=0.002, jitter=0.001)

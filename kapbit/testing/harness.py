@@ -66,7 +66,7 @@ class KapbitFactory:
     """Starts :class:`~kapbit.Kapbit` instances on ``repository`` and cleans up after them.
 
     Use as ``async with KapbitFactory(repo) as factory`` or call :meth:`close` yourself.
-    Meant for :class:`~kapbit.MemRepository` (or a wrapper of it such as
+    Meant for :class:`~kapbit.repository.MemRepository` (or a wrapper of it such as
     :class:`~kapbit.testing.FaultyRepository`), whose log outlives an instance in memory.
     """
 
