@@ -24,20 +24,17 @@ _T = TypeVar("_T")
 CANCEL_GRACE = 1.0
 
 
-class AsyncResource:
-    """``start()`` acquires, ``close()`` releases; ``async with`` does both.
+class Closing:
+    """``async with`` closes the object on the way out: ``await close()``.
 
-    ``close()`` must be safe to call more than once and after a failed ``start()``.
+    For objects that need no start (a factory of started things); others derive from
+    :class:`AsyncResource`.
     """
 
-    async def start(self) -> None:
-        """Acquire what the object needs (connections, tasks)."""
-
     async def close(self) -> None:
-        """Release what :meth:`start` acquired."""
+        """Release what the object holds; safe to call more than once."""
 
     async def __aenter__(self) -> Self:
-        await self.start()
         return self
 
     async def __aexit__(
@@ -47,6 +44,20 @@ class AsyncResource:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class AsyncResource(Closing):
+    """``start()`` acquires, ``close()`` releases; ``async with`` does both.
+
+    ``close()`` must be safe to call more than once and after a failed ``start()``.
+    """
+
+    async def start(self) -> None:
+        """Acquire what the object needs (connections, tasks)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
 
 
 class TaskHost:

@@ -12,7 +12,8 @@ consecutive failures; open, every append fails fast with ``CircuitBreakerError``
 after backoff, the storage is not touched) until ``reset_timeout`` has passed; then one
 append goes through as the probe (half-open): success closes the breaker, failure opens it
 again. pybreaker itself lets every caller through while half-open; the emitter admits one
-probe at a time, the others fail fast until the probe has settled.
+probe at a time, the others fail fast until the probe has settled. See docs/ARCHITECTURE.md,
+"Second copies" and "Failure handling".
 """
 
 from __future__ import annotations

@@ -442,31 +442,6 @@ def _json(value: Any) -> str:
 
 
 def _row(values: tuple[Any, ...]) -> WorkflowRow:
-    (
-        workflow_id,
-        workflow_type,
-        partition,
-        status,
-        steps_done,
-        failed_step,
-        compensated_steps,
-        attempts,
-        last_error,
-        created_at,
-        finished_at,
-        result,
-    ) = values
-    return WorkflowRow(
-        workflow_id,
-        workflow_type,
-        partition,
-        WorkflowStatus(status),
-        steps_done,
-        failed_step,
-        compensated_steps,
-        attempts,
-        last_error,
-        created_at,
-        finished_at,
-        result,
-    )
+    """A ``workflows`` table row (columns in :class:`WorkflowRow`'s field order)."""
+    workflow_id, workflow_type, partition, status, *rest = values
+    return WorkflowRow(workflow_id, workflow_type, partition, WorkflowStatus(status), *rest)
