@@ -114,10 +114,12 @@ class Emitter:
         workflow_type: str | None = None,
     ) -> int:
         """Append an encoded event, retrying transient failures forever."""
-        self._fence.check()
+        refusal = self._fence.refusal
+        if refusal is not None:
+            raise refusal
         acked = self._acked
         # Every try of this append lands above what was acknowledged before it began.
-        floor = self.acked(partition) + 1
+        floor = acked[partition] + 1 if partition < len(acked) else 0
         try:
             offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:

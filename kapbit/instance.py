@@ -385,11 +385,11 @@ class Kapbit(AsyncResource):
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)
-        outcome = supervisor.submit(execution, value)
+        task = supervisor.submit(execution, value)
         try:
-            return await asyncio.shield(outcome)
+            result, error = await asyncio.shield(task)
         except asyncio.CancelledError:
-            if outcome.cancelled():
+            if task.cancelled():
                 if execution.created_offset < 0:
                     what = (
                         "its WorkflowCreated may have been written (not acknowledged yet); "
@@ -401,6 +401,9 @@ class Kapbit(AsyncResource):
                     f"instance closed before workflow {workflow_id!r} finished; {what}"
                 ) from None
             raise
+        if error is not None:
+            raise error
+        return result
 
     async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Await the final result of a workflow this instance runs or recently finished.

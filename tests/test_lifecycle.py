@@ -11,26 +11,16 @@ from kapbit._lifecycle import AsyncResource, TaskHost
 from kapbit.fencing import Fence
 
 
-async def test_a_future_of_a_task_cancelled_before_it_ran_is_cancelled() -> None:
-    """A workflow submitted and aborted in the same loop turn must not leave its caller
-    waiting forever (the coroutine never started, so it cannot resolve the future)."""
+async def test_a_task_aborted_before_it_ran_is_cancelled_and_the_host_ends() -> None:
+    """A workflow submitted and aborted in the same loop turn: its caller, awaiting the
+    task, learns it was cancelled instead of waiting forever."""
     host = TaskHost("test")
     await host.start()
-    future = host.spawn_future(asyncio.sleep(10, "never"))
+    task = host.spawn(asyncio.sleep(10, "never"))
     host.abort()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(future, 1)
-    assert future.cancelled()
-
-
-async def test_errors_go_to_the_future_not_to_the_siblings() -> None:
-    host = TaskHost("test")
-    await host.start()
-    sibling = host.spawn_future(asyncio.sleep(0.05, "done"))
-    failing = host.spawn_future(_raise(ValueError("boom")))
-    with pytest.raises(ValueError, match="boom"):
-        await failing
-    assert await sibling == "done"
+        await asyncio.wait_for(asyncio.shield(task), 1)
+    assert task.cancelled()
     assert await host.close(1.0)
 
 
@@ -46,7 +36,7 @@ async def test_close_cancels_the_rest_and_abandons_a_task_that_ignores_cancellat
             except asyncio.CancelledError:
                 continue  # swallowed, as a badly written step does
 
-    polite = host.spawn_future(asyncio.sleep(10))
+    polite = host.spawn(asyncio.sleep(10))
     host.spawn(stubborn())
     assert await host.close(0.05) is False
     assert polite.cancelled()
@@ -91,7 +81,3 @@ async def test_async_with_starts_and_closes() -> None:
     async with Resource() as resource:
         assert isinstance(resource, Resource)
     assert calls == ["start", "close"]
-
-
-async def _raise(error: BaseException) -> None:
-    raise error
