@@ -49,6 +49,7 @@ from kapbit.errors import (
     WorkflowRejected,
 )
 from kapbit.events import EventKind
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowState
 from kapbit.instance import Kapbit
 from kapbit.options import (
     Backoff,
@@ -87,6 +88,7 @@ __all__ = [
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
+    "OnDuplicate",
     "KapbitError",
     "LogLost",
     "MsgpackCodec",
@@ -110,9 +112,11 @@ __all__ = [
     "TransientStorageError",
     "UnknownWorkflowType",
     "WillRetryLater",
+    "WorkflowHandle",
     "WorkflowNotFound",
     "WorkflowRefused",
     "WorkflowRejected",
+    "WorkflowState",
     "context",
     "partition_for",
 ]

@@ -44,7 +44,7 @@ logger = logging.getLogger("kapbit")
 _CREATED = EventKind.WORKFLOW_CREATED.value
 
 #: How a workflow run by the supervisor ended: ``(result, None)`` or ``(None, error)``.
-Outcome = tuple[Any, BaseException | None]
+Ended = tuple[Any, BaseException | None]
 _MAX_ERROR_LENGTH = 1000
 
 
@@ -93,6 +93,11 @@ class Supervisor:
         """The workflows waiting for another attempt."""
         return len(self._retry_worker)
 
+    def running_type(self, workflow_id: str) -> str | None:
+        """The type of ``workflow_id`` if it runs here, else ``None``."""
+        execution = self._in_flight.get(workflow_id)
+        return None if execution is None else execution.definition.type
+
     def knows(self, workflow_id: str, partition: int) -> bool:
         """Whether ``workflow_id`` runs or is in its partition's idempotency window."""
         return workflow_id in self._in_flight or workflow_id in self._windows[partition]
@@ -113,15 +118,12 @@ class Supervisor:
                 self._tasks.spawn(self._resume(execution))
         self._open_gate_if_idle()
 
-    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Outcome]:
+    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
         the task ends with its result or error (also after the caller stops waiting)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
         return self._tasks.spawn(self._drive(execution, created))
-
-    async def _resume(self, execution: WorkflowExecution) -> None:
-        await self._drive(execution, None)  # its waiters (wait_result) learn the end
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""
@@ -157,7 +159,7 @@ class Supervisor:
 
     # --- driving --------------------------------------------------------------------------
 
-    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Outcome:
+    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Ended:
         """Create (when ``created`` holds the encoded event) and run an execution.
 
         The workflow's end is returned, an error included, never raised: a task of the
@@ -183,7 +185,7 @@ class Supervisor:
                     self._in_flight.pop(execution.id, None)
                     self._checkpointer.abandoned(execution.partition, execution.id)
                     raise
-                execution.created_offset = offset
+                execution.mark_created(offset)
                 self._windows[execution.partition].add(execution.id, offset)
                 self._checkpointer.opened(execution.partition, execution.id, offset)
                 self._stats.started += 1
@@ -202,6 +204,9 @@ class Supervisor:
             return None, error
         self._finish(execution, result=result, compensated=compensated)
         return result, None
+
+    async def _resume(self, execution: WorkflowExecution) -> None:
+        await self._drive(execution, None)  # its waiters (handles) learn the end
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
