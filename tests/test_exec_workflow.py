@@ -334,7 +334,7 @@ async def test_invalid_step_outcome_ends_the_workflow_without_retry() -> None:
         return "not an outcome"
 
     repo = MemRepository()
-    async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[list-item]
+    async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[arg-type]
         with pytest.raises(InvalidReturnValue, match="must return Success"):
             await kbit.exec_workflow("b", "bad")
         assert kbit.stats.retrying == 0

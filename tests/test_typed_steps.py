@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 import pybreaker
 import pytest
-from helpers import fast_options, log_events
 
 from kapbit import (
     Backoff,
@@ -42,6 +41,7 @@ from kapbit import (
 from kapbit.events import InvalidReturn, StepOutcome, WorkflowCreated, WorkflowRetry
 from kapbit.repository import MemRepository
 from kapbit.testing import KapbitFactory
+from tests.helpers import fast_options, log_events
 
 TINY = Backoff(initial=0.001, maximum=0.002, jitter=0.001)
 
