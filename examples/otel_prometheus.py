@@ -31,7 +31,6 @@ from kapbit import (
     Definition,
     Failure,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
     Step,
@@ -39,6 +38,7 @@ from kapbit import (
     Success,
 )
 from kapbit.otel import OpenTelemetry
+from kapbit.repository import MemRepository
 
 
 def reserve(order: dict[str, int], _progress: Progress) -> Success[str]:

@@ -28,7 +28,6 @@ from kapbit import (
     Definition,
     Failure,
     Kapbit,
-    MemRepository,
     Progress,
     Step,
     StepRetry,
@@ -37,6 +36,7 @@ from kapbit import (
 )
 from kapbit.events import WorkflowCreated
 from kapbit.otel import OpenTelemetry
+from kapbit.repository import MemRepository
 from tests.helpers import LogCapture, fast_options, log_events, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -362,7 +362,8 @@ def test_without_the_extra_the_engine_loads_nothing_of_opentelemetry() -> None:
     code = """
 import asyncio, sys
 import kapbit, kapbit.cli, kapbit.testing
-from kapbit import Definition, Kapbit, MemRepository, Step, Success
+from kapbit import Definition, Kapbit, Step, Success
+from kapbit.repository import MemRepository
 
 async def step(input, progress):
     return Success(1)
