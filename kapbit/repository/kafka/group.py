@@ -28,7 +28,9 @@ the group for being idle (``max_poll_interval_ms``), and commits no offsets.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,12 +40,14 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
 from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from kapbit.errors import InstanceClosed, StartupError
 from kapbit.repository.kafka.errors import BROKER_ERRORS
@@ -57,6 +61,7 @@ __all__ = [
     "MemberClaim",
     "OwnershipChange",
     "StickyAssignor",
+    "ownership_change",
     "plan_assignment",
 ]
 
@@ -69,6 +74,10 @@ MAX_ENDPOINT = 1024
 #: aiokafka applies one request timeout to every request, and the broker holds a JoinGroup
 #: up to the rebalance timeout: the group consumer's requests may take this much longer.
 _JOIN_MARGIN_MS = 5_000
+#: The options of ``client_options`` a bare aiokafka client takes (for the LeaveGroup).
+_CLIENT_OPTIONS = frozenset(
+    inspect.signature(AIOKafkaClient.__init__).parameters.keys() - {"self", "loop"}
+)
 #: Consumer options the membership sets itself; ``client_options`` may not set them.
 _RESERVED_OPTIONS = frozenset(
     {
@@ -257,6 +266,36 @@ class OwnershipChange:
         return self.assigned | self.retained
 
 
+def ownership_change(
+    last: OwnershipChange | None,
+    generation: int,
+    member_id: str,
+    owned: frozenset[int],
+    owners: Mapping[int, str | None],
+) -> OwnershipChange:
+    """The change from ``last`` to owning ``owned`` in ``generation`` as ``member_id``.
+
+    A partition is retained only if this member owned it in the generation just before
+    with the same member id: a new member id means the broker dropped the member, and a
+    skipped generation means a rebalance went on without it; either way someone else may
+    have owned the partition meanwhile, so it must be claimed and recovered again.
+    """
+    before = last.owned if last is not None else frozenset[int]()
+    continuous = (
+        last is not None and last.member_id == member_id and generation == last.generation + 1
+    )
+    retained = before & owned if continuous else frozenset[int]()
+    return OwnershipChange(
+        generation=generation,
+        member_id=member_id,
+        assigned=owned - retained,
+        revoked=before - retained,
+        retained=retained,
+        continuous=continuous,
+        owners=dict(owners),
+    )
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Hands aiokafka's rebalance callbacks on; plain functions, not coroutines, so the
     new partitions are paused before anything else runs."""
@@ -347,9 +386,10 @@ class GroupMembership:
         self._assignor = StickyAssignor(endpoint)
         self._consumer: AIOKafkaConsumer | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._changes: asyncio.Queue[OwnershipChange] = asyncio.Queue()
+        self._pending: collections.deque[OwnershipChange] = collections.deque()
+        self._arrived = asyncio.Event()  # a change, a failure or the close
         self._failure: Exception | None = None
-        self._stopped = asyncio.Event()  # closed, or failed
+        self._stopped = False
         self._last: OwnershipChange | None = None
         self._rebalancing = False
 
@@ -362,7 +402,7 @@ class GroupMembership:
         """
         if self._consumer is not None:
             return
-        if self._stopped.is_set():
+        if self._stopped:
             raise InstanceClosed(f"the membership in group {self.group!r} is closed")
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
@@ -394,7 +434,8 @@ class GroupMembership:
 
     async def close(self) -> None:
         """Leave the group (the others take over at once) and stop. Idempotent."""
-        self._stopped.set()
+        self._stopped = True
+        self._arrived.set()
         pump, self._pump = self._pump, None
         consumer, self._consumer = self._consumer, None
         if pump is not None:
@@ -403,6 +444,26 @@ class GroupMembership:
                 await pump
         if consumer is not None:
             await _stop_quietly(consumer)
+            if self._last is not None:
+                await self._leave(self._last.member_id)
+
+    async def _leave(self, member_id: str) -> None:
+        """Send LeaveGroup for ``member_id`` once more, after the consumer stopped.
+
+        aiokafka sends it only for a generation above 0, and tansu numbers a group's first
+        generation 0: a member leaving it would keep its partitions a session timeout
+        long. After aiokafka's own LeaveGroup the broker answers "unknown member": no harm.
+        """
+        options = {k: v for k, v in self._client_options.items() if k in _CLIENT_OPTIONS}
+        client = AIOKafkaClient(bootstrap_servers=self.bootstrap_servers, **options)
+        try:
+            await client.bootstrap()
+            node = await client.coordinator_lookup(CoordinationType.GROUP, self.group)
+            await client.send(node, LeaveGroupRequest(self.group, member_id))
+        except BROKER_ERRORS as exc:
+            logger.warning("group %r: LeaveGroup failed: %r", self.group, exc)
+        finally:
+            await client.close()
 
     async def __aenter__(self) -> GroupMembership:
         await self.start()
@@ -439,27 +500,19 @@ class GroupMembership:
         return self._last.owners.get(partition) if self._last is not None else None
 
     async def next_change(self) -> OwnershipChange:
-        """The next rebalance's outcome for this member, in order.
+        """The next rebalance's outcome for this member, in order; safe to cancel.
 
         Raises StartupError if the group cannot be used (the broker refuses the session
         timeout, the group or the topic), InstanceClosed once closed and drained.
         """
-        if self._changes.empty() and not self._stopped.is_set():
-            getter = asyncio.ensure_future(self._changes.get())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            try:
-                await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopped.cancel()
-                if not getter.done():
-                    getter.cancel()
-            if getter.done() and not getter.cancelled():
-                return getter.result()
-        if not self._changes.empty():
-            return self._changes.get_nowait()
-        if self._failure is not None:
-            raise self._failure
-        raise InstanceClosed(f"the membership in group {self.group!r} is closed")
+        while not self._pending:
+            if self._failure is not None:
+                raise self._failure
+            if self._stopped:
+                raise InstanceClosed(f"the membership in group {self.group!r} is closed")
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._pending.popleft()
 
     def __aiter__(self) -> GroupMembership:
         return self
@@ -489,7 +542,7 @@ class GroupMembership:
                 )
                 self._failure.__cause__ = exc
                 logger.error("%s", self._failure)
-                self._stopped.set()
+                self._arrived.set()
                 return
 
     def _rebalance_started(self) -> None:
@@ -504,27 +557,12 @@ class GroupMembership:
             logger.error("group %r: an assignment without its data; ignored", self.group)
             return
         data = received[0]
-        now = frozenset(tp.partition for tp in assigned if tp.topic == self.topic)
-        last = self._last
-        before = last.owned if last is not None else frozenset[int]()
-        continuous = (
-            last is not None
-            and last.member_id == data.member_id
-            and data.epoch == last.generation + 1
-        )
-        retained = before & now if continuous else frozenset[int]()
-        change = OwnershipChange(
-            generation=data.epoch,
-            member_id=data.member_id,
-            assigned=now - retained,
-            revoked=before - retained,
-            retained=retained,
-            continuous=continuous,
-            owners=dict(data.owners),
-        )
+        owned = frozenset(tp.partition for tp in assigned if tp.topic == self.topic)
+        change = ownership_change(self._last, data.epoch, data.member_id, owned, data.owners)
         self._last = change
         self._rebalancing = False
-        self._changes.put_nowait(change)
+        self._pending.append(change)
+        self._arrived.set()
         logger.info(
             "group %r generation %d: assigned %s, revoked %s, retained %s",
             self.group,
