@@ -120,7 +120,7 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
     checkpointer = Checkpointer(
         repo,
         CheckpointPolicy(),
-        acked,
+        acked.__getitem__,
         windows,
         [OwnerTracker(node) for _ in range(partitions)],
         [Checkpoint() for _ in range(partitions)],

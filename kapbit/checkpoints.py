@@ -27,17 +27,20 @@ logger = logging.getLogger("kapbit.checkpoints")
 
 
 class Checkpointer:
-    """Tracks open workflows per partition and saves checkpoints by count and by time."""
+    """Tracks open workflows per partition and saves checkpoints by count and by time.
+
+    ``acked(p)`` is the highest offset this node has had acknowledged in partition ``p``
+    (the emitter's); a checkpoint never moves past it.
+    """
 
     def __init__(
         self,
         repository: Repository,
         policy: CheckpointPolicy,
-        acked: list[int],
+        acked: Callable[[int], int],
         windows: list[IdempotencyWindow],
         owners: list[OwnerTracker],
         saved: list[Checkpoint],
-        on_fenced: Callable[[Fenced], None] | None = None,
         writer: str = "",
         window_size: int = 0,
     ) -> None:
@@ -46,7 +49,6 @@ class Checkpointer:
         self._writer = writer
         self._window_size = window_size
         self._repository = repository
-        self._on_fenced = on_fenced
         self._policy = policy
         self._acked = acked
         self._windows = windows
@@ -58,7 +60,7 @@ class Checkpointer:
 
     def opening(self, partition: int, workflow_id: str) -> None:
         """A ``WorkflowCreated`` is about to be appended: hold the checkpoint below it."""
-        self._open[partition][workflow_id] = self._acked[partition] + 1
+        self._open[partition][workflow_id] = self._acked(partition) + 1
 
     def opened(self, partition: int, workflow_id: str, offset: int) -> None:
         """The workflow's ``WorkflowCreated`` was acknowledged at ``offset`` (also for
@@ -86,7 +88,7 @@ class Checkpointer:
     def checkpoint(self, partition: int) -> Checkpoint:
         """The checkpoint that is true for ``partition`` right now."""
         open_offsets = self._open[partition]
-        offset = min(open_offsets.values()) if open_offsets else self._acked[partition] + 1
+        offset = min(open_offsets.values()) if open_offsets else self._acked(partition) + 1
         oldest_id = self._windows[partition].oldest_offset()
         window_offset = offset if oldest_id is None else min(oldest_id, offset)
         owners = self._owners[partition]
@@ -96,7 +98,7 @@ class Checkpointer:
             window_offset=window_offset,
             window_owner=owners.owner_at(window_offset),
             window_size=self._window_size,
-            anchor_offset=self._acked[partition] if self._writer else -1,
+            anchor_offset=self._acked(partition) if self._writer else -1,
             anchor_writer=self._writer,
         )
 
@@ -115,15 +117,16 @@ class Checkpointer:
             self._saved[partition] = checkpoint
 
     async def run(self) -> None:
-        """Save periodically until cancelled; a failed save is retried on the next round."""
+        """Save periodically until cancelled; a failed save is retried on the next round.
+
+        Raises :class:`~kapbit.errors.Fenced` when the log says another writer owns a
+        partition."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due.wait(), self._policy.interval)
             try:
                 await self.save()
-            except Fenced as error:
-                if self._on_fenced is not None:
-                    self._on_fenced(error)
-                return
+            except Fenced:
+                raise
             except StorageError as exc:
                 logger.warning("saving checkpoints failed, will retry: %s", exc, extra=fields())

@@ -30,6 +30,7 @@ from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, RecordRejected, TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind
+from kapbit.fencing import Fence
 from kapbit.options import Backoff
 from kapbit.repository import Repository
 
@@ -59,10 +60,9 @@ def _worth_logging(attempt: int) -> bool:
 class Emitter:
     """Encodes events and appends them through the breaker, retrying until they land.
 
-    ``acked[p]`` is the highest offset this emitter has had acknowledged in partition
-    ``p``, -1 before the first (the checkpointer never moves past it). ``on_fenced`` is
-    called once, on the first :class:`~kapbit.errors.Fenced`. ``workflow_type`` maps a
-    workflow id to its type for log records (``None`` when unknown). ``sleep`` waits
+    :meth:`acked` is the highest offset this emitter has had acknowledged in a partition
+    (the checkpointer never moves past it). ``fence`` says whether writing may go on; a
+    :class:`~kapbit.errors.Fenced` answer is recorded in it and raised. ``sleep`` waits
     between retries (tests inject their own).
     """
 
@@ -73,42 +73,58 @@ class Emitter:
         node: str,
         breaker: pybreaker.CircuitBreaker,
         backoff: Backoff,
-        on_fenced: Callable[[Fenced], None],
+        fence: Fence,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        workflow_type: Callable[[str], str | None] | None = None,
     ) -> None:
         self._repository = repository
         self._codec = codec
         self._node = node
         self._breaker = breaker
         self._backoff = backoff
-        self._on_fenced = on_fenced
+        self._fence = fence
         self._sleep = sleep
-        self._workflow_type = workflow_type
         self._probing = False
-        self.fenced: Fenced | None = None
-        # Sized once the partition count is known (after the repository started); grows
-        # in place so holders of the list (the checkpointer) keep seeing it.
-        self.acked: list[int] = []
+        self._acked: list[int] = []  # grows with the partitions written to
 
-    async def emit(self, partition: int, key: str, event: Event) -> int:
-        """Encode and append ``event``; return its offset once it is durable and fenced."""
+    def acked(self, partition: int) -> int:
+        """The highest offset acknowledged to this emitter in ``partition``, -1 before the
+        first."""
+        acked = self._acked
+        return acked[partition] if partition < len(acked) else -1
+
+    async def emit(
+        self, partition: int, key: str, event: Event, *, workflow_type: str | None = None
+    ) -> int:
+        """Encode and append ``event``; return its offset once it is durable and fenced.
+
+        ``workflow_type`` goes into log records about the append (with ``key``)."""
         value = self._codec.encode(event)
-        return await self.append(partition, KIND_OF[type(event)].value, key, value)
+        return await self.append(
+            partition, KIND_OF[type(event)].value, key, value, workflow_type=workflow_type
+        )
 
-    async def append(self, partition: int, kind: str, key: str, value: bytes) -> int:
+    async def append(
+        self,
+        partition: int,
+        kind: str,
+        key: str,
+        value: bytes,
+        *,
+        workflow_type: str | None = None,
+    ) -> int:
         """Append an encoded event, retrying transient failures forever."""
-        if self.fenced is not None:
-            raise self.fenced
-        acked = self.acked
+        self._fence.check()
+        acked = self._acked
         # Every try of this append lands above what was acknowledged before it began.
-        floor = acked[partition] + 1 if partition < len(acked) else 0
+        floor = self.acked(partition) + 1
         try:
             offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:
-            offset = await self._append_retrying(partition, kind, key, value, error, floor)
+            offset = await self._append_retrying(
+                partition, kind, key, value, error, floor, workflow_type
+            )
         except Fenced as error:
-            self._fence(error)
+            self._fence.fenced(error)
             raise
         if partition >= len(acked):
             acked.extend([-1] * (partition + 1 - len(acked)))
@@ -151,8 +167,13 @@ class Emitter:
         value: bytes,
         first: BaseException,
         floor: int,
+        workflow_type: str | None,
     ) -> int:
-        extra = self._extra(kind, key, partition)
+        extra = (
+            fields(partition=partition)  # a claim is keyed by writer id: no workflow
+            if kind == _ACTIVE_WRITER
+            else fields(key, workflow_type, partition)
+        )
 
         def before_sleep(state: RetryCallState) -> None:
             attempt = state.attempt_number
@@ -187,11 +208,10 @@ class Emitter:
                     if pending is not None:
                         error, pending = pending, None
                         raise error
-                    if self.fenced is not None:
-                        raise self.fenced  # fenced or killed meanwhile: stop writing
+                    self._fence.check()  # fenced or stopped meanwhile: stop writing
                     offset = await self._append_once(partition, kind, key, value)
         except Fenced as error:
-            self._fence(error)
+            self._fence.fenced(error)
             raise
         except RecordRejected:
             # A failed try may have landed with its acknowledgement lost: then the append
@@ -245,17 +265,6 @@ class Emitter:
                         ):
                             landed = record.offset
         return landed
-
-    def _extra(self, kind: str, key: str, partition: int) -> dict[str, object]:
-        if kind == _ACTIVE_WRITER:  # keyed by node id: no workflow
-            return fields(partition=partition)
-        lookup = self._workflow_type
-        return fields(key, lookup(key) if lookup is not None else None, partition)
-
-    def _fence(self, error: Fenced) -> None:
-        if self.fenced is None:
-            self.fenced = error
-            self._on_fenced(error)
 
 
 def _record_failure(breaker: pybreaker.CircuitBreaker, error: BaseException) -> None:

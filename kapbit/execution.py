@@ -214,7 +214,7 @@ class WorkflowExecution:
             await self._persist(emitter, codec, event)
             if value is not outcome.value:  # keep what was read back, as after a restart
                 outcome = Success(value) if success else Failure(value)
-            progress._record(phase, index, outcome)
+            progress.record(phase, index, outcome)
             self.step_base = self.attempts
             if phase == "compensate" and not success:
                 logger.warning(
@@ -348,7 +348,7 @@ class WorkflowExecution:
         self.attempts += 1
         event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
         try:
-            await emitter.emit(self.partition, self.id, event)
+            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
             await self.reject(emitter, "workflow_retry", str(exc))
 
@@ -356,7 +356,7 @@ class WorkflowExecution:
         self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult
     ) -> None:
         try:
-            await emitter.emit(self.partition, self.id, event)
+            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
             kind = "step_outcome" if isinstance(event, StepOutcome) else "workflow_result"
             await self.reject(emitter, kind, str(exc))
@@ -427,7 +427,9 @@ class WorkflowExecution:
         error: Exception | None = None
         for candidate in (event, minimal):
             try:
-                await emitter.emit(self.partition, self.id, candidate)
+                await emitter.emit(
+                    self.partition, self.id, candidate, workflow_type=self.definition.type
+                )
                 return
             except (RecordRejected, EncodeError) as exc:
                 error = exc

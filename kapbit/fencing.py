@@ -1,12 +1,18 @@
-"""Telling zombie writes apart while reading a partition.
+"""The fencing rule, both sides: one writer per partition, told by the log itself.
 
-The owner of a partition is the node of the latest ``ActiveWriter`` read. Any other
-record whose writer is not the current owner was written by an instance that had already
-lost the partition: no reader (recovery, projections) may act on it.
+Writer side (:class:`Fence`): an instance whose write the log refuses with
+:class:`~kapbit.errors.Fenced` (another writer's ``ActiveWriter`` lies below it) writes
+nothing more. Reader side (:class:`OwnerTracker`): the owner of a partition is the writer
+of the latest ``ActiveWriter`` read; any other record whose writer is not the current
+owner was written by an instance that had already lost the partition (a zombie write),
+and no reader (recovery, projections) acts on it. See docs/ARCHITECTURE.md, "Fencing".
 """
 
 from __future__ import annotations
 
+import asyncio
+
+from kapbit.errors import Fenced
 from kapbit.events import EventKind
 from kapbit.repository import Record
 
@@ -46,3 +52,46 @@ class OwnerTracker:
             if start < offset:
                 return node
         return self.writers[0][1]
+
+
+class Fence:
+    """Whether this instance may still write: the writer side of the fencing rule.
+
+    The log fences an instance (a write answered with :class:`~kapbit.errors.Fenced`
+    because another writer claimed a partition): :meth:`fenced` records the first such
+    error, and :meth:`wait` returns it to the owner watching for it. The instance stops
+    writing itself on close or abort: :meth:`stop`. Either way :meth:`check` raises
+    before any further write.
+    """
+
+    __slots__ = ("_event", "_stopped", "error")
+
+    def __init__(self) -> None:
+        #: The first Fenced the log answered with, or ``None``.
+        self.error: Fenced | None = None
+        self._stopped: Fenced | None = None
+        self._event = asyncio.Event()
+
+    def check(self) -> None:
+        """Raise :class:`~kapbit.errors.Fenced` if no more writes may go out."""
+        if self.error is not None:
+            raise self.error
+        if self._stopped is not None:
+            raise self._stopped
+
+    def fenced(self, error: Fenced) -> None:
+        """The log refused a write of this instance: record the first refusal."""
+        if self.error is None and error is not self._stopped:
+            self.error = error
+            self._event.set()
+
+    def stop(self, reason: str) -> None:
+        """Stop writing (closed with tasks abandoned, or aborted), not fenced by the log."""
+        if self._stopped is None:
+            self._stopped = Fenced(reason)
+
+    async def wait(self) -> Fenced:
+        """Return the error once the log has fenced this instance."""
+        await self._event.wait()
+        assert self.error is not None
+        return self.error

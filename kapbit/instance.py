@@ -1,38 +1,36 @@
-"""The kapbit instance: owns the log's partitions, accepts and drives workflows.
+"""The kapbit instance: a thin front over the parts that run workflows on a log.
 
-Lifecycle follows aiokafka: ``await kbit.start()`` / ``await kbit.close()``, or
-``async with Kapbit(...) as kbit``. Start claims every partition (``ActiveWriter``),
-recovers, and resumes the in-flight workflows in the background.
+The front owns the lifecycle (``await kbit.start()`` / ``await kbit.close()``, or
+``async with Kapbit(...) as kbit``), admission (the checks of :meth:`Kapbit.exec_workflow`
+that write nothing) and the reaction to being fenced. Recovery
+(:mod:`kapbit.recovery`) reads the log and claims it through partition ownership
+(:mod:`kapbit.ownership`); the supervisor (:mod:`kapbit.supervisor`) runs the workflows.
+See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
+from collections.abc import Iterable
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from kapbit._log import execution_fields, fields
+from kapbit._lifecycle import CANCEL_GRACE, AsyncResource, TaskHost
+from kapbit._log import fields
+from kapbit._start_retries import StartRetries
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
-    CorruptRecord,
-    DeadLettered,
-    DecodeError,
     DuplicateWorkflow,
     EncodeError,
     Fenced,
@@ -40,54 +38,29 @@ from kapbit.errors import (
     InstanceClosed,
     InvalidDefinition,
     InvalidInput,
-    InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
-    RecordRejected,
     StartupError,
     TooManyWorkflows,
-    TransientStorageError,
     UnknownWorkflowType,
-    WillRetryLater,
     WorkflowNotFound,
-    WorkflowRejected,
-    describe_error,
 )
-from kapbit.events import (
-    KIND_OF,
-    ActiveWriter,
-    DeadLetter,
-    EventKind,
-    WorkflowCreated,
-    WorkflowRetry,
-)
-from kapbit.execution import StepRaised, WorkflowExecution, restore_outcome
-from kapbit.fencing import OwnerTracker
+from kapbit.events import WorkflowCreated
+from kapbit.execution import WorkflowExecution
+from kapbit.fencing import Fence
 from kapbit.gate import EntryGate
-from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Options
+from kapbit.ownership import Ownership
 from kapbit.partitioner import partition_for
-from kapbit.repository import Checkpoint, Repository
-from kapbit.restore import (
-    PartitionRestorer,
-    RestoredPartition,
-    RestoredWorkflow,
-    check_codec,
-    trusted_checkpoint,
-)
-from kapbit.retry_worker import RetryWorker
+from kapbit.recovery import Recovered, Recovery
+from kapbit.repository import Repository
 from kapbit.stats import Stats
+from kapbit.supervisor import Supervisor
 from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
 
-_T = TypeVar("_T")
 _State = Literal["new", "starting", "running", "closing", "closed", "fenced"]
-_CREATED = EventKind.WORKFLOW_CREATED.value
-_MAX_ERROR_LENGTH = 1000
-_MAX_CLAIM_ROUNDS = 10
-#: How long close() waits for cancelled tasks before abandoning them.
-_CANCEL_GRACE = 1.0
 
 I = TypeVar("I")  # noqa: E741 - a workflow's input type, as in kapbit.workflow
 R = TypeVar("R")
@@ -102,12 +75,14 @@ class _StorageBreakerListener(pybreaker.CircuitBreakerListener):
             self._gate.close("storage circuit breaker opened")
 
 
-class Kapbit:
+class Kapbit(AsyncResource):
     """A kapbit instance: runs workflows defined by ``definitions`` on ``repository``.
 
     Only one instance writes to a log at a time: starting a second instance on the same
     repository fences the first, which stops and fails every call with
-    :class:`~kapbit.errors.Fenced`; the second resumes its unfinished workflows.
+    :class:`~kapbit.errors.Fenced`; the second resumes its unfinished workflows. The
+    instance owns the repository it is given: it starts it, and closes it on close or
+    when its start fails.
     """
 
     def __init__(
@@ -129,53 +104,33 @@ class Kapbit:
         #: The unique identity of this start, written as the writer of every record:
         #: ``node_id`` plus a random start id. Fencing compares writer ids.
         self.writer_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
-        self._start_error = ""
         self._partitions = 0  # known once the repository has started
         self._state: _State = "new"
-        self._fenced_error: Fenced | None = None
         self.gate = EntryGate()
         self._breaker = new_storage_breaker(
             self.options.storage_breaker.fail_max,
             self.options.storage_breaker.reset_timeout,
             _StorageBreakerListener(self.gate),
         )
+        self._fence = Fence()
         self._emitter = Emitter(
             repository,
             self._codec,
             self.writer_id,
             self._breaker,
             self.options.emit_backoff,
-            self._on_fenced,
-            workflow_type=self._workflow_type,
-        )
-        self._windows: list[IdempotencyWindow] = []
-        self._retry_worker = RetryWorker(
-            self.options.retry, self.gate, self._retry_attempt, self._dead_letter
+            self._fence,
         )
         self._actions = ActionRunner(
             self.node_id, self.options.action_executor, self.options.action_threads
         )
-        self._checkpointer: Checkpointer | None = None
-        self._in_flight: dict[str, WorkflowExecution] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._background: list[asyncio.Task[None]] = []
-        self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
         self._stats = Stats()
+        self._supervisor: Supervisor | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Kapbit:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Check the log, claim every partition, recover, and resume in-flight workflows.
@@ -194,35 +149,40 @@ class Kapbit:
         self._state = "starting"
         started = time.perf_counter()
         timeout = self.options.start_timeout
+        retries = StartRetries(self.options.emit_backoff)
+        recovery = Recovery(
+            self._repository,
+            self._codec,
+            self._definitions,
+            self.options.idempotency_window,
+            retries,
+        )
+        ownership = Ownership(
+            self._repository,
+            self._emitter,
+            self.writer_id,
+            self._codec.name,
+            self.options.idempotency_window,
+            retries,
+        )
         try:
             async with asyncio.timeout(timeout) as deadline:
-                executions, restored = await self._start()
+                recovered = await recovery.run(ownership)
+                self._fence.check()
+                await self._run(recovered)
         except TimeoutError as exc:
-            self._state = "closed"
-            await self._repository.close()
+            await self._fail_start()
             if not deadline.expired():
                 raise
+            error = retries.last_error
             raise StartupError(
                 f"node {self.writer_id!r} did not start within start_timeout ({timeout} s)"
-                + (f"; last storage error: {self._start_error}" if self._start_error else "")
+                + (f"; last storage error: {error}" if error else "")
             ) from exc
         except BaseException:
-            self._state = "closed"
-            await self._repository.close()
+            await self._fail_start()
             raise
-        if self._fenced_error is not None:
-            raise self._fenced_error
         self._state = "running"
-        assert self._checkpointer is not None
-        self._background.append(
-            asyncio.create_task(self._checkpointer.run(), name="kapbit-checkpoints")
-        )
-        for execution in executions:
-            if execution.attempts > 0:
-                self._retry_worker.schedule(execution)
-            else:
-                self._spawn(execution, None)
-        self._open_gate_if_idle()
         logger.info(
             "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
             "resumed, %d records read",
@@ -230,130 +190,62 @@ class Kapbit:
             self.writer_id,
             self._partitions,
             time.perf_counter() - started,
-            len(executions),
-            sum(r.records_read for r in restored),
+            len(recovered.executions),
+            recovered.records_read,
             extra=fields(),
         )
 
-    async def _start(self) -> tuple[list[WorkflowExecution], list[RestoredPartition]]:
-        """Read and check, claim, recover the rest; the executions to resume."""
-        repository = self._repository
-        await self._retrying("starting the repository", repository.start)
-        partitions = self._partitions = repository.partitions
-        self._windows = [
-            IdempotencyWindow(self.options.idempotency_window) for _ in range(partitions)
-        ]
-        self._emitter.acked = [-1] * partitions
-        loaded = await self._retrying("loading checkpoints", repository.load_checkpoints)
-        # Read first: nothing is written unless the log can be recovered as it stands.
-        restorers = await asyncio.gather(
-            *(self._read_before_claiming(p, loaded.get(p)) for p in range(partitions))
+    async def _run(self, recovered: Recovered) -> None:
+        """Set the parts to work on what recovery found."""
+        self._partitions = len(recovered.windows)
+        checkpointer = self._checkpointer = Checkpointer(
+            self._repository,
+            self.options.checkpoints,
+            self._emitter.acked,
+            recovered.windows,
+            recovered.owners,
+            recovered.checkpoints,
+            writer=self.writer_id,
+            window_size=self.options.idempotency_window,
         )
-        for restorer in restorers:
-            for workflow in restorer.open.values():
-                self._rebuild(restorer.partition, workflow)  # a type or input it cannot take
-        claims = await asyncio.gather(*(self._claim(p) for p in range(partitions)))
-        await self._settle_claims(claims)
-        await asyncio.gather(
-            *(
-                self._retrying(
-                    f"recovering partition {restorer.partition}",
-                    functools.partial(restorer.read_to, claims[restorer.partition]),
-                )
-                for restorer in restorers
-            )
+        supervisor = self._supervisor = Supervisor(
+            self._emitter,
+            self._codec,
+            self.gate,
+            self.options,
+            recovered.windows,
+            checkpointer,
+            self._stats,
+            self._actions,
         )
-        restored = [restorer.result(claims[restorer.partition]) for restorer in restorers]
-        checkpoints = [restorer.checkpoint for restorer in restorers]
-        return self._adopt(restored, checkpoints), restored
+        await self._background.start()
+        self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
+        self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
+        await supervisor.start(recovered.executions)
 
-    async def _read_before_claiming(
-        self, partition: int, checkpoint: Checkpoint | None
-    ) -> PartitionRestorer:
-        """Refuse a log of another codec, pick the checkpoint to recover from (none when
-        the stored one is another log's), and recover up to the log's current end."""
-        repository = self._repository
+    async def _fail_start(self) -> None:
+        self._state = "closed"
+        if self._supervisor is not None:
+            await self._supervisor.close(0)
+        await self._background.close(CANCEL_GRACE)
+        self._actions.close()
+        await self._repository.close()
 
-        async def check() -> tuple[int, Checkpoint]:
-            end = await repository.end_offset(partition)
-            await check_codec(repository, self._codec, partition, end)
-            return end, await trusted_checkpoint(repository, partition, checkpoint, end)
+    async def _save_checkpoints(self, checkpointer: Checkpointer) -> None:
+        try:
+            await checkpointer.run()
+        except Fenced as error:
+            self._fence.fenced(error)
 
-        end, trusted = await self._retrying(f"checking partition {partition}", check)
-        restorer = PartitionRestorer(
-            repository, self._codec, partition, trusted, self.options.idempotency_window
-        )
-        what = f"recovering partition {partition}"
-        await self._retrying(what, restorer.prepare)
-        await self._retrying(what, functools.partial(restorer.read_to, end))
-        return restorer
-
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        """``call()``, retried on transient storage errors (bounded by start_timeout)."""
-
-        def note(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            self._start_error = f"{what}: {error}"
-            logger.warning(
-                "%s failed (attempt %d), retrying: %s",
-                what,
-                state.attempt_number,
-                error,
-                extra=fields(),
-            )
-
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientStorageError),
-            wait=self.options.emit_backoff.wait(),
-            before_sleep=note,
-            reraise=True,
-        ):
-            with attempt:
-                result = await call()
-        return result
-
-    async def _claim(self, partition: int) -> int:
-        """Append this node's ActiveWriter to ``partition``; return its offset."""
-        claim = ActiveWriter(
-            self.writer_id,
-            time.time(),
-            codec=self._codec.name,
-            window=self.options.idempotency_window,
-        )
-        return await self._emitter.emit(partition, self.writer_id, claim)
-
-    async def _settle_claims(self, claims: list[int]) -> None:
-        """Resolve a start racing another one: if another node claimed a partition after
-        this node did, the greater writer id keeps the whole log, re-claiming what it lost,
-        and the other gives up with Fenced before it accepts any work."""
-        for _ in range(_MAX_CLAIM_ROUNDS):
-            owners = await asyncio.gather(
-                *(
-                    self._retrying(
-                        f"reading the owner of partition {p}",
-                        functools.partial(self._repository.current_owner, p),
-                    )
-                    for p in range(self._partitions)
-                )
-            )
-            lost = [p for p, owner in enumerate(owners) if owner != self.writer_id]
-            if not lost:
-                return
-            rival = max(owners[p] for p in lost)
-            if rival > self.writer_id:
-                raise Fenced(
-                    f"node {rival!r} started at the same time as {self.writer_id!r} and "
-                    f"keeps the log (partitions {lost} were claimed by it after this node)"
-                )
-            logger.warning(
-                "partitions %s were claimed by %r during start; claiming them again",
-                lost,
-                rival,
-                extra=fields(),
-            )
-            for partition in lost:
-                claims[partition] = await self._claim(partition)
-        raise StartupError(f"node {self.writer_id!r} could not settle its claims")
+    async def _watch_fence(self) -> None:
+        """Another writer claimed a partition: stop everything, fail every caller."""
+        error = await self._fence.wait()
+        logger.error("kapbit node %s was fenced and stops: %s", self.node_id, error, extra=fields())
+        self._state = "fenced"
+        if self._supervisor is not None:
+            self._supervisor.fail_all(error)
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close(0))
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop accepting work, wait up to ``timeout`` for in-flight workflows, release.
@@ -372,54 +264,42 @@ class Kapbit:
             return
         if self._state == "running":
             self._state = "closing"
-        await self._await_cancelled(self._retry_worker.abort())
-        tasks = list(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(
-                tasks, timeout=self.options.close_timeout if timeout is None else timeout
-            )
-            for task in pending:
-                task.cancel()
-            await self._await_cancelled(pending)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self._checkpointer is not None and self._fenced_error is None:
+        supervisor = self._supervisor
+        if supervisor is not None:
+            drain = self.options.close_timeout if timeout is None else timeout
+            if not await supervisor.close(drain):
+                # A task ignored cancellation: whatever it does later is not written.
+                self._fence.stop(f"instance {self.node_id} closed")
+        await self._background.close(CANCEL_GRACE)
+        if self._checkpointer is not None and self._fence.error is None:
             try:
                 await self._checkpointer.save()
             except Fenced as error:  # replaced while idle: learnt only now
-                self._fenced_error = error
+                self._fence.fenced(error)
                 self._state = "fenced"
             except KapbitError as error:
                 logger.warning("final checkpoint not saved: %s", error, extra=fields())
-        closed = InstanceClosed(f"instance {self.node_id} closed")
-        for execution in list(self._in_flight.values()):
-            execution.resolve(error=self._fenced_error or closed)
+        if supervisor is not None:
+            supervisor.fail_all(
+                self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
+            )
         if self._state != "fenced":
             self._state = "closed"
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
 
-    async def _await_cancelled(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
-        """Wait up to ``_CANCEL_GRACE`` for cancelled ``tasks`` to end; a task still running
-        then (a step that swallows cancellation) is abandoned as a crash would leave it:
-        nothing it does later is written, its workflow stays open for the next instance."""
-        tasks = list(tasks)
-        if not tasks:
-            return
-        _, stuck = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
-        if stuck:
-            logger.error(
-                "kapbit node %s abandons %d tasks that ignored cancellation for %.1f s; "
-                "their workflows stay open for the next instance",
-                self.node_id,
-                len(stuck),
-                _CANCEL_GRACE,
-                extra=fields(),
-            )
-            if self._emitter.fenced is None:
-                self._emitter.fenced = Fenced(f"instance {self.node_id} closed")
+    def abort(self) -> None:
+        """Abandon the instance as a crash (SIGKILL) would: every task is cancelled at
+        once, nothing more is written, nothing is released and no final checkpoint is
+        saved. For tests of your own workflows' recovery: start a new instance on the same
+        repository afterwards and it resumes what this one left open."""
+        self._state = "closed"
+        self._fence.stop(f"instance {self.node_id} was killed")
+        if self._supervisor is not None:
+            self._supervisor.abort()
+        self._background.abort()
+        self._actions.close()
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -472,7 +352,7 @@ class Kapbit:
                 sorted(self._definitions),
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
-        self._check_running()
+        supervisor = self._running()
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
@@ -486,9 +366,9 @@ class Kapbit:
             )
         _check_workflow_id(workflow_id)
         partition = partition_for(workflow_id, self._partitions)
-        if workflow_id in self._in_flight or workflow_id in self._windows[partition]:
+        if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
-        if len(self._in_flight) >= self.options.max_workflows:
+        if len(supervisor) >= self.options.max_workflows:
             raise TooManyWorkflows(self.options.max_workflows)
         codec = self._codec
         try:
@@ -505,14 +385,11 @@ class Kapbit:
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)
-        self._in_flight[workflow_id] = execution
-        assert self._checkpointer is not None
-        self._checkpointer.opening(partition, workflow_id)
-        task = self._spawn(execution, value)
+        outcome = supervisor.submit(execution, value)
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(outcome)
         except asyncio.CancelledError:
-            if task.cancelled():
+            if outcome.cancelled():
                 if execution.created_offset < 0:
                     what = (
                         "its WorkflowCreated may have been written (not acknowledged yet); "
@@ -520,7 +397,7 @@ class Kapbit:
                     )
                 else:
                     what = "the next instance resumes it"
-                raise self._fenced_error or InstanceClosed(
+                raise self._fence.error or InstanceClosed(
                     f"instance closed before workflow {workflow_id!r} finished; {what}"
                 ) from None
             raise
@@ -534,23 +411,17 @@ class Kapbit:
         for an id this instance does not know, and
         :class:`~kapbit.errors.Fenced` once another instance has taken over.
         """
-        if self._fenced_error is not None:
-            raise self._fenced_error
-        execution = self._in_flight.get(workflow_id)
-        if execution is not None:
-            return await asyncio.wait_for(asyncio.shield(execution.waiter()), timeout)
-        finished = self._finished.get(workflow_id)
-        if finished is None:
+        if self._fence.error is not None:
+            raise self._fence.error
+        if self._supervisor is None:
             raise WorkflowNotFound(workflow_id)
-        result, error = finished
-        if error is not None:
-            raise error
-        return result
+        return await self._supervisor.wait_result(workflow_id, timeout)
 
     @property
     def stats(self) -> Stats:
         """A snapshot of the counters."""
         stats = self._stats
+        supervisor = self._supervisor
         return Stats(
             started=stats.started,
             recovered=stats.recovered,
@@ -560,274 +431,27 @@ class Kapbit:
             dead_lettered=stats.dead_lettered,
             rejected=stats.rejected,
             invalid_returns=stats.invalid_returns,
-            in_flight=len(self._in_flight),
-            retrying=len(self._retry_worker),
+            in_flight=0 if supervisor is None else len(supervisor),
+            retrying=0 if supervisor is None else supervisor.retrying,
             gate_open=self.gate.is_open,
         )
+
+    def in_flight(self) -> list[str]:
+        """The ids of the workflows this instance runs now (new, resumed or retrying)."""
+        return [] if self._supervisor is None else self._supervisor.ids()
 
     @property
     def is_running(self) -> bool:
         """Whether the instance accepts workflows."""
         return self._state == "running"
 
-    # --- internals ------------------------------------------------------------------------
-
-    def _check_running(self) -> None:
-        if self._state != "running":
-            if self._fenced_error is not None:
-                raise self._fenced_error
+    def _running(self) -> Supervisor:
+        """The supervisor, if the instance accepts workflows; else why it does not."""
+        if self._state != "running" or self._supervisor is None:
+            if self._fence.error is not None:
+                raise self._fence.error
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
-
-    def _spawn(self, execution: WorkflowExecution, created: bytes | None) -> asyncio.Task[Any]:
-        task = asyncio.create_task(self._drive(execution, created))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller (if any) saw it already
-
-    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Any:
-        """Create (when ``created`` holds the encoded event) and run an execution."""
-        if created is not None:
-            try:
-                offset = await self._emitter.append(
-                    execution.partition, _CREATED, execution.id, created
-                )
-            except asyncio.CancelledError:
-                # Stopped (close, abort, fencing) with the append's outcome unknown: a
-                # try whose ack was lost may have landed. The checkpoint keeps holding
-                # below it, so the next instance finds the workflow and finishes it.
-                self._in_flight.pop(execution.id, None)
-                raise
-            except BaseException:
-                # Refused (or fenced): nothing this instance acts on was written.
-                self._in_flight.pop(execution.id, None)
-                if self._checkpointer is not None:
-                    self._checkpointer.abandoned(execution.partition, execution.id)
-                raise
-            execution.created_offset = offset
-            self._windows[execution.partition].add(execution.id, offset)
-            assert self._checkpointer is not None
-            self._checkpointer.opened(execution.partition, execution.id, offset)
-            self._stats.started += 1
-        try:
-            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
-        except StepRaised as raised:
-            self._note_step_raised(execution, raised)
-            self._retry_worker.schedule(execution)
-            raise WillRetryLater(execution.id, raised.cause) from raised.cause
-        except (WorkflowRejected, InvalidReturnValue) as ended:
-            self._finish(execution, error=ended)
-            raise
-        self._finish(execution, result=result, compensated=compensated)
-        return result
-
-    def _note_step_raised(
-        self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
-    ) -> None:
-        # Bounded: the error goes into WorkflowRetry / DeadLetter events.
-        execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
-        logger.log(
-            level,
-            "%s",
-            raised,
-            extra=execution_fields(execution),
-        )
-        if raised.breaker_open:
-            self.gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
-
-    async def _retry_attempt(self, execution: WorkflowExecution) -> None:
-        """One retry-worker attempt: record it, resume, finish on success."""
-        execution.attempts += 1
-        self._stats.retried += 1
-        try:
-            await self._emit_or_reject(
-                execution,
-                WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
-            )
-            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
-        except StepRaised as raised:
-            # The retry worker logs the failed attempt itself.
-            self._note_step_raised(execution, raised, logging.INFO)
-            raise
-        except (WorkflowRejected, InvalidReturnValue) as ended:
-            self._finish(execution, error=ended)
-            return
-        self._finish(execution, result=result, compensated=compensated)
-
-    async def _dead_letter(self, execution: WorkflowExecution) -> None:
-        try:
-            await self._emit_or_reject(
-                execution,
-                DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
-            )
-        except WorkflowRejected as rejected:
-            self._finish(execution, error=rejected)
-            return
-        logger.error(
-            "workflow %r dead-lettered after %d attempts: %s",
-            execution.id,
-            execution.attempts,
-            execution.last_error,
-            extra=execution_fields(execution),
-        )
-        self._finish(
-            execution, error=DeadLettered(execution.id, execution.attempts, execution.last_error)
-        )
-
-    async def _emit_or_reject(
-        self, execution: WorkflowExecution, event: WorkflowRetry | DeadLetter
-    ) -> None:
-        """Append a retry-worker event; if storage refuses it, terminate with Rejected."""
-        try:
-            await self._emitter.emit(execution.partition, execution.id, event)
-        except (RecordRejected, EncodeError) as exc:
-            await execution.reject(self._emitter, KIND_OF[type(event)].value, str(exc))
-
-    def _workflow_type(self, workflow_id: str) -> str | None:
-        execution = self._in_flight.get(workflow_id)
-        return None if execution is None else execution.definition.type
-
-    def _open_gate_if_idle(self) -> None:
-        """The gate reopens when a workflow completes: with none left to probe, let one in."""
-        if not self._in_flight and not self.gate.is_open:
-            self.gate.open("no workflow left to probe with")
-
-    def _finish(
-        self,
-        execution: WorkflowExecution,
-        result: Any = None,
-        compensated: bool = False,
-        error: BaseException | None = None,
-    ) -> None:
-        """Bookkeeping once a workflow's terminal event is durable."""
-        self._in_flight.pop(execution.id, None)
-        if self._checkpointer is not None:
-            self._checkpointer.terminated(execution.partition, execution.id)
-        stats = self._stats
-        if error is None:
-            if compensated:
-                stats.compensated += 1
-            else:
-                stats.succeeded += 1
-            self.gate.open()
-        elif isinstance(error, DeadLettered):
-            stats.dead_lettered += 1
-        elif isinstance(error, InvalidReturnValue):
-            stats.invalid_returns += 1
-            logger.error("%s", error, extra=execution_fields(execution))
-        else:
-            stats.rejected += 1
-            logger.error("%s", error, extra=execution_fields(execution))
-        self._open_gate_if_idle()
-        execution.resolve(result, error)
-        finished = self._finished
-        finished[execution.id] = (result, error)
-        if len(finished) > self.options.result_cache:
-            finished.popitem(last=False)
-
-    def _on_fenced(self, error: Fenced) -> None:
-        """Another node claimed a partition: stop everything, fail every caller."""
-        if self._fenced_error is not None:
-            return
-        logger.error("kapbit node %s was fenced and stops: %s", self.node_id, error, extra=fields())
-        self._fenced_error = error
-        self._state = "fenced"
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for execution in list(self._in_flight.values()):
-            execution.resolve(error=error)
-        if self._close_task is None:
-            self._close_task = asyncio.create_task(self._close(0))
-
-    def _adopt(
-        self, restored: list[RestoredPartition], checkpoints: list[Checkpoint]
-    ) -> list[WorkflowExecution]:
-        """Turn what recovery found into windows, checkpoint state and executions."""
-        owners: list[OwnerTracker] = []
-        executions: list[WorkflowExecution] = []
-        for part in restored:
-            window = self._windows[part.partition]
-            for workflow_id, offset in part.window:
-                window.add(workflow_id, offset)
-            part.owners.claimed(part.claim_offset, self.writer_id)
-            owners.append(part.owners)
-            if self._emitter.acked[part.partition] < part.claim_offset:
-                self._emitter.acked[part.partition] = part.claim_offset
-            for workflow in part.in_flight:
-                executions.append(self._rebuild(part.partition, workflow))
-        self._checkpointer = Checkpointer(
-            self._repository,
-            self.options.checkpoints,
-            self._emitter.acked,
-            self._windows,
-            owners,
-            checkpoints,
-            on_fenced=self._on_fenced,
-            writer=self.writer_id,
-            window_size=self.options.idempotency_window,
-        )
-        for execution in executions:
-            self._in_flight[execution.id] = execution
-            self._checkpointer.opened(execution.partition, execution.id, execution.created_offset)
-        self._stats.recovered = len(executions)
-        return executions
-
-    def _rebuild(self, partition: int, workflow: RestoredWorkflow) -> WorkflowExecution:
-        definition = self._definitions.get(workflow.type)
-        if definition is None:
-            raise UnknownWorkflowType(
-                workflow.type,
-                sorted(self._definitions),
-                f" for workflow {workflow.id!r} in flight at partition {partition}, "
-                f"offset {workflow.created_offset}",
-            )
-        codec = self._codec
-        try:
-            input = codec.decode(workflow.input, definition.input_type)
-        except DecodeError as exc:
-            raise CorruptRecord(partition, workflow.created_offset, f"input: {exc}") from exc
-        execution = WorkflowExecution(
-            workflow.id,
-            definition,
-            partition,
-            input,
-            attempts=workflow.attempts,
-            last_error=workflow.last_error,
-        )
-        execution.created_offset = workflow.created_offset
-        for offset, outcome in workflow.outcomes:
-            if outcome.step >= len(definition.steps):
-                raise CorruptRecord(
-                    partition,
-                    offset,
-                    f"step {outcome.step} of a {len(definition.steps)}-step workflow",
-                )
-            try:
-                value = codec.decode(outcome.value, definition.outcome_type_of(outcome.step))
-            except DecodeError as exc:
-                raise CorruptRecord(partition, offset, f"outcome value: {exc}") from exc
-            execution.progress._record(
-                outcome.phase, outcome.step, restore_outcome(outcome.success, value)
-            )
-        return execution
-
-    def abort(self) -> None:
-        """Abandon the instance as a crash (SIGKILL) would: every task is cancelled at
-        once, nothing more is written, nothing is released and no final checkpoint is
-        saved. For tests of your own workflows' recovery: start a new instance on the same
-        repository afterwards and it resumes what this one left open."""
-        self._state = "closed"
-        self._emitter.fenced = Fenced(f"instance {self.node_id} was killed")
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        self._retry_worker.abort()
-        self._actions.close()
+        return self._supervisor
 
 
 def _check_workflow_id(workflow_id: object) -> None:

@@ -16,9 +16,11 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit._lifecycle import CANCEL_GRACE, TaskHost
 from kapbit._log import execution_fields
 from kapbit.errors import Fenced, InstanceClosed
 from kapbit.execution import StepRaised, WorkflowExecution
@@ -27,10 +29,16 @@ from kapbit.options import RetryPolicy
 
 logger = logging.getLogger("kapbit.retry")
 
-#: Runs one attempt: records it, resumes the execution, finishes it on success.
-Attempt = Callable[[WorkflowExecution], Awaitable[None]]
-#: Terminates an execution that used up its attempts.
-GiveUp = Callable[[WorkflowExecution], Awaitable[None]]
+
+class Attempts(Protocol):
+    """What the retry worker asks of whoever supervises the workflows."""
+
+    async def attempt(self, execution: WorkflowExecution) -> None:
+        """Run one attempt: record it, resume the execution, finish it on success; raise
+        :class:`~kapbit.execution.StepRaised` when a step raised again."""
+
+    async def give_up(self, execution: WorkflowExecution) -> None:
+        """Terminate an execution that used up its attempts (dead letter)."""
 
 
 class _Scheduled(Exception):
@@ -38,7 +46,8 @@ class _Scheduled(Exception):
 
 
 class RetryWorker:
-    """Owns the workflows waiting for another attempt, one task each.
+    """Owns the workflows waiting for another attempt, one task each (in a task group
+    from :meth:`start` to :meth:`close`).
 
     ``probing`` is the id of the workflow currently probing in slow mode (``None`` when
     none is). ``sleep`` waits out backoffs and the slow interval (tests inject their own).
@@ -48,17 +57,16 @@ class RetryWorker:
         self,
         policy: RetryPolicy,
         gate: EntryGate,
-        attempt: Attempt,
-        give_up: GiveUp,
+        attempts: Attempts,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._policy = policy
         self._gate = gate
-        self._attempt = attempt
-        self._give_up = give_up
+        self._attempts_of = attempts
         self._sleep = sleep
         self.probing: str | None = None
         self._queue: deque[tuple[str, asyncio.Future[None]]] = deque()
+        self._host = TaskHost("kapbit-retry-worker")
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
@@ -71,7 +79,7 @@ class RetryWorker:
         """Take over ``execution`` until it terminates or the worker stops."""
         if execution.id in self._tasks:
             raise RuntimeError(f"workflow {execution.id!r} is already scheduled for retry")
-        task = asyncio.create_task(self._retry(execution), name=f"kapbit-retry-{execution.id}")
+        task = self._host.spawn(self._retry(execution), name=f"kapbit-retry-{execution.id}")
         self._tasks[execution.id] = task
 
         def done(finished: asyncio.Task[None]) -> None:
@@ -80,17 +88,18 @@ class RetryWorker:
 
         task.add_done_callback(done)
 
-    async def stop(self) -> None:
-        """Cancel every pending retry and wait; the workflows stay open in the log."""
-        tasks = self.abort()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def start(self) -> None:
+        """Accept workflows to retry."""
+        await self._host.start()
 
-    def abort(self) -> list[asyncio.Task[None]]:
-        """Cancel every pending retry without waiting; returns the cancelled tasks."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        return tasks
+    async def close(self, grace: float = CANCEL_GRACE) -> bool:
+        """Cancel every pending retry and wait up to ``grace`` seconds; the workflows stay
+        open in the log. ``False`` when a retry ignored cancellation and was abandoned."""
+        return await self._host.close(grace)
+
+    def abort(self) -> None:
+        """Cancel every pending retry without waiting."""
+        self._host.abort()
 
     async def _retry(self, execution: WorkflowExecution) -> None:
         try:
@@ -100,7 +109,7 @@ class RetryWorker:
                     return
                 except StepRaised:
                     pass  # attempts exhausted: dead letter
-            await self._give_up(execution)
+            await self._attempts_of.give_up(execution)
         except (Fenced, InstanceClosed) as exc:
             logger.debug(
                 "retries of %r stopped: %s", execution.id, exc, extra=execution_fields(execution)
@@ -165,11 +174,11 @@ class RetryWorker:
                         execution.id,
                         extra=execution_fields(execution),
                     )
-                    await self._attempt(execution)
+                    await self._attempts_of.attempt(execution)
                     return
             finally:
                 self._pass_probe()
-        await self._attempt(execution)
+        await self._attempts_of.attempt(execution)
 
     async def _become_probe(self, execution: WorkflowExecution) -> bool:
         """Wait for the probe role (first come, first served): ``True`` once it is held,

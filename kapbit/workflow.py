@@ -157,7 +157,8 @@ class Progress:
     def __repr__(self) -> str:
         return f"Progress(executions={self._executions!r}, compensations={self._compensations!r})"
 
-    def _record(self, phase: Phase, step: int, outcome: Outcome) -> None:
+    def record(self, phase: Phase, step: int, outcome: Outcome) -> None:
+        """Add an outcome (the engine does, as it persists or recovers one)."""
         target = self._executions if phase == "execute" else self._compensations
         target[step] = outcome
 

@@ -148,7 +148,7 @@ async def _run(args: argparse.Namespace) -> int:
     except Fenced as exc:
         print(f"fenced {exc}", flush=True)
         return EXIT_FENCED
-    recovered = list(kbit._in_flight)
+    recovered = kbit.in_flight()
     print(f"started {node} {len(recovered)}", flush=True)
     slots = asyncio.Semaphore(args.concurrency)
     fenced: list[Fenced] = []

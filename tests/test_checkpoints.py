@@ -286,7 +286,7 @@ async def test_the_checkpointer_holds_below_a_workflow_whose_creation_is_in_flig
     owners[0].writers.append((4, "n"))  # "n" claimed the partition at offset 4
     owners[0].owner = "n"
     checkpointer = Checkpointer(
-        MemRepository(), CheckpointPolicy(), acked, windows, owners, [Checkpoint()]
+        MemRepository(), CheckpointPolicy(), acked.__getitem__, windows, owners, [Checkpoint()]
     )
     assert checkpointer.checkpoint(0) == Checkpoint(10, "n", 10, "n")
     checkpointer.opening(0, "w")

@@ -62,9 +62,9 @@ def test_instance_refuses_duplicate_types_and_non_definitions() -> None:
 def test_progress_reads_by_index_and_name_in_order() -> None:
     definition = Definition("w", [Step(_ok, name="a"), Step(_ok, name="b"), Step(_ok, name="c")])
     progress = definition.new_progress()
-    progress._record("execute", 0, Success(1))
-    progress._record("execute", 1, Failure("no"))
-    progress._record("compensate", 0, Success("undone"))
+    progress.record("execute", 0, Success(1))
+    progress.record("execute", 1, Failure("no"))
+    progress.record("compensate", 0, Success("undone"))
     assert progress.value("a") == 1 and progress.value(0) == 1
     assert progress.execution("b") == Failure("no")
     assert progress.execution("c") is None

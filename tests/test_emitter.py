@@ -15,6 +15,7 @@ import pytest
 from kapbit import Backoff, EncodeError, Fenced, JsonCodec, MemRepository, RecordRejected
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.events import StepOutcome
+from kapbit.fencing import Fence
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import BreakerStates, Clock, LogCapture, expire_reset_timeout, wait_until
 
@@ -31,7 +32,7 @@ class Rig:
     storage: pybreaker.CircuitMemoryStorage
     states: BreakerStates
     clock: Clock
-    fenced: list[Fenced] = field(default_factory=list)
+    fence: Fence = field(default_factory=Fence)
 
 
 async def rig(
@@ -49,18 +50,17 @@ async def rig(
     states = BreakerStates()
     breaker = new_storage_breaker(fail_max, RESET, states, state_storage=storage)
     clock = Clock()
-    fenced: list[Fenced] = []
+    fence = Fence()
     emitter = Emitter(
         faults,
         codec or JsonCodec(),
         NODE,
         breaker,
         backoff or Backoff(initial=0.01, maximum=0.04, jitter=0.0),
-        fenced.append,
+        fence,
         sleep=clock.sleep,
-        workflow_type=lambda key: "saga" if key.startswith("w") else None,
     )
-    return Rig(mem, faults, emitter, breaker, storage, states, clock, fenced)
+    return Rig(mem, faults, emitter, breaker, storage, states, clock, fence)
 
 
 def outcome(workflow_id: str = "w1", step: int = 0) -> StepOutcome:
@@ -81,7 +81,7 @@ async def test_transient_errors_are_retried_with_capped_exponential_backoff() ->
     assert failing.hits == 5
     assert r.faults.calls["step_outcome"] == 6  # 5 failures, then the one that landed
     assert landed(r) == ["step_outcome"]  # exactly once
-    assert offset == 1 and r.emitter.acked == [1]
+    assert offset == 1 and r.emitter.acked(0) == 1
     # initial, doubling, capped at the maximum; no jitter configured.
     assert r.clock.delays == [0.01, 0.02, 0.04, 0.04, 0.04]
 
@@ -99,7 +99,7 @@ async def test_retry_log_level_rises_and_records_name_the_workflow() -> None:
     r = await rig()
     r.faults.fail(times=17)
     with LogCapture("kapbit.emitter") as logs:
-        await r.emitter.emit(0, "w1", outcome())
+        await r.emitter.emit(0, "w1", outcome(), workflow_type="saga")
     failures = [rec for rec in logs.records if "failed" in rec.getMessage()]
     # Attempts 1-10 are all logged, later ones only at powers of two (16).
     assert [int(rec.args[3]) for rec in failures] == [*range(1, 11), 16]  # type: ignore[index]
@@ -117,7 +117,7 @@ async def test_retrying_continues_across_partitions_independently() -> None:
     first = asyncio.create_task(r.emitter.emit(1, "w1", outcome("w1")))
     assert await r.emitter.emit(0, "w2", outcome("w2")) == 1
     assert await first == 1
-    assert r.emitter.acked == [1, 1]
+    assert [r.emitter.acked(0), r.emitter.acked(1)] == [1, 1]
 
 
 # --- stopping -------------------------------------------------------------------------------
@@ -149,12 +149,13 @@ async def test_fenced_stops_the_emitter_for_good() -> None:
     await r.mem.append(0, "active_writer", "node-b", "node-b", b"{}")  # another node claims
     with pytest.raises(Fenced):
         await r.emitter.emit(0, "w1", outcome())
-    assert len(r.fenced) == 1
+    first = r.fence.error
+    assert first is not None
     calls = sum(r.faults.calls.values())
     with pytest.raises(Fenced):
         await r.emitter.emit(0, "w2", outcome("w2"))
     assert sum(r.faults.calls.values()) == calls, "a fenced emitter still wrote"
-    assert len(r.fenced) == 1  # on_fenced is called once
+    assert r.fence.error is first  # the first refusal is the one recorded
     assert r.clock.delays == []
 
 
@@ -167,8 +168,8 @@ async def test_fenced_while_retrying_stops_the_retries() -> None:
     outage.release()
     with pytest.raises(Fenced):
         await task
-    assert len(r.fenced) == 1
-    assert r.emitter.fenced is r.fenced[0]
+    assert r.fence.error is not None
+    assert (await r.fence.wait()) is r.fence.error
 
 
 async def test_a_killed_emitter_stops_retrying_without_writing() -> None:
@@ -176,7 +177,7 @@ async def test_a_killed_emitter_stops_retrying_without_writing() -> None:
     outage = r.faults.fail()
     task = asyncio.create_task(r.emitter.emit(0, "w1", outcome()))
     await outage.wait_hits(2)
-    r.emitter.fenced = Fenced("killed")  # what Kapbit.abort does
+    r.fence.stop("killed")  # what Kapbit.abort does
     outage.release()
     with pytest.raises(Fenced, match="killed"):
         await task

@@ -89,7 +89,7 @@ def worker(
     fake = Fake(gate)
     clock = clock or Clock(hold_from=SLOW)
     policy = RetryPolicy(fast=FAST, slow_interval=SLOW, max_attempts=max_attempts)
-    return RetryWorker(policy, gate, fake.attempt, fake.give_up, sleep=clock.sleep), fake, clock
+    return RetryWorker(policy, gate, fake, sleep=clock.sleep), fake, clock
 
 
 def execution(workflow_id: str, attempts: int = 0) -> WorkflowExecution:
@@ -101,6 +101,7 @@ def execution(workflow_id: str, attempts: int = 0) -> WorkflowExecution:
 
 async def test_fast_mode_backs_off_exponentially_then_gives_up_after_the_limit() -> None:
     retry, fake, clock = worker(max_attempts=5)
+    await retry.start()
     retry.schedule(execution("a"))
     await wait_until(lambda: fake.given_up != [])
     assert fake.attempts == [("a", n) for n in range(1, 6)]
@@ -112,6 +113,7 @@ async def test_fast_mode_backs_off_exponentially_then_gives_up_after_the_limit()
 
 async def test_a_successful_attempt_ends_the_retries() -> None:
     retry, fake, clock = worker(max_attempts=1000)
+    await retry.start()
     retry.schedule(execution("a"))
     await wait_until(lambda: len(fake.attempts) >= 2)
     fake.down = False
@@ -123,6 +125,7 @@ async def test_a_successful_attempt_ends_the_retries() -> None:
 
 async def test_a_workflow_restored_with_its_attempts_used_up_is_given_up_at_once() -> None:
     retry, fake, clock = worker(max_attempts=3)
+    await retry.start()
     retry.schedule(execution("a", attempts=3))
     await wait_until(lambda: fake.given_up != [])
     assert fake.given_up == [("a", 3)] and fake.attempts == [] and clock.delays == []
@@ -130,6 +133,7 @@ async def test_a_workflow_restored_with_its_attempts_used_up_is_given_up_at_once
 
 async def test_a_restored_workflow_continues_its_attempt_count() -> None:
     retry, fake, _ = worker(max_attempts=4)
+    await retry.start()
     retry.schedule(execution("a", attempts=2))
     await wait_until(lambda: fake.given_up != [])
     assert fake.attempts == [("a", 3), ("a", 4)] and fake.given_up == [("a", 4)]
@@ -137,6 +141,7 @@ async def test_a_restored_workflow_continues_its_attempt_count() -> None:
 
 async def test_fast_mode_retries_workflows_concurrently() -> None:
     retry, fake, _ = worker()
+    await retry.start()
     fake.hold = asyncio.Event()
     for name in "abc":
         retry.schedule(execution(name))
@@ -148,19 +153,21 @@ async def test_fast_mode_retries_workflows_concurrently() -> None:
 
 async def test_scheduling_a_workflow_twice_is_refused() -> None:
     retry, _, _ = worker()
+    await retry.start()
     retry.schedule(execution("a"))
     with pytest.raises(RuntimeError, match="already scheduled"):
         retry.schedule(execution("a"))
-    await retry.stop()
+    await retry.close()
 
 
 async def test_stop_cancels_pending_retries_without_giving_up() -> None:
     retry, fake, _ = worker()
+    await retry.start()
     fake.hold = asyncio.Event()
     retry.schedule(execution("a"))
     retry.schedule(execution("b"))
     await wait_until(lambda: fake.running == 2)
-    await retry.stop()
+    await retry.close()
     assert len(retry) == 0 and fake.given_up == [] and fake.finished == []
 
 
@@ -169,6 +176,7 @@ async def test_stop_cancels_pending_retries_without_giving_up() -> None:
 
 async def test_slow_mode_probes_one_workflow_at_a_time_after_the_slow_interval() -> None:
     retry, fake, clock = worker(max_attempts=100)
+    await retry.start()
     fake.gate.close("test breaker")
     for name in "abcd":
         retry.schedule(execution(name))
@@ -194,6 +202,7 @@ async def test_slow_mode_probes_one_workflow_at_a_time_after_the_slow_interval()
 
 async def test_gate_reopening_during_the_slow_wait_sends_everyone_back_to_fast_mode() -> None:
     retry, fake, clock = worker()
+    await retry.start()
     fake.gate.close("test breaker")
     fake.down = False
     for name in "abc":
@@ -207,6 +216,7 @@ async def test_gate_reopening_during_the_slow_wait_sends_everyone_back_to_fast_m
 
 async def test_waiters_do_not_wait_for_a_slow_probe_once_the_gate_reopens() -> None:
     retry, fake, clock = worker()
+    await retry.start()
     fake.gate.close("test breaker")
     fake.hold = asyncio.Event()
     fake.down = False
@@ -223,6 +233,7 @@ async def test_waiters_do_not_wait_for_a_slow_probe_once_the_gate_reopens() -> N
 
 async def test_a_gate_closing_mid_retry_moves_the_next_attempts_to_slow_mode() -> None:
     retry, fake, clock = worker(max_attempts=100)
+    await retry.start()
     for name in "ab":
         retry.schedule(execution(name))
     await wait_until(lambda: len(fake.attempts) >= 4)  # fast mode, both retrying
@@ -232,7 +243,7 @@ async def test_a_gate_closing_mid_retry_moves_the_next_attempts_to_slow_mode() -
     for _ in range(3):  # let the slow-mode loop turn; nobody may attempt without a tick
         await asyncio.sleep(0)
     assert len(fake.attempts) == attempts
-    await retry.stop()
+    await retry.close()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -240,6 +251,7 @@ async def test_a_gate_closing_mid_retry_moves_the_next_attempts_to_slow_mode() -
 
 async def test_an_unexpected_error_is_logged_with_the_workflow_and_not_retried() -> None:
     retry, fake, _ = worker()
+    await retry.start()
     fake.error = RecordRejected("refused")
     with LogCapture("kapbit.retry") as logs:
         retry.schedule(execution("a"))
@@ -256,6 +268,7 @@ async def test_an_unexpected_error_is_logged_with_the_workflow_and_not_retried()
 
 async def test_fenced_ends_the_retries_quietly() -> None:
     retry, fake, _ = worker()
+    await retry.start()
     fake.error = Fenced("another node")
     with LogCapture("kapbit.retry") as logs:
         retry.schedule(execution("a"))

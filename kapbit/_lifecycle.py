@@ -1,0 +1,158 @@
+"""The one lifecycle convention: ``await x.start()`` / ``await x.close()``, or ``async with``.
+
+Every long-lived kapbit object (the instance, repositories, the projector, read models,
+test brokers) derives from :class:`AsyncResource`. The tasks an object owns run in a
+:class:`TaskHost`: an :class:`asyncio.TaskGroup` that lives from the owner's start to its
+close. See docs/ARCHITECTURE.md, "Lifecycle and ownership".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from kapbit._log import fields
+
+logger = logging.getLogger("kapbit")
+
+_T = TypeVar("_T")
+
+#: How long a close waits for cancelled tasks before abandoning them.
+CANCEL_GRACE = 1.0
+
+
+class AsyncResource:
+    """``start()`` acquires, ``close()`` releases; ``async with`` does both.
+
+    ``close()`` must be safe to call more than once and after a failed ``start()``.
+    """
+
+    async def start(self) -> None:
+        """Acquire what the object needs (connections, tasks)."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` acquired."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class TaskHost:
+    """The tasks one owner runs, in one :class:`asyncio.TaskGroup` held by a host task.
+
+    :meth:`spawn` adds a task from anywhere (also from plain functions) while the host
+    runs; :meth:`close` cancels what is left and waits for it, up to a grace period: a
+    task that ignores cancellation (a step swallowing it) is abandoned, as a crash would
+    leave it, so closing stays bounded. A spawned coroutine must not raise (the group
+    would cancel its siblings): :meth:`spawn_future` delivers an outcome to a future.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._group: asyncio.TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def tasks(self) -> frozenset[asyncio.Task[Any]]:
+        """The tasks still running."""
+        return frozenset(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Start the host task and wait until the group accepts tasks."""
+        ready = asyncio.Event()
+        self._host = asyncio.create_task(self._run(ready), name=self._name)
+        await ready.wait()
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            ready.set()
+            await asyncio.Event().wait()  # until cancelled by close() or abort()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
+        """Run ``coro`` in the group; it must handle its own errors."""
+        if self._group is None:
+            coro.close()
+            raise RuntimeError(f"{self._name} is not running")
+        task = self._group.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def spawn_future(
+        self, coro: Coroutine[Any, Any, _T], name: str | None = None
+    ) -> asyncio.Future[_T]:
+        """Run ``coro`` in the group; its result, error or cancellation goes to the
+        returned future (never to the group)."""
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+
+        async def deliver() -> None:
+            try:
+                result = await coro
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # handed to whoever awaits
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting
+            else:
+                future.set_result(result)
+
+        def cancelled(task: asyncio.Task[None]) -> None:
+            # Also when cancelled before it ran: the coroutine never started then.
+            if not future.done():
+                future.cancel()
+            coro.close()
+
+        self.spawn(deliver(), name).add_done_callback(cancelled)
+        return future
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for the running tasks to end by themselves."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+
+    async def close(self, grace: float) -> bool:
+        """Cancel every task and wait up to ``grace`` seconds; ``False`` when some ignored
+        cancellation and were abandoned."""
+        host = self._host
+        if host is None:
+            return True
+        self._group = None
+        host.cancel()
+        done, _ = await asyncio.wait([host], timeout=grace)
+        if done:
+            if not host.cancelled() and host.exception() is not None:
+                logger.error("%s failed", self._name, exc_info=host.exception(), extra=fields())
+            return True
+        logger.error(
+            "%s abandons %d tasks that ignored cancellation for %.1f s",
+            self._name,
+            len(self._tasks),
+            grace,
+            extra=fields(),
+        )
+        return False
+
+    def abort(self) -> None:
+        """Cancel every task at once without waiting (a crash)."""
+        self._group = None
+        for task in self._tasks:
+            task.cancel()
+        if self._host is not None:
+            self._host.cancel()

@@ -1,0 +1,287 @@
+"""Workflow supervision: the tasks that drive workflows, from creation to their end.
+
+The supervisor owns every execution this instance runs: it appends ``WorkflowCreated``,
+drives the saga, hands a workflow whose step raised to the retry worker (and runs the
+worker's attempts and dead letters), and finishes workflows: checkpoint bookkeeping,
+counters, the entry gate, the result cache. It reports to the front by return values and
+raised errors. See docs/ARCHITECTURE.md, "The life of a workflow".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from kapbit._lifecycle import CANCEL_GRACE, TaskHost
+from kapbit._log import execution_fields
+from kapbit.actions import ActionRunner
+from kapbit.checkpoints import Checkpointer
+from kapbit.codecs import Codec
+from kapbit.emitter import Emitter
+from kapbit.errors import (
+    DeadLettered,
+    EncodeError,
+    InvalidReturnValue,
+    RecordRejected,
+    WillRetryLater,
+    WorkflowNotFound,
+    WorkflowRejected,
+    describe_error,
+)
+from kapbit.events import KIND_OF, DeadLetter, EventKind, WorkflowRetry
+from kapbit.execution import StepRaised, WorkflowExecution
+from kapbit.gate import EntryGate
+from kapbit.idempotency import IdempotencyWindow
+from kapbit.options import Options
+from kapbit.retry_worker import RetryWorker
+from kapbit.stats import Stats
+
+logger = logging.getLogger("kapbit")
+
+_CREATED = EventKind.WORKFLOW_CREATED.value
+_MAX_ERROR_LENGTH = 1000
+
+
+class Supervisor:
+    """Runs and finishes the workflows of one started instance.
+
+    ``windows`` are the partitions' idempotency windows as recovery left them and
+    ``checkpointer`` the checkpoint state of the same start; ``stats`` is counted in;
+    ``actions`` runs the steps' actions.
+    """
+
+    def __init__(
+        self,
+        emitter: Emitter,
+        codec: Codec,
+        gate: EntryGate,
+        options: Options,
+        windows: list[IdempotencyWindow],
+        checkpointer: Checkpointer,
+        stats: Stats,
+        actions: ActionRunner,
+    ) -> None:
+        self._emitter = emitter
+        self._codec = codec
+        self._gate = gate
+        self._options = options
+        self._windows = windows
+        self._checkpointer = checkpointer
+        self._stats = stats
+        self._actions = actions
+        self._in_flight: dict[str, WorkflowExecution] = {}
+        self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
+        self._tasks = TaskHost("kapbit-workflows")
+        self._retry_worker = RetryWorker(options.retry, gate, self)
+
+    def __len__(self) -> int:
+        """The workflows in flight."""
+        return len(self._in_flight)
+
+    def ids(self) -> list[str]:
+        """The ids of the workflows in flight."""
+        return list(self._in_flight)
+
+    @property
+    def retrying(self) -> int:
+        """The workflows waiting for another attempt."""
+        return len(self._retry_worker)
+
+    def knows(self, workflow_id: str, partition: int) -> bool:
+        """Whether ``workflow_id`` runs or is in its partition's idempotency window."""
+        return workflow_id in self._in_flight or workflow_id in self._windows[partition]
+
+    async def start(self, executions: list[WorkflowExecution]) -> None:
+        """Resume ``executions`` (found open by recovery) and accept new workflows."""
+        await self._tasks.start()
+        await self._retry_worker.start()
+        checkpointer = self._checkpointer
+        for execution in executions:
+            self._in_flight[execution.id] = execution
+            checkpointer.opened(execution.partition, execution.id, execution.created_offset)
+        self._stats.recovered = len(executions)
+        for execution in executions:
+            if execution.attempts > 0:
+                self._retry_worker.schedule(execution)
+            else:
+                self._tasks.spawn_future(self._drive(execution, None))
+        self._open_gate_if_idle()
+
+    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Future[Any]:
+        """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
+        the future holds its result or error (also after the caller stops waiting)."""
+        self._in_flight[execution.id] = execution
+        self._checkpointer.opening(execution.partition, execution.id)
+        return self._tasks.spawn_future(self._drive(execution, created))
+
+    async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
+        """The result of a workflow running or recently finished here."""
+        execution = self._in_flight.get(workflow_id)
+        if execution is not None:
+            return await asyncio.wait_for(asyncio.shield(execution.waiter()), timeout)
+        finished = self._finished.get(workflow_id)
+        if finished is None:
+            raise WorkflowNotFound(workflow_id)
+        result, error = finished
+        if error is not None:
+            raise error
+        return result
+
+    async def close(self, timeout: float) -> bool:
+        """Stop retries, wait up to ``timeout`` for running workflows, cancel the rest.
+
+        ``False`` when a task ignored cancellation and was abandoned (its workflow stays
+        open in the log, and the caller must make sure nothing more is written)."""
+        retries_ended = await self._retry_worker.close(CANCEL_GRACE)
+        await self._tasks.wait(timeout)
+        return await self._tasks.close(CANCEL_GRACE) and retries_ended
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every caller still waiting for a workflow of this instance."""
+        for execution in list(self._in_flight.values()):
+            execution.resolve(error=error)
+
+    def abort(self) -> None:
+        """Cancel every task at once (a crash)."""
+        self._tasks.abort()
+        self._retry_worker.abort()
+
+    # --- driving --------------------------------------------------------------------------
+
+    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Any:
+        """Create (when ``created`` holds the encoded event) and run an execution."""
+        if created is not None:
+            try:
+                offset = await self._emitter.append(
+                    execution.partition,
+                    _CREATED,
+                    execution.id,
+                    created,
+                    workflow_type=execution.definition.type,
+                )
+            except asyncio.CancelledError:
+                # Stopped (close, abort, fencing) with the append's outcome unknown: a
+                # try whose ack was lost may have landed. The checkpoint keeps holding
+                # below it, so the next instance finds the workflow and finishes it.
+                self._in_flight.pop(execution.id, None)
+                raise
+            except BaseException:
+                # Refused (or fenced): nothing this instance acts on was written.
+                self._in_flight.pop(execution.id, None)
+                self._checkpointer.abandoned(execution.partition, execution.id)
+                raise
+            execution.created_offset = offset
+            self._windows[execution.partition].add(execution.id, offset)
+            self._checkpointer.opened(execution.partition, execution.id, offset)
+            self._stats.started += 1
+        try:
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
+        except StepRaised as raised:
+            self._note_step_raised(execution, raised)
+            self._retry_worker.schedule(execution)
+            raise WillRetryLater(execution.id, raised.cause) from raised.cause
+        except (WorkflowRejected, InvalidReturnValue) as ended:
+            self._finish(execution, error=ended)
+            raise
+        self._finish(execution, result=result, compensated=compensated)
+        return result
+
+    def _note_step_raised(
+        self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
+    ) -> None:
+        # Bounded: the error goes into WorkflowRetry / DeadLetter events.
+        execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
+        logger.log(level, "%s", raised, extra=execution_fields(execution))
+        if raised.breaker_open:
+            self._gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
+
+    async def attempt(self, execution: WorkflowExecution) -> None:
+        """One retry-worker attempt: record it, resume, finish on success."""
+        execution.attempts += 1
+        self._stats.retried += 1
+        try:
+            await self._emit_or_reject(
+                execution,
+                WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
+            )
+            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
+        except StepRaised as raised:
+            # The retry worker logs the failed attempt itself.
+            self._note_step_raised(execution, raised, logging.INFO)
+            raise
+        except (WorkflowRejected, InvalidReturnValue) as ended:
+            self._finish(execution, error=ended)
+            return
+        self._finish(execution, result=result, compensated=compensated)
+
+    async def give_up(self, execution: WorkflowExecution) -> None:
+        """Dead-letter an execution that used up its attempts."""
+        try:
+            await self._emit_or_reject(
+                execution,
+                DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
+            )
+        except WorkflowRejected as rejected:
+            self._finish(execution, error=rejected)
+            return
+        logger.error(
+            "workflow %r dead-lettered after %d attempts: %s",
+            execution.id,
+            execution.attempts,
+            execution.last_error,
+            extra=execution_fields(execution),
+        )
+        self._finish(
+            execution, error=DeadLettered(execution.id, execution.attempts, execution.last_error)
+        )
+
+    async def _emit_or_reject(
+        self, execution: WorkflowExecution, event: WorkflowRetry | DeadLetter
+    ) -> None:
+        """Append a retry-worker event; if storage refuses it, terminate with Rejected."""
+        try:
+            await self._emitter.emit(
+                execution.partition, execution.id, event, workflow_type=execution.definition.type
+            )
+        except (RecordRejected, EncodeError) as exc:
+            await execution.reject(self._emitter, KIND_OF[type(event)].value, str(exc))
+
+    def _open_gate_if_idle(self) -> None:
+        """The gate reopens when a workflow completes: with none left to probe, let one in."""
+        if not self._in_flight and not self._gate.is_open:
+            self._gate.open("no workflow left to probe with")
+
+    def _finish(
+        self,
+        execution: WorkflowExecution,
+        result: Any = None,
+        compensated: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
+        """Bookkeeping once a workflow's terminal event is durable."""
+        self._in_flight.pop(execution.id, None)
+        self._checkpointer.terminated(execution.partition, execution.id)
+        stats = self._stats
+        if error is None:
+            if compensated:
+                stats.compensated += 1
+            else:
+                stats.succeeded += 1
+            self._gate.open()
+        elif isinstance(error, DeadLettered):
+            stats.dead_lettered += 1
+        elif isinstance(error, InvalidReturnValue):
+            stats.invalid_returns += 1
+            logger.error("%s", error, extra=execution_fields(execution))
+        else:
+            stats.rejected += 1
+            logger.error("%s", error, extra=execution_fields(execution))
+        self._open_gate_if_idle()
+        execution.resolve(result, error)
+        finished = self._finished
+        finished[execution.id] = (result, error)
+        if len(finished) > self._options.result_cache:
+            finished.popitem(last=False)
