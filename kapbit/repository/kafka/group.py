@@ -34,7 +34,6 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -49,6 +48,7 @@ from aiokafka.coordinator.protocol import (
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
+from kapbit._lifecycle import CANCEL_GRACE, AsyncResource, TaskHost
 from kapbit.errors import InstanceClosed, StartupError
 from kapbit.repository.kafka.errors import BROKER_ERRORS
 from kapbit.repository.kafka.repository import CLIENT_DEFAULTS
@@ -315,7 +315,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._completed(assigned)
 
 
-class GroupMembership:
+class GroupMembership(AsyncResource):
     """This instance's membership in the consumer group ``group`` on the log ``topic``.
 
     ``endpoint`` (e.g. ``"10.0.0.7:8080"``) is advertised to the other members, who see it
@@ -385,7 +385,7 @@ class GroupMembership:
         self._client_options = options
         self._assignor = StickyAssignor(endpoint)
         self._consumer: AIOKafkaConsumer | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._host: TaskHost | None = None
         self._pending: collections.deque[OwnershipChange] = collections.deque()
         self._arrived = asyncio.Event()  # a change, a failure or the close
         self._failure: Exception | None = None
@@ -430,18 +430,18 @@ class GroupMembership:
             [self.topic], listener=_Listener(self._rebalance_started, self._rebalance_completed)
         )
         self._consumer = consumer
-        self._pump = asyncio.create_task(self._keep_membership(consumer), name="kapbit-group")
+        self._host = TaskHost(f"kapbit-group-{self.group}")
+        await self._host.start()
+        self._host.spawn(self._keep_membership(consumer), name="kapbit-group-heartbeat")
 
     async def close(self) -> None:
         """Leave the group (the others take over at once) and stop. Idempotent."""
         self._stopped = True
         self._arrived.set()
-        pump, self._pump = self._pump, None
+        host, self._host = self._host, None
         consumer, self._consumer = self._consumer, None
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        if host is not None:
+            await host.close(CANCEL_GRACE)
         if consumer is not None:
             await _stop_quietly(consumer)
             if self._last is not None:
@@ -464,18 +464,6 @@ class GroupMembership:
             logger.warning("group %r: LeaveGroup failed: %r", self.group, exc)
         finally:
             await client.close()
-
-    async def __aenter__(self) -> GroupMembership:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- what it tells ----------------------------------------------------------------------
 
@@ -528,22 +516,24 @@ class GroupMembership:
     async def _keep_membership(self, consumer: AIOKafkaConsumer) -> None:
         """Keep one ``getmany`` pending (aiokafka leaves the group of an idle consumer) and
         surface the group errors it raises; every partition is paused, so none is read."""
-        while True:
-            try:
-                await consumer.getmany(timeout_ms=1000)
-            except ConsumerStoppedError:
-                return
-            except KafkaError as exc:
-                if exc.retriable:
+        try:
+            while True:
+                try:
+                    await consumer.getmany(timeout_ms=1000)
+                except KafkaError as exc:
+                    if not exc.retriable:
+                        raise
                     logger.warning("group %r: %r; aiokafka retries", self.group, exc)
-                    continue
-                self._failure = StartupError(
-                    f"group {self.group!r} on topic {self.topic!r} cannot be used: {exc!r}"
-                )
-                self._failure.__cause__ = exc
-                logger.error("%s", self._failure)
-                self._arrived.set()
-                return
+        except ConsumerStoppedError:
+            return
+        except Exception as exc:  # anything else stops the membership; next_change says why
+            failure = StartupError(
+                f"group {self.group!r} on topic {self.topic!r} cannot be used: {exc!r}"
+            )
+            failure.__cause__ = exc
+            logger.error("%s", failure)
+            self._failure = failure
+            self._arrived.set()
 
     def _rebalance_started(self) -> None:
         self._rebalancing = True
