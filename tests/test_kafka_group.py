@@ -255,13 +255,15 @@ async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
         await admin.close()
 
 
-def _member(bootstrap: str, topic: str, group: str, name: str) -> GroupMembership:
+def _member(
+    bootstrap: str, topic: str, group: str, name: str, session: float = SESSION
+) -> GroupMembership:
     return GroupMembership(
         bootstrap,
         topic,
         group,
         endpoint=f"{name}:8080",
-        session_timeout=SESSION,
+        session_timeout=session,
         heartbeat_interval=HEARTBEAT,
     )
 
@@ -329,12 +331,13 @@ def _union(changes: Iterable[OwnershipChange], what: str) -> set[int]:
 
 @asynccontextmanager
 async def _group(
-    bootstrap: str, topic: str, group: str, names: Iterable[str]
+    bootstrap: str, topic: str, group: str, names: Iterable[str], session: float = SESSION
 ) -> AsyncIterator[_Watch]:
     async with AsyncExitStack() as stack:
         members: dict[str, _Member] = {}
         for name in names:
-            members[name] = await stack.enter_async_context(_member(bootstrap, topic, group, name))
+            member = _member(bootstrap, topic, group, name, session)
+            members[name] = await stack.enter_async_context(member)
         yield _Watch(members)
 
 
@@ -403,8 +406,15 @@ async def test_partitions_kept_across_eager_rebalances_are_reported_retained(
 async def test_graceful_close_hands_partitions_over_without_waiting_for_the_session(
     kafka_bootstrap: str, topic: str
 ) -> None:
+    """Without a LeaveGroup the broker starts the rebalance only once the session expired,
+    so the others would own everything after ``session`` plus a rebalance at the
+    earliest (6 s and more here); with it, after a heartbeat plus a rebalance (tansu:
+    half a session timeout, plus up to 1 s when a follower's SyncGroup arrives before
+    the leader's). Settling within one session timeout proves the hand-over."""
+    session = 4.0
     await _create_topic(kafka_bootstrap, topic, 6)
-    async with _group(kafka_bootstrap, topic, f"{topic}-g", ["a", "b", "c"]) as watch:
+    group = f"{topic}-g"
+    async with _group(kafka_bootstrap, topic, group, ["a", "b", "c"], session) as watch:
         await watch.settle(6)
         leaving = watch.members.pop("c")
         assert isinstance(leaving, GroupMembership)
@@ -412,10 +422,8 @@ async def test_graceful_close_hands_partitions_over_without_waiting_for_the_sess
         mark = watch.mark()
         started = time.monotonic()
         await leaving.close()
-        # Without a LeaveGroup the broker would wait a whole session timeout before even
-        # starting the rebalance: settling within that bound proves the hand-over.
-        await watch.settle(6, timeout=SESSION)
-        print(f"graceful hand-over: {time.monotonic() - started:.2f} s (session {SESSION} s)")
+        await watch.settle(6, timeout=session)
+        print(f"graceful hand-over: {time.monotonic() - started:.2f} s (session {session} s)")
         moved = [c for name in ("a", "b") for c in watch.since(mark, name)]
         assert _union(moved, "assigned") == its
         assert not _union(moved, "revoked")
