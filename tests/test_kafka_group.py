@@ -432,6 +432,32 @@ async def test_graceful_close_hands_partitions_over_without_waiting_for_the_sess
         assert [change async for change in leaving] == []
 
 
+async def test_membership_holds_without_anybody_polling(kafka_bootstrap: str, topic: str) -> None:
+    """aiokafka leaves the group when no getmany ran for ``max_poll_interval_ms``; the
+    membership keeps one pending itself, so a quiet group sees no rebalance at all."""
+    await _create_topic(kafka_bootstrap, topic, 4)
+    group = f"{topic}-g"
+    async with AsyncExitStack() as stack:
+        members: dict[str, GroupMembership] = {}
+        for name in ("a", "b"):
+            member = GroupMembership(
+                kafka_bootstrap,
+                topic,
+                group,
+                session_timeout=SESSION,
+                heartbeat_interval=HEARTBEAT,
+                client_options={"max_poll_interval_ms": 300},
+            )
+            members[name] = await stack.enter_async_context(member)
+        watch = _Watch(dict(members))
+        await watch.settle(4)
+        generation = watch.last("a").generation
+        quiet = 10 * 0.3  # ten poll intervals: an idle member would have left long before
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(members["a"].next_change(), quiet)
+        assert members["a"].generation == members["b"].generation == generation
+
+
 class _MemberProcess:
     """A GroupMembership in another process (this module run as a program)."""
 

@@ -88,7 +88,6 @@ _RESERVED_OPTIONS = frozenset(
         "session_timeout_ms",
         "heartbeat_interval_ms",
         "rebalance_timeout_ms",
-        "max_poll_interval_ms",
         "auto_offset_reset",
     }
 )
