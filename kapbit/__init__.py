@@ -40,6 +40,7 @@ from kapbit.errors import (
     WorkflowRejected,
 )
 from kapbit.events import EventKind
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowState
 from kapbit.instance import Kapbit
 from kapbit.options import (
     Backoff,
@@ -89,6 +90,7 @@ __all__ = [
     "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
+    "OnDuplicate",
     "KapbitError",
     "LogLost",
     "MemRepository",
@@ -120,10 +122,12 @@ __all__ = [
     "TransientStorageError",
     "UnknownWorkflowType",
     "WillRetryLater",
+    "WorkflowHandle",
     "WorkflowNotFound",
     "WorkflowRefused",
     "WorkflowRejected",
     "WorkflowRow",
+    "WorkflowState",
     "WorkflowStatus",
     "context",
     "partition_for",

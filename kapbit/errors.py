@@ -22,6 +22,8 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── StepTimedOut               an action overran its step's timeout (counts as raised)
     ├── NonRetryable               raise it from an action: the step fails, the saga compensates
     ├── CircuitBreakerOpen         raise it from an action: a dependency's breaker is open
+    ├── InvalidTimer               a Sleep / SleepUntil with a bad delay or moment
+    ├── InvalidSchedule            a Schedule with a bad cron expression, interval or field
     ├── EncodeError                a value the codec cannot encode
     ├── DecodeError                bytes that do not decode as the expected type
     └── StorageError
@@ -235,6 +237,22 @@ class CircuitBreakerOpen(KapbitError):
     kapbit treats it like ``pybreaker.CircuitBreakerError``: the entry gate closes and
     the workflow goes to the retry worker's slow mode.
     """
+
+
+class InvalidTimer(KapbitError):
+    """A :class:`kapbit.timers.Sleep` or :class:`~kapbit.timers.SleepUntil` was built with a
+    negative delay, a naive datetime or a value of the wrong type."""
+
+
+class InvalidSchedule(KapbitError):
+    """A :class:`kapbit.schedules.Schedule` is malformed; ``schedule`` names it and
+    ``expression`` is the offending cron expression or field value."""
+
+    def __init__(self, schedule: str, expression: str, reason: str) -> None:
+        super().__init__(f"schedule {schedule!r}: {expression!r} is not valid: {reason}")
+        self.schedule = schedule
+        self.expression = expression
+        self.reason = reason
 
 
 # --- storage ---------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class WorkflowExecution:
     """The in-memory state of one workflow that has been created and not yet terminated."""
 
     __slots__ = (
+        "_created",
         "_waiter",
         "attempts",
         "created_offset",
@@ -111,6 +112,22 @@ class WorkflowExecution:
         #: ``attempts`` when the current action became current (its step's attempt 1).
         self.step_base = 0
         self._waiter: asyncio.Future[Any] | None = None
+        self._created: asyncio.Future[int] | None = None
+
+    def created(self) -> asyncio.Future[int]:
+        """A future resolved with the offset of the workflow's ``WorkflowCreated`` once it
+        is durable (created on first use)."""
+        if self._created is None:
+            self._created = asyncio.get_running_loop().create_future()
+            if self.created_offset >= 0:
+                self._created.set_result(self.created_offset)
+        return self._created
+
+    def mark_created(self, offset: int) -> None:
+        """The workflow's ``WorkflowCreated`` is durable at ``offset``."""
+        self.created_offset = offset
+        if self._created is not None and not self._created.done():
+            self._created.set_result(offset)
 
     def waiter(self) -> asyncio.Future[Any]:
         """A future resolved with the final result or error (created on first use)."""

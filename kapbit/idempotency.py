@@ -54,6 +54,10 @@ class IdempotencyWindow:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def offset_of(self, workflow_id: str) -> int | None:
+        """The offset of ``workflow_id``'s ``WorkflowCreated`` (its last copy), if kept."""
+        return self._ids.get(workflow_id)
+
     def entries(self) -> Iterator[tuple[str, int]]:
         """``(workflow id, created offset)`` of every id kept, oldest first."""
         return iter(self._ids.items())

@@ -49,6 +49,7 @@ from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution
 from kapbit.fencing import Fence
 from kapbit.gate import EntryGate
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
 from kapbit.options import Options
 from kapbit.ownership import Ownership
 from kapbit.partitioner import partition_for
@@ -126,6 +127,7 @@ class Kapbit(AsyncResource):
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
+        self._workflow_log: WorkflowLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
@@ -198,6 +200,9 @@ class Kapbit(AsyncResource):
     async def _run(self, recovered: Recovered) -> None:
         """Set the parts to work on what recovery found."""
         self._partitions = len(recovered.windows)
+        self._workflow_log = WorkflowLog(
+            self._repository, self._codec, self._definitions, recovered.windows
+        )
         checkpointer = self._checkpointer = Checkpointer(
             self._repository,
             self.options.checkpoints,
@@ -305,15 +310,27 @@ class Kapbit(AsyncResource):
 
     @overload
     async def exec_workflow(
-        self, workflow: Definition[I, Any, R], workflow_id: str, input: I
+        self,
+        workflow: Definition[I, Any, R],
+        workflow_id: str,
+        input: I,
+        *,
+        on_duplicate: OnDuplicate = "raise",
     ) -> R: ...
 
     @overload
     async def exec_workflow(
-        self, workflow_id: str, workflow_type: str, input: Any = None
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        input: Any = None,
+        *,
+        on_duplicate: OnDuplicate = "raise",
     ) -> Any: ...
 
-    async def exec_workflow(self, *args: Any, **kwargs: Any) -> Any:
+    async def exec_workflow(
+        self, *args: Any, on_duplicate: OnDuplicate = "raise", **kwargs: Any
+    ) -> Any:
         """Run a workflow and return its result.
 
         Two forms: ``exec_workflow(ORDER, "order-42", order)`` runs the registered
@@ -337,7 +354,87 @@ class Kapbit(AsyncResource):
         :class:`~kapbit.errors.WillRetryLater`; an action returning a wrong value or type
         :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
         workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
+
+        With ``on_duplicate="attach"`` an id this instance runs or keeps in its idempotency
+        window is not refused: the call waits for that workflow's end and returns its result
+        (or raises its error) as :meth:`WorkflowHandle.result` does, also after a restart
+        or a takeover, and writes nothing; an id used by a workflow of another type still
+        raises ``DuplicateWorkflow``.
         """
+        submitted = await self._submit(args, kwargs, on_duplicate)
+        if isinstance(submitted, WorkflowHandle):
+            return await submitted.result()
+        execution, outcome = submitted
+        try:
+            return await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            if outcome.cancelled():
+                raise self._stopped_before(execution, "finished") from None
+            raise
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow: Definition[I, Any, R],
+        workflow_id: str,
+        input: I,
+        *,
+        on_duplicate: OnDuplicate = "raise",
+    ) -> WorkflowHandle[R]: ...
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        input: Any = None,
+        *,
+        on_duplicate: OnDuplicate = "raise",
+    ) -> WorkflowHandle[Any]: ...
+
+    async def start_workflow(
+        self, *args: Any, on_duplicate: OnDuplicate = "raise", **kwargs: Any
+    ) -> WorkflowHandle[Any]:
+        """Start a workflow and return its :class:`~kapbit.WorkflowHandle` as soon as its
+        ``WorkflowCreated`` is durable (from then on it finishes, even if the process dies);
+        ``await handle.result()`` waits for its end.
+
+        Takes the forms and arguments of :meth:`exec_workflow` and refuses as it does,
+        writing nothing; ``on_duplicate="attach"`` returns the handle of the workflow
+        already using the id instead of raising ``DuplicateWorkflow``.
+        """
+        submitted = await self._submit(args, kwargs, on_duplicate)
+        if isinstance(submitted, WorkflowHandle):
+            return submitted
+        execution, outcome = submitted
+        created = execution.created()
+        await asyncio.wait([created, outcome], return_when=asyncio.FIRST_COMPLETED)
+        if not created.done():
+            if outcome.cancelled():
+                raise self._stopped_before(execution, "was created")
+            outcome.result()  # raises what refused it
+        return self._handle(self._running(), execution.id)
+
+    def get_workflow(self, workflow_id: str) -> WorkflowHandle[Any]:
+        """A handle of workflow ``workflow_id``: one this instance runs, or any id in its
+        idempotency window, also one created before a restart or by the instance this one
+        took over from (its status and result are then read from the log).
+        :class:`~kapbit.errors.WorkflowNotFound` for another id."""
+        supervisor = self._running()
+        if not supervisor.knows(workflow_id, partition_for(workflow_id, self._partitions)):
+            raise WorkflowNotFound(workflow_id)
+        return self._handle(supervisor, workflow_id)
+
+    def _handle(self, supervisor: Supervisor, workflow_id: str) -> WorkflowHandle[Any]:
+        assert self._workflow_log is not None
+        return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
+
+    async def _submit(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], on_duplicate: OnDuplicate
+    ) -> tuple[WorkflowExecution, asyncio.Future[Any]] | WorkflowHandle[Any]:
+        """Check a call of either form, then create and run its workflow (the execution
+        and the future of its outcome), or, attaching, the handle of the workflow already
+        using the id."""
         if kwargs or len(args) != 3:  # keywords or a default (rare): bind either form's names
             given, workflow_type, workflow_id, input = parse_call(args, kwargs)
         elif isinstance(args[0], Definition):
@@ -353,6 +450,10 @@ class Kapbit(AsyncResource):
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
         supervisor = self._running()
+        if on_duplicate != "raise":
+            handle = await self._attach(supervisor, workflow_id, workflow_type, on_duplicate)
+            if handle is not None:
+                return handle
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definitions.get(workflow_type)
@@ -385,22 +486,37 @@ class Kapbit(AsyncResource):
         value = codec.encode(created)
 
         execution = WorkflowExecution(workflow_id, definition, partition, input)
-        outcome = supervisor.submit(execution, value)
-        try:
-            return await asyncio.shield(outcome)
-        except asyncio.CancelledError:
-            if outcome.cancelled():
-                if execution.created_offset < 0:
-                    what = (
-                        "its WorkflowCreated may have been written (not acknowledged yet); "
-                        "if it was, the next instance resumes it"
-                    )
-                else:
-                    what = "the next instance resumes it"
-                raise self._fence.error or InstanceClosed(
-                    f"instance closed before workflow {workflow_id!r} finished; {what}"
-                ) from None
-            raise
+        return execution, supervisor.submit(execution, value)
+
+    async def _attach(
+        self, supervisor: Supervisor, workflow_id: Any, workflow_type: Any, on_duplicate: str
+    ) -> WorkflowHandle[Any] | None:
+        """The handle of the workflow of ``workflow_type`` using ``workflow_id`` already
+        (``None`` if none does); DuplicateWorkflow if one of another type uses it."""
+        if on_duplicate != "attach":
+            raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
+        if workflow_type not in self._definitions:
+            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        _check_workflow_id(workflow_id)
+        if not supervisor.knows(workflow_id, partition_for(workflow_id, self._partitions)):
+            return None
+        handle = self._handle(supervisor, workflow_id)
+        if (await handle.describe()).type != workflow_type:
+            raise DuplicateWorkflow(workflow_id)
+        return handle
+
+    def _stopped_before(self, execution: WorkflowExecution, what: str) -> KapbitError:
+        """Why a workflow's task was cancelled before it ``what``: fenced or closed."""
+        if execution.created_offset < 0:
+            next_ = (
+                "its WorkflowCreated may have been written (not acknowledged yet); "
+                "if it was, the next instance resumes it"
+            )
+        else:
+            next_ = "the next instance resumes it"
+        return self._fence.error or InstanceClosed(
+            f"instance closed before workflow {execution.id!r} {what}; {next_}"
+        )
 
     async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Await the final result of a workflow this instance runs or recently finished.

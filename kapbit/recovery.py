@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 from kapbit._start_retries import StartRetries
 from kapbit.codecs import Codec
-from kapbit.errors import CorruptRecord, DecodeError, UnknownWorkflowType
+from kapbit.errors import UnknownWorkflowType
 from kapbit.execution import WorkflowExecution, restore_outcome
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
+from kapbit.log_reader import decode_input, decode_value
 from kapbit.ownership import Ownership
 from kapbit.repository import Checkpoint, Repository
 from kapbit.restore import (
@@ -121,7 +122,7 @@ class Recovery:
 
     def rebuild(self, partition: int, workflow: RestoredWorkflow) -> WorkflowExecution:
         """The execution of an open workflow read from ``partition``, its values decoded
-        by its definition."""
+        by its definition (as every reader of the log decodes them)."""
         definitions = self._definitions
         definition = definitions.get(workflow.type)
         if definition is None:
@@ -132,10 +133,7 @@ class Recovery:
                 f"offset {workflow.created_offset}",
             )
         codec = self._codec
-        try:
-            input = codec.decode(workflow.input, definition.input_type)
-        except DecodeError as exc:
-            raise CorruptRecord(partition, workflow.created_offset, f"input: {exc}") from exc
+        input = decode_input(codec, definition, workflow.input, partition, workflow.created_offset)
         execution = WorkflowExecution(
             workflow.id,
             definition,
@@ -146,16 +144,7 @@ class Recovery:
         )
         execution.created_offset = workflow.created_offset
         for offset, outcome in workflow.outcomes:
-            if outcome.step >= len(definition.steps):
-                raise CorruptRecord(
-                    partition,
-                    offset,
-                    f"step {outcome.step} of a {len(definition.steps)}-step workflow",
-                )
-            try:
-                value = codec.decode(outcome.value, definition.outcome_type_of(outcome.step))
-            except DecodeError as exc:
-                raise CorruptRecord(partition, offset, f"outcome value: {exc}") from exc
+            value = decode_value(codec, definition, outcome, partition, offset)
             execution.progress.record(
                 outcome.phase, outcome.step, restore_outcome(outcome.success, value)
             )

@@ -11,14 +11,13 @@ that claim is written, see :class:`PartitionRestorer`):
    workflow created there that has no terminal event is in flight, with the outcomes it has
    persisted.
 
-Zombie writes (records of a node written after another node's ``ActiveWriter``) are
-skipped, and second copies of an event (a producer retry) are ignored, so the work done
-depends on the checkpoint lag and the window size, not the log's length.
-
-A ``WorkflowCreated`` counts as a second copy exactly when the engine would have refused
-the id at that point: the id is still in the idempotency window *of the node that wrote
-it* (each ``ActiveWriter`` carries its writer's window size) or its workflow is still
-open. An id that has left the window may be used again, and then starts a new workflow.
+The work done depends on the checkpoint lag and the window size, not the log's length.
+Both stretches are read by the log reader (:class:`~kapbit.log_reader.PartitionReader`),
+which holds the rules every reader of the log shares: zombie writes (records of a node
+written after another node's ``ActiveWriter``) are skipped, and second copies of an event
+(a producer retry) are ignored; a ``WorkflowCreated`` is a second copy exactly when the
+engine would have refused the id at that point (the id is in the idempotency window of
+the node that wrote it, or its workflow is open).
 
 A checkpoint covers the window of the instance that saved it. When this start keeps more
 ids (``idempotency_window`` grew), the missing ones are read further back, from the
@@ -33,26 +32,26 @@ and the log's last record against this instance's codec (:func:`check_codec`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
-
-import msgspec
+from dataclasses import dataclass
 
 from kapbit._log import fields
 from kapbit.codecs import Codec
-from kapbit.errors import CodecMismatch, CorruptRecord, DecodeError
-from kapbit.events import (
-    EVENT_TYPES,
-    TERMINAL_KINDS,
-    ActiveWriter,
-    EventKind,
-    StepOutcome,
-    WorkflowCreated,
-    WorkflowRetry,
-)
+from kapbit.errors import CodecMismatch, CorruptRecord
+from kapbit.events import ActiveWriter, EventKind
 from kapbit.fencing import OwnerTracker
-from kapbit.idempotency import IdempotencyWindow
+from kapbit.log_reader import OpenWorkflow, PartitionReader, Verdict, decode_event
 from kapbit.repository import Checkpoint, Record, Repository
+
+__all__ = [
+    "PartitionRestorer",
+    "RestoredPartition",
+    "RestoredWorkflow",
+    "check_codec",
+    "decode_event",
+    "older_ids",
+    "restore_partition",
+    "trusted_checkpoint",
+]
 
 logger = logging.getLogger("kapbit.restore")
 
@@ -64,17 +63,8 @@ _BACK_CHUNK = 1024
 _CODEC_PROBE = 64
 
 
-@dataclass(slots=True)
-class RestoredWorkflow:
-    """A workflow found in flight: created, not terminated."""
-
-    id: str
-    type: str
-    created_offset: int
-    input: msgspec.Raw
-    outcomes: list[tuple[int, StepOutcome]] = field(default_factory=list)
-    attempts: int = 0
-    last_error: str = ""
+#: A workflow found in flight: created, not terminated.
+RestoredWorkflow = OpenWorkflow
 
 
 @dataclass(slots=True)
@@ -93,33 +83,6 @@ class RestoredPartition:
     owners: OwnerTracker
     records_read: int
     records_decoded: int = 0
-
-
-def decode_event(codec: Codec, record: Record) -> Any:
-    """Decode a record's event, checking it against the record's kind, key and writer."""
-    try:
-        event_type = EVENT_TYPES[EventKind(record.kind)]
-    except ValueError:
-        raise CorruptRecord(
-            record.partition, record.offset, f"unknown event kind {record.kind!r}"
-        ) from None
-    try:
-        event = codec.decode(record.value, event_type)
-    except DecodeError as exc:
-        raise CorruptRecord(record.partition, record.offset, str(exc)) from exc
-    key = getattr(event, "id", None)
-    if key is not None and key != record.key:
-        raise CorruptRecord(
-            record.partition, record.offset, f"event id {key!r} does not match key {record.key!r}"
-        )
-    node = getattr(event, "node", None)
-    if node is not None and node != record.node:
-        raise CorruptRecord(
-            record.partition,
-            record.offset,
-            f"active writer {node!r} does not match the record's writer {record.node!r}",
-        )
-    return event
 
 
 async def _record_at(repository: Repository, partition: int, offset: int) -> Record | None:
@@ -264,34 +227,14 @@ async def older_ids(
     return list(reversed(found[:wanted]))
 
 
-class _Windows:
-    """The idempotency window rebuilt at every window size met while reading (this start's,
-    the checkpoint saver's, each writer's), so each ``WorkflowCreated`` is judged by the
-    window of the node that wrote it."""
-
-    def __init__(self, sizes: set[int]) -> None:
-        self._by_size = {size: IdempotencyWindow(size) for size in sizes}
-
-    def add(self, workflow_id: str, offset: int) -> None:
-        for window in self._by_size.values():
-            window.renew(workflow_id, offset)
-
-    def of(self, size: int) -> IdempotencyWindow:
-        window = self._by_size.get(size)
-        if window is None:  # a size first met here: seeded from the largest window kept
-            largest = max(self._by_size.values(), key=lambda w: w.size)
-            window = IdempotencyWindow(size, list(largest.entries())[-size:])
-            self._by_size[size] = window
-        return window
-
-
 class PartitionRestorer:
     """Rebuilds one partition's state in steps, so most of the reading can happen before
     this node claims the partition: :meth:`prepare` (ids below the checkpoint), then
     :meth:`read_to` any number of times (in full, up to a growing stop: first the log's
     end before claiming, then the claim), then :meth:`result`. A step that fails (a
     transient storage error) can be called again: ``prepare`` starts over, ``read_to``
-    goes on after the last record it took in."""
+    goes on after the last record it took in. The rules are the log reader's
+    (:class:`~kapbit.log_reader.PartitionReader`)."""
 
     def __init__(
         self,
@@ -311,18 +254,33 @@ class PartitionRestorer:
             checkpoint.window_owner if self._start < checkpoint.offset else checkpoint.owner
         )
         self._saver_size = checkpoint.window_size or window_size
-        self.owners = OwnerTracker(self._start_owner)
-        self._windows = _Windows({window_size, self._saver_size})
-        self._writer_window = self._windows.of(self._saver_size)
-        self.open: dict[str, RestoredWorkflow] = {}
+        self._reader = self._new_reader()
         self.position = checkpoint.offset
         self.records_read = self.records_decoded = 0
+
+    def _new_reader(self) -> PartitionReader:
+        return PartitionReader(
+            self._codec,
+            self.partition,
+            self._start_owner,
+            self._window_size,
+            writer_window=self._saver_size,
+        )
+
+    @property
+    def owners(self) -> OwnerTracker:
+        """The partition's owners as read so far."""
+        return self._reader.owners
+
+    @property
+    def open(self) -> dict[str, RestoredWorkflow]:
+        """The workflows open as read so far, by id."""
+        return self._reader.open
 
     async def prepare(self) -> None:
         """Refill the idempotency window from the ids below the checkpoint."""
         checkpoint, window_size = self.checkpoint, self._window_size
-        self.owners = owners = OwnerTracker(self._start_owner)
-        self._windows = windows = _Windows({window_size, self._saver_size})
+        self._reader = reader = self._new_reader()
         self.records_read = 0
 
         # 0. The checkpoint covers fewer ids than this start keeps: read further back.
@@ -330,78 +288,34 @@ class PartitionRestorer:
             for workflow_id, offset in await older_ids(
                 self._repository, self.partition, self._start, self._start_owner, window_size
             ):
-                windows.add(workflow_id, offset)
+                reader.windows.add(workflow_id, offset)
 
         # 1. Ids only: every workflow created here has terminated; nothing is decoded.
         async for batch in self._repository.read(self.partition, self._start, checkpoint.offset):
             self.records_read += len(batch)
-            for record in batch:
-                kind = record.kind
-                if kind == _CREATED:
-                    if record.node == owners.owner:
-                        windows.add(record.key, record.offset)
-                elif kind == _ACTIVE_WRITER:
-                    owners.admit(record)
-        self._writer_window = windows.of(self._saver_size)
+            reader.take_ids(batch)
 
     async def read_to(self, stop: int) -> None:
         """2. Read in full from where the last call stopped up to ``stop``."""
+        reader = self._reader
         async for batch in self._repository.read(self.partition, self.position, stop):
             for record in batch:
                 if record.offset < self.position:
                     continue
-                self._take(record)
+                if reader.take(record)[0] is not Verdict.ZOMBIE:
+                    self.records_decoded += 1
                 self.records_read += 1
                 self.position = record.offset + 1
 
-    def _take(self, record: Record) -> None:
-        if not self.owners.admit(record):
-            return  # a zombie write: never acted on
-        event = decode_event(self._codec, record)
-        self.records_decoded += 1
-        kind = record.kind
-        if kind == _ACTIVE_WRITER:
-            assert isinstance(event, ActiveWriter)
-            self._writer_window = self._windows.of(event.window or self._window_size)
-            return
-        workflow_id = record.key
-        open_workflows = self.open
-        if kind == _CREATED:
-            if workflow_id in open_workflows or workflow_id in self._writer_window:
-                # A second copy: the writer would have refused the id here. It knows the
-                # id at its last copy, so the windows do too.
-                self._windows.add(workflow_id, record.offset)
-                return
-            assert isinstance(event, WorkflowCreated)
-            self._windows.add(workflow_id, record.offset)
-            open_workflows[workflow_id] = RestoredWorkflow(
-                workflow_id, event.type, record.offset, event.input
-            )
-            return
-        workflow = open_workflows.get(workflow_id)
-        if workflow is None:
-            # Terminated already (or created before the checkpoint, hence terminated):
-            # a late or second copy, nothing to resume.
-            return
-        if kind in TERMINAL_KINDS:
-            del open_workflows[workflow_id]
-        elif isinstance(event, StepOutcome):
-            if not any(
-                o.step == event.step and o.phase == event.phase for _, o in workflow.outcomes
-            ):
-                workflow.outcomes.append((record.offset, event))
-        elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
-            workflow.attempts = event.attempt
-            workflow.last_error = event.error
-
     def result(self, claim_offset: int) -> RestoredPartition:
         """What was rebuilt, once read up to this node's claim at ``claim_offset``."""
+        reader = self._reader
         return RestoredPartition(
             partition=self.partition,
             claim_offset=claim_offset,
-            window=list(self._windows.of(self._window_size).entries()),
-            in_flight=list(self.open.values()),
-            owners=self.owners,
+            window=list(reader.windows.of(self._window_size).entries()),
+            in_flight=list(reader.open.values()),
+            owners=reader.owners,
             records_read=self.records_read,
             records_decoded=self.records_decoded,
         )

@@ -90,6 +90,11 @@ class Supervisor:
         """The workflows waiting for another attempt."""
         return len(self._retry_worker)
 
+    def running_type(self, workflow_id: str) -> str | None:
+        """The type of ``workflow_id`` if it runs here, else ``None``."""
+        execution = self._in_flight.get(workflow_id)
+        return None if execution is None else execution.definition.type
+
     def knows(self, workflow_id: str, partition: int) -> bool:
         """Whether ``workflow_id`` runs or is in its partition's idempotency window."""
         return workflow_id in self._in_flight or workflow_id in self._windows[partition]
@@ -173,7 +178,7 @@ class Supervisor:
                 self._in_flight.pop(execution.id, None)
                 self._checkpointer.abandoned(execution.partition, execution.id)
                 raise
-            execution.created_offset = offset
+            execution.mark_created(offset)
             self._windows[execution.partition].add(execution.id, offset)
             self._checkpointer.opened(execution.partition, execution.id, offset)
             self._stats.started += 1

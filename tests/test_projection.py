@@ -110,8 +110,9 @@ async def test_hand_made_zombies_are_skipped_and_owner_changes_delivered() -> No
     assert model.where() == [(0, 0), (0, 1), (0, 2), (0, 4), (0, 6), (0, 8)]
     assert [e.node for e in model.events] == ["a", "a", "b", "b", "a", "a"]
     assert model.events[-1].value == "a-result"
-    # w1 terminated at 8: a restart re-reads from there to recognise late copies.
-    assert model.positions[0] == Position(9, "a", 8, "a")
+    # w1 (created at 1) is in the idempotency window: a restart re-reads from there to
+    # recognise late copies; a's claim names no window: the projector's default is used.
+    assert model.positions[0] == Position(9, "a", 1, "a", 10_000)
 
 
 async def test_second_copies_are_ignored() -> None:
@@ -463,7 +464,7 @@ async def test_invalid_options_are_refused() -> None:
     with pytest.raises(ValueError):
         Projector(MemRepository(), ListModel(), batch_size=0)
     with pytest.raises(ValueError):
-        Projector(MemRepository(), ListModel(), dedup_window=0)
+        Projector(MemRepository(), ListModel(), idempotency_window=0)
 
 
 async def test_owned_repository_is_closed_on_stop() -> None:

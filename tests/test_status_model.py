@@ -270,13 +270,13 @@ async def test_id_used_again_after_termination_is_a_new_workflow(tmp_path: Path)
         dead("w", 3),
         created("w", at=15.0),  # a late copy: "w" is still remembered as terminated
         created("v"),
-        rejected("v"),  # "w" leaves a dedup window of 1
+        rejected("v"),  # "w" leaves a window of 1
         created("w", at=20.0, type="other"),
         outcome("w", 0),
     ]:
         await append(repo, 0, "n", event)
     path = tmp_path / "status.db"
-    await _project(repo, path, dedup_window=1)
+    await _project(repo, path, idempotency_window=1)
     async with StatusModel(path) as model:
         row = await model.get("w")
     assert row is not None
@@ -326,3 +326,25 @@ async def test_positions_round_trip_through_the_database(mixed: MixedLog, tmp_pa
         stored = await model.load_positions()
     last = {partition: position for partition, _, position in recorder.calls}
     assert stored == last
+
+
+async def test_a_schema_1_database_gains_the_horizon_window(tmp_path: Path) -> None:
+    """Databases written before positions named the window at their horizon are migrated:
+    their positions load without it (the projector then asks the checkpoint)."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE kapbit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO kapbit_meta VALUES ('schema', '1');"
+        "CREATE TABLE projection_positions (partition INTEGER PRIMARY KEY, "
+        "next_offset INTEGER NOT NULL, owner TEXT NOT NULL, horizon INTEGER, horizon_owner TEXT);"
+        "INSERT INTO projection_positions VALUES (0, 7, 'n', 3, 'n');"
+    )
+    db.close()
+    async with StatusModel(path) as model:
+        assert await model.load_positions() == {0: Position(7, "n", 3, "n", None)}
+        await model.apply(0, [], Position(8, "n", 3, "n", 50))
+        assert await model.load_positions() == {0: Position(8, "n", 3, "n", 50)}
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM kapbit_meta WHERE key = 'schema'").fetchone() == ("2",)
+    db.close()

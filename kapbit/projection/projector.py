@@ -2,17 +2,23 @@
 
 It needs nothing but a :class:`~kapbit.repository.Repository` (and the codec the instances
 write with), so it runs alongside an instance or in a process of its own. Per partition it
-starts from the position the read model stored, skips zombie writes exactly as recovery
-does (:class:`~kapbit.fencing.OwnerTracker`), ignores second copies of an event (a producer
-retry can write one record twice), decodes the events and their user values, and hands
+starts from the position the read model stored, skips zombie writes and second copies of
+an event (a producer retry can write one record twice) exactly as recovery does, decodes
+the events and their user values, and hands
 them, in log order, to :meth:`ReadModel.apply` together with the position they lead to. The
 read model commits both in one transaction, so a restart neither loses nor re-applies an
 event.
 
-Recognising second copies needs memory of what was applied: the open workflows and the
-recently terminated ones. That memory is not stored; the position carries a *horizon*
-instead, the offset from which re-reading the log (without applying) rebuilds it, the way
-an instance's checkpoint bounds its recovery.
+Which records count is decided by the log reader (:class:`~kapbit.log_reader.PartitionReader`)
+that recovery uses too, so a projection and the engine agree: the same zombie rule, the
+same second-copy rule (a ``WorkflowCreated`` is a copy exactly when its writer's
+idempotency window or an open workflow holds the id; an id reused after it left the
+window is a new workflow), the same value decoding.
+
+That rule needs memory of what was read: the open workflows and the idempotency window.
+That memory is not stored; the position carries a *horizon* instead, the offset from which
+re-reading the log (without applying) rebuilds it, the way an instance's checkpoint bounds
+its recovery.
 """
 
 from __future__ import annotations
@@ -20,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,27 +35,17 @@ import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit.codecs import Codec, JsonCodec
-from kapbit.errors import CorruptRecord, DecodeError, TransientStorageError
-from kapbit.events import (
-    KIND_OF,
-    TERMINAL_KINDS,
-    ActiveWriter,
-    Event,
-    EventKind,
-    StepOutcome,
-    WorkflowCreated,
-    WorkflowResult,
-    WorkflowRetry,
-)
-from kapbit.fencing import OwnerTracker
-from kapbit.options import Backoff
-from kapbit.repository import Record, Repository
-from kapbit.restore import decode_event
+from kapbit.errors import TransientStorageError
+from kapbit.events import KIND_OF, Event, EventKind, StepOutcome
+from kapbit.log_reader import PartitionReader, Verdict, decode_value
+from kapbit.options import Backoff, Options
+from kapbit.repository import Checkpoint, Record, Repository
 from kapbit.workflow import Definition
 
 logger = logging.getLogger("kapbit.projection")
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+#: The window assumed for writers whose claim names none: the instances' default.
+_DEFAULT_WINDOW = Options().idempotency_window
 
 
 class Position(msgspec.Struct, frozen=True):
@@ -60,13 +55,15 @@ class Position(msgspec.Struct, frozen=True):
     (so zombie writes right after the position are still recognised). ``horizon`` (at most
     ``offset``; ``None`` means ``offset``) is where a restarting projector re-reads, without
     applying anything, to learn which events it already applied; ``horizon_owner`` is the
-    owner in force at the horizon.
+    owner in force at the horizon and ``horizon_window`` the idempotency window that owner
+    is judged by (its claim names it, but may lie before the horizon).
     """
 
     offset: int = 0
     owner: str = ""
     horizon: int | None = None
     horizon_owner: str | None = None
+    horizon_window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,81 +121,29 @@ class ReadModel(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class _Open:
-    """A workflow seen and not terminated: where it was first seen and what it has."""
-
-    first: int
-    type: str | None
-    keys: set[tuple[Any, ...]] = field(default_factory=set)
-
-
-_CREATED_KEY: tuple[Any, ...] = ("created",)
-_END_KEY: tuple[Any, ...] = ("end",)
-
-
-def _event_key(event: Event) -> tuple[Any, ...]:
-    """What makes an event of a workflow unique; a second event with the same key is a copy."""
-    if isinstance(event, StepOutcome):
-        return ("step", event.step, event.phase)
-    if isinstance(event, WorkflowRetry):
-        return ("retry", event.attempt)
-    if isinstance(event, WorkflowCreated):
-        return _CREATED_KEY
-    return _END_KEY
-
-
 class _PartitionState:
-    """What the projector knows about one partition: position, owner, what was applied."""
+    """What the projector knows about one partition: position and the log reader's state
+    (owners, idempotency windows, open workflows), which tells what was applied."""
 
-    __slots__ = ("committed", "offset", "open", "owners", "partition", "terminated", "window")
+    __slots__ = ("committed", "offset", "partition", "reader")
 
-    def __init__(self, partition: int, offset: int, owner: str, window: int) -> None:
-        self.partition = partition
+    def __init__(self, reader: PartitionReader, offset: int, owner: str) -> None:
+        self.partition = reader.partition
         self.offset = offset  # the next record to read: ahead of ``committed`` while applying
         self.committed = Position(offset, owner)
-        self.owners = OwnerTracker(owner)
-        # Both ordered by offset: insertion happens in log order.
-        self.open: dict[str, _Open] = {}
-        self.terminated: OrderedDict[str, int] = OrderedDict()
-        self.window = window
-
-    def accept(self, record: Record, event: Event) -> tuple[bool, str | None]:
-        """Whether ``event`` (admitted by the owner tracker) is new, and its workflow type."""
-        if isinstance(event, ActiveWriter):
-            return True, None
-        workflow_id = record.key
-        if workflow_id in self.terminated:
-            return False, None  # a late copy of an event of a recently terminated workflow
-        if isinstance(event, WorkflowCreated):
-            if workflow_id in self.open:
-                return False, None  # a second copy: the workflow is still open
-            # An id no longer remembered is a new workflow, as for the engine once the id
-            # left its idempotency window.
-            self.open[workflow_id] = _Open(record.offset, event.type, {_CREATED_KEY})
-            return True, event.type
-        state = self.open.get(workflow_id)
-        if state is None:  # created before projection started
-            state = self.open[workflow_id] = _Open(record.offset, None)
-        key = _event_key(event)
-        if key in state.keys:
-            return False, None
-        state.keys.add(key)
-        if record.kind in TERMINAL_KINDS:
-            del self.open[workflow_id]
-            self.terminated[workflow_id] = record.offset
-            if len(self.terminated) > self.window:
-                self.terminated.popitem(last=False)
-        return True, state.type
+        self.reader = reader
 
     def position(self) -> Position:
         """The position to store now, with the horizon that rebuilds this state."""
-        horizon = self.offset
-        if self.open:
-            horizon = min(horizon, next(iter(self.open.values())).first)
-        if self.terminated:
-            horizon = min(horizon, next(iter(self.terminated.values())))
-        return Position(self.offset, self.owners.owner, horizon, self.owners.owner_at(horizon))
+        reader = self.reader
+        horizon = reader.horizon(self.offset)
+        return Position(
+            self.offset,
+            reader.owners.owner,
+            horizon,
+            reader.owners.owner_at(horizon),
+            reader.window_at(horizon),
+        )
 
 
 def step_label(definition: Definition, step: int) -> str | None:
@@ -213,6 +158,10 @@ def step_label(definition: Definition, step: int) -> str | None:
         return declared.name
     action: str | None = getattr(declared.execute, "__name__", None)
     return None if action is None or action.startswith("<") else action
+
+
+def _step_name(definition: Definition, event: Event) -> str | None:
+    return step_label(definition, event.step) if isinstance(event, StepOutcome) else None
 
 
 async def positions_at_end(
@@ -231,7 +180,10 @@ async def positions_at_end(
         checkpoint = checkpoints.get(partition)
         start = min(checkpoint.offset, end) if checkpoint is not None else 0
         owner = checkpoint.owner if checkpoint is not None else ""
-        positions[partition] = Position(end, owner, start, owner)
+        size = None
+        if checkpoint is not None and checkpoint.anchor_writer == owner:
+            size = checkpoint.window_size or None
+        positions[partition] = Position(end, owner, start, owner, size)
     return positions
 
 
@@ -243,11 +195,12 @@ class Projector:
     ``partitions`` restricts projection to some partitions. ``start_positions`` are used
     for partitions the model has no position for (default: the beginning of the log; see
     :func:`positions_at_end`). At most ``batch_size`` records go into one ``apply``.
-    ``dedup_window`` is how many recently terminated workflows per partition are
-    remembered to recognise late copies of their events (a ``WorkflowCreated`` of one of
-    them included); keep it below the instances' ``idempotency_window``, past which the
-    engine accepts an id again as a new workflow. With ``owns_repository`` the
-    projector closes the repository when it stops (a projector in a process of its own).
+    Every claim names its writer's idempotency window, by which the writer's
+    ``WorkflowCreated`` records are judged; ``idempotency_window`` is the window assumed for
+    a writer whose claim names none (written by an older kapbit) or lies before where the
+    projector resumed and whose checkpoint does not name it either. With
+    ``owns_repository`` the projector closes the repository when it stops (a projector in
+    a process of its own).
 
     Lifecycle as in aiokafka: ``await start()`` / ``await stop()``, or ``async with``.
     Then either :meth:`catch_up` (to the current end, then return) or :meth:`run` (follow
@@ -264,14 +217,14 @@ class Projector:
         partitions: Iterable[int] | None = None,
         start_positions: Mapping[int, Position] | None = None,
         batch_size: int = 512,
-        dedup_window: int = 1000,
+        idempotency_window: int = _DEFAULT_WINDOW,
         retry_backoff: Backoff | None = None,
         owns_repository: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if dedup_window < 1:
-            raise ValueError(f"dedup_window must be at least 1, got {dedup_window}")
+        if idempotency_window < 1:
+            raise ValueError(f"idempotency_window must be at least 1, got {idempotency_window}")
         self._repository = repository
         self._model = model
         self._codec = codec or JsonCodec()
@@ -279,7 +232,7 @@ class Projector:
         self._requested = list(partitions) if partitions is not None else None
         self._start_positions = dict(start_positions or {})
         self._batch_size = batch_size
-        self._dedup_window = dedup_window
+        self._window = idempotency_window
         self._backoff = retry_backoff or Backoff(initial=0.1, maximum=5.0, jitter=0.1)
         self._owns_repository = owns_repository
         self._partitions: list[int] = []
@@ -461,10 +414,13 @@ class Projector:
     async def _restore(self) -> None:
         """Load positions and re-read each partition from its horizon, applying nothing."""
         stored = await self._model.load_positions()
+        checkpoints = await self._repository.load_checkpoints()
         states = await asyncio.gather(
             *(
                 self._restore_partition(
-                    p, stored.get(p) or self._start_positions.get(p) or Position()
+                    p,
+                    stored.get(p) or self._start_positions.get(p) or Position(),
+                    checkpoints.get(p),
                 )
                 for p in self._partitions
             )
@@ -472,23 +428,31 @@ class Projector:
         self._states = {state.partition: state for state in states}
         self._stale = False
 
-    async def _restore_partition(self, partition: int, position: Position) -> _PartitionState:
+    def _reader(
+        self, partition: int, owner: str, size: int | None, checkpoint: Checkpoint | None
+    ) -> PartitionReader:
+        """A log reader starting where ``owner`` writes, judged by a window of ``size`` ids;
+        not known (a position stored without it), the size the owner's checkpoint names."""
+        if not size and checkpoint is not None and checkpoint.anchor_writer == owner:
+            size = checkpoint.window_size
+        return PartitionReader(
+            self._codec, partition, owner, self._window, writer_window=size or None, adopt=True
+        )
+
+    async def _restore_partition(
+        self, partition: int, position: Position, checkpoint: Checkpoint | None
+    ) -> _PartitionState:
         horizon = position.offset if position.horizon is None else position.horizon
         horizon = min(horizon, position.offset)
-        if horizon >= position.offset:
-            state = _PartitionState(partition, position.offset, position.owner, self._dedup_window)
-            state.committed = position
-            return state
-        owner = position.owner if position.horizon_owner is None else position.horizon_owner
-        state = _PartitionState(partition, horizon, owner, self._dedup_window)
-        codec = self._codec
-        async for batch in self._repository.read(partition, horizon, position.offset):
-            for record in batch:
-                if record.kind == _ACTIVE_WRITER:
-                    state.owners.admit(record)
-                elif state.owners.admit(record):
-                    state.accept(record, decode_event(codec, record))
-        state.offset = position.offset
+        owner = position.owner
+        if horizon < position.offset and position.horizon_owner is not None:
+            owner = position.horizon_owner
+        reader = self._reader(partition, owner, position.horizon_window, checkpoint)
+        if horizon < position.offset:
+            async for batch in self._repository.read(partition, horizon, position.offset):
+                reader.skim(batch)
+            reader.settle()
+        state = _PartitionState(reader, position.offset, position.owner)
         state.committed = position
         return state
 
@@ -534,23 +498,20 @@ class Projector:
     def _project(self, state: _PartitionState, records: Sequence[Record]) -> list[ProjectedEvent]:
         """Filter and decode ``records``, moving ``state`` past them."""
         events: list[ProjectedEvent] = []
-        codec = self._codec
-        owners = state.owners
+        reader = state.reader
         for record in records:
             if record.offset < state.offset:
                 continue  # already applied (a repository may repeat a batch after a retry)
             state.offset = record.offset + 1
-            if record.kind == _ACTIVE_WRITER and record.node == owners.owner:
-                self.skipped_copies += 1  # node ids are unique per start: a second copy
-                continue
-            if not owners.admit(record):
+            verdict, event, workflow = reader.take(record)
+            if verdict is Verdict.ZOMBIE:
                 self.skipped_zombies += 1
                 continue
-            event: Event = decode_event(codec, record)
-            accepted, workflow_type = state.accept(record, event)
-            if not accepted:
+            if verdict is Verdict.COPY:
                 self.skipped_copies += 1
                 continue
+            workflow_type = workflow.type or None if workflow is not None else None
+            definition = self._definitions.get(workflow_type) if workflow_type else None
             events.append(
                 ProjectedEvent(
                     record.partition,
@@ -558,45 +519,11 @@ class Projector:
                     record.node,
                     event,
                     workflow_type,
-                    self._decode_value(record, event, workflow_type),
-                    self._step_name(event, workflow_type),
+                    decode_value(self._codec, definition, event, record.partition, record.offset),
+                    None if definition is None else _step_name(definition, event),
                 )
             )
         return events
-
-    def _step_name(self, event: Event, workflow_type: str | None) -> str | None:
-        if not isinstance(event, StepOutcome) or workflow_type is None:
-            return None
-        definition = self._definitions.get(workflow_type)
-        return None if definition is None else step_label(definition, event.step)
-
-    def _decode_value(self, record: Record, event: Event, workflow_type: str | None) -> Any:
-        definition = self._definitions.get(workflow_type) if workflow_type else None
-        target: Any = Any
-        if isinstance(event, WorkflowCreated):
-            raw, what = event.input, "input"
-            if definition is not None:
-                target = definition.input_type
-        elif isinstance(event, StepOutcome):
-            raw, what = event.value, "outcome value"
-            if definition is not None:
-                if not 0 <= event.step < len(definition.steps):
-                    raise CorruptRecord(
-                        record.partition,
-                        record.offset,
-                        f"step {event.step} of a {len(definition.steps)}-step workflow",
-                    )
-                target = definition.outcome_type_of(event.step)
-        elif isinstance(event, WorkflowResult):
-            raw, what = event.result, "result"
-            if definition is not None:
-                target = definition.result_type
-        else:
-            return None
-        try:
-            return self._codec.decode(raw, target)
-        except DecodeError as exc:
-            raise CorruptRecord(record.partition, record.offset, f"{what}: {exc}") from exc
 
     async def _commit(self, state: _PartitionState, events: list[ProjectedEvent]) -> None:
         """Hand ``events`` and the new position to the model; not interrupted once begun.

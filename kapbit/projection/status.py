@@ -34,7 +34,7 @@ from kapbit.projection.projector import Position, ProjectedEvent
 
 T = TypeVar("T")
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kapbit_meta (
@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS projection_positions (
     next_offset INTEGER NOT NULL,
     owner TEXT NOT NULL,
     horizon INTEGER,
-    horizon_owner TEXT
+    horizon_owner TEXT,
+    horizon_window INTEGER
 );
 """
 
@@ -316,6 +317,13 @@ class StatusModel:
                 connection.execute(
                     "INSERT INTO kapbit_meta (key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
                 )
+            elif found[0] == "1":  # positions gained the window of the owner at the horizon
+                connection.execute(
+                    "ALTER TABLE projection_positions ADD COLUMN horizon_window INTEGER"
+                )
+                connection.execute(
+                    "UPDATE kapbit_meta SET value = ? WHERE key = 'schema'", (_SCHEMA_VERSION,)
+                )
             elif found[0] != _SCHEMA_VERSION:
                 raise RuntimeError(
                     f"status database {self.path!r} has schema {found[0]}, "
@@ -334,12 +342,10 @@ class StatusModel:
 
     def _load_positions(self) -> dict[int, Position]:
         rows = self._db().execute(
-            "SELECT partition, next_offset, owner, horizon, horizon_owner FROM projection_positions"
+            "SELECT partition, next_offset, owner, horizon, horizon_owner, horizon_window "
+            "FROM projection_positions"
         )
-        return {
-            partition: Position(offset, owner, horizon, horizon_owner)
-            for partition, offset, owner, horizon, horizon_owner in rows
-        }
+        return {row[0]: Position(*row[1:]) for row in rows}
 
     def _apply(self, partition: int, changes: list[_Change], position: Position) -> None:
         db = self._db()
@@ -357,11 +363,19 @@ class StatusModel:
     def _store_position(self, db: sqlite3.Connection, partition: int, position: Position) -> None:
         db.execute(
             "INSERT INTO projection_positions "
-            "(partition, next_offset, owner, horizon, horizon_owner) VALUES (?, ?, ?, ?, ?) "
+            "(partition, next_offset, owner, horizon, horizon_owner, horizon_window) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset, "
             "owner = excluded.owner, horizon = excluded.horizon, "
-            "horizon_owner = excluded.horizon_owner",
-            (partition, position.offset, position.owner, position.horizon, position.horizon_owner),
+            "horizon_owner = excluded.horizon_owner, horizon_window = excluded.horizon_window",
+            (
+                partition,
+                position.offset,
+                position.owner,
+                position.horizon,
+                position.horizon_owner,
+                position.horizon_window,
+            ),
         )
 
     def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -13,6 +13,7 @@ from kapbit.testing.broker import (
     ProxiedBroker,
     local_broker,
 )
+from kapbit.testing.clock import ManualClock
 from kapbit.testing.faults import Call, Fault, FaultyRepository
 from kapbit.testing.harness import KapbitFactory, fast_options
 from kapbit.testing.proxy import TcpProxy
@@ -25,6 +26,7 @@ __all__ = [
     "FaultyRepository",
     "KapbitFactory",
     "LocalBroker",
+    "ManualClock",
     "ProxiedBroker",
     "TcpProxy",
     "fast_options",

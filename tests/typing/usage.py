@@ -23,6 +23,7 @@ from kapbit import (
     StepContext,
     StepRetry,
     Success,
+    WorkflowHandle,
     context,
 )
 
@@ -111,6 +112,14 @@ async def correct_calls(kbit: Kapbit) -> None:
     # The string form, for callers that only know the type name: the result is Any.
     untyped = await kbit.exec_workflow("order-43", "order", Order("order-43", 100))
     assert_type(untyped, Any)
+    # Handles carry the result type; attaching to an id in use returns that type too.
+    handle = await kbit.start_workflow(ORDER, "order-49", Order("order-49", 1))
+    assert_type(handle, WorkflowHandle[Receipt])
+    assert_type(await handle.result(), Receipt)
+    order = Order("order-42", 1)
+    attached = await kbit.exec_workflow(ORDER, "order-42", order, on_duplicate="attach")
+    assert_type(attached, Receipt)
+    assert_type(kbit.get_workflow("order-43"), WorkflowHandle[Any])
 
 
 # --- the eight planted mistakes --------------------------------------------------------------
@@ -173,3 +182,7 @@ async def mistaken_calls(kbit: Kapbit) -> None:
 
     # Arguments in the string form's order with a definition: reported too.
     await kbit.exec_workflow("order-47", ORDER, Order("order-47", 100))  # type: ignore[call-overload]
+
+    # start_workflow checks its input as exec_workflow does, and on_duplicate its value.
+    await kbit.start_workflow(ORDER, "order-50", 42)  # type: ignore[misc]
+    await kbit.start_workflow(ORDER, "order-51", Order("o", 1), on_duplicate="skip")  # type: ignore[call-overload]
