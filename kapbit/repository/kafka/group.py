@@ -74,6 +74,8 @@ MAX_ENDPOINT = 1024
 #: aiokafka applies one request timeout to every request, and the broker holds a JoinGroup
 #: up to the rebalance timeout: the group consumer's requests may take this much longer.
 _JOIN_MARGIN_MS = 5_000
+#: How long ``close()`` tries its own LeaveGroup (best effort: the session expires anyway).
+_LEAVE_TIMEOUT = 5.0
 #: The options of ``client_options`` a bare aiokafka client takes (for the LeaveGroup).
 _CLIENT_OPTIONS = frozenset(
     inspect.signature(AIOKafkaClient.__init__).parameters.keys() - {"self", "loop"}
@@ -456,9 +458,10 @@ class GroupMembership(AsyncResource):
         options = {k: v for k, v in self._client_options.items() if k in _CLIENT_OPTIONS}
         client = AIOKafkaClient(bootstrap_servers=self.bootstrap_servers, **options)
         try:
-            await client.bootstrap()
-            node = await client.coordinator_lookup(CoordinationType.GROUP, self.group)
-            await client.send(node, LeaveGroupRequest(self.group, member_id))
+            async with asyncio.timeout(_LEAVE_TIMEOUT):
+                await client.bootstrap()
+                node = await client.coordinator_lookup(CoordinationType.GROUP, self.group)
+                await client.send(node, LeaveGroupRequest(self.group, member_id))
         except BROKER_ERRORS as exc:
             logger.warning("group %r: LeaveGroup failed: %r", self.group, exc)
         finally:
