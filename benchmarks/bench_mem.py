@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 
 from _common import RunStats, drive, machine, machine_line, order, peak_rss_mib, saga
 
-from kapbit import Kapbit, MemRepository, Options
+from kapbit import Kapbit, Options
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
+from kapbit.repository import MemRepository
 
 
 async def run(count: int, codec: Codec, sync: bool = False) -> list[tuple[str, RunStats]]:

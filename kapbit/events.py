@@ -10,7 +10,7 @@ decoding; its value decodes with the instance's codec as the kind's type::
 
     event = JsonCodec().decode(record.value, EVENT_TYPES[EventKind(record.kind)])
 
-(:class:`kapbit.Projector` does this for you, skipping zombie writes and second copies
+(:class:`kapbit.projection.Projector` does this for you, skipping zombie writes and second copies
 as recovery does.) User values (inputs, outcome values, results) are fields of type
 ``msgspec.Raw``: already encoded by the codec, decoded with the workflow's declared types
 (``codec.decode(event.input, definition.input_type)``). ``at`` is the writer's wall clock

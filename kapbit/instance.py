@@ -56,7 +56,7 @@ from kapbit.partitioner import partition_for
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Repository
 from kapbit.stats import Stats
-from kapbit.supervisor import Supervisor
+from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
@@ -366,11 +366,14 @@ class Kapbit(AsyncResource):
             return await submitted.result()
         execution, outcome = submitted
         try:
-            return await asyncio.shield(outcome)
+            result, error = await asyncio.shield(outcome)
         except asyncio.CancelledError:
             if outcome.cancelled():
                 raise self._stopped_before(execution, "finished") from None
             raise
+        if error is not None:
+            raise error
+        return result
 
     @overload
     async def start_workflow(
@@ -408,11 +411,14 @@ class Kapbit(AsyncResource):
             return submitted
         execution, outcome = submitted
         created = execution.created()
-        await asyncio.wait([created, outcome], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [created, outcome]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not created.done():
             if outcome.cancelled():
                 raise self._stopped_before(execution, "was created")
-            outcome.result()  # raises what refused it
+            refused = outcome.result()[1]
+            assert refused is not None  # it ended before it was created: refused
+            raise refused
         return self._handle(self._running(), execution.id)
 
     def get_workflow(self, workflow_id: str) -> WorkflowHandle[Any]:
@@ -431,7 +437,7 @@ class Kapbit(AsyncResource):
 
     async def _submit(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], on_duplicate: OnDuplicate
-    ) -> tuple[WorkflowExecution, asyncio.Future[Any]] | WorkflowHandle[Any]:
+    ) -> tuple[WorkflowExecution, asyncio.Task[Ended]] | WorkflowHandle[Any]:
         """Check a call of either form, then create and run its workflow (the execution
         and the future of its outcome), or, attaching, the handle of the workflow already
         using the id."""

@@ -6,7 +6,8 @@ workflow at a time probes the dependency, each probe after ``slow_interval``; th
 wait for their turn (first come, first served) or for the gate to reopen. A probe that
 completes a workflow reopens the gate and everyone returns to fast mode at once. Every
 attempt is recorded in the log first (``WorkflowRetry``), so attempt counts survive
-restarts; after ``max_attempts`` the workflow is dead-lettered.
+restarts; after ``max_attempts`` the workflow is dead-lettered. See docs/ARCHITECTURE.md,
+"Failure handling".
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ from kapbit.stats import Stats
 logger = logging.getLogger("kapbit")
 
 _CREATED = EventKind.WORKFLOW_CREATED.value
+
+#: How a workflow run by the supervisor ended: ``(result, None)`` or ``(None, error)``.
+Ended = tuple[Any, BaseException | None]
 _MAX_ERROR_LENGTH = 1000
 
 
@@ -112,15 +115,15 @@ class Supervisor:
             if execution.attempts > 0:
                 self._retry_worker.schedule(execution)
             else:
-                self._tasks.spawn_future(self._drive(execution, None))
+                self._tasks.spawn(self._resume(execution))
         self._open_gate_if_idle()
 
-    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Future[Any]:
+    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
-        the future holds its result or error (also after the caller stops waiting)."""
+        the task ends with its result or error (also after the caller stops waiting)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        return self._tasks.spawn_future(self._drive(execution, created))
+        return self._tasks.spawn(self._drive(execution, created))
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""
@@ -156,43 +159,54 @@ class Supervisor:
 
     # --- driving --------------------------------------------------------------------------
 
-    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Any:
-        """Create (when ``created`` holds the encoded event) and run an execution."""
-        if created is not None:
-            try:
-                offset = await self._emitter.append(
-                    execution.partition,
-                    _CREATED,
-                    execution.id,
-                    created,
-                    workflow_type=execution.definition.type,
-                )
-            except asyncio.CancelledError:
-                # Stopped (close, abort, fencing) with the append's outcome unknown: a
-                # try whose ack was lost may have landed. The checkpoint keeps holding
-                # below it, so the next instance finds the workflow and finishes it.
-                self._in_flight.pop(execution.id, None)
-                raise
-            except BaseException:
-                # Refused (or fenced): nothing this instance acts on was written.
-                self._in_flight.pop(execution.id, None)
-                self._checkpointer.abandoned(execution.partition, execution.id)
-                raise
-            execution.mark_created(offset)
-            self._windows[execution.partition].add(execution.id, offset)
-            self._checkpointer.opened(execution.partition, execution.id, offset)
-            self._stats.started += 1
+    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Ended:
+        """Create (when ``created`` holds the encoded event) and run an execution.
+
+        The workflow's end is returned, an error included, never raised: a task of the
+        group that raised would cancel every other workflow."""
         try:
-            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
-        except StepRaised as raised:
-            self._note_step_raised(execution, raised)
-            self._retry_worker.schedule(execution)
-            raise WillRetryLater(execution.id, raised.cause) from raised.cause
-        except (WorkflowRejected, InvalidReturnValue) as ended:
-            self._finish(execution, error=ended)
-            raise
+            if created is not None:
+                try:
+                    offset = await self._emitter.append(
+                        execution.partition,
+                        _CREATED,
+                        execution.id,
+                        created,
+                        workflow_type=execution.definition.type,
+                    )
+                except asyncio.CancelledError:
+                    # Stopped (close, abort, fencing) with the append's outcome unknown: a
+                    # try whose ack was lost may have landed. The checkpoint keeps holding
+                    # below it, so the next instance finds the workflow and finishes it.
+                    self._in_flight.pop(execution.id, None)
+                    raise
+                except BaseException:
+                    # Refused (or fenced): nothing this instance acts on was written.
+                    self._in_flight.pop(execution.id, None)
+                    self._checkpointer.abandoned(execution.partition, execution.id)
+                    raise
+                execution.mark_created(offset)
+                self._windows[execution.partition].add(execution.id, offset)
+                self._checkpointer.opened(execution.partition, execution.id, offset)
+                self._stats.started += 1
+            try:
+                result, compensated = await execution.run(self._emitter, self._codec, self._actions)
+            except StepRaised as raised:
+                self._note_step_raised(execution, raised)
+                self._retry_worker.schedule(execution)
+                later = WillRetryLater(execution.id, raised.cause)
+                later.__cause__ = raised.cause
+                return None, later
+            except (WorkflowRejected, InvalidReturnValue) as ended:
+                self._finish(execution, error=ended)
+                return None, ended
+        except Exception as error:  # handed to the caller, who raises it
+            return None, error
         self._finish(execution, result=result, compensated=compensated)
-        return result
+        return result, None
+
+    async def _resume(self, execution: WorkflowExecution) -> None:
+        await self._drive(execution, None)  # its waiters (handles) learn the end
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING

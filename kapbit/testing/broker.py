@@ -29,9 +29,9 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
+from kapbit._lifecycle import AsyncResource
 from kapbit.testing.proxy import TcpProxy
 
 __all__ = [
@@ -237,7 +237,7 @@ def kafka_container_env(advertised: str) -> dict[str, str]:
 # -- LocalBroker -------------------------------------------------------------------------------
 
 
-class LocalBroker:
+class LocalBroker(AsyncResource):
     """Async context manager that yields a reachable Kafka-protocol broker.
 
     ``advertised_port``: tansu only (forces that backend); the broker binds a free loopback
@@ -339,7 +339,7 @@ class LocalBroker:
             tried.append("all backends disabled")
         raise BrokerUnavailable("no Kafka broker available; tried: " + " | ".join(tried))
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop whatever :meth:`start` started (nothing for the env backend). Idempotent."""
         kind, self._kind = self._kind, None
         self._bootstrap = self._listen = None
@@ -363,18 +363,6 @@ class LocalBroker:
         await self._stop_tansu()
         binary = await asyncio.to_thread(find_tansu_binary)
         await self._spawn_tansu(binary, port, advertised)
-
-    async def __aenter__(self) -> LocalBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- docker ----------------------------------------------------------------------------
 
@@ -539,7 +527,7 @@ class _PortRace(Exception):
     """tansu could not bind the port chosen for it."""
 
 
-class ProxiedBroker:
+class ProxiedBroker(AsyncResource):
     """A tansu broker advertising the address of a :class:`TcpProxy` placed in front of it.
 
     Every client connection, including those made after metadata discovery, goes through
@@ -580,31 +568,19 @@ class ProxiedBroker:
         try:
             await broker.start()
         except BaseException:
-            await proxy.stop()
+            await proxy.close()
             raise
         proxy.target_host, proxy.target_port = _split_address(broker.listen_address)
         self._proxy, self._broker = proxy, broker
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop the broker, then the proxy. Idempotent."""
         broker, self._broker = self._broker, None
         proxy, self._proxy = self._proxy, None
         if broker is not None:
-            await broker.stop()
+            await broker.close()
         if proxy is not None:
-            await proxy.stop()
-
-    async def __aenter__(self) -> ProxiedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+            await proxy.close()
 
 
 # -- synchronous helper ------------------------------------------------------------------------
@@ -626,7 +602,7 @@ def local_broker(**kwargs: Any) -> Iterator[LocalBroker]:
         try:
             yield broker
         finally:
-            asyncio.run_coroutine_threadsafe(broker.stop(), loop).result()
+            asyncio.run_coroutine_threadsafe(broker.close(), loop).result()
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
