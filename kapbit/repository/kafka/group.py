@@ -22,7 +22,8 @@ who owned its partitions meanwhile, so it reports everything revoked and assigne
 The group consumer subscribes to the log topic itself (no coordination topic to create and
 keep at the same partition count; a partition added to the log rebalances the group), keeps
 every assigned partition paused and one ``getmany`` pending so that aiokafka never leaves
-the group for being idle (``max_poll_interval_ms``), and commits no offsets.
+the group for being idle (``max_poll_interval_ms``), and commits no offsets. See
+docs/ARCHITECTURE.md, "Group mode".
 """
 
 from __future__ import annotations
