@@ -64,6 +64,8 @@ KRAFT_SETTINGS: dict[str, str] = {
     "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
     "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
     "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    # Kafka's default minimum (6 s) refuses the short sessions the group tests use.
+    "KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS": "1000",
     "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
     "KAFKA_LOG_DIRS": "/tmp/kraft-combined-logs",
 }
