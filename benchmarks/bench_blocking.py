@@ -15,7 +15,8 @@ from typing import Any
 
 from _common import machine, machine_line
 
-from kapbit import Definition, Kapbit, MemRepository, Progress, Step, Success
+from kapbit import Definition, Kapbit, Progress, Step, Success
+from kapbit.repository import MemRepository
 
 
 def _definitions(seconds: float) -> list[Definition[Any, Any, Any]]:

@@ -120,7 +120,8 @@ async def _measure(
 
 
 async def kapbit_mem(args: argparse.Namespace, scenario: str) -> tuple[RunStats, Measured]:
-    from kapbit import Kapbit, MemRepository, Options, __version__
+    from kapbit import Kapbit, Options, __version__
+    from kapbit.repository import MemRepository
 
     options = Options(max_workflows=args.in_flight + 10)
     async with Kapbit([SAGA], MemRepository(partitions=args.partitions), options=options) as kbit:
@@ -598,7 +599,7 @@ def parent(args: argparse.Namespace) -> None:
             broker_peak = process_peak_rss_mib(broker.pid)
     finally:
         if broker is not None:
-            loop.run_until_complete(broker.stop())
+            loop.run_until_complete(broker.close())
         loop.close()
     header = [
         "kapbit peer benchmark: 3-step order saga, small payload; "

@@ -33,15 +33,12 @@ from typing import Any
 import msgspec
 
 from kapbit import (
-    Checkpoint,
     CheckpointPolicy,
     Definition,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
-    Record,
     Step,
     Success,
     partition_for,
@@ -50,6 +47,7 @@ from kapbit.checkpoints import Checkpointer
 from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
+from kapbit.repository import Checkpoint, MemRepository, Record
 
 IN_FLIGHT = 1_000
 STEPS = 3

@@ -29,7 +29,6 @@ from kapbit import (
     Definition,
     GateClosed,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
     RetryPolicy,
@@ -37,6 +36,7 @@ from kapbit import (
     Success,
     WillRetryLater,
 )
+from kapbit.repository import MemRepository
 
 START = time.time()
 

@@ -57,11 +57,9 @@ from kapbit import (
     InstanceClosed,
     Kapbit,
     KapbitError,
-    MemRepository,
     Options,
     PayloadTooLarge,
     Progress,
-    Repository,
     Step,
     Success,
     TooManyWorkflows,
@@ -69,6 +67,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.projection import Projector, StatusModel, WorkflowRow, WorkflowStatus
+from kapbit.repository import MemRepository, Repository
 
 # --- the order saga ----------------------------------------------------------------------------
 
@@ -224,7 +223,7 @@ def create_app(
                 try:
                     yield
                 finally:
-                    await projector.stop()
+                    await projector.close()
                     await follower
 
     app = FastAPI(title="orders", lifespan=lifespan)

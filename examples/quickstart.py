@@ -5,7 +5,8 @@ Run it with ``python examples/quickstart.py``; it prints ``Result: Hello Incredi
 
 import asyncio
 
-from kapbit import Definition, Kapbit, MemRepository, Progress, Step, Success
+from kapbit import Definition, Kapbit, Progress, Step, Success
+from kapbit.repository import MemRepository
 
 
 def incredible(_input: str, _progress: Progress) -> Success[str]:

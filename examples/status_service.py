@@ -51,10 +51,8 @@ from kapbit import (
     GateClosed,
     InstanceClosed,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
-    Repository,
     Step,
     Success,
     TooManyWorkflows,
@@ -62,6 +60,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.projection import Projector, StatusModel, WorkflowRow, WorkflowStatus
+from kapbit.repository import MemRepository, Repository
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -208,7 +207,7 @@ class OrderService:
         self.kapbit = Kapbit([ORDER], self.repository, options=self._options)
         await self.kapbit.start()
         self.model = StatusModel(path)
-        await self.model.open()
+        await self.model.start()
         self.projector = Projector(self.repository, self.model, definitions=[ORDER])
         await self.projector.start()
         self._follower = asyncio.create_task(self.projector.run(), name="orders-projector")
@@ -216,7 +215,7 @@ class OrderService:
     async def stop(self) -> None:
         """Stop following, close the model, then the instance."""
         if self.projector is not None:
-            await self.projector.stop()
+            await self.projector.close()
         if self._follower is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower

@@ -4,7 +4,16 @@ Define workflows as ordered steps with compensations, start a :class:`Kapbit` in
 a repository (in memory for tests, Kafka in production) and ``await
 kbit.exec_workflow(DEFINITION, id, input)``. Every state change is an event in an append-only,
 partitioned log; a crash, a restart or a second instance taking over loses nothing.
+
+The API comes in layers: ``kapbit`` is the engine (instance, definitions, outcomes, options,
+errors); :mod:`kapbit.repository` the storage (``MemRepository``, ``KafkaRepository``);
+:mod:`kapbit.projection` the read side (``Projector``, ``StatusModel``); :mod:`kapbit.testing`
+fault injection and test helpers. See docs/ARCHITECTURE.md.
 """
+
+import importlib as _importlib
+import warnings as _warnings
+from typing import Any as _Any
 
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
 from kapbit.errors import (
@@ -51,16 +60,6 @@ from kapbit.options import (
     StepRetry,
 )
 from kapbit.partitioner import partition_for
-from kapbit.projection import (
-    Position,
-    ProjectedEvent,
-    Projector,
-    ReadModel,
-    StatusModel,
-    WorkflowRow,
-    WorkflowStatus,
-)
-from kapbit.repository import Checkpoint, MemRepository, Record, Repository
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
@@ -68,7 +67,6 @@ from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Succes
 __all__ = [
     "Backoff",
     "BreakerPolicy",
-    "Checkpoint",
     "CheckpointPolicy",
     "CircuitBreakerOpen",
     "CodecMismatch",
@@ -93,25 +91,17 @@ __all__ = [
     "OnDuplicate",
     "KapbitError",
     "LogLost",
-    "MemRepository",
     "MsgpackCodec",
     "NoStepContext",
     "NonRetryable",
     "Options",
     "Outcome",
     "PayloadTooLarge",
-    "Position",
     "Progress",
-    "ProjectedEvent",
-    "Projector",
-    "ReadModel",
-    "Record",
     "RecordRejected",
-    "Repository",
     "RetryPolicy",
     "StartupError",
     "Stats",
-    "StatusModel",
     "Step",
     "StepContext",
     "StepRetry",
@@ -126,12 +116,35 @@ __all__ = [
     "WorkflowNotFound",
     "WorkflowRefused",
     "WorkflowRejected",
-    "WorkflowRow",
     "WorkflowState",
-    "WorkflowStatus",
     "context",
     "partition_for",
 ]
 
 # The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"
+
+#: Names that moved to their layer; still importable from ``kapbit`` with a warning.
+_MOVED = {
+    "Checkpoint": "kapbit.repository",
+    "MemRepository": "kapbit.repository",
+    "Record": "kapbit.repository",
+    "Repository": "kapbit.repository",
+    "Position": "kapbit.projection",
+    "ProjectedEvent": "kapbit.projection",
+    "Projector": "kapbit.projection",
+    "ReadModel": "kapbit.projection",
+    "StatusModel": "kapbit.projection",
+    "WorkflowRow": "kapbit.projection",
+    "WorkflowStatus": "kapbit.projection",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kapbit' has no attribute {name!r}")
+    _warnings.warn(
+        f"kapbit.{name} moved: import it from {module}", DeprecationWarning, stacklevel=2
+    )
+    return getattr(_importlib.import_module(module), name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -24,20 +24,17 @@ _T = TypeVar("_T")
 CANCEL_GRACE = 1.0
 
 
-class AsyncResource:
-    """``start()`` acquires, ``close()`` releases; ``async with`` does both.
+class Closing:
+    """``async with`` closes the object on the way out: ``await close()``.
 
-    ``close()`` must be safe to call more than once and after a failed ``start()``.
+    For objects that need no start (a factory of started things); others derive from
+    :class:`AsyncResource`.
     """
 
-    async def start(self) -> None:
-        """Acquire what the object needs (connections, tasks)."""
-
     async def close(self) -> None:
-        """Release what :meth:`start` acquired."""
+        """Release what the object holds; safe to call more than once."""
 
     async def __aenter__(self) -> Self:
-        await self.start()
         return self
 
     async def __aexit__(
@@ -49,14 +46,27 @@ class AsyncResource:
         await self.close()
 
 
+class AsyncResource(Closing):
+    """``start()`` acquires, ``close()`` releases; ``async with`` does both.
+
+    ``close()`` must be safe to call more than once and after a failed ``start()``.
+    """
+
+    async def start(self) -> None:
+        """Acquire what the object needs (connections, tasks)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+
 class TaskHost:
     """The tasks one owner runs, in one :class:`asyncio.TaskGroup` held by a host task.
 
     :meth:`spawn` adds a task from anywhere (also from plain functions) while the host
     runs; :meth:`close` cancels what is left and waits for it, up to a grace period: a
     task that ignores cancellation (a step swallowing it) is abandoned, as a crash would
-    leave it, so closing stays bounded. A spawned coroutine must not raise (the group
-    would cancel its siblings): :meth:`spawn_future` delivers an outcome to a future.
+    leave it, so closing stays bounded.
     """
 
     def __init__(self, name: str) -> None:
@@ -85,56 +95,16 @@ class TaskHost:
             ready.set()
             await asyncio.Event().wait()  # until cancelled by close() or abort()
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
-        """Run ``coro`` in the group; it must handle its own errors."""
-        return self._spawn(coro, name, self._tasks.discard)
-
-    def _spawn(
-        self,
-        coro: Coroutine[Any, Any, None],
-        name: str | None,
-        done: Callable[[asyncio.Task[None]], object],
-    ) -> asyncio.Task[None]:
-        """:meth:`spawn` with ``done`` as the task's one done callback (it must discard the
-        task from ``_tasks``): one callback per task, not two, on the hot path."""
+    def spawn(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
+        """Run ``coro`` in the group. It must not raise (but for cancellation): an error
+        would cancel its siblings, so a task reports its outcome as its result."""
         if self._group is None:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
         task = self._group.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(done)
+        task.add_done_callback(self._tasks.discard)
         return task
-
-    def spawn_future(
-        self, coro: Coroutine[Any, Any, _T], name: str | None = None
-    ) -> asyncio.Future[_T]:
-        """Run ``coro`` in the group; its result, error or cancellation goes to the
-        returned future (never to the group). Cancelling the future does not stop ``coro``:
-        its outcome is then dropped."""
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-
-        async def deliver() -> None:
-            try:
-                result = await coro
-            except asyncio.CancelledError:
-                raise
-            except BaseException as error:  # handed to whoever awaits
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # retrieved: nobody may be waiting
-            else:
-                if not future.done():
-                    future.set_result(result)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            # Also when cancelled before it ran: the coroutine never started then.
-            if not future.done():
-                future.cancel()
-            coro.close()
-
-        self._spawn(deliver(), name, done)
-        return future
 
     async def wait(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for the running tasks to end by themselves."""

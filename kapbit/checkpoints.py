@@ -6,7 +6,7 @@ workflow, and while a ``WorkflowCreated`` is still being written its offset is b
 below by the highest offset already acknowledged in that partition. That bound is kept
 after the append returns: a lost acknowledgement may have left a first copy below the
 acknowledged one. Other events of a workflow are written after its ``WorkflowCreated``,
-so every copy of them lies above the hold.
+so every copy of them lies above the hold. See docs/ARCHITECTURE.md, "Checkpoints".
 """
 
 from __future__ import annotations

@@ -480,7 +480,7 @@ async def _status_model(
             )
         model = StatusModel(args.db, create=False)
         try:
-            await model.open()
+            await model.start()
         except FileNotFoundError:
             raise CliError(
                 f"no status database at {args.db} (make one with: kapbit project --once "
@@ -551,7 +551,7 @@ async def _follow(projector: Projector, stop_on_signals: bool) -> None:
         for sig in handled:
             loop.remove_signal_handler(sig)
         waiting.cancel()
-        await projector.stop()
+        await projector.close()
         if not running.done():
             running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -815,7 +815,7 @@ async def _tail(
     finally:
         await printer.release()
         for projector in projectors:
-            await projector.stop()
+            await projector.close()
         limit.cancel()
         for work in works:
             work.cancel()

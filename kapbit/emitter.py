@@ -12,7 +12,8 @@ consecutive failures; open, every append fails fast with ``CircuitBreakerError``
 after backoff, the storage is not touched) until ``reset_timeout`` has passed; then one
 append goes through as the probe (half-open): success closes the breaker, failure opens it
 again. pybreaker itself lets every caller through while half-open; the emitter admits one
-probe at a time, the others fail fast until the probe has settled.
+probe at a time, the others fail fast until the probe has settled. See docs/ARCHITECTURE.md,
+"Second copies" and "Failure handling".
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class Emitter:
         workflow_type: str | None = None,
     ) -> int:
         """Append an encoded event, retrying transient failures forever."""
-        self._fence.check()
+        refusal = self._fence.refusal
+        if refusal is not None:
+            raise refusal
         acked = self._acked
         # Every try of this append lands above what was acknowledged before it began.
-        floor = (acked[partition] if partition < len(acked) else -1) + 1  # as acked()
+        floor = acked[partition] + 1 if partition < len(acked) else 0
         try:
             offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:

@@ -10,7 +10,7 @@ decoding; its value decodes with the instance's codec as the kind's type::
 
     event = JsonCodec().decode(record.value, EVENT_TYPES[EventKind(record.kind)])
 
-(:class:`kapbit.Projector` does this for you, skipping zombie writes and second copies
+(:class:`kapbit.projection.Projector` does this for you, skipping zombie writes and second copies
 as recovery does.) User values (inputs, outcome values, results) are fields of type
 ``msgspec.Raw``: already encoded by the codec, decoded with the workflow's declared types
 (``codec.decode(event.input, definition.input_type)``). ``at`` is the writer's wall clock
@@ -63,17 +63,22 @@ class ActiveWriter(_Event, frozen=True, tag="active_writer"):
     window: int = 0
 
 
-class WorkflowCreated(_Event, frozen=True, tag="workflow_created"):
+class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults=True):
     """The workflow was accepted; from here on it will finish, even across crashes.
 
     ``id`` is the workflow id, ``type`` the definition's type name, ``input`` the encoded
     input (checked against the definition's ``input_type`` before it was written).
+    ``trace`` is the W3C trace context (``traceparent``, ``tracestate``) of the workflow's
+    span when it was created with tracing on (:mod:`kapbit.otel`), so that an instance
+    resuming it continues the trace; ``None`` (not written) otherwise, and in records
+    written before the field existed.
     """
 
     id: str
     type: str
     input: msgspec.Raw
     at: float
+    trace: dict[str, str] | None = None
 
 
 class StepOutcome(_Event, frozen=True, tag="step_outcome"):

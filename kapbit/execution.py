@@ -17,7 +17,7 @@ import msgspec
 import pybreaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.codecs import Codec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
@@ -32,6 +32,7 @@ from kapbit.errors import (
     describe_error,
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
+from kapbit.instrumentation import WorkflowObserver
 from kapbit.step_context import CURRENT_STEP, StepContext
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
@@ -51,15 +52,32 @@ _OUTCOMES = (Success, Failure)
 class StepRaised(Exception):
     """A step action or the result builder raised: a dependency is unavailable.
 
-    ``step`` is ``None`` for the result builder. ``breaker_open`` says the cause was an
-    open circuit breaker, which closes the entry gate.
+    ``step`` is ``None`` for the result builder, ``name`` the step's name, ``attempt``
+    the step's attempt that raised.
+    ``breaker_open`` says the cause was an open circuit breaker, which closes the entry
+    gate.
     """
 
-    def __init__(self, workflow_id: str, step: int | None, phase: Phase, cause: BaseException):
-        where = "result builder" if step is None else f"step {step} ({phase})"
+    def __init__(
+        self,
+        workflow_id: str,
+        step: int | None,
+        phase: Phase,
+        cause: BaseException,
+        name: str | None = None,
+        attempt: int = 1,
+    ):
+        if step is None:
+            where = "result builder"
+        elif name is None:
+            where = f"step {step} ({phase})"
+        else:
+            where = f"step {name!r} ({step}, {phase})"
         super().__init__(f"workflow {workflow_id!r}: {where} raised {describe_error(cause)}")
         self.step = step
+        self.name = name
         self.phase = phase
+        self.attempt = attempt
         self.cause = cause
         self.breaker_open = _is_breaker_error(cause)
 
@@ -91,6 +109,8 @@ class WorkflowExecution:
         "partition",
         "progress",
         "step_base",
+        "telemetry",
+        "trace",
     )
 
     def __init__(
@@ -102,6 +122,7 @@ class WorkflowExecution:
         progress: Progress | None = None,
         attempts: int = 0,
         last_error: str = "",
+        trace: dict[str, str] | None = None,
     ) -> None:
         self.id = workflow_id
         self.definition = definition
@@ -113,6 +134,10 @@ class WorkflowExecution:
         self.created_offset = -1
         #: ``attempts`` when the current action became current (its step's attempt 1).
         self.step_base = 0
+        #: The trace context stored in its ``WorkflowCreated`` (``None``: none was).
+        self.trace = trace
+        #: What reports this workflow's run to traces and metrics (``None``: nothing does).
+        self.telemetry: WorkflowObserver | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._created: asyncio.Future[int] | None = None
 
@@ -198,7 +223,8 @@ class WorkflowExecution:
             else:
                 assert step.compensate is not None
                 fn, is_async = step.compensate, step._compensate_async
-            if step.retry is None:  # the common case, inline: no frames of kapbit's own
+            if step.retry is None and self.telemetry is None:
+                # the common case, inline: no frames of kapbit's own
                 context = self._context(actions, step, index, phase)
                 token = CURRENT_STEP.set(context)
                 try:
@@ -213,6 +239,11 @@ class WorkflowExecution:
                     returned = self._step_failed(step, index, phase, exc)
                 finally:
                     CURRENT_STEP.reset(token)
+            elif step.retry is None:
+                try:
+                    returned = await self._attempt(actions, step, fn, is_async, index, phase)
+                except _ActionRaised as raised:
+                    returned = self._step_failed(step, index, phase, raised.cause)
             else:
                 returned = await self._retry_in_place(
                     emitter, actions, step, fn, is_async, index, phase
@@ -237,12 +268,13 @@ class WorkflowExecution:
             self.step_base = self.attempts
             if phase == "compensate" and not success:
                 logger.warning(
-                    "workflow %r: compensation of step %d failed (%r); the rollback stops, "
-                    "steps before it are not compensated",
+                    "workflow %r: compensation of step %r (%d) failed (%r); the rollback "
+                    "stops, steps before it are not compensated",
                     self.id,
+                    step.label,
                     index,
                     value,
-                    extra=execution_fields(self),
+                    extra=step_fields(self, index, phase, self.step_attempt),
                 )
 
         try:
@@ -250,9 +282,9 @@ class WorkflowExecution:
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise
-            raise StepRaised(self.id, None, "execute", exc) from exc
+            raise StepRaised(self.id, None, "execute", exc, attempt=self.step_attempt) from exc
         except Exception as exc:
-            raise StepRaised(self.id, None, "execute", exc) from exc
+            raise StepRaised(self.id, None, "execute", exc, attempt=self.step_attempt) from exc
         compensated = progress.failed
         try:
             data, result = encode_checked(codec, result, definition.result_check)
@@ -291,7 +323,7 @@ class WorkflowExecution:
             if isinstance(error, policy.non_retryable):
                 return Failure(_error_text(error))
             return Failure(f"gave up after {self.step_attempt} attempts: {_error_text(error)}")
-        raise StepRaised(self.id, index, phase, error) from error
+        raise StepRaised(self.id, index, phase, error, step.label, self.step_attempt) from error
 
     async def _retry_in_place(
         self,
@@ -312,22 +344,6 @@ class WorkflowExecution:
             return self._step_failed(
                 step, index, phase, RuntimeError(self.last_error or "no error recorded")
             )
-
-        async def attempt() -> Any:
-            context = self._context(actions, step, index, phase)
-            token = CURRENT_STEP.set(context)
-            try:
-                return await actions.start(
-                    fn, is_async, (self.input, self.progress), context, step.timeout
-                )
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                raise _ActionRaised(exc) from exc  # raised by the step itself
-            except Exception as exc:  # any error means "retry later", unless told otherwise
-                raise _ActionRaised(exc) from exc
-            finally:
-                CURRENT_STEP.reset(token)
 
         def retryable(error: BaseException) -> bool:
             if not isinstance(error, _ActionRaised):
@@ -351,9 +367,9 @@ class WorkflowExecution:
             async for call in retrying:
                 with call:
                     if last is not None:
-                        await self.record_retry(emitter, last.cause)
+                        await self.record_retry(emitter, last.cause, in_place=True)
                     try:
-                        return await attempt()
+                        return await self._attempt(actions, step, fn, is_async, index, phase)
                     except _ActionRaised as raised:
                         last = raised
                         raise
@@ -361,8 +377,54 @@ class WorkflowExecution:
             return self._step_failed(step, index, phase, raised.cause)
         raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
-    async def record_retry(self, emitter: Emitter, cause: BaseException) -> None:
-        """Count another attempt and record it (``WorkflowRetry``) before it runs."""
+    async def _attempt(
+        self,
+        actions: ActionRunner,
+        step: Step[Any, Any],
+        fn: Callable[..., Any],
+        is_async: bool,
+        index: int,
+        phase: Phase,
+    ) -> Any:
+        """Run the action once, in its context and (with telemetry) its span: what it
+        returned, or :class:`_ActionRaised` if it raised."""
+        context = self._context(actions, step, index, phase)
+        token = CURRENT_STEP.set(context)
+        telemetry = self.telemetry
+        observed = None
+        if telemetry is not None:
+            observed = telemetry.step(step.label, index, phase, context.attempt)
+        try:
+            returned = await actions.start(
+                fn, is_async, (self.input, self.progress), context, step.timeout
+            )
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                if observed is not None:
+                    observed.cancelled()
+                raise
+            if observed is not None:
+                observed.raised(exc)
+            raise _ActionRaised(exc) from exc  # raised by the step itself
+        except Exception as exc:  # any error means "retry later", unless told otherwise
+            if observed is not None:
+                observed.raised(exc)
+            raise _ActionRaised(exc) from exc
+        except BaseException:
+            if observed is not None:
+                observed.cancelled()
+            raise
+        finally:
+            CURRENT_STEP.reset(token)
+        if observed is not None:
+            observed.returned(returned)
+        return returned
+
+    async def record_retry(
+        self, emitter: Emitter, cause: BaseException, in_place: bool = False
+    ) -> None:
+        """Count another attempt and record it (``WorkflowRetry``) before it runs;
+        ``in_place`` says the step's own policy retries it, not the retry worker."""
         self.last_error = describe_error(cause)[:MAX_ERROR_LENGTH]
         self.attempts += 1
         event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
@@ -370,6 +432,8 @@ class WorkflowExecution:
             await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
             await self.reject(emitter, "workflow_retry", str(exc))
+        if self.telemetry is not None:
+            self.telemetry.retried(self.attempts, self.last_error, in_place)
 
     async def _persist(
         self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult

@@ -64,31 +64,34 @@ class Fence:
     before any further write.
     """
 
-    __slots__ = ("_event", "_stopped", "error")
+    __slots__ = ("_event", "_stopped", "error", "refusal")
 
     def __init__(self) -> None:
         #: The first Fenced the log answered with, or ``None``.
         self.error: Fenced | None = None
+        #: What a write must raise now (``None`` while writing may go on): the log's
+        #: refusal, else the instance's own stop. Read on every append, so kept ready.
+        self.refusal: Fenced | None = None
         self._stopped: Fenced | None = None
         self._event = asyncio.Event()
 
     def check(self) -> None:
         """Raise :class:`~kapbit.errors.Fenced` if no more writes may go out."""
-        if self.error is not None:
-            raise self.error
-        if self._stopped is not None:
-            raise self._stopped
+        if self.refusal is not None:
+            raise self.refusal
 
     def fenced(self, error: Fenced) -> None:
         """The log refused a write of this instance: record the first refusal."""
         if self.error is None and error is not self._stopped:
-            self.error = error
+            self.error = self.refusal = error
             self._event.set()
 
     def stop(self, reason: str) -> None:
         """Stop writing (closed with tasks abandoned, or aborted), not fenced by the log."""
         if self._stopped is None:
             self._stopped = Fenced(reason)
+            if self.refusal is None:
+                self.refusal = self._stopped
 
     async def wait(self) -> Fenced:
         """Return the error once the log has fenced this instance."""

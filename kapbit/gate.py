@@ -1,4 +1,5 @@
-"""The entry gate: closed while a circuit breaker is open, so new work fails fast."""
+"""The entry gate: closed while a circuit breaker is open, so new work fails fast (see
+docs/ARCHITECTURE.md, "Failure handling")."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
@@ -56,7 +56,7 @@ from kapbit.partitioner import partition_for
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Repository
 from kapbit.stats import Stats
-from kapbit.supervisor import Supervisor
+from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
 
 logger = logging.getLogger("kapbit")
@@ -127,6 +127,7 @@ class Kapbit(AsyncResource):
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._workflow_log: WorkflowLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._background = TaskHost("kapbit-background")
@@ -227,9 +228,19 @@ class Kapbit(AsyncResource):
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
         self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
         await supervisor.start(recovered.executions)
+        instrumentation = self.options.instrumentation
+        if instrumentation is not None:
+            self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
+
+    def _stop_watching(self) -> None:
+        """The instrumentation stops reading this instance's gauges."""
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
 
     async def _fail_start(self) -> None:
         self._state = "closed"
+        self._stop_watching()
         if self._supervisor is not None:
             await self._supervisor.close(0)
         await self._background.close(CANCEL_GRACE)
@@ -290,6 +301,7 @@ class Kapbit(AsyncResource):
             )
         if self._state != "fenced":
             self._state = "closed"
+        self._stop_watching()
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
@@ -304,6 +316,7 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             self._supervisor.abort()
         self._background.abort()
+        self._stop_watching()
         self._actions.close()
 
     # --- workflows ------------------------------------------------------------------------
@@ -365,15 +378,15 @@ class Kapbit(AsyncResource):
         if isinstance(submitted, WorkflowHandle):
             return await submitted.result()
         execution, outcome = submitted
-        # ``outcome`` is this call's alone: awaited without a shield, cancelling the call
-        # cancels only it (the workflow runs on, and its task drops the result).
         try:
-            return await outcome
+            result, error = await asyncio.shield(outcome)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling() == 0:  # the workflow's task stopped
+            if outcome.cancelled():
                 raise self._stopped_before(execution, "finished") from None
             raise
+        if error is not None:
+            raise error
+        return result
 
     @overload
     async def start_workflow(
@@ -411,11 +424,14 @@ class Kapbit(AsyncResource):
             return submitted
         execution, outcome = submitted
         created = execution.created()
-        await asyncio.wait([created, outcome], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [created, outcome]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not created.done():
             if outcome.cancelled():
                 raise self._stopped_before(execution, "was created")
-            outcome.result()  # raises what refused it
+            refused = outcome.result()[1]
+            assert refused is not None  # it ended before it was created: refused
+            raise refused
         return self._handle(self._running(), execution.id)
 
     def get_workflow(self, workflow_id: str) -> WorkflowHandle[Any]:
@@ -434,7 +450,7 @@ class Kapbit(AsyncResource):
 
     async def _submit(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], on_duplicate: OnDuplicate
-    ) -> tuple[WorkflowExecution, asyncio.Future[Any]] | WorkflowHandle[Any]:
+    ) -> tuple[WorkflowExecution, asyncio.Task[Ended]] | WorkflowHandle[Any]:
         """Check a call of either form, then create and run its workflow (the execution
         and the future of its outcome), or, attaching, the handle of the workflow already
         using the id."""
@@ -485,10 +501,16 @@ class Kapbit(AsyncResource):
             raise InvalidInput(
                 workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
             ) from mismatch
-        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time())
+        instrumentation = self.options.instrumentation
+        telemetry = trace = None
+        if instrumentation is not None:
+            telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
+            trace = telemetry.trace
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time(), trace)
         value = codec.encode(created)
 
-        execution = WorkflowExecution(workflow_id, definition, partition, input)
+        execution = WorkflowExecution(workflow_id, definition, partition, input, trace=trace)
+        execution.telemetry = telemetry
         return execution, supervisor.submit(execution, value)
 
     async def _attach(

@@ -142,7 +142,8 @@ class OpenWorkflow:
 
     ``type`` is ``""`` and ``input`` empty for an adopted workflow, whose
     ``created_offset`` is where it was first seen; ``outcomes`` lists the first copy of
-    each step outcome with its offset.
+    each step outcome with its offset; ``trace`` is the trace context its
+    ``WorkflowCreated`` stored (``None``: it stored none).
     """
 
     id: str
@@ -152,6 +153,7 @@ class OpenWorkflow:
     outcomes: list[tuple[int, StepOutcome]] = field(default_factory=list)
     attempts: int = 0
     last_error: str = ""
+    trace: dict[str, str] | None = None
 
     def has_outcome(self, step: int, phase: str) -> bool:
         """Whether an outcome of ``step`` in ``phase`` was read already."""
@@ -301,6 +303,7 @@ class PartitionReader:
                 event = decode_event(codec, record)
                 if isinstance(event, WorkflowCreated):
                     workflow.type, workflow.input = event.type, event.input
+                    workflow.trace = event.trace
                 elif isinstance(event, StepOutcome):
                     if not workflow.has_outcome(event.step, event.phase):
                         workflow.outcomes.append((record.offset, event))
@@ -336,7 +339,7 @@ class PartitionReader:
             if copy:
                 return Verdict.COPY, event, workflow
             workflow = open_workflows[workflow_id] = OpenWorkflow(
-                workflow_id, event.type, record.offset, event.input
+                workflow_id, event.type, record.offset, event.input, trace=event.trace
             )
             return Verdict.NEW, event, workflow
         if workflow is None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tenacity import wait_exponential, wait_random
 from tenacity.wait import wait_base
+
+if TYPE_CHECKING:
+    from kapbit.instrumentation import Instrumentation
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,10 @@ class Options:
     pool of ``action_threads`` threads at the first sync action and shuts it down at
     close. ``action_executor`` replaces it with an executor of your own (kapbit does not
     shut that one down).
+
+    ``instrumentation`` reports workflows and steps to traces and metrics, e.g.
+    :class:`kapbit.otel.OpenTelemetry` (the ``otel`` extra); ``None`` (the default) costs
+    nothing.
     """
 
     max_workflows: int = 10_000
@@ -130,6 +138,7 @@ class Options:
     start_timeout: float = 120.0
     action_threads: int = 32
     action_executor: Executor | None = None
+    instrumentation: Instrumentation | None = None
 
     def __post_init__(self) -> None:
         if self.start_timeout <= 0:

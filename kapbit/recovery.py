@@ -141,6 +141,7 @@ class Recovery:
             input,
             attempts=workflow.attempts,
             last_error=workflow.last_error,
+            trace=workflow.trace,
         )
         execution.created_offset = workflow.created_offset
         for offset, outcome in workflow.outcomes:

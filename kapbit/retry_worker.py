@@ -6,7 +6,8 @@ workflow at a time probes the dependency, each probe after ``slow_interval``; th
 wait for their turn (first come, first served) or for the gate to reopen. A probe that
 completes a workflow reopens the gate and everyone returns to fast mode at once. Every
 attempt is recorded in the log first (``WorkflowRetry``), so attempt counts survive
-restarts; after ``max_attempts`` the workflow is dead-lettered.
+restarts; after ``max_attempts`` the workflow is dead-lettered. See docs/ARCHITECTURE.md,
+"Failure handling".
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, raised_fields
 from kapbit.errors import Fenced, InstanceClosed
 from kapbit.execution import StepRaised, WorkflowExecution
 from kapbit.gate import EntryGate
@@ -140,7 +141,7 @@ class RetryWorker:
                 policy.max_attempts,
                 state.upcoming_sleep,
                 error,
-                extra=execution_fields(execution),
+                extra=raised_fields(execution, error),
             )
 
         retrying = AsyncRetrying(

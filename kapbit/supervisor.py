@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
-from kapbit._log import execution_fields
+from kapbit._log import execution_fields, raised_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
 from kapbit.codecs import Codec
@@ -42,6 +42,9 @@ from kapbit.stats import Stats
 logger = logging.getLogger("kapbit")
 
 _CREATED = EventKind.WORKFLOW_CREATED.value
+
+#: How a workflow run by the supervisor ended: ``(result, None)`` or ``(None, error)``.
+Ended = tuple[Any, BaseException | None]
 _MAX_ERROR_LENGTH = 1000
 
 
@@ -104,7 +107,15 @@ class Supervisor:
         await self._tasks.start()
         await self._retry_worker.start()
         checkpointer = self._checkpointer
+        instrumentation = self._options.instrumentation
         for execution in executions:
+            if instrumentation is not None:
+                execution.telemetry = instrumentation.workflow(
+                    execution.id,
+                    execution.definition.type,
+                    execution.partition,
+                    execution.trace or {},
+                )
             self._in_flight[execution.id] = execution
             checkpointer.opened(execution.partition, execution.id, execution.created_offset)
         self._stats.recovered = len(executions)
@@ -112,15 +123,15 @@ class Supervisor:
             if execution.attempts > 0:
                 self._retry_worker.schedule(execution)
             else:
-                self._tasks.spawn_future(self._drive(execution, None))
+                self._tasks.spawn(self._resume(execution))
         self._open_gate_if_idle()
 
-    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Future[Any]:
+    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
-        the future holds its result or error (also after the caller stops waiting)."""
+        the task ends with its result or error (also after the caller stops waiting)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        return self._tasks.spawn_future(self._drive(execution, created))
+        return self._tasks.spawn(self._drive(execution, created))
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""
@@ -148,6 +159,15 @@ class Supervisor:
         """Fail every caller still waiting for a workflow of this instance."""
         for execution in list(self._in_flight.values()):
             execution.resolve(error=error)
+            self._interrupted(execution, describe_error(error, str))
+
+    @staticmethod
+    def _interrupted(execution: WorkflowExecution, reason: str) -> None:
+        """This instance stops reporting on ``execution`` before its end."""
+        telemetry = execution.telemetry
+        if telemetry is not None:
+            execution.telemetry = None
+            telemetry.interrupted(reason)
 
     def abort(self) -> None:
         """Cancel every task at once (a crash)."""
@@ -156,50 +176,63 @@ class Supervisor:
 
     # --- driving --------------------------------------------------------------------------
 
-    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Any:
-        """Create (when ``created`` holds the encoded event) and run an execution."""
-        if created is not None:
-            try:
-                offset = await self._emitter.append(
-                    execution.partition,
-                    _CREATED,
-                    execution.id,
-                    created,
-                    workflow_type=execution.definition.type,
-                )
-            except asyncio.CancelledError:
-                # Stopped (close, abort, fencing) with the append's outcome unknown: a
-                # try whose ack was lost may have landed. The checkpoint keeps holding
-                # below it, so the next instance finds the workflow and finishes it.
-                self._in_flight.pop(execution.id, None)
-                raise
-            except BaseException:
-                # Refused (or fenced): nothing this instance acts on was written.
-                self._in_flight.pop(execution.id, None)
-                self._checkpointer.abandoned(execution.partition, execution.id)
-                raise
-            execution.mark_created(offset)
-            self._windows[execution.partition].add(execution.id, offset)
-            self._checkpointer.opened(execution.partition, execution.id, offset)
-            self._stats.started += 1
+    async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Ended:
+        """Create (when ``created`` holds the encoded event) and run an execution.
+
+        The workflow's end is returned, an error included, never raised: a task of the
+        group that raised would cancel every other workflow."""
         try:
-            result, compensated = await execution.run(self._emitter, self._codec, self._actions)
-        except StepRaised as raised:
-            self._note_step_raised(execution, raised)
-            self._retry_worker.schedule(execution)
-            raise WillRetryLater(execution.id, raised.cause) from raised.cause
-        except (WorkflowRejected, InvalidReturnValue) as ended:
-            self._finish(execution, error=ended)
-            raise
+            if created is not None:
+                try:
+                    offset = await self._emitter.append(
+                        execution.partition,
+                        _CREATED,
+                        execution.id,
+                        created,
+                        workflow_type=execution.definition.type,
+                    )
+                except asyncio.CancelledError:
+                    # Stopped (close, abort, fencing) with the append's outcome unknown: a
+                    # try whose ack was lost may have landed. The checkpoint keeps holding
+                    # below it, so the next instance finds the workflow and finishes it.
+                    self._in_flight.pop(execution.id, None)
+                    self._interrupted(execution, "stopped while WorkflowCreated was appended")
+                    raise
+                except BaseException as refused:
+                    # Refused (or fenced): nothing this instance acts on was written.
+                    self._in_flight.pop(execution.id, None)
+                    self._interrupted(execution, f"not created: {describe_error(refused, str)}")
+                    self._checkpointer.abandoned(execution.partition, execution.id)
+                    raise
+                execution.mark_created(offset)
+                self._windows[execution.partition].add(execution.id, offset)
+                self._checkpointer.opened(execution.partition, execution.id, offset)
+                self._stats.started += 1
+            try:
+                result, compensated = await execution.run(self._emitter, self._codec, self._actions)
+            except StepRaised as raised:
+                self._note_step_raised(execution, raised)
+                self._retry_worker.schedule(execution)
+                later = WillRetryLater(execution.id, raised.cause)
+                later.__cause__ = raised.cause
+                return None, later
+            except (WorkflowRejected, InvalidReturnValue) as ended:
+                self._finish(execution, error=ended)
+                return None, ended
+        except Exception as error:  # handed to the caller, who raises it
+            return None, error
         self._finish(execution, result=result, compensated=compensated)
-        return result
+        return result, None
+
+    async def _resume(self, execution: WorkflowExecution) -> None:
+        await self._drive(execution, None)  # its waiters (handles) learn the end
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
     ) -> None:
         # Bounded: the error goes into WorkflowRetry / DeadLetter events.
         execution.last_error = describe_error(raised.cause)[:_MAX_ERROR_LENGTH]
-        logger.log(level, "%s", raised, extra=execution_fields(execution))
+        logger.log(level, "%s", raised, extra=raised_fields(execution, raised))
         if raised.breaker_open:
             self._gate.close(f"workflow {execution.id!r}: {describe_error(raised.cause, str)}")
 
@@ -212,6 +245,8 @@ class Supervisor:
                 execution,
                 WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
             )
+            if execution.telemetry is not None:
+                execution.telemetry.retried(execution.attempts, execution.last_error, False)
             result, compensated = await execution.run(self._emitter, self._codec, self._actions)
         except StepRaised as raised:
             # The retry worker logs the failed attempt itself.
@@ -273,17 +308,26 @@ class Supervisor:
         if error is None:
             if compensated:
                 stats.compensated += 1
+                outcome = "compensated"
             else:
                 stats.succeeded += 1
+                outcome = "succeeded"
             self._gate.open()
         elif isinstance(error, DeadLettered):
             stats.dead_lettered += 1
+            outcome = "dead_lettered"
         elif isinstance(error, InvalidReturnValue):
             stats.invalid_returns += 1
-            logger.error("%s", error, extra=execution_fields(execution))
+            outcome = "invalid_return"
+            step = error.step if error.step >= 0 else None
+            extra = step_fields(execution, step, error.phase, execution.step_attempt)
+            logger.error("%s", error, extra=extra)
         else:
             stats.rejected += 1
+            outcome = "rejected"
             logger.error("%s", error, extra=execution_fields(execution))
+        if execution.telemetry is not None:
+            execution.telemetry.ended(outcome, error)
         self._open_gate_if_idle()
         execution.resolve(result, error)
         finished = self._finished

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kapbit import Definition, Failure, JsonCodec, MemRepository, Progress, Step, Success
+from kapbit import Definition, Failure, JsonCodec, Progress, Step, Success
 from kapbit.codecs import Codec
 from kapbit.events import Event
+from kapbit.repository import MemRepository
 from kapbit.restore import decode_event
 
 
@@ -183,7 +184,6 @@ def fast_options(
 
 from collections.abc import AsyncIterator, Collection, Sequence  # noqa: E402
 
-from kapbit import Checkpoint, Record  # noqa: E402
 from kapbit.events import (  # noqa: E402
     TERMINAL_KINDS,
     DeadLetter,
@@ -193,6 +193,7 @@ from kapbit.events import (  # noqa: E402
     WorkflowResult,
     WorkflowRetry,
 )
+from kapbit.repository import Checkpoint, Record  # noqa: E402
 
 
 class CrashRepository(MemRepository):

@@ -25,7 +25,6 @@ from kapbit import (
     Fenced,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
     RetryPolicy,
@@ -45,6 +44,7 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
+from kapbit.repository import MemRepository
 
 TYPE = "order"
 STEPS = 3
@@ -237,29 +237,29 @@ async def append(repo: MemRepository, partition: int, node: str, event: Event) -
         return len(repo.records(partition)) - 1
 
 
-def created(wid: str, at: float = 1000.0, type: str = TYPE, input: Any = None) -> WorkflowCreated:
+def created(wid: str, at: float = 1000.0, type: str = TYPE, input: Any = None) -> Event:
     return WorkflowCreated(wid, type, raw(input if input is not None else {"id": wid}), at)
 
 
-def outcome(wid: str, step: int, phase: str = "execute", success: bool = True) -> StepOutcome:
+def outcome(wid: str, step: int, phase: str = "execute", success: bool = True) -> Event:
     return StepOutcome(wid, step, phase, success, raw(f"v-{step}-{phase}"))  # type: ignore[arg-type]
 
 
-def result(wid: str, value: Any = "done", compensated: bool = False) -> WorkflowResult:
+def result(wid: str, value: Any = "done", compensated: bool = False) -> Event:
     return WorkflowResult(wid, raw(value), compensated, 2000.0)
 
 
-def retry(wid: str, attempt: int) -> WorkflowRetry:
+def retry(wid: str, attempt: int) -> Event:
     return WorkflowRetry(wid, attempt, f"error {attempt}", 1500.0)
 
 
-def dead(wid: str, attempts: int) -> DeadLetter:
+def dead(wid: str, attempts: int) -> Event:
     return DeadLetter(wid, attempts, "gave up", 3000.0)
 
 
-def rejected(wid: str) -> Rejected:
+def rejected(wid: str) -> Event:
     return Rejected(wid, "step_outcome", "too large", 3000.0)
 
 
-def writer(node: str) -> ActiveWriter:
+def writer(node: str) -> Event:
     return ActiveWriter(node, 1.0)

@@ -4,23 +4,24 @@ oldest open workflow, and recovery reads from them (plus the idempotency window'
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 
 import pytest
 
 from kapbit import (
-    Checkpoint,
     CheckpointPolicy,
     DuplicateWorkflow,
     Fenced,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     partition_for,
 )
 from kapbit.checkpoints import Checkpointer
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
+from kapbit.repository import Checkpoint, MemRepository
 from kapbit.restore import restore_partition
 from tests.helpers import CrashRepository, gated_saga, wait_until
 
@@ -77,6 +78,10 @@ async def test_a_checkpoint_is_never_ahead_of_the_oldest_open_workflow() -> None
         gated_saga(release, calls, name=f"slow{k}") for k, release in enumerate(releases)
     ]
     options = Options(node_id="n", checkpoints=CheckpointPolicy(every=1, interval=0.001))
+
+    def last_saved_at(offset: int) -> bool:
+        return repo.saves[-1][1].offset == offset
+
     async with Kapbit(definitions, repo, options=options) as kbit:
         slow = []
         for k in range(4):
@@ -85,7 +90,7 @@ async def test_a_checkpoint_is_never_ahead_of_the_oldest_open_workflow() -> None
             slow.append(
                 asyncio.create_task(kbit.exec_workflow(f"s{k}", f"slow{k}", {"id": f"s{k}"}))
             )
-            await wait_until(lambda k=k: (f"s{k}", 1) in calls)
+            await wait_until(functools.partial(operator.contains, calls, (f"s{k}", 1)))
         for i in range(3):
             await kbit.exec_workflow(f"tail{i}", "gated", {"id": f"tail{i}"})
         created = _created_offsets(repo)
@@ -94,7 +99,7 @@ async def test_a_checkpoint_is_never_ahead_of_the_oldest_open_workflow() -> None
             releases[k].set()
             await slow[k]
             moved_to = created[f"s{k + 1}"] if k < 3 else len(repo.records())
-            await wait_until(lambda moved_to=moved_to: repo.saves[-1][1].offset == moved_to)
+            await wait_until(functools.partial(last_saved_at, moved_to))
             assert all(c.offset <= moved_to for _, c in repo.saves)
     offsets = [c.offset for _, c in repo.saves]
     assert offsets == sorted(offsets)  # never goes back

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import kapbit
-from kapbit import Definition, Kapbit, MemRepository, MsgpackCodec, Record, Step, Success
+from kapbit import Definition, Kapbit, MsgpackCodec, Step, Success
 from kapbit.cli import build_parser, execute
-from kapbit.repository import Repository
+from kapbit.repository import MemRepository, Record, Repository
 from tests.projection_logs import (
     EXPECTED,
     MixedLog,

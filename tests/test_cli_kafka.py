@@ -187,14 +187,14 @@ async def test_projector_follows_a_topic_alongside_an_instance(
         StatusModel(tmp_path / "status.db") as model,
     ):
         reader = KafkaRepository(kafka_bootstrap, topic)
-        async with Projector(reader, model, owns_repository=True) as projector:
+        async with Projector(reader, model) as projector:
             running = asyncio.create_task(projector.run())
             await asyncio.gather(
                 *(kbit.exec_workflow(f"p-{i}", TYPE, order(f"p-{i}")) for i in range(10))
             )
             await projector.wait_caught_up(timeout=60)
             counts = await model.counts_by_status()
-            await projector.stop()
+            await projector.close()
             await running
     assert counts == {WorkflowStatus.SUCCEEDED: 10}
 

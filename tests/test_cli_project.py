@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kapbit import Kapbit, MemRepository, Record
+from kapbit import Kapbit
 from kapbit.cli import execute
 from kapbit.projection import StatusModel
-from kapbit.repository import Repository
+from kapbit.repository import MemRepository, Record, Repository
 from tests.projection_logs import (
     EXPECTED,
     TYPE,

@@ -19,7 +19,6 @@ from kapbit import (
     Failure,
     InstanceClosed,
     Kapbit,
-    MemRepository,
     Options,
     Progress,
     RecordRejected,
@@ -33,7 +32,7 @@ from kapbit import (
 from kapbit.errors import InvalidReturnValue
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
-from kapbit.repository import Checkpoint
+from kapbit.repository import Checkpoint, MemRepository
 from kapbit.testing import FaultyRepository
 from tests.helpers import kinds, log_events, wait_until
 

@@ -6,16 +6,8 @@ from typing import Any
 
 import pytest
 
-from kapbit import (
-    Definition,
-    Failure,
-    InvalidDefinition,
-    Kapbit,
-    MemRepository,
-    Progress,
-    Step,
-    Success,
-)
+from kapbit import Definition, Failure, InvalidDefinition, Kapbit, Progress, Step, Success
+from kapbit.repository import MemRepository
 
 
 def _ok(input: Any, progress: Progress) -> Success[None]:
@@ -45,7 +37,7 @@ def test_type_must_be_a_non_empty_string_and_result_callable() -> None:
     with pytest.raises(InvalidDefinition, match="non-empty string"):
         Definition("", [Step(_ok)])
     with pytest.raises(InvalidDefinition, match="result builder is not callable"):
-        Definition("w", [Step(_ok)], result="x")  # type: ignore[arg-type]
+        Definition("w", [Step(_ok)], result="x")  # type: ignore[call-overload]
 
 
 def test_instance_refuses_duplicate_types_and_non_definitions() -> None:

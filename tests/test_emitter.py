@@ -12,10 +12,11 @@ import msgspec
 import pybreaker
 import pytest
 
-from kapbit import Backoff, EncodeError, Fenced, JsonCodec, MemRepository, RecordRejected
+from kapbit import Backoff, EncodeError, Fenced, JsonCodec, RecordRejected
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.events import StepOutcome
 from kapbit.fencing import Fence
+from kapbit.repository import MemRepository
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import BreakerStates, Clock, LogCapture, expire_reset_timeout, wait_until
 
@@ -102,7 +103,7 @@ async def test_retry_log_level_rises_and_records_name_the_workflow() -> None:
         await r.emitter.emit(0, "w1", outcome(), workflow_type="saga")
     failures = [rec for rec in logs.records if "failed" in rec.getMessage()]
     # Attempts 1-10 are all logged, later ones only at powers of two (16).
-    assert [int(rec.args[3]) for rec in failures] == [*range(1, 11), 16]  # type: ignore[index]
+    assert [int(rec.args[3]) for rec in failures] == [*range(1, 11), 16]  # type: ignore[index,arg-type]
     assert [rec.levelno for rec in failures] == [logging.INFO] * 2 + [logging.WARNING] * 7 + [
         logging.ERROR
     ] * 2

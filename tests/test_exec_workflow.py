@@ -18,7 +18,6 @@ from kapbit import (
     InvalidReturnValue,
     InvalidWorkflowId,
     Kapbit,
-    MemRepository,
     Options,
     PayloadTooLarge,
     Progress,
@@ -30,6 +29,7 @@ from kapbit import (
     partition_for,
 )
 from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit.repository import MemRepository
 from tests.helpers import Script, kinds, log_events, saga, wait_until
 
 
@@ -334,7 +334,7 @@ async def test_invalid_step_outcome_ends_the_workflow_without_retry() -> None:
         return "not an outcome"
 
     repo = MemRepository()
-    async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[list-item]
+    async with Kapbit([Definition("bad", [Step(bad)])], repo) as kbit:  # type: ignore[arg-type]
         with pytest.raises(InvalidReturnValue, match="must return Success"):
             await kbit.exec_workflow("b", "bad")
         assert kbit.stats.retrying == 0

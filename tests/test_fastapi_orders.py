@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kapbit import Backoff, Kapbit, MemRepository, Options, RetryPolicy
+from kapbit import Backoff, Kapbit, Options, RetryPolicy
+from kapbit.repository import MemRepository
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_orders.py"
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import operator
 import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -32,7 +34,6 @@ from kapbit import (
     InvalidWorkflowId,
     JsonCodec,
     Kapbit,
-    MemRepository,
     MsgpackCodec,
     Options,
     StartupError,
@@ -43,7 +44,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.fencing import OwnerTracker
-from kapbit.repository import Checkpoint, Record
+from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.restore import older_ids, trusted_checkpoint
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import fast_options, gated_saga, live_records, wait_until
@@ -279,7 +280,7 @@ async def _leave_open(repo: SharedCheckpoints, wid: str, then: int = 0) -> None:
     await wait_until(lambda: (wid, 1) in blocked)
     for i in range(then):
         other = asyncio.create_task(kbit.exec_workflow(f"{wid}-x{i}", "gated", {"id": f"x{i}"}))
-        await wait_until(lambda i=i: (f"x{i}", 1) in blocked)
+        await wait_until(functools.partial(operator.contains, blocked, (f"x{i}", 1)))
         other.cancel()
     kbit.abort()
     with pytest.raises(InstanceClosed):

@@ -9,19 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapbit import (
-    Checkpoint,
-    Fenced,
-    JsonCodec,
-    Kapbit,
-    MemRepository,
-    Options,
-    Record,
-    WorkflowNotFound,
-    partition_for,
-)
+from kapbit import Fenced, JsonCodec, Kapbit, Options, WorkflowNotFound, partition_for
 from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
 from kapbit.fencing import OwnerTracker
+from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import (
     CrashRepository,

@@ -19,7 +19,6 @@ from kapbit import (
     InstanceClosed,
     InvalidReturnValue,
     Kapbit,
-    MemRepository,
     Progress,
     RecordRejected,
     Step,
@@ -27,9 +26,10 @@ from kapbit import (
     UnknownWorkflowType,
     WorkflowNotFound,
     WorkflowRejected,
-    WorkflowStatus,
     partition_for,
 )
+from kapbit.projection import WorkflowStatus
+from kapbit.repository import MemRepository
 from kapbit.testing import FaultyRepository, KapbitFactory, fast_options
 
 

@@ -112,7 +112,7 @@ async def test_item5_two_topics_sharing_a_checkpoint_topic(
     def repo() -> KafkaRepository:
         return KafkaRepository(kafka_bootstrap, other, partitions=1, checkpoint_topic=shared)
 
-    held, entered = asyncio.Event(), []
+    held, entered = asyncio.Event(), list[str]()
     crashed = Kapbit([_blocking(held, entered)], repo())
     await crashed.start()
     caller = asyncio.create_task(crashed.exec_workflow("open", "two", "open"))

@@ -14,16 +14,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from kapbit import (
-    Backoff,
-    Checkpoint,
-    Kapbit,
-    KapbitError,
-    LogLost,
-    Options,
-    StartupError,
-    StorageError,
-)
+from kapbit import Backoff, Kapbit, KapbitError, LogLost, Options, StartupError, StorageError
+from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing.broker import LocalBroker
 from tests.helpers import Script, saga

@@ -9,7 +9,8 @@ import asyncio
 import signal
 from pathlib import Path
 
-from kapbit import Kapbit, Options, WorkflowStatus
+from kapbit import Kapbit, Options
+from kapbit.projection import WorkflowStatus
 from kapbit.repository.kafka import KafkaRepository
 from tests.kafka_worker import (
     WORKFLOW,

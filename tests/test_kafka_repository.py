@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kapbit import Checkpoint, Fenced, PayloadTooLarge, StartupError
+from kapbit import Fenced, PayloadTooLarge, StartupError, TransientStorageError
+from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 
 
@@ -167,3 +168,27 @@ async def test_current_owner_is_the_latest_claimer(
     await b.append(0, "active_writer", "b", "b", b"")
     assert await a.current_owner(0) == "b"
     assert await b.current_owner(0) == "b"
+
+
+async def test_a_repository_shared_by_an_instance_and_a_projector_stays_open_until_the_last_close(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    """Whoever starts a repository closes it: each start is paired with one close, and the
+    clients stop at the last close only."""
+    from kapbit import Definition, Kapbit, Step
+    from kapbit.projection import Projector, StatusModel
+
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    saga = Definition("shared", [Step(lambda _input, _progress: None)])
+    kbit = Kapbit([saga], repo)
+    await kbit.start()
+    model = StatusModel(":memory:")
+    async with model, Projector(repo, model, definitions=[saga]) as projector:
+        await kbit.exec_workflow(saga, "w1", None)
+        await projector.catch_up()
+    # The projector closed its start; the instance's start keeps the clients running.
+    # (a closed repository would make the emitter retry until the timeout)
+    assert await asyncio.wait_for(kbit.exec_workflow(saga, "w2", None), 20) == [None]
+    await kbit.close()
+    with pytest.raises(TransientStorageError, match="not started"):
+        await repo.end_offset(0)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kapbit import JsonCodec, MemRepository
+from kapbit import JsonCodec
 from kapbit.events import ActiveWriter, Event, StepOutcome, WorkflowCreated, WorkflowRetry
 from kapbit.log_reader import PartitionReader
 from kapbit.projection import Position, ProjectedEvent, Projector
-from kapbit.repository import Checkpoint
+from kapbit.repository import Checkpoint, MemRepository
 from kapbit.restore import restore_partition
 from tests.projection_logs import append, created, outcome, result, retry
 

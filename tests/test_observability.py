@@ -16,7 +16,6 @@ from kapbit import (
     DeadLettered,
     Definition,
     Kapbit,
-    MemRepository,
     Progress,
     Step,
     Success,
@@ -24,6 +23,7 @@ from kapbit import (
     WorkflowRejected,
     partition_for,
 )
+from kapbit.repository import MemRepository
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import LogCapture, Script, fast_options, saga, wait_until
 

@@ -9,19 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapbit import (
-    CorruptRecord,
-    Definition,
-    Kapbit,
-    MemRepository,
-    Progress,
-    Record,
-    Step,
-    Success,
-    TransientStorageError,
-)
+from kapbit import CorruptRecord, Definition, Kapbit, Progress, Step, Success, TransientStorageError
 from kapbit.events import ActiveWriter, EventKind, StepOutcome, WorkflowCreated, WorkflowResult
 from kapbit.projection import Position, ProjectedEvent, Projector, ReadModel, positions_at_end
+from kapbit.repository import MemRepository, Record
 from tests.projection_logs import (
     CODEC,
     EXPECTED,
@@ -286,7 +277,7 @@ async def test_run_follows_new_records_and_stop_returns() -> None:
     await projector.wait_caught_up(timeout=5)
     assert model.where() == [(0, 0), (0, 1), (0, 3)]
     assert model.positions[0].offset == 4
-    await projector.stop()
+    await projector.close()
     await asyncio.wait_for(running, 5)  # run() returns once stopped
     assert running.exception() is None
 
@@ -320,7 +311,7 @@ async def test_stop_while_run_is_starting() -> None:
     projector = Projector(repo, model)
     running = asyncio.create_task(projector.run())
     await asyncio.wait_for(connecting.wait(), 5)
-    await projector.stop()  # while run() is still connecting
+    await projector.close()  # while run() is still connecting
     connected.set()
     await asyncio.wait_for(running, 5)
     assert model.events == []
@@ -337,7 +328,7 @@ async def test_stop_before_a_run_task_begins() -> None:
     await projector.start()
     running = asyncio.create_task(projector.run())
     catching = asyncio.create_task(projector.catch_up())
-    await projector.stop()  # before either task ran a single step
+    await projector.close()  # before either task ran a single step
     await asyncio.wait_for(running, 5)
     assert await asyncio.wait_for(catching, 5) == 0
     assert model.events == []
@@ -350,7 +341,7 @@ async def test_only_one_projection_at_a_time() -> None:
     await asyncio.wait_for(projector.wait_caught_up(), 5)
     with pytest.raises(RuntimeError, match="already"):
         await projector.catch_up()
-    await projector.stop()
+    await projector.close()
     await asyncio.wait_for(running, 5)
 
 
@@ -367,7 +358,7 @@ async def test_projector_alongside_a_running_instance() -> None:
         await projector.wait_caught_up(timeout=5)
         results = [e for e in model.events if isinstance(e.event, WorkflowResult)]
         assert sorted(e.workflow_id or "" for e in results) == sorted(f"w{i}" for i in range(40))
-        await projector.stop()
+        await projector.close()
         await running
     created_inputs = sorted(e.value for e in model.events if isinstance(e.event, WorkflowCreated))
     assert created_inputs == list(range(40))
@@ -397,7 +388,7 @@ async def test_positions_at_end_start_from_the_checkpoint() -> None:
     repo = MemRepository()
     for event in [writer("n"), created("w"), result("w"), created("v")]:
         await append(repo, 0, "n", event)
-    from kapbit import Checkpoint
+    from kapbit.repository import Checkpoint
 
     await repo.save_checkpoint(0, Checkpoint(offset=3, owner="n"))
     assert (await positions_at_end(repo))[0] == Position(4, "n", 3, "n")
@@ -433,7 +424,7 @@ async def test_transient_errors_while_following_are_retried() -> None:
     await projector.wait_caught_up(timeout=5)
     assert repo.broken == 1
     assert model.where() == [(0, 0), (0, 1)]
-    await projector.stop()
+    await projector.close()
     await running
 
 
@@ -467,20 +458,26 @@ async def test_invalid_options_are_refused() -> None:
         Projector(MemRepository(), ListModel(), idempotency_window=0)
 
 
-async def test_owned_repository_is_closed_on_stop() -> None:
-    closed = asyncio.Event()
+async def test_a_projector_closes_the_repository_it_started_once() -> None:
+    """Whoever starts a repository closes it: one close per start, also after close()
+    is called again, and a start that fails closes what it started."""
+    calls: list[str] = []
 
     class Repo(MemRepository):
-        async def close(self) -> None:
-            closed.set()
+        async def start(self) -> None:
+            calls.append("start")
 
-    async with Projector(Repo(), ListModel(), owns_repository=True):
+        async def close(self) -> None:
+            calls.append("close")
+
+    async with Projector(Repo(), ListModel()) as projector:
         pass
-    assert closed.is_set()
-    closed.clear()
-    async with Projector(Repo(), ListModel()):
-        pass
-    assert not closed.is_set()
+    await projector.close()
+    assert calls == ["start", "close"]
+    calls.clear()
+    with pytest.raises(ValueError):
+        await Projector(Repo(), ListModel(), partitions=[5]).start()
+    assert calls == ["start", "close"]
 
 
 async def test_projected_event_properties() -> None:
@@ -522,7 +519,7 @@ async def test_stop_during_catch_up_returns() -> None:
     projector = Projector(repo, model)
     catching_up = asyncio.create_task(projector.catch_up())
     await asyncio.wait_for(model.entered.wait(), 5)
-    stopping = asyncio.create_task(projector.stop())
+    stopping = asyncio.create_task(projector.close())
     # stop() cancels the partition task, but waits for the apply it already began.
     done, _ = await asyncio.wait({stopping}, timeout=0.05)
     assert not done
@@ -548,7 +545,7 @@ async def test_wait_caught_up_waits_for_the_commit() -> None:
     await waiting
     assert model.where() == [(0, 0)]
     assert projector.positions[0].offset == 1
-    await projector.stop()
+    await projector.close()
     await running
 
 

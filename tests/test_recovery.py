@@ -19,7 +19,6 @@ from kapbit import (
     InstanceClosed,
     JsonCodec,
     Kapbit,
-    MemRepository,
     Options,
     RetryPolicy,
     TooManyWorkflows,
@@ -37,6 +36,7 @@ from kapbit.events import (
 )
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Backoff
+from kapbit.repository import MemRepository
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import (
     CrashRepository,

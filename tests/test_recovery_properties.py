@@ -16,6 +16,7 @@ Invariants, checked on the log as a zombie-filtering reader sees it:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,8 +102,10 @@ class Plan:
     checkpoint_every: int
 
 
-behaviours = st.sampled_from(["ok", "ok", "ok", "fail", 1, 2, 4])
-compensations = st.sampled_from(["ok", "ok", 1, 2])
+_BEHAVIOURS: list[Behaviour] = ["ok", "ok", "ok", "fail", 1, 2, 4]
+_COMPENSATIONS: list[Behaviour] = ["ok", "ok", 1, 2]
+behaviours = st.sampled_from(_BEHAVIOURS)
+compensations = st.sampled_from(_COMPENSATIONS)
 
 
 @st.composite
@@ -255,12 +258,11 @@ async def _run(plan: Plan) -> None:
         if disruption.kind == "crash":
             repo.hold(disruption.at, land=disruption.land, then=node.abort)
         else:
-            repo.hold(
-                disruption.at,
-                then=lambda k=k, starting=starting: starting.append(
-                    asyncio.create_task(start(k + 1))
-                ),
-            )
+
+            def take_over(k: int = k, starting: list[asyncio.Task[None]] = starting) -> None:
+                starting.append(asyncio.create_task(start(k + 1)))
+
+            repo.hold(disruption.at, then=take_over)
 
         def quiet(node: Kapbit = node, k: int = k) -> bool:
             return repo.held.is_set() or (
@@ -285,7 +287,7 @@ async def _run(plan: Plan) -> None:
             else:
                 await starting.pop()
                 repo.release()  # the held append lands behind the new claim: fenced
-            await wait_until(lambda node=node: not node.is_running, timeout=10)
+            await wait_until(functools.partial(_stopped, node), timeout=10)
             await node.close()
         for workflow_id, task in node_tasks[k].items():
             answer = await asyncio.gather(task, return_exceptions=True)
@@ -370,3 +372,7 @@ def _assert_compensations_followed_successes(
 @given(plans())
 def test_random_sagas_crashes_and_takeovers_keep_the_invariants(plan: Plan) -> None:
     asyncio.run(asyncio.wait_for(_run(plan), 60))
+
+
+def _stopped(node: Kapbit) -> bool:
+    return not node.is_running

@@ -16,7 +16,6 @@ from kapbit import (
     DuplicateWorkflow,
     GateClosed,
     Kapbit,
-    MemRepository,
     PayloadTooLarge,
     Progress,
     Step,
@@ -25,6 +24,7 @@ from kapbit import (
     WorkflowRejected,
 )
 from kapbit.events import Rejected
+from kapbit.repository import MemRepository
 from kapbit.testing.faults import Call, FaultyRepository
 from tests.helpers import Script, fast_options, kinds, log_events, saga, wait_until
 

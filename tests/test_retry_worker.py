@@ -18,7 +18,6 @@ from kapbit import (
     DuplicateWorkflow,
     Fenced,
     Kapbit,
-    MemRepository,
     Progress,
     RecordRejected,
     RetryPolicy,
@@ -31,6 +30,7 @@ from kapbit import (
 from kapbit.events import DeadLetter, WorkflowRetry
 from kapbit.execution import StepRaised, WorkflowExecution
 from kapbit.gate import EntryGate
+from kapbit.repository import MemRepository
 from kapbit.retry_worker import RetryWorker
 from tests.helpers import (
     Clock,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kapbit import MemRepository, partition_for
+from kapbit import partition_for
 from kapbit.projection import (
     Position,
     ProjectedEvent,
@@ -18,6 +18,7 @@ from kapbit.projection import (
     StatusModel,
     WorkflowStatus,
 )
+from kapbit.repository import MemRepository
 from tests.projection_logs import (
     EXPECTED,
     TYPE,
@@ -152,7 +153,7 @@ async def test_restart_mid_stream_gives_the_same_rows(mixed: MixedLog, tmp_path:
                 await projector.catch_up()
             except RuntimeError:
                 crashed = True
-            await projector.stop()
+            await projector.close()
         # A new process: fresh model and projector on the same database.
         await _project(mixed.repo, path, batch_size=3)
         assert _table(path) == expected, f"crash at commit {crash_at}"
@@ -218,7 +219,7 @@ async def test_readers_in_other_connections_see_committed_rows(tmp_path: Path) -
 
 async def test_missing_database_is_not_created_when_asked(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        await StatusModel(tmp_path / "absent.db", create=False).open()
+        await StatusModel(tmp_path / "absent.db", create=False).start()
     assert not (tmp_path / "absent.db").exists()
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kapbit import Backoff, MemRepository, Options, RetryPolicy
+from kapbit import Backoff, Options, RetryPolicy
+from kapbit.repository import MemRepository
 from kapbit.repository.kafka import KafkaRepository
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "status_service.py"

@@ -132,7 +132,7 @@ async def test_tansu_process_is_terminated_on_stop() -> None:
         host, _, port = broker.listen_address.rpartition(":")
         assert await kafka_metadata_brokers(host, int(port))
     finally:
-        await broker.stop()
+        await broker.close()
     assert broker.pid is None
     with pytest.raises(OSError):
         await kafka_metadata_brokers(host, int(port))

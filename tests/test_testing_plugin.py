@@ -15,7 +15,8 @@ import pytest
 
 import kapbit.testing
 import kapbit.testing.broker as broker_module
-from kapbit import Definition, InstanceClosed, MemRepository, Options, Step, Success
+from kapbit import Definition, InstanceClosed, Options, Step, Success
+from kapbit.repository import MemRepository
 from kapbit.testing import (
     KAFKA_IMAGE,
     BrokerUnavailable,

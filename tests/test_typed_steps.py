@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 import pybreaker
 import pytest
-from helpers import fast_options, log_events
 
 from kapbit import (
     Backoff,
@@ -27,7 +26,6 @@ from kapbit import (
     InvalidInput,
     InvalidReturnValue,
     Kapbit,
-    MemRepository,
     NonRetryable,
     NoStepContext,
     Options,
@@ -41,7 +39,9 @@ from kapbit import (
     context,
 )
 from kapbit.events import InvalidReturn, StepOutcome, WorkflowCreated, WorkflowRetry
+from kapbit.repository import MemRepository
 from kapbit.testing import KapbitFactory
+from tests.helpers import fast_options, log_events
 
 TINY = Backoff(initial=0.001, maximum=0.002, jitter=0.001)
 

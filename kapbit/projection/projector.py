@@ -28,12 +28,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit._lifecycle import AsyncResource
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.errors import TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind, StepOutcome
@@ -187,7 +187,7 @@ async def positions_at_end(
     return positions
 
 
-class Projector:
+class Projector(AsyncResource):
     """Projects the log of ``repository`` into ``model``.
 
     ``definitions`` give the types user values are decoded with (by workflow type);
@@ -198,13 +198,12 @@ class Projector:
     Every claim names its writer's idempotency window, by which the writer's
     ``WorkflowCreated`` records are judged; ``idempotency_window`` is the window assumed for
     a writer whose claim names none (written by an older kapbit) or lies before where the
-    projector resumed and whose checkpoint does not name it either. With
-    ``owns_repository`` the projector closes the repository when it stops (a projector in
-    a process of its own).
+    projector resumed and whose checkpoint does not name it either.
 
-    Lifecycle as in aiokafka: ``await start()`` / ``await stop()``, or ``async with``.
-    Then either :meth:`catch_up` (to the current end, then return) or :meth:`run` (follow
-    the log until stopped or cancelled).
+    Lifecycle: ``await start()`` / ``await close()``, or ``async with``. The projector
+    starts the repository and closes it again (see :mod:`kapbit._lifecycle`). Then either
+    :meth:`catch_up` (to the current end, then return) or :meth:`run` (follow the log until
+    closed or cancelled).
     """
 
     def __init__(
@@ -219,7 +218,6 @@ class Projector:
         batch_size: int = 512,
         idempotency_window: int = _DEFAULT_WINDOW,
         retry_backoff: Backoff | None = None,
-        owns_repository: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -234,14 +232,13 @@ class Projector:
         self._batch_size = batch_size
         self._window = idempotency_window
         self._backoff = retry_backoff or Backoff(initial=0.1, maximum=5.0, jitter=0.1)
-        self._owns_repository = owns_repository
         self._partitions: list[int] = []
         self._states: dict[int, _PartitionState] = {}
         self._stale = True
         self._started = False
         self._busy = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stops = 0  # counts stop() calls: a run still starting up sees one it missed
+        self._stops = 0  # counts close() calls: a run still starting up sees one it missed
         self._session_stops = 0
         self._progress = asyncio.Condition()
         self._error: BaseException | None = None
@@ -251,41 +248,34 @@ class Projector:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Projector:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Connect the repository, load the model's positions and rebuild what was applied."""
         if self._started:
             return
         await self._repository.start()
-        count = self._repository.partitions
-        partitions = self._requested if self._requested is not None else list(range(count))
-        for partition in partitions:
-            if not 0 <= partition < count:
-                raise ValueError(f"partition {partition} not in a log of {count} partitions")
-        self._partitions = sorted(set(partitions))
-        await self._restore()
+        try:
+            count = self._repository.partitions
+            partitions = self._requested if self._requested is not None else list(range(count))
+            for partition in partitions:
+                if not 0 <= partition < count:
+                    raise ValueError(f"partition {partition} not in a log of {count} partitions")
+            self._partitions = sorted(set(partitions))
+            await self._restore()
+        except BaseException:
+            await self._repository.close()
+            raise
         self._started = True
 
-    async def stop(self) -> None:
-        """Stop a running :meth:`run` (it returns) and release the repository if owned."""
+    async def close(self) -> None:
+        """Stop a running :meth:`run` (it returns) and close the repository this
+        projector started."""
         self._stops += 1
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._started = False
-        if self._owns_repository:
+        if self._started:
+            self._started = False
             await self._repository.close()
 
     @property
@@ -299,7 +289,7 @@ class Projector:
         """Project every partition up to its current end; return the events applied.
 
         The ends are read when each partition starts, so events appended meanwhile may or
-        may not be included. :meth:`stop` ends it early, also a stop that comes after this
+        may not be included. :meth:`close` ends it early, also a stop that comes after this
         call but before the returned coroutine (a task, say) begins.
         """
         return self._catch_up(self._stops)
@@ -316,9 +306,9 @@ class Projector:
     def run(self) -> Coroutine[Any, Any, None]:
         """Follow every partition, applying new events as they arrive.
 
-        Returns when :meth:`stop` is called (also a stop that comes after this call but
+        Returns when :meth:`close` is called (also a stop that comes after this call but
         before the returned coroutine begins, as when ``create_task(projector.run())`` is
-        followed at once by ``stop()``); raises when cancelled or when a record cannot be
+        followed at once by ``close()``); raises when cancelled or when a record cannot be
         decoded or the model fails. Transient storage errors are retried with backoff.
         """
         return self._run(self._stops)
@@ -357,7 +347,7 @@ class Projector:
     async def _session(self, stops: int) -> AsyncIterator[None]:
         """One catch_up or run at a time; reload from the model after a failure.
 
-        ``stops`` is the count of :meth:`stop` calls when the caller asked to project: one
+        ``stops`` is the count of :meth:`close` calls when the caller asked to project: one
         since then ends the session at once.
         """
         if self._busy:
@@ -385,29 +375,21 @@ class Projector:
             self._busy = False
 
     async def _all_partitions(self, work: Callable[[_PartitionState], Any]) -> None:
-        """Run ``work`` on every partition concurrently; the first failure stops them all."""
+        """Run ``work`` on every partition in one task group: the first failure stops them
+        all and is raised; :meth:`close` cancelling them ends the session."""
         if self._stops != self._session_stops:
-            raise _Stopped  # stop() came while this session was starting
-        tasks = [
-            asyncio.create_task(work(self._states[p]), name=f"kapbit-projector-{p}")
-            for p in self._partitions
-        ]
-        self._tasks.update(tasks)
+            raise _Stopped  # close() came while this session was starting
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            async with asyncio.TaskGroup() as group:
+                for p in self._partitions:
+                    task = group.create_task(work(self._states[p]), name=f"kapbit-projector-{p}")
+                    tasks.append(task)
+                    self._tasks.add(task)
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
         finally:
             self._tasks.difference_update(tasks)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for task in tasks:
-            if not task.cancelled() and (error := task.exception()) is not None:
-                raise error
         if any(task.cancelled() for task in tasks):
             raise _Stopped
 
@@ -553,4 +535,4 @@ class Projector:
 
 
 class _Stopped(Exception):
-    """:meth:`Projector.stop` ended a run."""
+    """:meth:`Projector.close` ended a run."""

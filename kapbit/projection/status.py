@@ -16,11 +16,11 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
-from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
 
+from kapbit._lifecycle import AsyncResource
 from kapbit.events import (
     DeadLetter,
     InvalidReturn,
@@ -137,14 +137,14 @@ class WorkflowRow(msgspec.Struct, frozen=True):
         return None if self.result is None else msgspec.json.decode(self.result)
 
 
-class StatusModel:
+class StatusModel(AsyncResource):
     """The workflow status read model in the SQLite database at ``path``.
 
     The database is created unless ``create`` is false (then a missing one raises
     :class:`FileNotFoundError`); ``timeout`` is how long to wait for another writer's lock.
 
     It is a :class:`~kapbit.projection.ReadModel`: give it to a
-    :class:`~kapbit.projection.Projector`. Open it with ``await open()`` / ``await
+    :class:`~kapbit.projection.Projector`. Open it with ``await start()`` / ``await
     close()`` or ``async with``; queries can run while the projector applies.
     """
 
@@ -158,19 +158,7 @@ class StatusModel:
         self._connection: sqlite3.Connection | None = None
         self._named: dict[tuple[str, int], str] = {}  # step names already stored
 
-    async def __aenter__(self) -> StatusModel:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def open(self) -> None:
+    async def start(self) -> None:
         """Open (and create if needed) the database; idempotent."""
         if self._executor is not None:
             return
@@ -468,31 +456,6 @@ def _json(value: Any) -> str:
 
 
 def _row(values: tuple[Any, ...]) -> WorkflowRow:
-    (
-        workflow_id,
-        workflow_type,
-        partition,
-        status,
-        steps_done,
-        failed_step,
-        compensated_steps,
-        attempts,
-        last_error,
-        created_at,
-        finished_at,
-        result,
-    ) = values
-    return WorkflowRow(
-        workflow_id,
-        workflow_type,
-        partition,
-        WorkflowStatus(status),
-        steps_done,
-        failed_step,
-        compensated_steps,
-        attempts,
-        last_error,
-        created_at,
-        finished_at,
-        result,
-    )
+    """A ``workflows`` table row (columns in :class:`WorkflowRow`'s field order)."""
+    workflow_id, workflow_type, partition, status, *rest = values
+    return WorkflowRow(workflow_id, workflow_type, partition, WorkflowStatus(status), *rest)

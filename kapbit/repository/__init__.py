@@ -1,7 +1,8 @@
-"""Repositories: the :class:`Repository` protocol, the in-memory log, and (in
-``kapbit.repository.kafka``) the Kafka log."""
+"""Storage: the :class:`Repository` protocol and its records, the in-memory log
+(:class:`MemRepository`) and the Kafka log (:class:`KafkaRepository`)."""
 
 from kapbit.repository.base import Checkpoint, Record, Repository
+from kapbit.repository.kafka import KafkaRepository
 from kapbit.repository.mem import MemRepository
 
-__all__ = ["Checkpoint", "MemRepository", "Record", "Repository"]
+__all__ = ["Checkpoint", "KafkaRepository", "MemRepository", "Record", "Repository"]

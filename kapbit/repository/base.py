@@ -63,11 +63,14 @@ class Repository(Protocol):
         ...
 
     async def start(self) -> None:
-        """Connect and make sure the log exists; idempotent."""
+        """Connect and make sure the log exists. Whoever starts a repository closes it:
+        each start is paired with one :meth:`close`, and a repository started by several
+        owners (an instance and a projector) stays connected until the last close."""
         ...
 
     async def close(self) -> None:
-        """Release connections; idempotent. The log itself is kept."""
+        """Close one start; the last releases the connections (later closes change
+        nothing). The log itself is kept."""
         ...
 
     async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:

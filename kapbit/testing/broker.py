@@ -29,9 +29,9 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
+from kapbit._lifecycle import AsyncResource
 from kapbit.testing.proxy import TcpProxy
 
 __all__ = [
@@ -64,6 +64,8 @@ KRAFT_SETTINGS: dict[str, str] = {
     "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
     "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
     "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    # Kafka's default minimum (6 s) refuses the short sessions the group tests use.
+    "KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS": "1000",
     "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
     "KAFKA_LOG_DIRS": "/tmp/kraft-combined-logs",
 }
@@ -237,7 +239,7 @@ def kafka_container_env(advertised: str) -> dict[str, str]:
 # -- LocalBroker -------------------------------------------------------------------------------
 
 
-class LocalBroker:
+class LocalBroker(AsyncResource):
     """Async context manager that yields a reachable Kafka-protocol broker.
 
     ``advertised_port``: tansu only (forces that backend); the broker binds a free loopback
@@ -339,7 +341,7 @@ class LocalBroker:
             tried.append("all backends disabled")
         raise BrokerUnavailable("no Kafka broker available; tried: " + " | ".join(tried))
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop whatever :meth:`start` started (nothing for the env backend). Idempotent."""
         kind, self._kind = self._kind, None
         self._bootstrap = self._listen = None
@@ -363,18 +365,6 @@ class LocalBroker:
         await self._stop_tansu()
         binary = await asyncio.to_thread(find_tansu_binary)
         await self._spawn_tansu(binary, port, advertised)
-
-    async def __aenter__(self) -> LocalBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- docker ----------------------------------------------------------------------------
 
@@ -539,7 +529,7 @@ class _PortRace(Exception):
     """tansu could not bind the port chosen for it."""
 
 
-class ProxiedBroker:
+class ProxiedBroker(AsyncResource):
     """A tansu broker advertising the address of a :class:`TcpProxy` placed in front of it.
 
     Every client connection, including those made after metadata discovery, goes through
@@ -580,31 +570,19 @@ class ProxiedBroker:
         try:
             await broker.start()
         except BaseException:
-            await proxy.stop()
+            await proxy.close()
             raise
         proxy.target_host, proxy.target_port = _split_address(broker.listen_address)
         self._proxy, self._broker = proxy, broker
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop the broker, then the proxy. Idempotent."""
         broker, self._broker = self._broker, None
         proxy, self._proxy = self._proxy, None
         if broker is not None:
-            await broker.stop()
+            await broker.close()
         if proxy is not None:
-            await proxy.stop()
-
-    async def __aenter__(self) -> ProxiedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+            await proxy.close()
 
 
 # -- synchronous helper ------------------------------------------------------------------------
@@ -626,7 +604,7 @@ def local_broker(**kwargs: Any) -> Iterator[LocalBroker]:
         try:
             yield broker
         finally:
-            asyncio.run_coroutine_threadsafe(broker.stop(), loop).result()
+            asyncio.run_coroutine_threadsafe(broker.close(), loop).result()
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()

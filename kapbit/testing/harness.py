@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
+from kapbit._lifecycle import Closing
 from kapbit.codecs import Codec
 from kapbit.instance import Kapbit
 from kapbit.options import Backoff, BreakerPolicy, Options, RetryPolicy
@@ -62,11 +62,11 @@ class _Recipe:
     options: Options
 
 
-class KapbitFactory:
+class KapbitFactory(Closing):
     """Starts :class:`~kapbit.Kapbit` instances on ``repository`` and cleans up after them.
 
     Use as ``async with KapbitFactory(repo) as factory`` or call :meth:`close` yourself.
-    Meant for :class:`~kapbit.MemRepository` (or a wrapper of it such as
+    Meant for :class:`~kapbit.repository.MemRepository` (or a wrapper of it such as
     :class:`~kapbit.testing.FaultyRepository`), whose log outlives an instance in memory.
     """
 
@@ -122,17 +122,6 @@ class KapbitFactory:
         running, self._running = list(self._running), {}
         for kbit in reversed(running):
             await kbit.close()
-
-    async def __aenter__(self) -> KapbitFactory:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _start(self, recipe: _Recipe) -> Kapbit:
         kbit = Kapbit(recipe.definitions, recipe.repository, recipe.codec, options=recipe.options)

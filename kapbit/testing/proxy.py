@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from types import TracebackType
+
+from kapbit._lifecycle import AsyncResource
 
 __all__ = ["TcpProxy"]
 
@@ -83,7 +84,7 @@ class _Link:
                 task.cancel()
 
 
-class TcpProxy:
+class TcpProxy(AsyncResource):
     """Forward TCP connections from a free loopback port to ``target_host:target_port``.
 
     ``cut()`` aborts every live connection and closes new ones until ``restore()``;
@@ -130,7 +131,7 @@ class TcpProxy:
         )
         self._listen_port = self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Close the listener and abort every live connection."""
         server, self._server = self._server, None
         if server is None:
@@ -139,18 +140,6 @@ class TcpProxy:
         await self._abort_all()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5.0)
-
-    async def __aenter__(self) -> TcpProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- properties ------------------------------------------------------------------------
 

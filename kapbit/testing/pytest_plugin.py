@@ -3,7 +3,7 @@ kapbit is installed (entry point ``pytest11``).
 
 - ``kapbit_options``: :func:`~kapbit.testing.fast_options` (millisecond retries); override
   the fixture in your ``conftest.py`` to change them.
-- ``memory_repository``: a fresh one-partition :class:`~kapbit.MemRepository` per test.
+- ``memory_repository``: a fresh one-partition :class:`~kapbit.repository.MemRepository` per test.
 - ``faulty_repository``: a :class:`~kapbit.testing.FaultyRepository` around it; program
   storage faults on it.
 - ``kapbit_factory``: a :class:`~kapbit.testing.KapbitFactory` on ``faulty_repository``

@@ -12,10 +12,20 @@ transactions, so it works on any Kafka-protocol broker. The package's parts, by 
 - :mod:`.reads`: long-lived consumers and the broker quirks they work around;
 - :mod:`.checkpoints`: the compacted checkpoint topic, keyed by log;
 - :mod:`.errors`: every error leaving the repository is a :mod:`kapbit.errors` type;
+- :mod:`.group`: :class:`GroupMembership`, which partitions this instance owns when several
+  share the topic through a Kafka consumer group (not used by the engine yet);
 - :mod:`.repository`: :class:`KafkaRepository`, the front putting them together.
 """
 
+from kapbit.repository.kafka.group import GroupMembership, OwnershipChange
 from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
 from kapbit.repository.kafka.repository import CLIENT_DEFAULTS, KafkaRepository
 
-__all__ = ["CLIENT_DEFAULTS", "KIND_HEADER", "NODE_HEADER", "KafkaRepository"]
+__all__ = [
+    "CLIENT_DEFAULTS",
+    "KIND_HEADER",
+    "NODE_HEADER",
+    "GroupMembership",
+    "KafkaRepository",
+    "OwnershipChange",
+]

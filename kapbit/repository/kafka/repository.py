@@ -102,6 +102,7 @@ class KafkaRepository:
         self._consumer_options = dict(consumer_options or {})
         self._partitions = partitions or 0
         self._parts: _Started | None = None
+        self._users = 0  # starts not yet closed: the last close releases the clients
         self._fences: list[PartitionFence] = []
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -113,8 +114,12 @@ class KafkaRepository:
         return self._partitions
 
     async def start(self) -> None:
-        """Connect, create or check the topics, start the clients. Idempotent."""
+        """Connect, create or check the topics, start the clients.
+
+        Each start is paired with a :meth:`close` by whoever called it; a repository
+        shared (an instance and a projector) stays connected until its last close."""
         if self._parts is not None:
+            self._users += 1
             return
         self._partitions = await ensure_topics(
             self.bootstrap_servers,
@@ -184,9 +189,15 @@ class KafkaRepository:
                 self.read_timeout,
             ),
         )
+        self._users = 1
 
     async def close(self) -> None:
-        """Stop the clients; idempotent. Pending confirmations fail as transient."""
+        """Close one start; the last stops the clients (more closes change nothing).
+        Pending confirmations fail as transient."""
+        if self._users > 1:
+            self._users -= 1
+            return
+        self._users = 0
         parts, self._parts = self._parts, None
         if parts is None:
             return

@@ -1,0 +1,83 @@
+"""kapbit._lifecycle: the task host every owner runs its tasks in, and the fence."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kapbit import Fenced
+from kapbit._lifecycle import AsyncResource, TaskHost
+from kapbit.fencing import Fence
+
+
+async def test_a_task_aborted_before_it_ran_is_cancelled_and_the_host_ends() -> None:
+    """A workflow submitted and aborted in the same loop turn: its caller, awaiting the
+    task, learns it was cancelled instead of waiting forever."""
+    host = TaskHost("test")
+    await host.start()
+    task = host.spawn(asyncio.sleep(10, "never"))
+    host.abort()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(task), 1)
+    assert task.cancelled()
+    assert await host.close(1.0)
+
+
+async def test_close_cancels_the_rest_and_abandons_a_task_that_ignores_cancellation() -> None:
+    host = TaskHost("test")
+    await host.start()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed, as a badly written step does
+
+    polite = host.spawn(asyncio.sleep(10))
+    host.spawn(stubborn())
+    assert await host.close(0.05) is False
+    assert polite.cancelled()
+    release.set()
+    await asyncio.sleep(0)
+
+
+async def test_nothing_can_be_spawned_once_closed() -> None:
+    host = TaskHost("test")
+    await host.start()
+    assert await host.close(1.0)
+    with pytest.raises(RuntimeError, match="not running"):
+        host.spawn(asyncio.sleep(0))
+
+
+async def test_fence_records_the_first_refusal_and_not_its_own_stop() -> None:
+    fence = Fence()
+    fence.check()
+    fence.stop("closed")
+    with pytest.raises(Fenced, match="closed") as stopped:
+        fence.check()
+    fence.fenced(stopped.value)  # the emitter re-raising the stop is not a fencing
+    assert fence.error is None
+    first, second = Fenced("node b claimed"), Fenced("node c claimed")
+    fence.fenced(first)
+    fence.fenced(second)
+    assert await asyncio.wait_for(fence.wait(), 1) is first
+    with pytest.raises(Fenced, match="node b"):
+        fence.check()
+
+
+async def test_async_with_starts_and_closes() -> None:
+    calls: list[str] = []
+
+    class Resource(AsyncResource):
+        async def start(self) -> None:
+            calls.append("start")
+
+        async def close(self) -> None:
+            calls.append("close")
+
+    async with Resource() as resource:
+        assert isinstance(resource, Resource)
+    assert calls == ["start", "close"]
