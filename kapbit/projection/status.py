@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import msgspec
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
 from kapbit._lifecycle import AsyncResource
 from kapbit.events import (
@@ -290,6 +291,17 @@ class StatusModel(AsyncResource):
     def _open(self) -> None:
         if not self._create and not os.path.exists(self.path):
             raise FileNotFoundError(f"no status database at {self.path}")
+        # Switching a fresh file to WAL does not wait for the busy timeout: another
+        # connection opening the same file at that moment makes it fail with "locked".
+        retrying = Retrying(
+            retry=retry_if_exception(_locked),
+            stop=stop_after_delay(self._timeout),
+            wait=wait_random(0.005, 0.05),
+            reraise=True,
+        )
+        self._connection = retrying(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
         try:
             connection.execute("PRAGMA journal_mode=WAL")
@@ -321,7 +333,7 @@ class StatusModel(AsyncResource):
         except BaseException:
             connection.close()
             raise
-        self._connection = connection
+        return connection
 
     def _close(self) -> None:
         if self._connection is not None:
@@ -459,3 +471,7 @@ def _row(values: tuple[Any, ...]) -> WorkflowRow:
     """A ``workflows`` table row (columns in :class:`WorkflowRow`'s field order)."""
     workflow_id, workflow_type, partition, status, *rest = values
     return WorkflowRow(workflow_id, workflow_type, partition, WorkflowStatus(status), *rest)
+
+
+def _locked(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
