@@ -1,0 +1,60 @@
+"""Defects the model-based checker (tests/test_model_checker.py) found beyond the ones
+issue 10 lists, each as a plain reproduction. They fail until the defect is fixed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from kapbit import (
+    Definition,
+    Kapbit,
+    MemRepository,
+    Options,
+    Progress,
+    Projector,
+    StatusModel,
+    Step,
+    Success,
+    WorkflowStatus,
+)
+from tests.helpers import wait_until
+
+
+async def test_projector_shows_the_new_workflow_of_an_id_used_again(tmp_path: Path) -> None:
+    """The engine accepts an id again once ``idempotency_window`` newer workflows were
+    created in its partition; the projector, with ``dedup_window`` below that window as
+    its docstring asks, must then show the new workflow, not keep the old row."""
+    release = asyncio.Event()
+
+    async def step(input: dict[str, Any], progress: Progress) -> Success[str]:
+        if input["block"]:
+            await release.wait()
+        return Success(input["tag"])
+
+    saga = Definition("saga", [Step(step)], input_type=dict[str, Any])
+    repo = MemRepository(partitions=1)
+    async with Kapbit([saga], repo, options=Options(idempotency_window=2)) as kbit:
+        assert await kbit.exec_workflow("a", "saga", {"tag": "first", "block": False}) == ["first"]
+        # Two newer workflows push "a" out of the window; they stay open.
+        others = [
+            asyncio.create_task(kbit.exec_workflow(i, "saga", {"tag": i, "block": True}))
+            for i in ("b", "c")
+        ]
+        await wait_until(lambda: kbit.stats.in_flight == 2)
+        assert await kbit.exec_workflow("a", "saga", {"tag": "second", "block": False}) == [
+            "second"
+        ]
+        release.set()
+        await asyncio.gather(*others)
+
+    async with (
+        StatusModel(tmp_path / "status.sqlite3") as model,
+        Projector(repo, model, definitions=[saga], dedup_window=1) as projector,
+    ):
+        await projector.catch_up()
+        row = await model.get("a")
+    assert row is not None
+    assert row.status == WorkflowStatus.SUCCEEDED
+    assert row.result_value() == ["second"], row
