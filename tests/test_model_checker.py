@@ -23,8 +23,9 @@ each example, it checks:
 * the status rows of a projector (:class:`StatusModel`) agree with the log.
 
 Profiles: the default runs derandomized within CI's time; ``KAPBIT_MODEL_PROFILE=long``
-runs 2,000 random examples. ``KAPBIT_MODEL_SKIP`` (comma-separated behaviours or fault
-modes, e.g. ``none,bad``) leaves some out, to look past a known defect while it is open.
+runs 2,000 random examples. ``KAPBIT_MODEL_SKIP`` (comma-separated: behaviours, optionally
+as ``execute:none``; fault modes, optionally as ``lost_ack:workflow_created``; append kinds;
+the ``reuse_id`` rule) leaves some out, to look past a known defect while it is open.
 A summary (examples, rules fired, crashes, takeovers, duplicates injected, defects) is
 printed at the end, and written as JSON to ``KAPBIT_MODEL_SUMMARY`` when set.
 """
@@ -301,6 +302,7 @@ class EngineModel(RuleBasedStateMachine):
         self.shapes: list[Shape] = []
         self.window = 1
         self.zombie_calls = 0
+        self.draining = False
         self.checkpoint_every = 1
         self.ids = 0
         self.next_sub = 0
@@ -372,7 +374,7 @@ class EngineModel(RuleBasedStateMachine):
             what = plan.does(step, phase)
             try:
                 await asyncio.sleep(0)  # let other workflows interleave
-                if what == "block" and call.number == 1:
+                if what == "block" and call.number == 1 and not self.draining:
                     call.state = "blocked"
                     await self.blocks.setdefault(key, asyncio.Event()).wait()
                     call.state = "running"
@@ -490,6 +492,8 @@ class EngineModel(RuleBasedStateMachine):
     )
     def storage_fault(self, mode: str, kind: str, times: int) -> None:
         """Program a fault for the next appends of ``kind`` (of any node)."""
+        if f"{mode}:{kind}" in SKIP:
+            return
         TOTALS.rules["storage_fault"] += 1
         TOTALS.faults[f"{mode}:{kind}"] += 1
         faulty = self.faulty
@@ -699,17 +703,18 @@ class EngineModel(RuleBasedStateMachine):
             assert actual == expected, f"{where}: ended with {actual}, model {expected}"
             assert terminal.compensated == any(not s for _, p, s in expected if p == "execute")
             assert msgspec.json.decode(bytes(terminal.result)) == _result_of(outcomes), where
-        elif isinstance(terminal, DeadLetter):
-            assert plan.may_dead_letter(), f"{where}: dead-lettered but no step raised"
-        elif bad is None:
-            assert isinstance(terminal, Rejected), where
-            assert self._rejected(run.id) or plan.does(len(actual), "execute") == "big", (
-                f"{where}: rejected with nothing refused: {terminal}"
+        ended_by_bad = bad is not None and actual == expected
+        if isinstance(terminal, DeadLetter):
+            assert plan.may_dead_letter() or ended_by_bad, (
+                f"{where}: dead-lettered but no step raised"
             )
-        if bad is not None and not isinstance(terminal, WorkflowResult):
+        elif isinstance(terminal, Rejected):
+            refused = self._rejected(run.id) or plan.does(len(actual), "execute") == "big"
+            assert refused or ended_by_bad, f"{where}: rejected with nothing refused: {terminal}"
+        if ended_by_bad and not self._rejected(run.id):
+            assert bad is not None
             step, _phase = bad
             text = msgspec.json.encode(terminal).decode()
-            assert actual == expected, f"{where}: a wrong return type: {actual} != {expected}"
             assert "int" in text and (f"step {step}" in text or f"s{step}" in text), (
                 f"{where}: the terminal event does not name the step and the type: {text}"
             )
@@ -831,11 +836,9 @@ class EngineModel(RuleBasedStateMachine):
         self.released.extend(self.holds)
         for late in self.repo.late:
             late.released.set()
+        self.draining = True  # steps block no more
         for event in self.blocks.values():
             event.set()
-        for key in list(self.counts):
-            self.blocks.setdefault(key, asyncio.Event()).set()
-        # Later calls of a blocking step do not block (only the first does).
         if not self.current.is_running:
             await self._start_node()
         current = self.current

@@ -10,16 +10,19 @@ from typing import Any
 from kapbit import (
     Definition,
     Kapbit,
+    KapbitError,
     MemRepository,
     Options,
     Progress,
     Projector,
+    RecordRejected,
     StatusModel,
     Step,
     Success,
     WorkflowStatus,
 )
-from tests.helpers import wait_until
+from kapbit.testing import FaultyRepository
+from tests.helpers import fast_options, kinds, wait_until
 
 
 async def test_projector_shows_the_new_workflow_of_an_id_used_again(tmp_path: Path) -> None:
@@ -58,3 +61,29 @@ async def test_projector_shows_the_new_workflow_of_an_id_used_again(tmp_path: Pa
     assert row is not None
     assert row.status == WorkflowStatus.SUCCEEDED
     assert row.result_value() == ["second"], row
+
+
+async def test_created_landed_then_its_retry_refused_the_workflow_still_finishes() -> None:
+    """The ack of a ``WorkflowCreated`` is lost (the record landed) and the emitter's retry
+    is refused: the workflow is in the log, so it must finish and the instance must know
+    it, not tell the caller "nothing was written" and drop it."""
+    calls: list[str] = []
+
+    def step(input: str, progress: Progress) -> Success[str]:
+        calls.append(input)
+        return Success(input)
+
+    saga = Definition("saga", [Step(step)], input_type=str)
+    repo = MemRepository(partitions=1)
+    faulty = FaultyRepository(repo)
+    faulty.fail(times=1, kinds="workflow_created", lost_ack=True)
+    faulty.reject(times=1, kinds="workflow_created")
+    async with Kapbit([saga], faulty, options=fast_options()) as kbit:
+        try:
+            answer: Any = await kbit.exec_workflow("a", "saga", "x")
+        except KapbitError as error:
+            answer = error
+        assert kinds(repo, "a")[0] == "workflow_created"  # it was written
+        assert not isinstance(answer, RecordRejected), f"told nothing was written: {answer!r}"
+        assert await kbit.wait_result("a", timeout=2) == ["x"]
+    assert calls == ["x"]
