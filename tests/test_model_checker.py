@@ -101,6 +101,7 @@ MAX_ATTEMPTS = 3
 MAX_PAYLOAD = 1024
 BIG = 1500  # characters of a "big" step value: its StepOutcome is over MAX_PAYLOAD
 SETTLE_TIMEOUT = 1.0
+BUSY_TIMEOUT = 10.0
 #: The saga rule for a compensation returning Failure: the rollback stops there (issue 10,
 #: item 3). Set to False to model "the rollback goes on with the next compensation".
 COMPENSATION_FAILURE_STOPS = True
@@ -617,7 +618,7 @@ class EngineModel(RuleBasedStateMachine):
         """Run the loop until ``predicate`` holds (True) or nothing has moved for
         ``SETTLE_TIMEOUT`` seconds (False)."""
         seen = self._progress()
-        moved = time.monotonic()
+        began = moved = time.monotonic()
         while not predicate():
             await asyncio.sleep(0.001)
             now = self._progress()
@@ -625,6 +626,11 @@ class EngineModel(RuleBasedStateMachine):
                 seen, moved = now, time.monotonic()
             elif time.monotonic() - moved > SETTLE_TIMEOUT:
                 return False
+            if time.monotonic() - began > BUSY_TIMEOUT:
+                raise AssertionError(
+                    f"the engine kept busy for {BUSY_TIMEOUT} s without coming to rest: "
+                    f"{self._stuck()}; last appends: {self.repo.records()[-5:]}"
+                )
         return True
 
     def settle(self) -> None:
@@ -963,7 +969,7 @@ def _result_of(outcomes: Sequence[StepOutcome]) -> dict[str, Any]:
 
 PROFILES = {
     "ci": settings(
-        max_examples=int(os.environ.get("KAPBIT_MODEL_EXAMPLES", "120")),
+        max_examples=int(os.environ.get("KAPBIT_MODEL_EXAMPLES", "600")),
         stateful_step_count=20,
         derandomize=True,
         database=None,
@@ -984,7 +990,7 @@ PROFILES = {
 
 
 @pytest.mark.timeout(3600 if PROFILE == "long" else 300)
-def test_engine_agrees_with_the_model() -> None:
+def test_engine_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     try:
         run_state_machine_as_test(EngineModel, settings=PROFILES[PROFILE])
@@ -995,6 +1001,7 @@ def test_engine_agrees_with_the_model() -> None:
         summary = TOTALS.as_dict()
         summary["seconds"] = round(time.monotonic() - started, 1)
         text = json.dumps(summary, indent=1, sort_keys=True)
-        print(f"\nmodel checker summary:\n{text}", file=sys.stderr)
+        with capsys.disabled():  # shown also when the test passes
+            print(f"\nmodel checker summary:\n{text}", file=sys.stderr)
         if target := os.environ.get("KAPBIT_MODEL_SUMMARY"):
             Path(target).write_text(text)

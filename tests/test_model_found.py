@@ -87,3 +87,26 @@ async def test_created_landed_then_its_retry_refused_the_workflow_still_finishes
         assert not isinstance(answer, RecordRejected), f"told nothing was written: {answer!r}"
         assert await kbit.wait_result("a", timeout=2) == ["x"]
     assert calls == ["x"]
+
+
+async def test_result_landed_then_its_retry_refused_one_terminal_event() -> None:
+    """The ack of a ``WorkflowResult`` is lost (the record landed) and the emitter's retry
+    is refused: the workflow has ended with that result, so no ``Rejected`` may follow it
+    and the caller gets the result the log holds."""
+
+    def step(input: str, progress: Progress) -> Success[str]:
+        return Success(input)
+
+    saga = Definition("saga", [Step(step)], input_type=str)
+    repo = MemRepository(partitions=1)
+    faulty = FaultyRepository(repo)
+    faulty.fail(times=1, kinds="workflow_result", lost_ack=True)
+    faulty.reject(times=1, kinds="workflow_result")
+    async with Kapbit([saga], faulty, options=fast_options()) as kbit:
+        try:
+            answer: Any = await kbit.exec_workflow("a", "saga", "x")
+        except KapbitError as error:
+            answer = error
+    terminals = [k for k in kinds(repo, "a") if k in ("workflow_result", "rejected")]
+    assert terminals == ["workflow_result"], kinds(repo, "a")
+    assert answer == ["x"]
