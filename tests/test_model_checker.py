@@ -305,6 +305,7 @@ class EngineModel(RuleBasedStateMachine):
         self.zombie_calls = 0
         self.draining = False
         self.checkpoint_every = 1
+        self.checkpoint_interval = 3600.0
         self.ids = 0
         self.next_sub = 0
         self.repo: LateAckRepository
@@ -328,11 +329,21 @@ class EngineModel(RuleBasedStateMachine):
         ),
         window=st.sampled_from([1, 2, 3, 1000]),
         checkpoint_every=st.sampled_from([1, 1, 2, 1000]),
+        checkpoint_interval=st.sampled_from([3600.0, 3600.0, 0.002]),
     )
-    def set_up(self, shapes: list[Shape], window: int, checkpoint_every: int) -> None:
+    def set_up(
+        self,
+        shapes: list[Shape],
+        window: int,
+        checkpoint_every: int,
+        checkpoint_interval: float,
+    ) -> None:
+        """Checkpoints are saved after every (or every 2nd) termination, and with a short
+        interval also by the clock, at moments the rules do not choose."""
         self.shapes = shapes
         self.window = window
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
         asyncio.set_event_loop(self.loop)
         self.repo = LateAckRepository(self.journal, PARTITIONS, MAX_PAYLOAD)
         self.faulty = FaultyRepository(self.repo)
@@ -413,7 +424,9 @@ class EngineModel(RuleBasedStateMachine):
                 max_attempts=MAX_ATTEMPTS,
                 node_id=node_id,
                 idempotency_window=self.window,
-                checkpoints=CheckpointPolicy(every=self.checkpoint_every, interval=3600),
+                checkpoints=CheckpointPolicy(
+                    every=self.checkpoint_every, interval=self.checkpoint_interval
+                ),
                 close_timeout=0.01,
             ),
         )
@@ -539,7 +552,11 @@ class EngineModel(RuleBasedStateMachine):
 
     # --- rules: crashes, restarts, takeovers -------------------------------------------------
 
-    @rule()
+    @rule(how=st.sampled_from(["crash_and_restart", "close_and_restart", "takeover"]))
+    def disrupt(self, how: str) -> None:
+        """One rule for the three disruptions, so that they do not crowd out the work."""
+        getattr(self, how)()
+
     def crash_and_restart(self) -> None:
         """The process dies (nothing closed, no final checkpoint) and a new one starts."""
         TOTALS.rules["crash_and_restart"] += 1
@@ -550,7 +567,6 @@ class EngineModel(RuleBasedStateMachine):
         self.run(self._start_node())
         self.settle()
 
-    @rule()
     def close_and_restart(self) -> None:
         """A graceful restart: close (in-flight work is cancelled after a short timeout)."""
         TOTALS.rules["close_and_restart"] += 1
@@ -561,7 +577,6 @@ class EngineModel(RuleBasedStateMachine):
         self.run(self._start_node())
         self.settle()
 
-    @rule()
     def takeover(self) -> None:
         """A second instance starts while the first still runs: the first is fenced."""
         TOTALS.rules["takeover"] += 1
