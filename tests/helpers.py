@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -578,3 +579,14 @@ def incarnations(
         current.records.append(record)
         current.events.append(event)
     return by_id, problems
+
+
+def projector_window(window: int) -> dict[str, int]:
+    """The keyword that tells a :class:`~kapbit.projection.Projector` about the engine's
+    ``idempotency_window``: ``idempotency_window`` itself where the projector takes it,
+    else a ``dedup_window`` below it, as that projector's docstring asks."""
+    from kapbit.projection import Projector
+
+    if "idempotency_window" in inspect.signature(Projector).parameters:
+        return {"idempotency_window": window}
+    return {"dedup_window": max(1, window - 1)}

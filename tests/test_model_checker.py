@@ -94,6 +94,7 @@ from tests.helpers import (
     fast_options,
     incarnations,
     live_records,
+    projector_window,
 )
 
 PARTITIONS = 2
@@ -941,7 +942,7 @@ class EngineModel(RuleBasedStateMachine):
                 self.repo,
                 model,
                 definitions=self._definitions("projector"),
-                dedup_window=max(1, self.window - 1),
+                **projector_window(self.window),
             )
             async with projector:
                 await projector.catch_up()

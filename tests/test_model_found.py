@@ -22,7 +22,7 @@ from kapbit import (
     WorkflowStatus,
 )
 from kapbit.testing import FaultyRepository
-from tests.helpers import fast_options, kinds, wait_until
+from tests.helpers import fast_options, kinds, projector_window, wait_until
 
 
 async def test_projector_shows_the_new_workflow_of_an_id_used_again(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ async def test_projector_shows_the_new_workflow_of_an_id_used_again(tmp_path: Pa
 
     async with (
         StatusModel(tmp_path / "status.sqlite3") as model,
-        Projector(repo, model, definitions=[saga], dedup_window=1) as projector,
+        Projector(repo, model, definitions=[saga], **projector_window(2)) as projector,
     ):
         await projector.catch_up()
         row = await model.get("a")
