@@ -540,9 +540,9 @@ class Incarnation:
 
     @property
     def terminal(self) -> Event | None:
-        """The first terminal event, if any."""
-        for event in self.events:
-            if isinstance(event, WorkflowResult | DeadLetter | Rejected):
+        """The first terminal event (of any of ``TERMINAL_KINDS``), if any."""
+        for record, event in zip(self.records, self.events, strict=True):
+            if record.kind in TERMINAL_KINDS:
                 return event
         return None
 

@@ -611,7 +611,7 @@ class EngineModel(RuleBasedStateMachine):
         blocked = {c.workflow_id for c in self.calls if c.node == node and c.state == "blocked"}
         for held in self._pending_holds():
             call = held.calls[0] if isinstance(held, Fault) else held.call
-            if call is not None and call.node == node:
+            if call is not None and _wrote(node, call.node):
                 blocked.add(call.key)
         return blocked
 
@@ -759,6 +759,8 @@ class EngineModel(RuleBasedStateMachine):
         elif isinstance(terminal, Rejected):
             refused = self._rejected(run.id) or plan.does(len(actual), "execute") == "big"
             assert refused or ended_early, f"{where}: rejected with nothing refused: {terminal}"
+        elif not isinstance(terminal, WorkflowResult):
+            assert ended_early, f"{where}: ended with {terminal}"
         if bad is not None and actual == expected and not self._rejected(run.id):
             assert bad is not None
             step, _phase = bad
@@ -926,7 +928,7 @@ class EngineModel(RuleBasedStateMachine):
         claims = {
             r.partition: r.offset
             for r in self.repo.records()
-            if r.node == node and r.kind == "active_writer"
+            if _wrote(node, r.node) and r.kind == "active_writer"
         }
         for partition, claim in claims.items():
             for record in live_records(self.repo, partition):
@@ -942,7 +944,7 @@ class EngineModel(RuleBasedStateMachine):
         return {
             r.key
             for r in live_records(self.repo)
-            if r.kind == "workflow_created" and r.node == node
+            if r.kind == "workflow_created" and _wrote(node, r.node)
         }
 
     async def _check_projection(self, by_id: dict[str, list[Incarnation]]) -> None:
@@ -990,6 +992,12 @@ class EngineModel(RuleBasedStateMachine):
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _wrote(node: str, writer: str) -> bool:
+    """Whether a record's ``writer`` is the instance configured as ``node``: the writer is
+    the node id, or the node id with a start id appended (``node/start``)."""
+    return writer == node or writer.startswith(f"{node}/")
 
 
 def _encoded_value(value: Any) -> bytes:
