@@ -83,7 +83,7 @@ from kapbit import (
     WorkflowStatus,
     partition_for,
 )
-from kapbit.events import DeadLetter, Rejected, StepOutcome, WorkflowResult
+from kapbit.events import TERMINAL_KINDS, DeadLetter, Rejected, StepOutcome, WorkflowResult
 from kapbit.repository import Record
 from kapbit.testing import FaultyRepository
 from kapbit.testing.faults import Call, Fault
@@ -936,7 +936,7 @@ class EngineModel(RuleBasedStateMachine):
                     break
                 if record.kind == "workflow_created":
                     open_ids.add(record.key)
-                elif record.kind in ("workflow_result", "dead_letter", "rejected"):
+                elif record.kind in TERMINAL_KINDS:
                     open_ids.discard(record.key)
         return open_ids
 
