@@ -459,24 +459,123 @@ def gated_saga(
     )
 
 
+def _outcome_key(record: Record, outcome: StepOutcome) -> tuple[Any, ...]:
+    return (outcome.id, outcome.step, outcome.phase)
+
+
+#: Names the workflow a step call or a persisted outcome belongs to, as ``(workflow,
+#: step, phase)``: by default the workflow id; a test reusing ids names the incarnation.
+OutcomeKey = Callable[[Record, StepOutcome], tuple[Any, ...]]
+
+
 def assert_no_step_reran_after_its_outcome(
-    repo: MemRepository, journal: Sequence[tuple[Any, ...]]
+    repo: MemRepository,
+    journal: Sequence[tuple[Any, ...]],
+    key: OutcomeKey = _outcome_key,
 ) -> None:
     """No step call in ``journal`` comes after the live outcome of the same step and phase.
 
     ``journal`` interleaves ``("append", partition, offset)`` (from a
-    :class:`CrashRepository`) with step calls whose last three items are ``(workflow id,
-    step, phase)``.
+    :class:`CrashRepository`) with step calls whose last three items are ``(workflow,
+    step, phase)``, the workflow named as ``key`` names the outcome's.
     """
     live = {(r.partition, r.offset): r for r in live_records(repo)}
     codec = JsonCodec()
-    persisted: set[tuple[str, int, str]] = set()
+    persisted: set[tuple[Any, ...]] = set()
     for entry in journal:
         if entry[0] == "append":
             record = live.get((entry[1], entry[2]))
             if record is not None and record.kind == "step_outcome":
-                event = codec.decode(record.value, StepOutcome)
-                persisted.add((event.id, event.step, event.phase))
+                persisted.add(key(record, codec.decode(record.value, StepOutcome)))
         else:
             call = tuple(entry[-3:])
             assert call not in persisted, f"{call} ran again after its outcome was persisted"
+
+
+def assert_compensations_followed_successes(
+    repo: MemRepository,
+    journal: Sequence[tuple[Any, ...]],
+    key: OutcomeKey = _outcome_key,
+) -> None:
+    """A compensation is called only after its step's successful execute outcome and a
+    later step's Failure are both in the (live) log (``journal`` as for
+    :func:`assert_no_step_reran_after_its_outcome`)."""
+    live = {(r.partition, r.offset): r for r in live_records(repo)}
+    codec = JsonCodec()
+    succeeded: set[tuple[Any, int]] = set()
+    failed: dict[Any, int] = {}
+    for entry in journal:
+        if entry[0] == "append":
+            record = live.get((entry[1], entry[2]))
+            if record is None or record.kind != "step_outcome":
+                continue
+            outcome = codec.decode(record.value, StepOutcome)
+            if outcome.phase == "execute":
+                workflow = key(record, outcome)[0]
+                if outcome.success:
+                    succeeded.add((workflow, outcome.step))
+                else:
+                    failed[workflow] = outcome.step
+        elif entry[-1] == "compensate":
+            workflow, step = entry[-3], entry[-2]
+            assert (workflow, step) in succeeded, f"{entry}: its step did not succeed"
+            assert failed.get(workflow, -1) > step, f"{entry}: no later step failed"
+
+
+@dataclass
+class Incarnation:
+    """One workflow of an id: its live events from a ``WorkflowCreated`` on, second copies
+    (byte-identical records of the same writer, a producer retry) left out."""
+
+    id: str
+    partition: int
+    records: list[Record] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def created(self) -> WorkflowCreated:
+        first = self.events[0]
+        assert isinstance(first, WorkflowCreated)
+        return first
+
+    @property
+    def terminal(self) -> Event | None:
+        """The first terminal event (of any of ``TERMINAL_KINDS``), if any."""
+        for record, event in zip(self.records, self.events, strict=True):
+            if record.kind in TERMINAL_KINDS:
+                return event
+        return None
+
+
+def incarnations(
+    repo: MemRepository, codec: Codec | None = None
+) -> tuple[dict[str, list[Incarnation]], list[str]]:
+    """Each id's workflows as a reader acting on the live log sees them, and what is wrong
+    with the log's shape: an event of an id with no open workflow, a second, different
+    ``WorkflowCreated`` while the id's workflow is open (the id was accepted twice)."""
+    codec = codec or JsonCodec()
+    by_id: dict[str, list[Incarnation]] = {}
+    seen: set[tuple[int, str, str, bytes]] = set()
+    problems: list[str] = []
+    for record in live_records(repo):
+        if record.kind == "active_writer":
+            continue
+        copy = (record.partition, record.key, record.kind, record.value)
+        if copy in seen:
+            continue
+        seen.add(copy)
+        event = decode_event(codec, record)
+        ids = by_id.setdefault(record.key, [])
+        current = ids[-1] if ids else None
+        where = f"{record.kind} of {record.key!r} at {record.partition}/{record.offset}"
+        if isinstance(event, WorkflowCreated):
+            if current is not None and current.terminal is None:
+                problems.append(f"{where}: the id was accepted again while its workflow is open")
+            ids.append(Incarnation(record.key, record.partition, [record], [event]))
+            continue
+        if current is None or current.terminal is not None:
+            problems.append(f"{where}: no open workflow of that id")
+            continue
+        current.records.append(record)
+        current.events.append(event)
+    return by_id, problems

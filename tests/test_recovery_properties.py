@@ -45,10 +45,11 @@ from kapbit import (
     WorkflowNotFound,
     partition_for,
 )
-from kapbit.events import DeadLetter, StepOutcome, WorkflowResult
+from kapbit.events import DeadLetter, WorkflowResult
 from kapbit.options import Backoff
 from tests.helpers import (
     CrashRepository,
+    assert_compensations_followed_successes,
     assert_no_step_reran_after_its_outcome,
     check_history,
     histories,
@@ -333,33 +334,8 @@ async def _run(plan: Plan) -> None:
         elif isinstance(answer, DeadLettered):
             assert isinstance(final_event, DeadLetter)
     assert_no_step_reran_after_its_outcome(repo, world.journal)
-    _assert_compensations_followed_successes(repo, world.journal)
+    assert_compensations_followed_successes(repo, world.journal)
     assert repo.checkpoint_errors == []
-
-
-def _assert_compensations_followed_successes(
-    repo: CrashRepository, journal: list[tuple[Any, ...]]
-) -> None:
-    """A compensation is called only after its step's successful execute outcome and a
-    later step's Failure are both in the (live) log."""
-    live = {(r.partition, r.offset): r for r in live_records(repo)}
-    succeeded: set[tuple[str, int]] = set()
-    failed: dict[str, int] = {}
-    for entry in journal:
-        if entry[0] == "append":
-            record = live.get((entry[1], entry[2]))
-            if record is None or record.kind != "step_outcome":
-                continue
-            outcome = msgspec.json.decode(record.value, type=StepOutcome)
-            if outcome.phase == "execute":
-                if outcome.success:
-                    succeeded.add((outcome.id, outcome.step))
-                else:
-                    failed[outcome.id] = outcome.step
-        elif entry[3] == "compensate":
-            _, workflow_id, step, _ = entry
-            assert (workflow_id, step) in succeeded, f"{entry}: its step did not succeed"
-            assert failed.get(workflow_id, -1) > step, f"{entry}: no later step failed"
 
 
 @settings(
