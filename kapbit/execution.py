@@ -15,7 +15,12 @@ from typing import Any, NoReturn
 
 import msgspec
 import pybreaker
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_exception_type,
+)
 
 from kapbit._log import execution_fields, step_fields
 from kapbit.actions import ActionRunner
@@ -33,6 +38,7 @@ from kapbit.errors import (
 )
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
 from kapbit.instrumentation import WorkflowObserver
+from kapbit.options import Backoff
 from kapbit.step_context import CURRENT_STEP, StepContext
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
@@ -45,6 +51,8 @@ _TRUNCATED = "... (truncated)"
 MAX_ERROR_LENGTH = 1000
 #: The step index an InvalidReturn event gives the result builder.
 RESULT_BUILDER = -1
+#: How often a refused minimal terminal event is tried again.
+_TERMINAL_BACKOFF = Backoff()
 #: What an action may return besides ``None`` (a tuple: no union built per check).
 _OUTCOMES = (Success, Failure)
 
@@ -503,27 +511,40 @@ class WorkflowExecution:
     ) -> None:
         """Append a terminal event, or its ``minimal`` form if storage refuses it.
 
-        If storage refuses both, the engine still treats the workflow as terminated (its
-        caller is told so): nothing it could write would end it, and running it again
-        would repeat its side effects. The error is logged.
+        The minimal form must land: the caller is told the workflow ended, and a log
+        without its terminal event would make the next instance run the step again. So a
+        refusal of it is retried with backoff, for as long as the storage refuses (logged
+        as an error each time), like an outage.
         """
-        error: Exception | None = None
-        for candidate in (event, minimal):
-            try:
-                await emitter.emit(
-                    self.partition, self.id, candidate, workflow_type=self.definition.type
-                )
-                return
-            except (RecordRejected, EncodeError) as exc:
-                error = exc
-        logger.error(
-            "workflow %r: storage refused its terminal %s event (%s); the workflow is "
-            "treated as terminated but the log does not say so",
-            self.id,
-            type(event).__name__,
-            error,
-            extra=execution_fields(self),
-        )
+        try:
+            await self._emit(emitter, event)
+            return
+        except (RecordRejected, EncodeError):
+            pass
+
+        def refused(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            logger.error(
+                "workflow %r: storage refused its minimal terminal %s event (%s); "
+                "retrying in %.3f s",
+                self.id,
+                type(minimal).__name__,
+                error,
+                state.upcoming_sleep,
+                extra=execution_fields(self),
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(RecordRejected),
+            wait=_TERMINAL_BACKOFF.wait(),
+            before_sleep=refused,
+            reraise=True,
+        ):
+            with attempt:
+                await self._emit(emitter, minimal)
+
+    async def _emit(self, emitter: Emitter, event: Rejected | InvalidReturn) -> None:
+        await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
 
 
 def _being_cancelled() -> bool:

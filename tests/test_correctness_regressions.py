@@ -401,22 +401,26 @@ async def test_defect4_a_long_rejection_reason_is_cut_to_256_characters() -> Non
     assert len(rejected) == 1 and len(rejected[0].reason) <= 256 + len("... (truncated)")
 
 
-async def test_defect4_bookkeeping_finishes_when_no_rejected_record_can_be_written() -> None:
-    """Defect 4 (issue 10): even when storage refuses every Rejected record, callers get
-    WorkflowRejected and the instance lets the workflow go."""
-    faults = FaultyRepository(MemRepository())
+async def test_defect4_a_refused_minimal_rejected_is_written_before_callers_hear_of_it() -> None:
+    """Defect 4 (issue 10), and N4 found by the model checker: when storage refuses the
+    Rejected records too, the minimal one is tried again until it lands. Callers get
+    WorkflowRejected only once the log says so (before, the log had no terminal event and
+    the next instance ran the step again)."""
+    inner = MemRepository()
+    faults = FaultyRepository(inner)
     faults.reject(kinds="step_outcome")
-    refused = faults.reject(kinds="rejected")
+    refused = faults.reject(kinds="rejected", times=4)
     steps = Steps()
     async with Kapbit([steps.definition()], faults, options=Options(emit_backoff=TINY)) as kbit:
         with pytest.raises(WorkflowRejected):
             await kbit.exec_workflow("w", "wf", {"id": "w"})
+        assert refused.hits == 4  # the bounded reason, then the minimal record three times
+        assert [r.kind for r in inner.records() if r.key == "w"][-1] == "rejected"
         with pytest.raises(WorkflowRejected):
             await kbit.wait_result("w", timeout=5)
         assert kbit.stats.in_flight == 0
         with pytest.raises(DuplicateWorkflow):
             await kbit.exec_workflow("w", "wf", {"id": "w"})
-    assert refused.hits == 2  # the bounded reason, then the minimal record
 
 
 # --- issue 16, item 1: lost ack, then close() -------------------------------------------------

@@ -16,7 +16,9 @@ from kapbit import (
     RecordRejected,
     Step,
     Success,
+    WorkflowRejected,
 )
+from kapbit.events import TERMINAL_KINDS
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.testing import FaultyRepository
@@ -108,3 +110,24 @@ async def test_result_landed_then_its_retry_refused_one_terminal_event() -> None
     terminals = [k for k in kinds(repo, "a") if k in ("workflow_result", "rejected")]
     assert terminals == ["workflow_result"], kinds(repo, "a")
     assert answer == ["x"]
+
+
+async def test_rejected_refused_twice_caller_and_log_agree() -> None:
+    """A step's outcome is too large and the storage refuses the ``Rejected`` records that
+    follow too: the workflow must still end with a terminal event in the log, as the
+    caller is told (else the next instance resumes it and runs the step again)."""
+
+    def step(input: str, progress: Progress) -> Success[str]:
+        return Success("x" * 1500)
+
+    saga = Definition("saga", [Step(step)], input_type=str)
+    repo = MemRepository(partitions=1, max_payload=1024)
+    faulty = FaultyRepository(repo)
+    faulty.reject(times=2, kinds="rejected")
+    async with Kapbit([saga], faulty, options=fast_options()) as kbit:
+        try:
+            answer: Any = await asyncio.wait_for(kbit.exec_workflow("a", "saga", "x"), 5)
+        except KapbitError as error:
+            answer = error
+    assert isinstance(answer, WorkflowRejected), answer
+    assert set(kinds(repo, "a")) & TERMINAL_KINDS, kinds(repo, "a")
