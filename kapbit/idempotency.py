@@ -28,12 +28,22 @@ class IdempotencyWindow:
             self.add(workflow_id, offset)
 
     def add(self, workflow_id: str, offset: int) -> None:
-        """Remember ``workflow_id`` created at ``offset``, evicting the oldest if full."""
+        """Remember ``workflow_id`` created at ``offset``, evicting the oldest if full.
+
+        Ids are ordered by offset, not by when they were added: an acknowledgement may
+        arrive after those of records written later (a late ack), and recovery, which reads
+        the log in order, must keep the same ids as the engine.
+        """
         ids = self._ids
         if workflow_id in ids:
             return
-        ids[workflow_id] = offset
-        if len(ids) > self.size:
+        if ids and offset < next(reversed(ids.values())):
+            ordered = sorted([*ids.items(), (workflow_id, offset)], key=_offset)
+            ids.clear()
+            ids.update(ordered)
+        else:
+            ids[workflow_id] = offset
+        while len(ids) > self.size:
             del ids[next(iter(ids))]
 
     def renew(self, workflow_id: str, offset: int) -> None:
@@ -67,3 +77,7 @@ class IdempotencyWindow:
         for offset in self._ids.values():
             return offset
         return None
+
+
+def _offset(entry: tuple[str, int]) -> int:
+    return entry[1]

@@ -31,6 +31,7 @@ from kapbit import (
 )
 from kapbit.errors import InvalidReturnValue
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult
+from kapbit.idempotency import IdempotencyWindow
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import Checkpoint, MemRepository
 from kapbit.testing import FaultyRepository
@@ -533,3 +534,56 @@ async def test_defect4_a_refusal_after_a_lost_ack_honours_the_copy_that_landed(k
     assert steps.count("w", 0) == 1 and steps.count("w", 1) == 1
     async with Kapbit([steps.definition()], inner) as kbit:
         assert kbit.stats.recovered == 0
+
+
+# --- found by the model checker's long profile: a late acknowledgement --------------------------
+
+
+def test_the_window_keeps_ids_in_log_order_when_an_ack_arrives_late() -> None:
+    """An id whose acknowledgement arrives after those of later records is older in the log:
+    a full window evicts it, not the newest id (recovery reads the log in order)."""
+    window = IdempotencyWindow(2)
+    window.add("w4", 11)
+    window.add("w5", 12)
+    window.add("w3", 10)  # landed first, acknowledged last
+    assert list(window.entries()) == [("w4", 11), ("w5", 12)]
+    window.add("w6", 13)
+    assert list(window.entries()) == [("w5", 12), ("w6", 13)]
+
+
+class _LateAck(MemRepository):
+    """Holds the acknowledgement of one id's WorkflowCreated after the record landed."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__(partitions=1)
+        self.held = held
+        self.landed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        offset = await super().append(partition, kind, key, node, value)
+        if kind == "workflow_created" and key == self.held:
+            self.landed.set()
+            await self.release.wait()
+        return offset
+
+
+async def test_a_late_ack_does_not_evict_a_newer_id_from_the_window() -> None:
+    """Found by the model checker (long profile): with a window of 1, w3's WorkflowCreated
+    landed first but was acknowledged after w4's and w5's; the engine then kept w3 and let
+    w5 (the newest in the log) be used again, while a restarted instance refused it."""
+    repo = _LateAck("w3")
+    steps = Steps()
+    options = Options(idempotency_window=1, emit_backoff=TINY)
+    async with Kapbit([steps.definition()], repo, options=options) as kbit:
+        late = asyncio.create_task(kbit.exec_workflow("w3", "wf", {"id": "w3"}))
+        await asyncio.wait_for(repo.landed.wait(), 5)
+        await kbit.exec_workflow("w4", "wf", {"id": "w4"})
+        await kbit.exec_workflow("w5", "wf", {"id": "w5"})
+        repo.release.set()
+        await late
+        with pytest.raises(DuplicateWorkflow):
+            await kbit.exec_workflow("w5", "wf", {"id": "w5"})
+    async with Kapbit([steps.definition()], repo, options=options) as restarted:
+        with pytest.raises(DuplicateWorkflow):
+            await restarted.exec_workflow("w5", "wf", {"id": "w5"})
