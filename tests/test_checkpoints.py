@@ -299,9 +299,10 @@ async def test_the_checkpointer_holds_below_a_workflow_whose_creation_is_in_flig
     assert checkpointer.checkpoint(0).offset == 10
     checkpointer.opened(0, "w", 12)
     windows[0].add("w", 12)
-    windows[0].add("earlier", 3)
-    # The hold stays at the bound: a lost ack may have left a first copy below 12.
-    assert checkpointer.checkpoint(0) == Checkpoint(10, "n", 10, "n")
+    windows[0].add("earlier", 3)  # acknowledged late: the window's oldest id, by offset
+    # The hold stays at the bound: a lost ack may have left a first copy below 12; the
+    # window's ids are read back from the oldest one's offset, under its owner there.
+    assert checkpointer.checkpoint(0) == Checkpoint(10, "n", 3, "old")
     checkpointer.opened(0, "restored", 11)  # found open by recovery: held at its offset
     checkpointer.opened(0, "restored", 14)  # never moves up
     assert checkpointer.checkpoint(0).offset == 10
@@ -309,7 +310,7 @@ async def test_the_checkpointer_holds_below_a_workflow_whose_creation_is_in_flig
     checkpointer.terminated(0, "w")
     checkpointer.opening(0, "x")
     checkpointer.abandoned(0, "x")  # its WorkflowCreated was never written
-    assert checkpointer.checkpoint(0) == Checkpoint(16, "n", 12, "n")
+    assert checkpointer.checkpoint(0) == Checkpoint(16, "n", 3, "old")
     assert owners[0].owner_at(3) == "old" and owners[0].owner_at(5) == "n"
 
 
