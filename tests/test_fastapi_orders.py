@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -16,20 +13,9 @@ import pytest
 
 from kapbit import Backoff, Kapbit, Options, RetryPolicy
 from kapbit.repository import MemRepository
+from tests.helpers import load_example
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_orders.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fastapi_orders_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-example = _load()
+example = load_example("fastapi_orders")
 FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
 SLOW = Options(retry=RetryPolicy(fast=Backoff(initial=30, maximum=30, jitter=0)), close_timeout=0)
 

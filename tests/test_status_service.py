@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -16,20 +13,9 @@ import pytest
 from kapbit import Backoff, Options, RetryPolicy
 from kapbit.repository import MemRepository
 from kapbit.repository.kafka import KafkaRepository
+from tests.helpers import load_example
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "status_service.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("status_service_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-service_module = _load()
+service_module = load_example("status_service")
 FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
 
 
