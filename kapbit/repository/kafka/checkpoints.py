@@ -61,11 +61,14 @@ class CheckpointStore:
             return checkpoints
         async for batch in fetch(self._lane, tp, start, stop, self._read_timeout):
             for record in batch:
-                log, _, partition = record.key.rpartition("/")
+                key = record.key.decode() if record.key is not None else ""
+                log, _, partition = key.rpartition("/")
                 if log != self._topic:
                     continue
                 try:
-                    checkpoints[int(partition)] = msgspec.json.decode(record.value, type=Checkpoint)
+                    checkpoints[int(partition)] = msgspec.json.decode(
+                        record.value or b"", type=Checkpoint
+                    )
                 except (ValueError, msgspec.DecodeError) as exc:
                     logger.warning(
                         "ignoring unreadable checkpoint at offset %d: %s",
