@@ -34,6 +34,7 @@ import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from kapbit._lifecycle import AsyncResource
+from kapbit._log import fields
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.errors import TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind, StepOutcome
@@ -456,6 +457,7 @@ class Projector(AsyncResource):
                 state.partition,
                 retry.attempt_number,
                 error,
+                extra=fields(partition=state.partition),
             )
 
         retrying = AsyncRetrying(
