@@ -39,7 +39,7 @@ from kapbit.fencing import is_claim
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import PartitionReader, Verdict, decode_value
 from kapbit.partitioner import partition_for
-from kapbit.projection.status import WorkflowStatus
+from kapbit.projection.status import WorkflowStatus, status_after
 from kapbit.repository import Repository
 from kapbit.workflow import Definition
 
@@ -74,6 +74,7 @@ class WorkflowState:
     last_error: str = ""
     result: Any = None
     error: KapbitError | None = None
+    failed_step: int | None = None
 
 
 def terminal_error(workflow_id: str, event: Event) -> KapbitError | None:
@@ -138,43 +139,28 @@ def _after(
     definition: Definition | None,
     offset: int,
 ) -> WorkflowState:
-    """``state`` moved past ``event``, with the status read model's rules."""
+    """``state`` moved past ``event``: its status by the status read model's rule
+    (:func:`~kapbit.projection.status.status_after`), its counts and values as the model
+    keeps them."""
+    status = status_after(event, state.failed_step is not None) or state.status
     if isinstance(event, StepOutcome):
         if event.phase == "compensate":
-            return replace(
-                state,
-                status=WorkflowStatus.COMPENSATING,
-                compensated_steps=state.compensated_steps + 1,
-            )
+            return replace(state, status=status, compensated_steps=state.compensated_steps + 1)
         if not event.success:
-            return replace(state, status=WorkflowStatus.COMPENSATING)
-        compensating = state.status is WorkflowStatus.COMPENSATING
-        return replace(
-            state,
-            steps_done=max(state.steps_done, event.step + 1),
-            status=WorkflowStatus.COMPENSATING if compensating else WorkflowStatus.RUNNING,
-        )
+            return replace(state, status=status, failed_step=event.step)
+        return replace(state, status=status, steps_done=max(state.steps_done, event.step + 1))
     if isinstance(event, WorkflowRetry):
-        return replace(
-            state, status=WorkflowStatus.RETRYING, attempts=event.attempt, last_error=event.error
-        )
+        return replace(state, status=status, attempts=event.attempt, last_error=event.error)
     if isinstance(event, WorkflowResult):
         result = decode_value(codec, definition, event, state.partition, offset)
-        status = WorkflowStatus.COMPENSATED if event.compensated else WorkflowStatus.SUCCEEDED
         return replace(state, status=status, result=result)
-    error = terminal_error(state.id, event)
     if isinstance(event, DeadLetter):
+        error = terminal_error(state.id, event)
         return replace(
-            state,
-            status=WorkflowStatus.DEAD_LETTERED,
-            attempts=event.attempts,
-            last_error=event.error,
-            error=error,
+            state, status=status, attempts=event.attempts, last_error=event.error, error=error
         )
-    if isinstance(event, Rejected):
-        return replace(state, status=WorkflowStatus.REJECTED, error=error)
-    if isinstance(event, InvalidReturn):
-        return replace(state, status=WorkflowStatus.INVALID_RETURN, error=error)
+    if isinstance(event, Rejected | InvalidReturn):
+        return replace(state, status=status, error=terminal_error(state.id, event))
     return state
 
 
