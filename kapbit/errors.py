@@ -40,6 +40,43 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+#: Every kapbit error; :mod:`kapbit` re-exports them all.
+__all__ = [
+    "CircuitBreakerOpen",
+    "CodecMismatch",
+    "CorruptRecord",
+    "DeadLettered",
+    "DecodeError",
+    "DuplicateWorkflow",
+    "EncodeError",
+    "Fenced",
+    "GateClosed",
+    "InstanceClosed",
+    "InvalidAppend",
+    "InvalidDefinition",
+    "InvalidInput",
+    "InvalidReturnValue",
+    "InvalidSchedule",
+    "InvalidTimer",
+    "InvalidWorkflowId",
+    "KapbitError",
+    "LogLost",
+    "NoStepContext",
+    "NonRetryable",
+    "PayloadTooLarge",
+    "RecordRejected",
+    "StartupError",
+    "StepTimedOut",
+    "StorageError",
+    "TooManyWorkflows",
+    "TransientStorageError",
+    "UnknownWorkflowType",
+    "WillRetryLater",
+    "WorkflowNotFound",
+    "WorkflowRefused",
+    "WorkflowRejected",
+]
+
 
 class KapbitError(Exception):
     """Base class of every kapbit error."""
