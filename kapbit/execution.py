@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -226,13 +225,9 @@ class WorkflowExecution:
         while (action := self.next_action()) is not None:
             index, phase = action
             step = steps[index]
-            if phase == "execute":
-                fn, is_async = step.execute, step._execute_async
-            else:
-                assert step.compensate is not None
-                fn, is_async = step.compensate, step._compensate_async
             if step.retry is None and self.telemetry is None:
                 # the common case, inline: no frames of kapbit's own
+                fn, is_async = step.action(phase)
                 context = self._context(actions, step, index, phase)
                 token = CURRENT_STEP.set(context)
                 try:
@@ -249,13 +244,11 @@ class WorkflowExecution:
                     CURRENT_STEP.reset(token)
             elif step.retry is None:
                 try:
-                    returned = await self._attempt(actions, step, fn, is_async, index, phase)
+                    returned = await self._attempt(actions, step, index, phase)
                 except _ActionRaised as raised:
                     returned = self._step_failed(step, index, phase, raised.cause)
             else:
-                returned = await self._retry_in_place(
-                    emitter, actions, step, fn, is_async, index, phase
-                )
+                returned = await self._retry_in_place(emitter, actions, step, index, phase)
             # Checked outside the action's error handling: a wrong return value is a
             # programming error, and retrying would run the action's side effect again.
             outcome = Success(None) if returned is None else returned
@@ -338,8 +331,6 @@ class WorkflowExecution:
         emitter: Emitter,
         actions: ActionRunner,
         step: Step[Any, Any],
-        fn: Callable[..., Any],
-        is_async: bool,
         index: int,
         phase: Phase,
     ) -> Any:
@@ -377,7 +368,7 @@ class WorkflowExecution:
                     if last is not None:
                         await self.record_retry(emitter, last.cause, in_place=True)
                     try:
-                        return await self._attempt(actions, step, fn, is_async, index, phase)
+                        return await self._attempt(actions, step, index, phase)
                     except _ActionRaised as raised:
                         last = raised
                         raise
@@ -386,16 +377,11 @@ class WorkflowExecution:
         raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
     async def _attempt(
-        self,
-        actions: ActionRunner,
-        step: Step[Any, Any],
-        fn: Callable[..., Any],
-        is_async: bool,
-        index: int,
-        phase: Phase,
+        self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
     ) -> Any:
         """Run the action once, in its context and (with telemetry) its span: what it
         returned, or :class:`_ActionRaised` if it raised."""
+        fn, is_async = step.action(phase)
         context = self._context(actions, step, index, phase)
         token = CURRENT_STEP.set(context)
         telemetry = self.telemetry

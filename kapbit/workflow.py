@@ -227,6 +227,13 @@ class Step(Generic[I, O]):
         if self.compensate is not None:
             object.__setattr__(self, "_compensate_async", _is_async(self.compensate))
 
+    def action(self, phase: Phase) -> tuple[Callable[..., Any], bool]:
+        """The function ``phase`` runs, and whether it is a coroutine function."""
+        if phase == "execute":
+            return self.execute, self._execute_async
+        assert self.compensate is not None, f"step {self.label!r} has no compensation"
+        return self.compensate, self._compensate_async
+
 
 def _default_result(_input: Any, progress: Progress) -> list[Any]:
     return progress.values()
