@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from kapbit._checks import at_least_one
 from kapbit.errors import PayloadTooLarge
 from kapbit.events import EventKind
 from kapbit.fencing import OwnerTracker, fenced_by, ordinary
@@ -24,10 +25,7 @@ class MemRepository:
     """A partitioned log held in lists; shared by every instance given the same object."""
 
     def __init__(self, partitions: int = 1, max_payload: int = 1024 * 1024) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
-        if max_payload < 1:
-            raise ValueError(f"max_payload must be positive, got {max_payload}")
+        at_least_one(partitions=partitions, max_payload=max_payload)
         self._partitions = partitions
         self.max_payload = max_payload
         self._logs: list[list[Record]] = [[] for _ in range(partitions)]
