@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from kapbit import events
 from kapbit.codecs import Codec
 from kapbit.errors import (
     DeadLettered,
@@ -24,16 +25,6 @@ from kapbit.errors import (
     KapbitError,
     WorkflowNotFound,
     WorkflowRejected,
-)
-from kapbit.events import (
-    DeadLetter,
-    Event,
-    InvalidReturn,
-    Rejected,
-    StepOutcome,
-    WorkflowCreated,
-    WorkflowResult,
-    WorkflowRetry,
 )
 from kapbit.fencing import is_claim
 from kapbit.idempotency import IdempotencyWindow
@@ -77,14 +68,14 @@ class WorkflowState:
     failed_step: int | None = None
 
 
-def terminal_error(workflow_id: str, event: Event) -> KapbitError | None:
+def terminal_error(workflow_id: str, event: events.Event) -> KapbitError | None:
     """The error a caller gets for a workflow that ended with ``event`` (``None`` for a
     result), the same exec_workflow raises."""
-    if isinstance(event, DeadLetter):
+    if isinstance(event, events.DeadLetter):
         return DeadLettered(workflow_id, event.attempts, event.error)
-    if isinstance(event, Rejected):
+    if isinstance(event, events.Rejected):
         return WorkflowRejected(workflow_id, f"{event.event}: {event.reason}")
-    if isinstance(event, InvalidReturn):
+    if isinstance(event, events.InvalidReturn):
         return InvalidReturnValue(workflow_id, event.step, event.phase, event.reason)
     return None
 
@@ -118,7 +109,7 @@ async def read_workflow(
             if verdict is not Verdict.NEW or record.key != workflow_id:
                 continue
             if state is None:
-                if not isinstance(event, WorkflowCreated):
+                if not isinstance(event, events.WorkflowCreated):
                     raise WorkflowNotFound(workflow_id)
                 state = WorkflowState(
                     workflow_id, event.type, partition, created_offset, WorkflowStatus.RUNNING
@@ -134,7 +125,7 @@ async def read_workflow(
 
 def _after(
     state: WorkflowState,
-    event: Event,
+    event: events.Event,
     codec: Codec,
     definition: Definition | None,
     offset: int,
@@ -143,23 +134,23 @@ def _after(
     (:func:`~kapbit.projection.status.status_after`), its counts and values as the model
     keeps them."""
     status = status_after(event, state.failed_step is not None) or state.status
-    if isinstance(event, StepOutcome):
+    if isinstance(event, events.StepOutcome):
         if event.phase == "compensate":
             return replace(state, status=status, compensated_steps=state.compensated_steps + 1)
         if not event.success:
             return replace(state, status=status, failed_step=event.step)
         return replace(state, status=status, steps_done=max(state.steps_done, event.step + 1))
-    if isinstance(event, WorkflowRetry):
+    if isinstance(event, events.WorkflowRetry):
         return replace(state, status=status, attempts=event.attempt, last_error=event.error)
-    if isinstance(event, WorkflowResult):
+    if isinstance(event, events.WorkflowResult):
         result = decode_value(codec, definition, event, state.partition, offset)
         return replace(state, status=status, result=result)
-    if isinstance(event, DeadLetter):
+    if isinstance(event, events.DeadLetter):
         error = terminal_error(state.id, event)
         return replace(
             state, status=status, attempts=event.attempts, last_error=event.error, error=error
         )
-    if isinstance(event, Rejected | InvalidReturn):
+    if isinstance(event, events.Rejected | events.InvalidReturn):
         return replace(state, status=status, error=terminal_error(state.id, event))
     return state
 
