@@ -1,0 +1,205 @@
+"""Schedules in the engine, on a ManualClock: catch-up policies across a restart, a crash,
+a takeover, a window too small for the last firing, bad declarations and DST."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kapbit import Definition, Kapbit, Options, Progress, Step, Success
+from kapbit.clock import SYSTEM_CLOCK, Clock
+from kapbit.errors import Fenced, InvalidSchedule
+from kapbit.events import WorkflowCreated
+from kapbit.repository import MemRepository
+from kapbit.schedules import CatchUp, Schedule
+from kapbit.testing import ManualClock, fast_options
+from tests.helpers import histories
+
+T0 = datetime(2026, 11, 21, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClockOptions(Options):
+    """Options carrying the instance's clock (read as ``options.clock``)."""
+
+    clock: Clock = SYSTEM_CLOCK
+
+
+def report(input: dict[str, str], _progress: Progress) -> Success[str]:
+    return Success(f"report {input['kind']}")
+
+
+REPORT = Definition("report", steps=[Step(report)], input_type=dict[str, str], outcome_type=str)
+
+
+def hourly(catch_up: CatchUp = CatchUp.SKIP) -> Schedule:
+    return Schedule("hourly", "report", every=HOUR, catch_up=catch_up, input={"kind": "hourly"})
+
+
+def fid(at: datetime, name: str = "hourly") -> str:
+    return f"{name}@{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def options(clock: ManualClock, **kwargs: object) -> Options:
+    base = fast_options(**kwargs)  # type: ignore[arg-type]
+    return ClockOptions(
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(Options)}, clock=clock
+    )
+
+
+def created(repo: MemRepository) -> Counter[str]:
+    """How many live ``WorkflowCreated`` each id has in the log (a firing twice: 2)."""
+    return Counter(
+        event.id
+        for events in histories(repo).values()
+        for event in events
+        if isinstance(event, WorkflowCreated)
+    )
+
+
+async def started(
+    repo: MemRepository, clock: ManualClock, schedules: Sequence[Schedule], **kwargs: object
+) -> Kapbit:
+    kbit = Kapbit([REPORT], repo, options=options(clock, **kwargs), schedules=schedules)
+    await kbit.start()
+    return kbit
+
+
+async def until_sleeping(clock: ManualClock, when: datetime) -> None:
+    """Wait until the scheduler sleeps until ``when``: every firing due before is started."""
+    await clock.wait_for_deadline(when.timestamp())
+
+
+@pytest.mark.parametrize(
+    ("catch_up", "expected"),
+    [
+        (CatchUp.SKIP, []),
+        (CatchUp.LATEST, [5]),
+        (CatchUp.ALL(max=3), [3, 4, 5]),
+    ],
+    ids=["skip", "latest", "all-3"],
+)
+async def test_catch_up_across_a_restart(catch_up: CatchUp, expected: list[int]) -> None:
+    repo = MemRepository(partitions=2)
+    clock = ManualClock(T0 + timedelta(seconds=30))
+    first = await started(repo, clock, [hourly(catch_up)])
+    await until_sleeping(clock, T0 + HOUR)
+    await first.close()
+    assert created(repo) == {fid(T0): 1}  # on time: every policy starts it
+
+    clock.advance_to(T0 + 5 * HOUR + timedelta(minutes=10))  # down for 01:00 .. 05:00
+    second = await started(repo, clock, [hourly(catch_up)])
+    await until_sleeping(clock, T0 + 6 * HOUR)
+    assert sorted(created(repo)) == sorted([fid(T0)] + [fid(T0 + k * HOUR) for k in expected])
+
+    clock.advance_to(T0 + 6 * HOUR)
+    await until_sleeping(clock, T0 + 7 * HOUR)
+    await second.close()
+    counts = created(repo)
+    assert counts[fid(T0 + 6 * HOUR)] == 1
+    assert set(counts.values()) == {1}
+
+
+async def test_a_crash_and_restart_fire_no_firing_twice() -> None:
+    repo = MemRepository(partitions=2)
+    clock = ManualClock(T0)
+    first = await started(repo, clock, [hourly(CatchUp.ALL(max=5))])
+    await until_sleeping(clock, T0 + HOUR)
+    clock.advance_to(T0 + HOUR)
+    await until_sleeping(clock, T0 + 2 * HOUR)
+    first.abort()  # a SIGKILL: no close, no final checkpoint
+
+    # back within the grace of 01:00, which the log already holds
+    clock.advance(20)
+    second = await started(repo, clock, [hourly(CatchUp.ALL(max=5))])
+    await until_sleeping(clock, T0 + 2 * HOUR)
+    clock.advance_to(T0 + 2 * HOUR)
+    await until_sleeping(clock, T0 + 3 * HOUR)
+    await second.close()
+    assert created(repo) == {fid(T0 + k * HOUR): 1 for k in range(3)}
+
+
+async def test_a_takeover_fires_each_firing_once() -> None:
+    repo = MemRepository(partitions=3)
+    clock = ManualClock(T0 + timedelta(seconds=5))
+    first = await started(repo, clock, [hourly()])
+    await until_sleeping(clock, T0 + HOUR)
+    second = await started(repo, clock, [hourly()])  # fences the first
+    await until_sleeping(clock, T0 + HOUR)
+    with pytest.raises(Fenced):
+        await first.start_workflow("manual", "report", {"kind": "manual"})
+    assert created(repo) == {fid(T0): 1}
+
+    clock.advance_to(T0 + HOUR)
+    await until_sleeping(clock, T0 + 2 * HOUR)
+    await second.close()
+    assert created(repo) == {fid(T0): 1, fid(T0 + HOUR): 1}
+
+
+async def test_a_window_too_small_for_the_last_firing_forgets_it() -> None:
+    """Documented: once the idempotency window no longer holds any firing of a schedule, no
+    firing is known and nothing counts as missed; only an on-time firing starts."""
+    repo = MemRepository(partitions=1)
+    clock = ManualClock(T0)
+    first = await started(repo, clock, [hourly(CatchUp.ALL(max=5))], idempotency_window=2)
+    await until_sleeping(clock, T0 + HOUR)
+    for n in range(2):  # two other workflows push the firing out of the window
+        await first.exec_workflow(f"other-{n}", "report", {"kind": "other"})
+    await first.close()
+
+    clock.advance_to(T0 + 3 * HOUR + timedelta(minutes=10))
+    second = await started(repo, clock, [hourly(CatchUp.ALL(max=5))], idempotency_window=2)
+    await until_sleeping(clock, T0 + 4 * HOUR)
+    assert fid(T0 + HOUR) not in created(repo)  # missed and not caught up: none known
+    clock.advance_to(T0 + 4 * HOUR)
+    await until_sleeping(clock, T0 + 5 * HOUR)
+    await second.close()
+    assert sorted(created(repo)) == sorted([fid(T0), "other-0", "other-1", fid(T0 + 4 * HOUR)])
+
+
+@pytest.mark.parametrize(
+    ("schedules", "match"),
+    [
+        ([Schedule("s", "nope", every=HOUR)], r"schedule 's': 'nope'.*unknown workflow type"),
+        ([Schedule("s", "report", every=HOUR, input=42)], r"schedule 's': 'report'.*input"),
+        ([hourly(), hourly()], r"schedule 'hourly'.*declared twice"),
+        (["hourly"], r"expected a Schedule"),
+    ],
+    ids=["unknown-type", "bad-input", "twice", "not-a-schedule"],
+)
+async def test_bad_declarations_fail_before_anything_is_written(
+    schedules: list[Schedule], match: str
+) -> None:
+    repo = MemRepository()
+    with pytest.raises(InvalidSchedule, match=match):
+        Kapbit([REPORT], repo, options=options(ManualClock(T0)), schedules=schedules)
+    assert list(repo.records()) == []
+
+
+async def test_cron_across_daylight_saving_time() -> None:
+    berlin = Schedule(
+        "nightly", "report", cron="30 2 * * *", tz="Europe/Berlin", input={"kind": "nightly"}
+    )
+    repo = MemRepository(partitions=2)
+    # 02:30 does not exist in Berlin on 2026-03-29: it fires right after the jump, 03:00 CEST
+    clock = ManualClock(datetime(2026, 3, 28, 12, tzinfo=UTC))
+    kbit = await started(repo, clock, [berlin])
+    jump = datetime(2026, 3, 29, 1, tzinfo=UTC)
+    await until_sleeping(clock, jump)
+    clock.advance_to(jump)
+    await until_sleeping(clock, datetime(2026, 3, 30, 0, 30, tzinfo=UTC))
+    await kbit.close()
+    # 02:30 happens twice on 2026-10-25: it fires once, at the first (00:30 UTC)
+    clock.advance_to(datetime(2026, 10, 24, 12, tzinfo=UTC))
+    kbit = await started(repo, clock, [berlin])
+    first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    await until_sleeping(clock, first)
+    clock.advance_to(first)
+    await until_sleeping(clock, datetime(2026, 10, 26, 1, 30, tzinfo=UTC))
+    await kbit.close()
+    assert created(repo) == {fid(jump, "nightly"): 1, fid(first, "nightly"): 1}
