@@ -87,6 +87,11 @@ class Kapbit(AsyncResource):
     :class:`~kapbit.errors.Fenced`; the second resumes its unfinished workflows. The
     instance owns the repository it is given: it starts it, and closes it on close or
     when its start fails.
+
+    ``schedules`` (:class:`kapbit.schedules.Schedule`) start their workflows at their fire
+    times while the instance runs, each firing at most once across restarts and takeovers;
+    a schedule naming an unregistered type or with an input not of that type is refused
+    here with :class:`~kapbit.errors.InvalidSchedule`.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from kapbit.events import WorkflowCreated
 from kapbit.repository import MemRepository
 from kapbit.schedules import CatchUp, Schedule
 from kapbit.testing import ManualClock, fast_options
-from tests.helpers import histories
+from tests.helpers import histories, load_example
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -203,3 +203,29 @@ async def test_cron_across_daylight_saving_time() -> None:
     await until_sleeping(clock, datetime(2026, 10, 26, 1, 30, tzinfo=UTC))
     await kbit.close()
     assert created(repo) == {fid(jump, "nightly"): 1, fid(first, "nightly"): 1}
+
+
+async def test_the_nightly_example_runs_and_fires_at_two_in_berlin() -> None:
+    example = load_example("nightly_schedule")
+    assert await example.main(MemRepository(partitions=2)) == "hourly sync done"
+
+    repo = MemRepository(partitions=2)
+    clock = ManualClock(datetime(2026, 11, 21, 12, 30, tzinfo=UTC))
+    kbit = Kapbit(
+        [example.REPORT],
+        repo,
+        options=options(clock),
+        schedules=[example.NIGHTLY, example.HOURLY],
+    )
+    await kbit.start()
+    await until_sleeping(clock, datetime(2026, 11, 21, 13, tzinfo=UTC))
+    # 02:00 in Berlin is 01:00 UTC in winter; the hourly sync catches up its 3 newest
+    night = datetime(2026, 11, 22, 1, tzinfo=UTC)
+    clock.advance_to(night)
+    await until_sleeping(clock, night + HOUR)
+    assert await kbit.get_workflow(fid(night, "nightly-report")).result() == "nightly report done"
+    await kbit.close()
+    hours = [datetime(2026, 11, 21, 12, tzinfo=UTC)] + [night - k * HOUR for k in (2, 1, 0)]
+    assert created(repo) == {fid(night, "nightly-report"): 1} | {
+        fid(at, "hourly-sync"): 1 for at in hours
+    }
