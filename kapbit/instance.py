@@ -142,6 +142,7 @@ class Kapbit(AsyncResource):
         self._unwatch: Callable[[], None] | None = None
         self._workflow_log: WorkflowLog | None = None
         self._checkpointer: Checkpointer | None = None
+        self._scheduler: Scheduler | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
 
@@ -198,6 +199,8 @@ class Kapbit(AsyncResource):
             await self._fail_start()
             raise
         self._state = "running"
+        if self._scheduler is not None:  # its starts are admitted once the instance runs
+            self._background.spawn(self._scheduler.run(self._start_firing), name="kapbit-scheduler")
         logger.info(
             "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
             "resumed, %d records read",
@@ -242,8 +245,7 @@ class Kapbit(AsyncResource):
         await supervisor.start(recovered.executions)
         if self._schedules:
             known = [id_ for window in recovered.windows for id_, _ in window.entries()]
-            scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
-            self._background.spawn(scheduler.run(self._start_firing), name="kapbit-scheduler")
+            self._scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
         instrumentation = self.options.instrumentation
         if instrumentation is not None:
             self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
