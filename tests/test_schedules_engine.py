@@ -18,6 +18,7 @@ from kapbit import Definition, Kapbit, Options, Progress, Step, Success
 from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.errors import Fenced, InvalidSchedule
 from kapbit.repository import MemRepository
+from kapbit.scheduler import RETRY_DELAY
 from kapbit.schedules import CatchUp, Schedule
 from kapbit.testing import FaultyRepository, ManualClock, fast_options
 from tests.helpers import incarnations, load_example, wait_until
@@ -319,3 +320,34 @@ async def _run_ops(ops: list[Op]) -> None:
     end = clock.now_datetime()
     expected = {fid(T0 + k * HOUR): 1 for k in range(int((end - T0) / HOUR) + 1)}
     assert created(inner) == expected
+
+
+async def test_a_firing_refused_for_lack_of_a_slot_starts_once_one_is_free() -> None:
+    release = asyncio.Event()
+
+    async def hold(_input: dict[str, str], _progress: Progress) -> Success[str]:
+        await release.wait()
+        return Success("held")
+
+    busy = Definition("busy", steps=[Step(hold)], input_type=dict[str, str], outcome_type=str)
+    repo = MemRepository(partitions=2)
+    clock = ManualClock(T0 - timedelta(minutes=5))
+    kbit = Kapbit(
+        [REPORT, busy], repo, options=options(clock, max_workflows=1), schedules=[hourly()]
+    )
+    await kbit.start()
+    try:
+        await until_sleeping(clock, T0)
+        held = await kbit.start_workflow("busy-1", "busy", {"kind": "busy"})  # the only slot
+        clock.advance_to(T0)  # TooManyWorkflows: tried again in a second
+        await until_sleeping(clock, T0 + RETRY_DELAY)
+        assert fid(T0) not in created(repo)
+        release.set()
+        assert await held.result() == ["held"]
+        await wait_until(lambda: kbit.in_flight() == [])  # its slot is free
+        clock.advance(RETRY_DELAY.total_seconds())
+        await until_sleeping(clock, T0 + HOUR)
+        assert await kbit.get_workflow(fid(T0)).result() == ["report hourly"]
+    finally:
+        await kbit.close()
+    assert created(repo) == {"busy-1": 1, fid(T0): 1}
