@@ -19,6 +19,8 @@ from kapbit.repository.kafka.records import KIND_HEADER, KINDS
 
 #: Checkpoint keys: ``<topic>/<partition>``, or a bare partition (before logs named them).
 _CHECKPOINT_KEY = re.compile(r"(.+/)?[0-9]+")
+#: Snapshot chunk keys: ``<topic>/<partition>/snapshot/<slot>/<index>``.
+_CHUNK_KEY = re.compile(r"[^/]+/[0-9]+/snapshot/[0-9]+/[0-9]+")
 
 
 async def ensure_topics(
@@ -53,7 +55,8 @@ async def check_records(
 ) -> None:
     """Refuse topics another application writes, before anything is written into them: the
     first record of every non-empty log partition must carry kapbit's kind header, and the
-    first record of the checkpoint topic must be a checkpoint keyed by log."""
+    first record of the checkpoint topic must be a checkpoint keyed by log (or a snapshot
+    chunk keyed by log)."""
     for record in await _first_records(lane, partitions, read_timeout):
         if record.kind not in KINDS:
             raise StartupError(
@@ -62,6 +65,8 @@ async def check_records(
                 "naming a kapbit event; refusing to write into it"
             )
     for record in await _first_records(lane, [checkpoints], read_timeout):
+        if _CHUNK_KEY.fullmatch(record.key) is not None:
+            continue  # a snapshot's chunk, written before the checkpoint naming it
         try:
             msgspec.json.decode(record.value, type=Checkpoint)
         except msgspec.DecodeError:

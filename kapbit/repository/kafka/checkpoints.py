@@ -1,5 +1,12 @@
 """The checkpoint store: a compacted topic (``<topic>-checkpoints`` by default) with one
-partition, keyed by log (``<topic>/<partition>``), so several logs may share one."""
+partition, keyed by log (``<topic>/<partition>``), so several logs may share one.
+
+Snapshot chunks (:mod:`kapbit.snapshots`) sit in the same topic, keyed
+``<topic>/<partition>/snapshot/<slot>/<index>``: a chunk written again replaces the one
+before it under compaction, and a deleted one is a tombstone (a record with no value), so
+the topic keeps the live snapshot of each partition (and whatever a crashed save left in
+the other slot, which the next save overwrites or deletes). Readers of older versions skip
+these keys, as they are no log's checkpoint key."""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from kapbit._log import fields
-from kapbit.repository.base import Checkpoint
+from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.reads import Lane, beginning_offsets, end_offset, fetch
 
@@ -34,9 +41,43 @@ class CheckpointStore:
         self._producer = producer
         self._lane = lane
         self._read_timeout = read_timeout
+        #: Snapshot chunks by (partition, slot, index), read by the last load.
+        self._chunks: dict[tuple[int, int, int], bytes] = {}
+        self._loaded = False
 
     def _key(self, partition: int) -> str:
         return f"{self._topic}/{partition}"
+
+    def _chunk_key(self, partition: int, slot: int, index: int) -> str:
+        return f"{self._topic}/{partition}/snapshot/{slot}/{index}"
+
+    async def save_chunk(self, partition: int, slot: int, index: int, data: bytes | None) -> None:
+        """Store (``None``: delete) chunk ``index`` of a snapshot of ``partition``."""
+        with transient("saving a snapshot chunk failed"):
+            await self._producer.send_and_wait(
+                self._tp.topic,
+                data,
+                key=self._chunk_key(partition, slot, index).encode(),
+                partition=0,
+            )
+        key = (partition, slot, index)
+        if data is None:
+            self._chunks.pop(key, None)
+        else:
+            self._chunks[key] = data
+
+    async def load_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+        """Chunks ``0 .. count - 1`` of ``slot``, up to the first missing, as of the last
+        :meth:`load` and this store's writes since."""
+        if not self._loaded:
+            await self.load()
+        chunks: list[bytes] = []
+        for index in range(count):
+            chunk = self._chunks.get((partition, slot, index))
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        return chunks
 
     async def save(self, partition: int, checkpoint: Checkpoint) -> None:
         with transient("saving checkpoint failed"):
@@ -55,22 +96,42 @@ class CheckpointStore:
     async def _load(self) -> dict[int, Checkpoint]:
         tp = self._tp
         checkpoints: dict[int, Checkpoint] = {}
+        chunks: dict[tuple[int, int, int], bytes] = {}
         start = (await beginning_offsets(self._lane, [tp]))[tp]
         stop = await end_offset(self._lane, tp)
-        if start >= stop:
-            return checkpoints
-        async for batch in fetch(self._lane, tp, start, stop, self._read_timeout):
-            for record in batch:
-                log, _, partition = record.key.rpartition("/")
-                if log != self._topic:
-                    continue
-                try:
-                    checkpoints[int(partition)] = msgspec.json.decode(record.value, type=Checkpoint)
-                except (ValueError, msgspec.DecodeError) as exc:
-                    logger.warning(
-                        "ignoring unreadable checkpoint at offset %d: %s",
-                        record.offset,
-                        exc,
-                        extra=fields(),
-                    )
+        if start < stop:
+            async for batch in fetch(self._lane, tp, start, stop, self._read_timeout):
+                for record in batch:
+                    self._take(record, checkpoints, chunks)
+        self._chunks, self._loaded = chunks, True
         return {p: c for p, c in checkpoints.items() if p < self._partitions}
+
+    def _take(
+        self,
+        record: Record,
+        checkpoints: dict[int, Checkpoint],
+        chunks: dict[tuple[int, int, int], bytes],
+    ) -> None:
+        """Take in one record of the topic: a checkpoint or a snapshot chunk of this log."""
+        parts = record.key.split("/")
+        if parts[0] != self._topic:
+            return
+        numbers = parts[1:2] + parts[3:]
+        if len(parts) == 5 and parts[2] == "snapshot" and all(n.isdigit() for n in numbers):
+            key = (int(parts[1]), int(parts[3]), int(parts[4]))
+            if record.value:
+                chunks[key] = record.value
+            else:  # a tombstone
+                chunks.pop(key, None)
+            return
+        if len(parts) != 2:
+            return
+        try:
+            checkpoints[int(parts[1])] = msgspec.json.decode(record.value, type=Checkpoint)
+        except (ValueError, msgspec.DecodeError) as exc:
+            logger.warning(
+                "ignoring unreadable checkpoint at offset %d: %s",
+                record.offset,
+                exc,
+                extra=fields(),
+            )

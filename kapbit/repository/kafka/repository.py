@@ -326,6 +326,19 @@ class KafkaRepository:
         """The checkpoints of this log; those of other logs sharing the topic are skipped."""
         return await self._started().checkpoints.load()
 
+    @property
+    def snapshots(self) -> bool:
+        """Snapshot chunks are kept in the checkpoint topic."""
+        return True
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: int, index: int, data: bytes | None
+    ) -> None:
+        await self._started().checkpoints.save_chunk(partition, slot, index, data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+        return await self._started().checkpoints.load_chunks(partition, slot, count)
+
 
 async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:
     for client in clients:
