@@ -312,3 +312,34 @@ async def test_a_workflow_created_twice_across_the_snapshot_is_resumed_once() ->
     finally:
         await second.close()
     assert inner.checkpoint_errors == []
+
+
+async def test_the_snapshot_of_another_log_is_not_used(caplog: pytest.LogCaptureFixture) -> None:
+    """A recreated log finds the old log's checkpoint and snapshot in a shared store: the
+    anchor check refuses the checkpoint, so none of the old log's open workflows come back
+    and none of its ids are refused."""
+    old = MemRepository()
+    first, stuck = await _open_then_finished(old, 30)
+    await first.close(timeout=0)
+    await asyncio.gather(*stuck, return_exceptions=True)
+    checkpoint = (await old.load_checkpoints())[0]
+    assert checkpoint.snapshot_offset > 0
+
+    recreated = MemRepository()
+    other, _ = await _open_then_finished(recreated, 40)  # a longer log of its own
+    other.abort()
+    await recreated.save_checkpoint(0, checkpoint)
+    for index, chunk in enumerate(
+        await old.load_snapshot_chunks(0, checkpoint.snapshot_slot, checkpoint.snapshot_chunks)
+    ):
+        await recreated.save_snapshot_chunk(0, checkpoint.snapshot_slot, index, chunk)
+    with caplog.at_level(logging.WARNING, "kapbit.restore"):
+        second, _ = await _second(recreated)
+    try:
+        assert "ignoring the checkpoint of partition 0" in caplog.text
+        assert second.stats.recovered == 2  # the recreated log's own s0 and s1
+        assert {"s0", "s1"} == set(second.in_flight())
+        with pytest.raises(DuplicateWorkflow):
+            await second.exec_workflow("q39", "gated", {"id": "q39"})  # its own ids
+    finally:
+        await second.close()
