@@ -140,7 +140,7 @@ class Checkpointer:
             await self._repository.save_checkpoint(partition, checkpoint)
             self._saved[partition] = checkpoint
             if snapshots is not None:
-                await snapshots.replaced(partition, saved, checkpoint)
+                await snapshots.replaced(partition, checkpoint)
 
     async def _snapshot(
         self,

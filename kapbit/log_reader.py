@@ -284,9 +284,10 @@ class PartitionReader:
         """The state after reading every record below ``offset`` (all of them must have
         been taken, and :meth:`settle` called after :meth:`skim`). ``since``: the oldest
         offset :meth:`OwnerTracker.owner_at` will still be asked about (claims before the
-        one in force there are left out)."""
+        one in force there, or at the oldest open workflow or id kept, are left out)."""
         writers = self.owners.writers
         if since is not None:
+            since = min(since, self.horizon(offset))
             first = 0
             for index, (start, _) in enumerate(writers):
                 if start < since:

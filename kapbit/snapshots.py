@@ -12,18 +12,21 @@ which lie at or above ``O``) holds by construction: recovery from the snapshot r
 state recovery from the log's start would.
 
 Writing is crash-safe: the snapshot is encoded with the log's codec, cut into chunks of
-``CheckpointPolicy.snapshot_chunk`` bytes and stored in the slot the current checkpoint does
-not name; only then is the checkpoint naming it (slot, chunk count, size, CRC-32) saved, and
-then the chunks of the replaced snapshot are deleted. A crash before the checkpoint leaves
-the previous one and its snapshot whole. A snapshot over ``CheckpointPolicy.snapshot_limit``
-bytes is not written: the checkpoint is saved without one (offset only, as before
-snapshots), with a warning. A start that cannot use a stored snapshot (chunks missing or
-damaged, another codec, a window larger than the snapshot keeps) recovers from the
-checkpoint's offsets instead. See docs/ARCHITECTURE.md, "Checkpoints".
+``CheckpointPolicy.snapshot_chunk`` bytes and stored in the one of this start's two slots
+that the current checkpoint does not name; only then is the checkpoint naming it (slot,
+chunk count, size, CRC-32) saved, and then every chunk it does not name is deleted. A
+crash before the checkpoint leaves the previous one and its snapshot whole, and so does
+another instance writing snapshots at the same time (a zombie): its slots are its own. A
+snapshot over ``CheckpointPolicy.snapshot_limit`` bytes is not written: the checkpoint
+keeps naming the last one that fitted (or none: offsets only, as before snapshots), with
+a warning. A start that cannot use a stored snapshot (chunks missing or damaged, another
+codec, a window larger than the snapshot keeps) recovers from the checkpoint's offsets
+instead. See docs/ARCHITECTURE.md, "Checkpoints".
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -41,8 +44,6 @@ logger = logging.getLogger("kapbit.snapshots")
 
 #: The snapshot format; a start ignores a snapshot of another version.
 VERSION = 1
-#: More chunks than any slot holds (a load stops at the first missing one).
-_ALL = 1 << 30
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -68,7 +69,7 @@ class Written:
     """A snapshot whose chunks are stored, to be named by a checkpoint."""
 
     offset: int
-    slot: int
+    slot: str
     chunks: int
     size: int
     crc: int
@@ -105,9 +106,11 @@ class Snapshotter:
         self._states = states
         self._readers: list[PartitionReader | None] = [None] * len(states)
         self._positions = [state.offset for state in states]
-        #: Chunks this process wrote per (partition, slot): a crashed attempt may have
-        #: left more than the next one writes there.
-        self._written: dict[tuple[int, int], int] = {}
+        # Two slots of this start's own (writer ids are unique per start): another
+        # instance writing at the same time (a zombie) never overwrites these chunks.
+        tag = hashlib.blake2b(writer.encode(), digest_size=8).hexdigest()
+        self._slots = (f"{tag}-0", f"{tag}-1")
+        self._cleaned: set[int] = set()
         self._logged: list[int] = [0] * len(states)
         #: Bytes of the latest snapshot per partition (``0``: none written).
         self.sizes: list[int] = [0] * len(states)
@@ -160,31 +163,31 @@ class Snapshotter:
         return data
 
     async def write(self, partition: int, data: bytes, offset: int, saved: Checkpoint) -> Written:
-        """Store ``data`` in the slot ``saved`` does not name; nothing refers to it yet."""
-        slot = 1 - saved.snapshot_slot if saved.snapshot_offset >= 0 else 0
-        key = (partition, slot)
-        if key not in self._written:  # what an earlier process left there (it crashed)
-            left = await self._store.load_snapshot_chunks(partition, slot, _ALL)
-            self._written[key] = len(left)
+        """Store ``data`` in the slot of this start that ``saved`` does not name; nothing
+        refers to it yet."""
+        first, second = self._slots
+        slot = second if saved.snapshot_slot == first else first
         chunks = chunked(data, self._policy.snapshot_chunk)
         for index, chunk in enumerate(chunks):
             await self._store.save_snapshot_chunk(partition, slot, index, chunk)
-            self._written[key] = max(self._written[key], index + 1)
         self._log(partition, offset, len(data), len(chunks))
         return Written(offset, slot, len(chunks), len(data), zlib.crc32(data))
 
-    async def replaced(self, partition: int, previous: Checkpoint, current: Checkpoint) -> None:
-        """``current`` is saved: delete the chunks no checkpoint names any more (those of
-        ``previous``'s snapshot, and any a failed attempt left past ``current``'s)."""
-        live = current.snapshot_slot if current.snapshot_offset >= 0 else -1
-        for slot in (0, 1):
-            keep = current.snapshot_chunks if slot == live else 0
-            known = self._written.get((partition, slot), 0)
-            if slot == previous.snapshot_slot and previous.snapshot_offset >= 0:
-                known = max(known, previous.snapshot_chunks)
-            for index in range(keep, known):
-                await self._store.save_snapshot_chunk(partition, slot, index, None)
-            self._written[partition, slot] = keep
+    async def replaced(self, partition: int, current: Checkpoint) -> None:
+        """``current`` is saved: delete the chunks it does not name in this start's slots
+        (the replaced snapshot, what a failed attempt left) and, the first time, in every
+        slot (what earlier starts left). Chunks another instance writes later are its own
+        to delete."""
+        live = current.snapshot_slot if current.snapshot_offset >= 0 else None
+        store = self._store
+        first = partition not in self._cleaned
+        for slot, indexes in (await store.snapshot_slots(partition)).items():
+            if not first and slot not in self._slots:
+                continue
+            for index in sorted(indexes):
+                if slot != live or index >= current.snapshot_chunks:
+                    await store.save_snapshot_chunk(partition, slot, index, None)
+        self._cleaned.add(partition)
 
     def _log(self, partition: int, offset: int, size: int, chunks: int) -> None:
         self.sizes[partition] = size
@@ -260,7 +263,7 @@ def without_snapshot(checkpoint: Checkpoint) -> Checkpoint:
     return msgspec.structs.replace(
         checkpoint,
         snapshot_offset=-1,
-        snapshot_slot=0,
+        snapshot_slot="",
         snapshot_chunks=0,
         snapshot_size=0,
         snapshot_crc=0,

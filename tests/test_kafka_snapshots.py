@@ -18,6 +18,7 @@ from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import FaultyRepository
 from tests.helpers import gated_saga, wait_until
+from tests.test_snapshots import other_slot
 
 NEVER = 3600.0
 
@@ -47,23 +48,24 @@ async def test_chunks_round_trip_and_deleted_ones_are_tombstones(
     await repo.start()
     try:
         for index, chunk in enumerate([b"ab", b"cd", b"e"]):
-            await repo.save_snapshot_chunk(1, 0, index, chunk)
-        await repo.save_snapshot_chunk(1, 1, 0, b"other slot")
-        await repo.save_snapshot_chunk(1, 0, 2, None)
-        assert await repo.load_snapshot_chunks(1, 0, 3) == [b"ab", b"cd"]
+            await repo.save_snapshot_chunk(1, "a-0", index, chunk)
+        await repo.save_snapshot_chunk(1, "a-1", 0, b"other slot")
+        await repo.save_snapshot_chunk(1, "a-0", 2, None)
+        assert await repo.load_snapshot_chunks(1, "a-0", 3) == [b"ab", b"cd"]
     finally:
         await repo.close()
     again = KafkaRepository(kafka_bootstrap, topic)
     await again.start()
     try:
         assert await again.load_checkpoints() == {}
-        assert await again.load_snapshot_chunks(1, 0, 3) == [b"ab", b"cd"]
-        assert await again.load_snapshot_chunks(1, 1, 5) == [b"other slot"]
-        assert await again.load_snapshot_chunks(0, 0, 5) == []
+        assert await again.load_snapshot_chunks(1, "a-0", 3) == [b"ab", b"cd"]
+        assert await again.load_snapshot_chunks(1, "a-1", 5) == [b"other slot"]
+        assert await again.load_snapshot_chunks(0, "a-0", 5) == []
+        assert await again.snapshot_slots(1) == {"a-0": [0, 1], "a-1": [0]}
     finally:
         await again.close()
     records = await _topic_records(kafka_bootstrap, topic)
-    assert (f"{topic}/1/snapshot/0/2", None) in records  # a tombstone: compaction drops it
+    assert (f"{topic}/1/snapshot/a-0/2", None) in records  # a tombstone: compaction drops it
 
 
 async def test_a_checkpoint_saved_before_snapshots_existed_still_loads(
@@ -134,7 +136,7 @@ async def test_a_crash_between_the_chunks_and_the_checkpoint_loses_nothing(
     assert previous.offset < 3 < previous.snapshot_offset  # s0 and s1 are open behind it
     assert await saved_by_new_repository(kafka_bootstrap, topic) == previous
     last = await _last_by_key(kafka_bootstrap, topic)
-    other = f"{topic}/0/snapshot/{1 - previous.snapshot_slot}/0"
+    other = f"{topic}/0/snapshot/{other_slot(previous.snapshot_slot)}/0"
     assert last.get(other) is not None  # the unnamed chunks the crashed save left
 
     second_calls: list[tuple[str, int]] = []

@@ -21,6 +21,11 @@ from tests.helpers import CrashRepository, gated_saga, wait_until
 NEVER = 3600.0
 
 
+def other_slot(slot: str) -> str:
+    """The other slot of the start that wrote into ``slot``."""
+    return slot[:-1] + ("1" if slot.endswith("0") else "0")
+
+
 def _options(node: str, window: int = 5, **policy: Any) -> Options:
     policy.setdefault("every", 10**6)
     policy.setdefault("interval", NEVER)
@@ -117,7 +122,7 @@ async def test_a_crash_between_the_chunks_and_the_checkpoint_keeps_the_previous_
     await asyncio.gather(*stuck, return_exceptions=True)
     assert (await inner.load_checkpoints())[0] == previous
     orphans = set(inner.snapshot_chunks(0)) - live
-    assert orphans and {slot for slot, _ in orphans} == {1 - previous.snapshot_slot}
+    assert orphans and {slot for slot, _ in orphans} == {other_slot(previous.snapshot_slot)}
 
     fault.release()
     second, calls = await _second(inner)
@@ -248,7 +253,7 @@ async def test_snapshots_off_write_offset_only_checkpoints() -> None:
 
 
 async def _chunks(
-    repo: MemRepository, slot: int, first: int, stop: int | None = None
+    repo: MemRepository, slot: str, first: int, stop: int | None = None
 ) -> list[bytes]:
     chunks = await repo.load_snapshot_chunks(0, slot, first + 1 if stop is None else stop)
     return chunks[first:]
@@ -343,3 +348,35 @@ async def test_the_snapshot_of_another_log_is_not_used(caplog: pytest.LogCapture
             await second.exec_workflow("q39", "gated", {"id": "q39"})  # its own ids
     finally:
         await second.close()
+
+
+async def test_a_zombie_saving_a_snapshot_leaves_the_new_owners_whole() -> None:
+    """B takes over from A; B's snapshot chunks are stored, its checkpoint is on its way
+    when A (replaced while idle, it does not know yet) saves its own snapshot at close:
+    the checkpoint B then saves still names whole chunks."""
+    inner = CrashRepository()
+    faulty_a, faulty_b = FaultyRepository(inner), FaultyRepository(inner)
+    a, stuck = await _open_then_finished(faulty_a, 5, every=1)
+    # one more open workflow: A's last snapshot lacks it, so A's close writes a new one
+    stuck.append(asyncio.create_task(a.exec_workflow("s2", "slow", {"id": "s2"})))
+    await wait_until(lambda: any(r.key == "s2" for r in inner.records(0)[-1:]))
+    calls: list[tuple[str, int]] = []
+    b = Kapbit(
+        [gated_saga(None, calls), gated_saga(asyncio.Event(), calls, name="slow")],
+        faulty_b,
+        options=_options("b", every=1),
+    )
+    await b.start()
+    held = faulty_b.slow(times=1, operations=("save_checkpoint",))
+    await b.exec_workflow("b0", "gated", {"id": "b0"})
+    await wait_until(lambda: held.hits > 0)  # B's chunks are stored, its checkpoint held
+    await a.close(timeout=0)
+    await asyncio.gather(*stuck, return_exceptions=True)
+    zombie = inner.saves[-1][1]
+    assert zombie.anchor_writer == a.writer_id  # A saved a new snapshot meanwhile
+    assert zombie.snapshot_offset == zombie.anchor_offset + 1
+    held.release()
+    await wait_until(lambda: inner.saves[-1][1].anchor_writer == b.writer_id)
+    await b.close(timeout=0)
+    assert inner.checkpoint_errors == []
+    assert (await inner.load_checkpoints())[0].snapshot_offset >= 0

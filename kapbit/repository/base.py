@@ -53,7 +53,7 @@ class Checkpoint(msgspec.Struct, frozen=True):
     anchor_offset: int = -1
     anchor_writer: str = ""
     snapshot_offset: int = -1
-    snapshot_slot: int = 0
+    snapshot_slot: str = ""
     snapshot_chunks: int = 0
     snapshot_size: int = 0
     snapshot_crc: int = 0
@@ -121,10 +121,12 @@ class Repository(Protocol):
 class SnapshotStore(Protocol):
     """Where a repository keeps the chunks of snapshot checkpoints, next to its checkpoints.
 
-    Each partition has two slots of numbered chunks; a snapshot is written into the slot
-    the current checkpoint does not name, then the checkpoint naming it is saved, so a
-    crash in between leaves the previous snapshot whole. ``snapshots`` says whether this
-    store keeps them (a wrapper may sit on a repository that does not).
+    Chunks are numbered within a *slot* of a partition (a name without ``/``). Each start
+    writes its snapshots into two slots of its own, alternately, and saves the checkpoint
+    naming one only once its chunks are stored; so a crash in between, or another
+    instance writing at the same time, leaves the snapshot the stored checkpoint names
+    whole. ``snapshots`` says whether this store keeps them (a wrapper may sit on a
+    repository that does not).
     """
 
     @property
@@ -133,12 +135,16 @@ class SnapshotStore(Protocol):
         ...
 
     async def save_snapshot_chunk(
-        self, partition: int, slot: int, index: int, data: bytes | None
+        self, partition: int, slot: str, index: int, data: bytes | None
     ) -> None:
         """Store chunk ``index`` of ``slot``, replacing what was there; ``None`` deletes it
         (a tombstone on Kafka)."""
         ...
 
-    async def load_snapshot_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
         """Chunks ``0 .. count - 1`` of ``slot``, stopping at the first one missing."""
+        ...
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        """The chunk indexes stored per slot of ``partition`` (to delete dead ones)."""
         ...

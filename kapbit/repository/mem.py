@@ -31,7 +31,7 @@ class MemRepository:
         self._logs: list[list[Record]] = [[] for _ in range(partitions)]
         self._owners: list[str] = [""] * partitions
         self._checkpoints: dict[int, Checkpoint] = {}
-        self._chunks: dict[tuple[int, int, int], bytes] = {}
+        self._chunks: dict[tuple[int, str, int], bytes] = {}
         self._appended = asyncio.Event()
         self._tailers = 0
 
@@ -99,14 +99,14 @@ class MemRepository:
         return True
 
     async def save_snapshot_chunk(
-        self, partition: int, slot: int, index: int, data: bytes | None
+        self, partition: int, slot: str, index: int, data: bytes | None
     ) -> None:
         if data is None:
             self._chunks.pop((partition, slot, index), None)
         else:
             self._chunks[partition, slot, index] = bytes(data)
 
-    async def load_snapshot_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
         chunks: list[bytes] = []
         for index in range(count):
             chunk = self._chunks.get((partition, slot, index))
@@ -115,7 +115,14 @@ class MemRepository:
             chunks.append(chunk)
         return chunks
 
-    def snapshot_chunks(self, partition: int) -> dict[tuple[int, int], int]:
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        slots: dict[str, list[int]] = {}
+        for p, slot, index in self._chunks:
+            if p == partition:
+                slots.setdefault(slot, []).append(index)
+        return slots
+
+    def snapshot_chunks(self, partition: int) -> dict[tuple[str, int], int]:
         """``(slot, index) -> size`` of the snapshot chunks kept for ``partition`` (tests:
         replaced chunks are deleted)."""
         return {(s, i): len(c) for (p, s, i), c in self._chunks.items() if p == partition}

@@ -359,11 +359,14 @@ class FaultyRepository:
         return inner
 
     async def save_snapshot_chunk(
-        self, partition: int, slot: int, index: int, data: bytes | None
+        self, partition: int, slot: str, index: int, data: bytes | None
     ) -> None:
         await self._apply(Call("save_snapshot_chunk", partition))
         await self._store().save_snapshot_chunk(partition, slot, index, data)
 
-    async def load_snapshot_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
         await self._apply(Call("load_snapshot_chunks", partition))
         return await self._store().load_snapshot_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._store().snapshot_slots(partition)

@@ -20,7 +20,7 @@ from kapbit.repository.kafka.records import KIND_HEADER, KINDS
 #: Checkpoint keys: ``<topic>/<partition>``, or a bare partition (before logs named them).
 _CHECKPOINT_KEY = re.compile(r"(.+/)?[0-9]+")
 #: Snapshot chunk keys: ``<topic>/<partition>/snapshot/<slot>/<index>``.
-_CHUNK_KEY = re.compile(r"[^/]+/[0-9]+/snapshot/[0-9]+/[0-9]+")
+_CHUNK_KEY = re.compile(r"[^/]+/[0-9]+/snapshot/[^/]+/[0-9]+")
 
 
 async def ensure_topics(

@@ -42,16 +42,16 @@ class CheckpointStore:
         self._lane = lane
         self._read_timeout = read_timeout
         #: Snapshot chunks by (partition, slot, index), read by the last load.
-        self._chunks: dict[tuple[int, int, int], bytes] = {}
+        self._chunks: dict[tuple[int, str, int], bytes] = {}
         self._loaded = False
 
     def _key(self, partition: int) -> str:
         return f"{self._topic}/{partition}"
 
-    def _chunk_key(self, partition: int, slot: int, index: int) -> str:
+    def _chunk_key(self, partition: int, slot: str, index: int) -> str:
         return f"{self._topic}/{partition}/snapshot/{slot}/{index}"
 
-    async def save_chunk(self, partition: int, slot: int, index: int, data: bytes | None) -> None:
+    async def save_chunk(self, partition: int, slot: str, index: int, data: bytes | None) -> None:
         """Store (``None``: delete) chunk ``index`` of a snapshot of ``partition``."""
         with transient("saving a snapshot chunk failed"):
             await self._producer.send_and_wait(
@@ -66,7 +66,7 @@ class CheckpointStore:
         else:
             self._chunks[key] = data
 
-    async def load_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+    async def load_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
         """Chunks ``0 .. count - 1`` of ``slot``, up to the first missing, as of the last
         :meth:`load` and this store's writes since."""
         if not self._loaded:
@@ -78,6 +78,17 @@ class CheckpointStore:
                 break
             chunks.append(chunk)
         return chunks
+
+    async def slots(self, partition: int) -> dict[str, list[int]]:
+        """The chunk indexes per slot of ``partition``: those the last :meth:`load` read
+        and this store wrote since (another instance's later writes are not known)."""
+        if not self._loaded:
+            await self.load()
+        slots: dict[str, list[int]] = {}
+        for p, slot, index in self._chunks:
+            if p == partition:
+                slots.setdefault(slot, []).append(index)
+        return slots
 
     async def save(self, partition: int, checkpoint: Checkpoint) -> None:
         with transient("saving checkpoint failed"):
@@ -96,7 +107,7 @@ class CheckpointStore:
     async def _load(self) -> dict[int, Checkpoint]:
         tp = self._tp
         checkpoints: dict[int, Checkpoint] = {}
-        chunks: dict[tuple[int, int, int], bytes] = {}
+        chunks: dict[tuple[int, str, int], bytes] = {}
         start = (await beginning_offsets(self._lane, [tp]))[tp]
         stop = await end_offset(self._lane, tp)
         if start < stop:
@@ -110,15 +121,14 @@ class CheckpointStore:
         self,
         record: Record,
         checkpoints: dict[int, Checkpoint],
-        chunks: dict[tuple[int, int, int], bytes],
+        chunks: dict[tuple[int, str, int], bytes],
     ) -> None:
         """Take in one record of the topic: a checkpoint or a snapshot chunk of this log."""
         parts = record.key.split("/")
         if parts[0] != self._topic:
             return
-        numbers = parts[1:2] + parts[3:]
-        if len(parts) == 5 and parts[2] == "snapshot" and all(n.isdigit() for n in numbers):
-            key = (int(parts[1]), int(parts[3]), int(parts[4]))
+        if len(parts) == 5 and parts[2] == "snapshot" and parts[1].isdigit() and parts[4].isdigit():
+            key = (int(parts[1]), parts[3], int(parts[4]))
             if record.value:
                 chunks[key] = record.value
             else:  # a tombstone

@@ -332,12 +332,15 @@ class KafkaRepository:
         return True
 
     async def save_snapshot_chunk(
-        self, partition: int, slot: int, index: int, data: bytes | None
+        self, partition: int, slot: str, index: int, data: bytes | None
     ) -> None:
         await self._started().checkpoints.save_chunk(partition, slot, index, data)
 
-    async def load_snapshot_chunks(self, partition: int, slot: int, count: int) -> list[bytes]:
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
         return await self._started().checkpoints.load_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._started().checkpoints.slots(partition)
 
 
 async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:
