@@ -228,6 +228,8 @@ class Kapbit(AsyncResource):
             recovered.checkpoints,
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
+            codec=self._codec,
+            states=recovered.states,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -617,7 +619,17 @@ class Kapbit(AsyncResource):
             in_flight=0 if supervisor is None else len(supervisor),
             retrying=0 if supervisor is None else supervisor.retrying,
             gate_open=self.gate.is_open,
+            **self._snapshot_stats(),
         )
+
+    def _snapshot_stats(self) -> dict[str, int]:
+        snapshots = None if self._checkpointer is None else self._checkpointer.snapshots
+        if snapshots is None:
+            return {}
+        return {
+            "snapshot_bytes": sum(snapshots.sizes),
+            "snapshots_too_large": snapshots.too_large,
+        }
 
     def in_flight(self) -> list[str]:
         """The ids of the workflows this instance runs now (new, resumed or retrying)."""
