@@ -26,6 +26,7 @@ in the window (then it terminated, and the event is a late copy).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,26 @@ class OpenWorkflow:
         return False
 
 
+class ReaderState(msgspec.Struct, kw_only=True):
+    """What a :class:`PartitionReader` knows after reading every record below ``offset``:
+    enough to go on reading from ``offset`` as if it had read from the log's start. It is
+    what a snapshot checkpoint stores (:mod:`kapbit.snapshots`).
+
+    ``claims`` are the ownership changes (as ``OwnerTracker.writers``) from the last one
+    before the oldest offset still asked about; ``writer_window`` is the window the writer
+    in force at ``offset`` is judged by; ``window`` the ids (oldest first) of the largest
+    window kept, of ``window_size`` ids; ``open`` the open workflows.
+    """
+
+    offset: int
+    owner: str
+    claims: list[tuple[int, str]]
+    writer_window: int
+    window_size: int
+    window: list[tuple[str, int]]
+    open: list[OpenWorkflow]
+
+
 class Windows:
     """The idempotency window kept at every window size met while reading (the reader's
     own, the checkpoint saver's, each writer's), so each ``WorkflowCreated`` is judged by
@@ -240,6 +261,48 @@ class PartitionReader:
         self.adopt = adopt
         self._pending: dict[str, list[Record]] = {}  # skimmed, decoded by settle()
 
+    @classmethod
+    def resume(
+        cls, codec: Codec, partition: int, state: ReaderState, window_size: int
+    ) -> PartitionReader:
+        """A reader that goes on from ``state`` (judging writers without a window size by
+        ``window_size``), as if it had read the partition up to ``state.offset``. The
+        state must keep at least ``window_size`` ids (``state.window_size``)."""
+        reader = cls(codec, partition, state.owner, window_size, writer_window=state.writer_window)
+        reader.owners.writers = [(offset, node) for offset, node in state.claims] or [
+            (-1, state.owner)
+        ]
+        windows = reader.windows
+        windows.of(state.window_size)
+        for workflow_id, offset in state.window:
+            windows.add(workflow_id, offset)
+        reader.open = {w.id: _copy(w) for w in state.open}
+        return reader
+
+    def state(self, offset: int, since: int | None = None) -> ReaderState:
+        """The state after reading every record below ``offset`` (all of them must have
+        been taken, and :meth:`settle` called after :meth:`skim`). ``since``: the oldest
+        offset :meth:`OwnerTracker.owner_at` will still be asked about (claims before the
+        one in force there, or at the oldest open workflow or id kept, are left out)."""
+        writers = self.owners.writers
+        if since is not None:
+            since = min(since, self.horizon(offset))
+            first = 0
+            for index, (start, _) in enumerate(writers):
+                if start < since:
+                    first = index
+            writers = [(-1, writers[first][1]), *writers[first + 1 :]]
+        largest = self.windows.largest
+        return ReaderState(
+            offset=offset,
+            owner=self.owners.owner,
+            claims=list(writers),
+            writer_window=self._writer_window.size,
+            window_size=largest.size,
+            window=list(largest.entries()),
+            open=[_copy(w) for w in self.open.values()],
+        )
+
     def take_ids(self, records: Sequence[Record]) -> None:
         """Learn the ids of ``records``, a stretch in which every workflow created has
         terminated: only kinds, keys and writers are looked at, no payload is decoded."""
@@ -288,9 +351,9 @@ class PartitionReader:
                 pending[workflow_id] = []
             if kind in TERMINAL_KINDS:
                 del open_workflows[workflow_id]
-                del pending[workflow_id]
-            else:
-                pending[workflow_id].append(record)
+                pending.pop(workflow_id, None)
+            else:  # a workflow open before the stretch has no list yet
+                pending.setdefault(workflow_id, []).append(record)
 
     def settle(self) -> None:
         """Decode what :meth:`skim` kept of the workflows still open."""
@@ -376,3 +439,8 @@ class PartitionReader:
         if oldest is not None:
             horizon = min(horizon, oldest)
         return horizon
+
+
+def _copy(workflow: OpenWorkflow) -> OpenWorkflow:
+    """``workflow`` with a list of outcomes of its own (readers append to it)."""
+    return dataclasses.replace(workflow, outcomes=list(workflow.outcomes))

@@ -36,6 +36,15 @@ class Checkpoint(msgspec.Struct, frozen=True):
     one the saving instance had written (writer ids are unique per start). A start trusts
     the checkpoint only if its log holds a record of that writer there, which tells
     another log's checkpoint (or a recreated log's) apart.
+
+    A *snapshot checkpoint* also names a snapshot (:mod:`kapbit.snapshots`): the state of
+    the partition after reading every record below ``snapshot_offset`` (its open workflows
+    and idempotency window), stored as ``snapshot_chunks`` chunks in ``snapshot_slot`` of
+    the :class:`SnapshotStore`, ``snapshot_size`` bytes with CRC-32 ``snapshot_crc``.
+    Recovery then reads the log only from ``snapshot_offset``; when the snapshot cannot be
+    used it falls back to ``offset`` and ``window_offset``, which every checkpoint keeps.
+    ``snapshot_offset`` is ``-1`` without a snapshot (also in checkpoints of older
+    versions, which load unchanged).
     """
 
     offset: int = 0
@@ -45,6 +54,11 @@ class Checkpoint(msgspec.Struct, frozen=True):
     window_size: int = 0
     anchor_offset: int = -1
     anchor_writer: str = ""
+    snapshot_offset: int = -1
+    snapshot_slot: str = ""
+    snapshot_chunks: int = 0
+    snapshot_size: int = 0
+    snapshot_crc: int = 0
 
 
 @runtime_checkable
@@ -113,4 +127,37 @@ class Repository(Protocol):
 
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         """The stored checkpoints by partition; partitions without one are absent."""
+        ...
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Where a repository keeps the chunks of snapshot checkpoints, next to its checkpoints.
+
+    Chunks are numbered within a *slot* of a partition (a name without ``/``). Each start
+    writes its snapshots into two slots of its own, alternately, and saves the checkpoint
+    naming one only once its chunks are stored; so a crash in between, or another
+    instance writing at the same time, leaves the snapshot the stored checkpoint names
+    whole. ``snapshots`` says whether this store keeps them (a wrapper may sit on a
+    repository that does not).
+    """
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether snapshot chunks can be saved here."""
+        ...
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        """Store chunk ``index`` of ``slot``, replacing what was there; ``None`` deletes it
+        (a tombstone on Kafka)."""
+        ...
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        """Chunks ``0 .. count - 1`` of ``slot``, stopping at the first one missing."""
+        ...
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        """The chunk indexes stored per slot of ``partition`` (to delete dead ones)."""
         ...

@@ -31,6 +31,7 @@ class MemRepository:
         self._logs: list[list[Record]] = [[] for _ in range(partitions)]
         self._owners = [OwnerTracker("") for _ in range(partitions)]
         self._checkpoints: dict[int, Checkpoint] = {}
+        self._chunks: dict[tuple[int, str, int], bytes] = {}
         self._appended = asyncio.Event()
         self._tailers = 0
 
@@ -99,6 +100,39 @@ class MemRepository:
 
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         return dict(self._checkpoints)
+
+    @property
+    def snapshots(self) -> bool:
+        return True
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        if data is None:
+            self._chunks.pop((partition, slot, index), None)
+        else:
+            self._chunks[partition, slot, index] = bytes(data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        chunks: list[bytes] = []
+        for index in range(count):
+            chunk = self._chunks.get((partition, slot, index))
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        return chunks
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        slots: dict[str, list[int]] = {}
+        for p, slot, index in self._chunks:
+            if p == partition:
+                slots.setdefault(slot, []).append(index)
+        return slots
+
+    def snapshot_chunks(self, partition: int) -> dict[tuple[str, int], int]:
+        """``(slot, index) -> size`` of the snapshot chunks kept for ``partition`` (tests:
+        replaced chunks are deleted)."""
+        return {(s, i): len(c) for (p, s, i), c in self._chunks.items() if p == partition}
 
     def records(self, partition: int | None = None) -> list[Record]:
         """Every record of one partition, or of all partitions in partition order (tests)."""

@@ -37,16 +37,32 @@ from typing import Literal
 from kapbit.errors import RecordRejected, TransientStorageError
 from kapbit.events import EventKind
 from kapbit.fencing import ordinary
-from kapbit.repository.base import Checkpoint, Record, Repository
+from kapbit.repository.base import Checkpoint, Record, Repository, SnapshotStore
 
 __all__ = ["Call", "Fault", "FaultyRepository", "Operation"]
 
 #: The repository operations a fault can apply to.
 Operation = Literal[
-    "append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"
+    "append",
+    "read",
+    "end_offset",
+    "current_owner",
+    "save_checkpoint",
+    "load_checkpoints",
+    "save_snapshot_chunk",
+    "load_snapshot_chunks",
 ]
 _OPERATIONS: frozenset[str] = frozenset(
-    {"append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"}
+    {
+        "append",
+        "read",
+        "end_offset",
+        "current_owner",
+        "save_checkpoint",
+        "load_checkpoints",
+        "save_snapshot_chunk",
+        "load_snapshot_chunks",
+    }
 )
 _Action = Literal["fail", "reject", "delay"]
 
@@ -346,3 +362,27 @@ class FaultyRepository:
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         await self._apply(Call("load_checkpoints"))
         return await self.inner.load_checkpoints()
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether the inner repository keeps snapshots."""
+        return isinstance(self.inner, SnapshotStore) and self.inner.snapshots
+
+    def _store(self) -> SnapshotStore:
+        inner = self.inner
+        if not isinstance(inner, SnapshotStore):
+            raise TypeError(f"{type(inner).__name__} keeps no snapshots")
+        return inner
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        await self._apply(Call("save_snapshot_chunk", partition))
+        await self._store().save_snapshot_chunk(partition, slot, index, data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        await self._apply(Call("load_snapshot_chunks", partition))
+        return await self._store().load_snapshot_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._store().snapshot_slots(partition)

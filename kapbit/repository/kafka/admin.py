@@ -19,6 +19,8 @@ from kapbit.repository.kafka.records import KIND_HEADER, parse
 
 #: Checkpoint keys: ``<topic>/<partition>``, or a bare partition (before logs named them).
 _CHECKPOINT_KEY = re.compile(r"(.+/)?[0-9]+")
+#: Snapshot chunk keys: ``<topic>/<partition>/snapshot/<slot>/<index>``.
+_CHUNK_KEY = re.compile(r"[^/]+/[0-9]+/snapshot/[^/]+/[0-9]+")
 
 
 async def ensure_topics(
@@ -53,7 +55,8 @@ async def check_records(
 ) -> None:
     """Refuse topics another application writes, before anything is written into them: the
     first record of every non-empty log partition must carry kapbit's kind header, and the
-    first record of the checkpoint topic must be a checkpoint keyed by log."""
+    first record of the checkpoint topic must be a checkpoint keyed by log (or a snapshot
+    chunk keyed by log)."""
     for tp, message in await _first_records(lane, partitions, read_timeout):
         if parse(tp.partition, message) is None:
             raise StartupError(
@@ -63,6 +66,8 @@ async def check_records(
             )
     for _, record in await _first_records(lane, [checkpoints], read_timeout):
         key = record.key.decode(errors="replace") if record.key is not None else ""
+        if _CHUNK_KEY.fullmatch(key) is not None:
+            continue  # a snapshot's chunk, written before the checkpoint naming it
         try:
             msgspec.json.decode(record.value or b"", type=Checkpoint)
         except msgspec.DecodeError:

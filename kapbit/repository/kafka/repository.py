@@ -334,6 +334,22 @@ class KafkaRepository:
         """The checkpoints of this log; those of other logs sharing the topic are skipped."""
         return await self._started().checkpoints.load()
 
+    @property
+    def snapshots(self) -> bool:
+        """Snapshot chunks are kept in the checkpoint topic."""
+        return True
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        await self._started().checkpoints.save_chunk(partition, slot, index, data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        return await self._started().checkpoints.load_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._started().checkpoints.slots(partition)
+
 
 async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:
     for client in clients:
