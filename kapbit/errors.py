@@ -26,6 +26,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── InvalidSchedule            a Schedule with a bad cron expression, interval or field
     ├── EncodeError                a value the codec cannot encode
     ├── DecodeError                bytes that do not decode as the expected type
+    ├── InvalidAppend              an ActiveWriter given to Repository.append, not claim()
     └── StorageError
         ├── TransientStorageError  unreachable or timed out; retried
         ├── RecordRejected         refused for good (at exec_workflow: nothing was written)
