@@ -16,7 +16,7 @@ from kapbit._checks import at_least_one
 from kapbit.errors import PayloadTooLarge
 from kapbit.events import EventKind
 from kapbit.fencing import OwnerTracker, fenced_by, ordinary
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.base import Checkpoint, Record, chunk_slots, leading_chunks
 
 _BATCH = 1024
 
@@ -114,20 +114,10 @@ class MemRepository:
             self._chunks[partition, slot, index] = bytes(data)
 
     async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
-        chunks: list[bytes] = []
-        for index in range(count):
-            chunk = self._chunks.get((partition, slot, index))
-            if chunk is None:
-                break
-            chunks.append(chunk)
-        return chunks
+        return leading_chunks(self._chunks, partition, slot, count)
 
     async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
-        slots: dict[str, list[int]] = {}
-        for p, slot, index in self._chunks:
-            if p == partition:
-                slots.setdefault(slot, []).append(index)
-        return slots
+        return chunk_slots(self._chunks, partition)
 
     def snapshot_chunks(self, partition: int) -> dict[tuple[str, int], int]:
         """``(slot, index) -> size`` of the snapshot chunks kept for ``partition`` (tests:
