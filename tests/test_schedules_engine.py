@@ -29,7 +29,8 @@ HOUR = timedelta(hours=1)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClockOptions(Options):
-    """Options carrying the instance's clock (read as ``options.clock``)."""
+    """Options carrying the instance's clock, read as ``options.clock``, until
+    ``Options.clock`` exists (then ``Options(clock=...)`` replaces this class)."""
 
     clock: Clock = SYSTEM_CLOCK
 
@@ -51,9 +52,9 @@ def fid(at: datetime, name: str = "hourly") -> str:
 
 def options(clock: ManualClock, **kwargs: object) -> Options:
     base = fast_options(**kwargs)  # type: ignore[arg-type]
-    return ClockOptions(
-        **{f.name: getattr(base, f.name) for f in dataclasses.fields(Options)}, clock=clock
-    )
+    given = {f.name: getattr(base, f.name) for f in dataclasses.fields(Options)}
+    given.pop("clock", None)
+    return ClockOptions(**given, clock=clock)
 
 
 def created(repo: MemRepository) -> Counter[str]:
