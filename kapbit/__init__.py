@@ -62,6 +62,7 @@ from kapbit.options import (
 from kapbit.partitioner import partition_for
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
+from kapbit.timers import Sleep, SleepUntil
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
 
 __all__ = [
@@ -104,6 +105,8 @@ __all__ = [
     "Stats",
     "Step",
     "StepContext",
+    "Sleep",
+    "SleepUntil",
     "StepRetry",
     "StepTimedOut",
     "StorageError",

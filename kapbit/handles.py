@@ -148,12 +148,13 @@ def _after(
             )
         if not event.success:
             return replace(state, status=WorkflowStatus.COMPENSATING)
-        compensating = state.status is WorkflowStatus.COMPENSATING
-        return replace(
-            state,
-            steps_done=max(state.steps_done, event.step + 1),
-            status=WorkflowStatus.COMPENSATING if compensating else WorkflowStatus.RUNNING,
-        )
+        if event.fire_at is not None:
+            status = WorkflowStatus.SLEEPING
+        elif state.status is WorkflowStatus.COMPENSATING:
+            status = WorkflowStatus.COMPENSATING
+        else:
+            status = WorkflowStatus.RUNNING
+        return replace(state, steps_done=max(state.steps_done, event.step + 1), status=status)
     if isinstance(event, WorkflowRetry):
         return replace(
             state, status=WorkflowStatus.RETRYING, attempts=event.attempt, last_error=event.error

@@ -85,6 +85,8 @@ class WorkflowStatus(StrEnum):
     """Where a workflow stands, as far as the log tells."""
 
     RUNNING = "running"
+    #: Waiting on a durable timer (its step returned ``Sleep`` / ``SleepUntil``).
+    SLEEPING = "sleeping"
     COMPENSATING = "compensating"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -417,6 +419,12 @@ def _change(projected: ProjectedEvent) -> _Change:
                 "UPDATE workflows SET compensated_steps = compensated_steps + 1, status = ? "
                 f"WHERE id = ? AND {_NOT_FINISHED}",
                 (WorkflowStatus.COMPENSATING.value, event.id),
+            )
+        if event.success and event.fire_at is not None:
+            return (
+                "UPDATE workflows SET steps_done = MAX(steps_done, ?), status = ? "
+                f"WHERE id = ? AND {_NOT_FINISHED}",
+                (event.step + 1, WorkflowStatus.SLEEPING.value, event.id),
             )
         if event.success:
             return (
