@@ -31,7 +31,7 @@ from kapbit.events import StepOutcome
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.testing import ManualClock, fast_options
-from tests.helpers import wait_until
+from tests.helpers import load_example, wait_until
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 DAY = 86_400.0
@@ -258,3 +258,36 @@ def test_bad_timers_are_refused_where_they_are_made() -> None:
         SleepUntil(datetime(2026, 12, 1))
     with pytest.raises(InvalidTimer, match="zero or more"):
         Sleep(timedelta(seconds=-1))
+
+
+async def test_the_trial_example_ends_the_trial_on_day_14_after_a_reminder_on_day_12() -> None:
+    example = load_example("trial")
+    example.sent.clear()
+    assert await example.main(MemRepository(partitions=2)) == "ended"
+    assert [m for m in example.sent if m != "nightly report"] == [
+        "welcome to ada@example.com",
+        "2 days left to ada@example.com",
+        "trial over to ada@example.com",
+    ]
+    assert example.sent.count("nightly report") == 15
+
+
+async def test_the_trial_example_survives_a_crash_on_day_5() -> None:
+    example = load_example("trial")
+    example.sent.clear()
+    clock, repo = ManualClock(T0), MemRepository(2)
+    signup = example.SignUp("bo@example.com", T0)
+    first = Kapbit([example.TRIAL], repo, options=options(clock, "a"))
+    await first.start()
+    await first.start_workflow(example.TRIAL, "trial-bo", signup)
+    await wait_until(lambda: first.stats.sleeping == 1)
+    clock.advance(5 * DAY)
+    first.abort()
+
+    async with Kapbit([example.TRIAL], repo, options=options(clock, "b")) as second:
+        clock.advance(7 * DAY)  # day 12
+        await wait_until(lambda: len(example.sent) == 2)
+        assert example.sent[-1] == "2 days left to bo@example.com"
+        clock.advance(2 * DAY)  # day 14
+        assert await asyncio.wait_for(second.wait_result("trial-bo", None), 5) == "ended"
+    assert example.sent.count("welcome to bo@example.com") == 1
