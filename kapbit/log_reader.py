@@ -4,7 +4,8 @@ handles all go through :class:`PartitionReader`, so they agree on what counts.
 A partition is read in offset order. For each record:
 
 - **zombies**: a record written by a node that is not the partition's owner (the node of
-  the latest ``ActiveWriter`` read) is never acted on (:class:`~kapbit.fencing.OwnerTracker`);
+  the latest ``ActiveWriter`` read) is never acted on: the fencing rule of
+  :mod:`kapbit.fencing` (:class:`~kapbit.fencing.OwnerTracker`);
 - **second copies** (a producer retry after a lost acknowledgement can land a record twice):
   a ``WorkflowCreated`` is a copy exactly when its writer would have refused the id there:
   the id is still in the idempotency window *of the node that wrote it* (each
@@ -46,20 +47,18 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
-from kapbit.fencing import OwnerTracker
+from kapbit.fencing import OwnerTracker, is_claim
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Record
 from kapbit.workflow import Definition
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 _NO_INPUT = msgspec.Raw(b"")
-_EVENT_TYPES = {kind.value: event_type for kind, event_type in EVENT_TYPES.items()}
 
 
 def decode_event(codec: Codec, record: Record) -> Any:
     """Decode a record's event, checking it against the record's kind, key and writer."""
-    event_type = _EVENT_TYPES.get(record.kind)
+    event_type = EVENT_TYPES.get(record.kind)
     if event_type is None:
         raise CorruptRecord(record.partition, record.offset, f"unknown event kind {record.kind!r}")
     try:
@@ -309,11 +308,10 @@ class PartitionReader:
         terminated: only kinds, keys and writers are looked at, no payload is decoded."""
         owners, windows = self.owners, self.windows
         for record in records:
-            kind = record.kind
-            if kind == _CREATED:
-                if record.node == owners.owner:
+            if record.kind is _CREATED:
+                if owners.admit(record):
                     windows.add(record.key, record.offset)
-            elif kind == _ACTIVE_WRITER:
+            elif is_claim(record):
                 owners.admit(record)
 
     def skim(self, records: Sequence[Record]) -> None:
@@ -328,14 +326,14 @@ class PartitionReader:
             self._pending,
         )
         for record in records:
-            kind = record.kind
-            if kind == _ACTIVE_WRITER:
+            if is_claim(record):
                 self.take(record)
                 continue
-            if record.node != owners.owner:
+            if not owners.admit(record):
                 continue
             workflow_id = record.key
-            if kind == _CREATED:
+            kind = record.kind
+            if kind is _CREATED:
                 copy = workflow_id in open_workflows or workflow_id in self._writer_window
                 windows.add(workflow_id, record.offset)
                 if not copy:
@@ -381,7 +379,7 @@ class PartitionReader:
         belongs to (``None`` for a claim and for events of no open workflow; after a
         terminal event, the workflow it ended)."""
         owners = self.owners
-        if record.kind == _ACTIVE_WRITER:
+        if is_claim(record):
             claim: ActiveWriter = decode_event(self._codec, record)
             # Writer ids are unique per start: the owner's claim read again is a copy.
             verdict = Verdict.COPY if record.node == owners.owner else Verdict.NEW
@@ -390,7 +388,7 @@ class PartitionReader:
             self._writer_window = self.windows.of(size)
             self._sizes.append((record.offset, size))
             return verdict, claim, None
-        if record.node != owners.owner:
+        if not owners.admit(record):
             return Verdict.ZOMBIE, None, None
         event = decode_event(self._codec, record)
         workflow_id = record.key

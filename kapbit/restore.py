@@ -41,7 +41,7 @@ from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import CodecMismatch, CorruptRecord
 from kapbit.events import ActiveWriter, EventKind
-from kapbit.fencing import OwnerTracker
+from kapbit.fencing import OwnerTracker, is_claim
 from kapbit.log_reader import OpenWorkflow, PartitionReader, ReaderState, Verdict, decode_event
 from kapbit.repository import Checkpoint, Record, Repository
 
@@ -58,8 +58,7 @@ __all__ = [
 
 logger = logging.getLogger("kapbit.restore")
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 #: Records read per step when reading back for older ids (the step doubles each time).
 _BACK_CHUNK = 1024
 #: How many of a partition's last records the codec check looks at.
@@ -215,12 +214,12 @@ async def older_ids(
         begin = max(0, end - step)
         records = [r async for batch in repository.read(partition, begin, end) for r in batch]
         for record in reversed(records):
-            if record.kind == _CREATED:
+            if record.kind is _CREATED:
                 if known is None:
                     pending.append(record)
                 elif record.node == known:
                     take(record)
-            elif record.kind == _ACTIVE_WRITER:
+            elif is_claim(record):
                 for waiting in pending:
                     if waiting.node == record.node:
                         take(waiting)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -13,7 +14,7 @@ from typing import Any
 
 from kapbit import Definition, Failure, JsonCodec, MsgpackCodec, Progress, Step, Success
 from kapbit.codecs import Codec
-from kapbit.events import Event
+from kapbit.events import Event, EventKind
 from kapbit.log_reader import PartitionReader
 from kapbit.repository import MemRepository
 from kapbit.restore import decode_event
@@ -259,7 +260,19 @@ class CrashRepository(MemRepository):
         self.records_read = [0] * self.partitions
         self.lowest_read = [None] * self.partitions
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        write = functools.partial(super().append, partition, kind, key, node, value)
+        return await self._write(partition, write)
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        return await self._write(
+            partition, functools.partial(super().claim, partition, node, value)
+        )
+
+    async def _write(self, partition: int, write: Callable[[], Awaitable[int]]) -> int:
+        """Count, hold and journal one write (an append or a claim) of the log."""
         self.appends += 1
         hit = self.appends == self._hold_at
         if hit:
@@ -268,7 +281,7 @@ class CrashRepository(MemRepository):
                 self._spring()
                 await self._release.wait()
         try:
-            offset = await super().append(partition, kind, key, node, value)
+            offset = await write()
         finally:
             if self.journal is not None:
                 self.journal.append(("append", partition, len(self.records(partition)) - 1))

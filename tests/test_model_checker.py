@@ -79,7 +79,14 @@ from kapbit import (
     WorkflowRejected,
     partition_for,
 )
-from kapbit.events import TERMINAL_KINDS, DeadLetter, Rejected, StepOutcome, WorkflowResult
+from kapbit.events import (
+    TERMINAL_KINDS,
+    DeadLetter,
+    EventKind,
+    Rejected,
+    StepOutcome,
+    WorkflowResult,
+)
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import MemRepository, Record
 from kapbit.testing import FaultyRepository
@@ -212,15 +219,27 @@ class LateAckRepository(MemRepository):
         self.journal = journal
         self.late: list[LateAck] = []
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
         offset = await super().append(partition, kind, key, node, value)
-        self.journal.append(("append", partition, offset))
+        await self._landed(Call("append", partition, kind, key, node, value), offset)
+        return offset
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        offset = await super().claim(partition, node, value)
+        call = Call("append", partition, EventKind.ACTIVE_WRITER, node, node, value)
+        await self._landed(call, offset)
+        return offset
+
+    async def _landed(self, call: Call, offset: int) -> None:
+        """Journal a landed record; hold its acknowledgement if a late ack asks for it."""
+        self.journal.append(("append", call.partition, offset))
         for late in self.late:
-            if late.call is None and late.kind == kind:
-                late.call = Call("append", partition, kind, key, node, value)
+            if late.call is None and late.kind == call.kind:
+                late.call = call
                 await late.released.wait()
                 break
-        return offset
 
 
 @dataclass

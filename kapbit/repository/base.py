@@ -7,17 +7,19 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from kapbit.events import EventKind
+
 
 class Record(msgspec.Struct, frozen=True):
     """One record of the log, with what readers need to know before decoding the value.
 
-    ``kind`` is an :class:`~kapbit.events.EventKind` value, ``key`` the workflow id (the
-    writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
+    ``kind`` is the event's :class:`~kapbit.events.EventKind`, ``key`` the workflow id
+    (the writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
     """
 
     partition: int
     offset: int
-    kind: str
+    kind: EventKind
     key: str
     node: str
     value: bytes
@@ -63,12 +65,13 @@ class Checkpoint(msgspec.Struct, frozen=True):
 class Repository(Protocol):
     """A partitioned append-only log with per-partition checkpoints.
 
-    ``append`` must fence: it returns only once the record is durable *and* no
-    ``ActiveWriter`` of another node sits between ``node``'s latest ``ActiveWriter`` and
-    the record; otherwise it raises :class:`~kapbit.errors.Fenced`. A record with kind
-    ``active_writer`` is the claim itself and is never fenced. Transient failures raise
+    Two writes: :meth:`claim` appends a node's ``ActiveWriter`` (its claim of the
+    partition) and is never fenced; :meth:`append` appends any other record and must
+    fence by the rule of :mod:`kapbit.fencing`: it returns only once the record is durable
+    *and* no claim of another node sits between ``node``'s latest claim and the record;
+    otherwise it raises :class:`~kapbit.errors.Fenced`. Transient failures raise
     :class:`~kapbit.errors.TransientStorageError`, permanent refusals
-    :class:`~kapbit.errors.RecordRejected`.
+    :class:`~kapbit.errors.RecordRejected`. See docs/ARCHITECTURE.md, "Fencing".
     """
 
     @property
@@ -87,8 +90,18 @@ class Repository(Protocol):
         nothing). The log itself is kept."""
         ...
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        """Append one record and return its offset (see the class docstring on fencing)."""
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        """Append one record and return its offset (see the class docstring on fencing).
+        ``kind`` ``ACTIVE_WRITER`` raises :class:`~kapbit.errors.InvalidAppend`: claims go
+        through :meth:`claim`."""
+        ...
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        """Append ``node``'s ``ActiveWriter`` (encoded in ``value``, keyed by ``node``) and
+        return its offset once durable; from then on ``node``'s appends to ``partition``
+        are confirmed, and every other node's fenced."""
         ...
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:

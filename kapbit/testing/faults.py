@@ -27,13 +27,16 @@ synchronise on what the storage saw instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from kapbit.errors import RecordRejected, TransientStorageError
+from kapbit.events import EventKind
+from kapbit.fencing import ordinary
 from kapbit.repository.base import Checkpoint, Record, Repository, SnapshotStore
 
 __all__ = ["Call", "Fault", "FaultyRepository", "Operation"]
@@ -67,7 +70,8 @@ _Action = Literal["fail", "reject", "delay"]
 @dataclass(frozen=True, slots=True)
 class Call:
     """One call to the repository, as faults see it. ``kind``/``key``/``node``/``value``
-    are set for appends only."""
+    are set for appends only; a claim is an append of kind ``active_writer`` here, so
+    ``kinds="active_writer"`` programs faults of claims."""
 
     operation: str
     partition: int | None = None
@@ -313,12 +317,24 @@ class FaultyRepository:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        call = Call("append", partition, kind, key, node, value)
-        self.calls[kind] += 1
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        call = Call("append", partition, ordinary(kind), key, node, value)
+        return await self._write(
+            call, functools.partial(self.inner.append, partition, kind, key, node, value)
+        )
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        call = Call("append", partition, EventKind.ACTIVE_WRITER, node, node, value)
+        return await self._write(call, functools.partial(self.inner.claim, partition, node, value))
+
+    async def _write(self, call: Call, write: Callable[[], Awaitable[int]]) -> int:
+        """Apply the faults matching ``call``, then ``write`` the record."""
+        self.calls[call.kind] += 1
         lost = await self._apply(call)
-        offset = await self.inner.append(partition, kind, key, node, value)
-        self.appended[kind] += 1
+        offset = await write()
+        self.appended[call.kind] += 1
         if lost is not None:
             raise lost._exception(call)
         return offset

@@ -11,12 +11,13 @@ these keys, as they are no log's checkpoint key."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from kapbit._log import fields
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.base import Checkpoint
 from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.reads import Lane, beginning_offsets, end_offset, fetch
 
@@ -119,12 +120,14 @@ class CheckpointStore:
 
     def _take(
         self,
-        record: Record,
+        record: Any,
         checkpoints: dict[int, Checkpoint],
         chunks: dict[tuple[int, str, int], bytes],
     ) -> None:
-        """Take in one record of the topic: a checkpoint or a snapshot chunk of this log."""
-        parts = record.key.split("/")
+        """Take in one aiokafka record of the topic: a checkpoint or a snapshot chunk of
+        this log."""
+        key = record.key.decode(errors="replace") if record.key is not None else ""
+        parts = key.split("/")
         if parts[0] != self._topic:
             return
         if len(parts) == 5 and parts[2] == "snapshot" and parts[1].isdigit() and parts[4].isdigit():
@@ -137,7 +140,7 @@ class CheckpointStore:
         if len(parts) != 2:
             return
         try:
-            checkpoints[int(parts[1])] = msgspec.json.decode(record.value, type=Checkpoint)
+            checkpoints[int(parts[1])] = msgspec.json.decode(record.value or b"", type=Checkpoint)
         except (ValueError, msgspec.DecodeError) as exc:
             logger.warning(
                 "ignoring unreadable checkpoint at offset %d: %s",
