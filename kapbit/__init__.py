@@ -32,6 +32,7 @@ from kapbit.options import (
 from kapbit.partitioner import partition_for
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
+from kapbit.timers import Sleep, SleepUntil
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "Stats",
     "Step",
     "StepContext",
+    "Sleep",
+    "SleepUntil",
     "StepRetry",
     "Success",
     "WorkflowHandle",

@@ -119,11 +119,15 @@ class DuplicateWorkflow(WorkflowRefused):
 
 
 class TooManyWorkflows(WorkflowRefused):
-    """``max_workflows`` workflows are already in flight on this instance."""
+    """``max_workflows`` workflows are already running on this instance, or, with
+    ``name="max_sleeping"``, running and sleeping ones together reached ``max_sleeping``.
+    ``limit`` is the limit reached and ``name`` its option's name."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"max_workflows ({limit}) workflows already in flight")
+    def __init__(self, limit: int, name: str = "max_workflows") -> None:
+        what = "running" if name == "max_workflows" else "running or sleeping"
+        super().__init__(f"{name} ({limit}) workflows already {what}")
         self.limit = limit
+        self.name = name
 
 
 class EncodeError(KapbitError):

@@ -86,6 +86,8 @@ class WorkflowStatus(StrEnum):
     """Where a workflow stands, as far as the log tells."""
 
     RUNNING = "running"
+    #: Waiting on a durable timer (its step returned ``Sleep`` / ``SleepUntil``).
+    SLEEPING = "sleeping"
     COMPENSATING = "compensating"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -126,7 +128,7 @@ def status_after(event: Event, failed: bool) -> WorkflowStatus | None:
     if isinstance(event, StepOutcome):
         if failed or not event.success or event.phase == "compensate":
             return WorkflowStatus.COMPENSATING
-        return WorkflowStatus.RUNNING
+        return WorkflowStatus.RUNNING if event.fire_at is None else WorkflowStatus.SLEEPING
     if isinstance(event, WorkflowResult):
         return WorkflowStatus.COMPENSATED if event.compensated else WorkflowStatus.SUCCEEDED
     return _STATUS_OF.get(type(event))
