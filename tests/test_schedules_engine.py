@@ -4,18 +4,17 @@ a takeover, a window too small for the last firing, bad declarations and DST."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kapbit import Definition, Kapbit, Options, Progress, Step, Success
-from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.errors import Fenced, InvalidSchedule
 from kapbit.repository import MemRepository
 from kapbit.scheduler import RETRY_DELAY
@@ -25,14 +24,6 @@ from tests.helpers import incarnations, load_example, wait_until
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 HOUR = timedelta(hours=1)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClockOptions(Options):
-    """Options carrying the instance's clock, read as ``options.clock``, until
-    ``Options.clock`` exists (then ``Options(clock=...)`` replaces this class)."""
-
-    clock: Clock = SYSTEM_CLOCK
 
 
 def report(input: dict[str, str], _progress: Progress) -> Success[str]:
@@ -50,11 +41,8 @@ def fid(at: datetime, name: str = "hourly") -> str:
     return f"{name}@{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
-def options(clock: ManualClock, **kwargs: object) -> Options:
-    base = fast_options(**kwargs)  # type: ignore[arg-type]
-    given = {f.name: getattr(base, f.name) for f in dataclasses.fields(Options)}
-    given.pop("clock", None)
-    return ClockOptions(**given, clock=clock)
+def options(clock: ManualClock, **kwargs: Any) -> Options:
+    return fast_options(clock=clock, **kwargs)
 
 
 def created(repo: MemRepository) -> Counter[str]:
