@@ -15,8 +15,8 @@ first (the I/O of a real step), until told to stop. It reports on stdout, one li
   nothing was written), with wall-clock times; ``call ... crash <class> <message>`` for an
   exception that is not a :class:`~kapbit.KapbitError` (always a defect);
 - ``drained`` after SIGUSR1 (stop calling, wait for the calls in flight; the instance keeps
-  running its partitions), ``closed`` after SIGTERM (stop calling, close the instance, which
-  hands its partitions over) and exit status 0.
+  running its partitions); after SIGTERM the same, then ``closing <time>`` as it closes the
+  instance (which hands its partitions over), ``closed`` and exit status 0.
 
 Every step action appends ``<time> <id> <step> <phase> <pid> <seen>`` to the shared
 execution journal (``--journal``) before it returns; ``seen`` is how many outcomes its
@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ from tests.kafka_worker import (
 )
 
 _ROOT = Path(__file__).resolve().parent.parent  # where ``python -m tests.group_worker`` runs
+#: How long a worker's call slot waits after a refusal before the next call.
+REFUSAL_BACKOFF = 0.01
 
 
 # --- the saga -------------------------------------------------------------------------------
@@ -191,6 +193,8 @@ async def _run(args: argparse.Namespace) -> int:
             except KapbitError as exc:
                 refusal = int(isinstance(exc, WorkflowRefused))
                 outcome = f"error {type(exc).__name__} {refusal} {_line(exc)}"
+                if refusal:
+                    await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
             except Exception as exc:  # reported, so that the audit fails on it
                 outcome = f"crash {type(exc).__name__} {_line(exc)}"
             else:
@@ -220,6 +224,7 @@ async def _run(args: argparse.Namespace) -> int:
     print("drained", flush=True)
     await closing.wait()
     watcher.cancel()
+    print(f"closing {time.time():.6f}", flush=True)
     await kbit.close()
     print("closed", flush=True)
     return 0
@@ -421,6 +426,13 @@ class Cluster:
     killed: dict[int, float] = field(default_factory=dict)  # pid -> time of the SIGKILL
     stopped: dict[int, float] = field(default_factory=dict)  # pid -> time of the SIGTERM
     runs: dict[str, int] = field(default_factory=dict)
+    #: (from, to): from a start, kill or stop until the live workers owned every partition.
+    rebalances: list[tuple[float, float]] = field(default_factory=list)
+    _since: float | None = None
+
+    def _fault(self) -> None:
+        if self._since is None:
+            self._since = time.time()
 
     async def start(self, label: str, timeout: float = 60.0) -> Worker:
         run = self.runs.get(label, -1) + 1
@@ -437,6 +449,7 @@ class Cluster:
         ]
         if self.group is not None:
             args += ["--group", self.group, "--session", str(self.session)]
+        self._fault()
         worker = await Worker.start(self.bootstrap, self.topic, label, run, *args)
         self.workers[label] = worker
         await worker.line("started", timeout)
@@ -450,6 +463,7 @@ class Cluster:
 
     async def kill(self, label: str) -> Worker:
         worker = self.workers.pop(label)
+        self._fault()
         self.killed[worker.pid] = time.time()
         worker.kill()
         assert await worker.wait() == -signal.SIGKILL, worker.output
@@ -457,27 +471,45 @@ class Cluster:
         return worker
 
     async def stop(self, label: str, timeout: float = 60.0) -> Worker:
-        """SIGTERM: the worker stops calling, closes its instance and exits 0."""
+        """SIGTERM: the worker stops calling, waits for its calls, closes its instance and
+        exits 0; :attr:`stopped` holds the time it began to close."""
         worker = self.workers.pop(label)
-        self.stopped[worker.pid] = time.time()
+        self._fault()
         worker.signal(signal.SIGTERM)
         assert await worker.wait(timeout) == 0, worker.output
         assert "closed" in worker.lines, worker.output
+        closing = next(line for line in worker.lines if line.startswith("closing "))
+        self.stopped[worker.pid] = float(closing.split()[1])
         self.retired.append(worker)
         return worker
 
-    async def owned_by_live(self, timeout: float) -> None:
-        """Wait until the live workers own every partition between them, each once."""
+    async def owned_by_live(self, timeout: float) -> float:
+        """Wait until the live workers own every partition between them, each once, and
+        each of them some; how long it took since the last start, kill or stop."""
         live = self.live()
 
         def settled() -> bool:
             shares = [worker.owned for worker in live]
-            union = frozenset().union(*shares)
-            return union == frozenset(range(self.partitions)) and sum(map(len, shares)) == len(
-                union
+            union = frozenset[int]().union(*shares)
+            return (
+                union == frozenset(range(self.partitions))
+                and sum(map(len, shares)) == len(union)
+                and all(shares)
             )
 
         await _until_any(live, settled, "every partition owned once by the live workers", timeout)
+        now = time.time()
+        since, self._since = self._since if self._since is not None else now, None
+        self.rebalances.append((since, now))
+        return now - since
+
+    def during_rebalances(self) -> list[Call]:
+        """The calls that were in flight while the group was rebalancing."""
+        return [
+            call
+            for call in self.calls()
+            if any(call.started < end and call.ended > start for start, end in self.rebalances)
+        ]
 
     async def progress(self, results: int, timeout: float = 60.0) -> None:
         """Wait until every live worker has ``results`` more results than now."""
@@ -553,6 +585,99 @@ async def settled_log(bootstrap: str, topic: str, timeout: float = 120.0) -> Log
                 f"{len(open_)} workflows still open after {timeout} s: {open_[:10]}"
             )
         await asyncio.sleep(0.5)  # polling the log: nothing to wait on
+
+
+# --- the scenarios of issue 13 ---------------------------------------------------------------
+
+
+@dataclass
+class ScenarioReport:
+    """A scenario's audit, and how fast the instances took over from each other.
+
+    ``failovers``: per SIGKILL. ``handovers``: per graceful stop during the run (not the
+    final ones). ``settled``: seconds from each start, kill or stop until the live workers
+    owned every partition. ``during_rebalance``: calls in flight while the group rebalanced.
+    """
+
+    audit: GroupAudit
+    failovers: list[Handover]
+    handovers: list[Handover]
+    settled: list[float]
+    during_rebalance: list[Call]
+
+    def summary(self) -> str:
+        def times(takes: list[Handover]) -> str:
+            return ", ".join(
+                f"{t.claimed:.2f} s claimed / {t.resumed:.2f} s resumed ({t.workflows} in flight)"
+                for t in takes
+            )
+
+        refusals = sum(call.refused for call in self.during_rebalance)
+        return (
+            f"{self.audit.summary()}; failover (kill -> claimed / in-flight resumed): "
+            f"{times(self.failovers)}; graceful hand-over (close -> claimed / resumed): "
+            f"{times(self.handovers)}; group settled after each change in "
+            f"{', '.join(f'{t:.2f}' for t in self.settled)} s; {len(self.during_rebalance)} "
+            f"calls during rebalances ({refusals} refused)"
+        )
+
+
+async def kill_restart_stop(
+    cluster: Cluster, rounds: int, load: int, settle: float
+) -> ScenarioReport:
+    """Three workers under load; per round: SIGKILL B, start it again, stop C gracefully,
+    start it again; each time the survivors own every partition and make progress."""
+    settled = []
+    for label in "ABC":
+        await cluster.start(label)
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    for _ in range(rounds):
+        steps: list[tuple[Callable[[str], Awaitable[Worker]], str]] = [
+            (cluster.kill, "B"),
+            (cluster.start, "B"),
+            (cluster.stop, "C"),
+            (cluster.start, "C"),
+        ]
+        for change, label in steps:
+            await change(label)
+            settled.append(await cluster.owned_by_live(settle))
+            await cluster.progress(load)
+    return await finish(cluster, settled)
+
+
+async def rolling_restart(cluster: Cluster, load: int, settle: float) -> ScenarioReport:
+    """Three workers under load; each in turn is stopped gracefully and started again."""
+    settled = []
+    for label in "ABC":
+        await cluster.start(label)
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    for label in "ABC":
+        await cluster.stop(label)
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.start(label)
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+    return await finish(cluster, settled)
+
+
+async def finish(cluster: Cluster, settled: list[float]) -> ScenarioReport:
+    """Drain the calls, wait until the log has ended every workflow, stop the workers and
+    audit; measure the takeovers of the run's kills and stops."""
+    await cluster.drain()
+    log = await settled_log(cluster.bootstrap, cluster.topic)
+    during = dict(cluster.stopped)
+    await cluster.close()
+    executions = read_executions(cluster.journal)
+    return ScenarioReport(
+        audit_run(log, cluster.calls(), executions),
+        [handover(log, executions, pid, at) for pid, at in cluster.killed.items()],
+        [handover(log, executions, pid, at) for pid, at in during.items()],
+        settled,
+        cluster.during_rebalances(),
+    )
 
 
 # --- the audit ------------------------------------------------------------------------------
