@@ -15,7 +15,8 @@ Modes: ``group`` puts every process in one consumer group on one topic (the engi
 mode; each process calls ids of the partitions it owns). ``bundles`` gives each process a
 topic of its own, the way to scale without group mode: the ceiling group mode is held to.
 
-Run as ``python benchmarks/bench_group.py [--mode bundles] [--processes 1 2 4]``.
+Each process count runs ``--repeat`` times, interleaved; the table shows the median run
+(by rate). Run as ``python benchmarks/bench_group.py [--mode group] [--processes 1 2 4]``.
 """
 
 from __future__ import annotations
@@ -230,32 +231,40 @@ def table(rows: list[Row]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    rows: list[Row] = []
+    runs: dict[int, list[Row]] = {count: [] for count in args.processes}
+
+    async def measure_all(bootstrap: str, broker_pid: int | None) -> None:
+        for _ in range(args.repeat):  # interleaved, so a busy moment hits every count alike
+            for count in args.processes:
+                runs[count].append(await measure(args, bootstrap, broker_pid, count))
+
     if args.bootstrap:
-        for count in args.processes:
-            rows.append(await measure(args, args.bootstrap, None, count))
+        await measure_all(args.bootstrap, None)
     else:
         async with LocalBroker() as broker:
-            for count in args.processes:
-                rows.append(await measure(args, broker.bootstrap_servers, broker.pid, count))
+            await measure_all(broker.bootstrap_servers, broker.pid)
+    rows = [sorted(done, key=lambda row: row.rate)[len(done) // 2] for done in runs.values()]
     print(machine_line(machine()))
     where = args.bootstrap or "one local tansu broker for every run"
     print(
         f"broker: {where}; mode {args.mode}; {args.partitions} partitions; order saga, "
         f"{EVENTS} events per workflow; {args.workflows:,} workflows and {args.in_flight:,} "
-        "in flight per process"
+        f"in flight per process; the median of {args.repeat} runs each"
     )
+    for count, done in runs.items():
+        print(f"{count} processes, each run (wf/s): {', '.join(f'{r.rate:,.0f}' for r in done)}")
     print(table(rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=("group", "bundles"), default="group")
+    parser.add_argument("--mode", choices=("group", "bundles"), default="bundles")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per process count")
     parser.add_argument("--bootstrap", default=os.environ.get("KAPBIT_TEST_BOOTSTRAP"))
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--workflows", type=int, default=5_000, help="per process")
-    parser.add_argument("--in-flight", type=int, default=500, help="per process")
+    parser.add_argument("--workflows", type=int, default=10_000, help="per process")
+    parser.add_argument("--in-flight", type=int, default=1_000, help="per process")
     parser.add_argument("--session", type=float, default=6.0, help="group session timeout, s")
     # Internal: run as one of the measured processes.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
