@@ -44,6 +44,8 @@ from kapbit import (
     CheckpointPolicy,
     Definition,
     Failure,
+    Fenced,
+    InstanceClosed,
     Kapbit,
     KapbitError,
     Options,
@@ -156,8 +158,8 @@ def group_instance(
 
 
 def owned_partitions(kbit: Kapbit, partitions: int) -> frozenset[int]:
-    """The partitions ``kbit`` owns now (every one for a single instance)."""
-    return frozenset(range(partitions))
+    """The partitions ``kbit`` owns now (a single instance: every one while it runs)."""
+    return frozenset(range(partitions)) if kbit.is_running else frozenset()
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -195,6 +197,8 @@ async def _run(args: argparse.Namespace) -> int:
                 outcome = f"error {type(exc).__name__} {refusal} {_line(exc)}"
                 if refusal:
                     await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
+                if isinstance(exc, Fenced | InstanceClosed):
+                    stop.set()  # this instance takes no more calls
             except Exception as exc:  # reported, so that the audit fails on it
                 outcome = f"crash {type(exc).__name__} {_line(exc)}"
             else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -73,6 +74,30 @@ async def test_the_harness_on_one_instance_sigkilled_and_restarted(single: Clust
     report.assert_clean()
     assert report.results >= 2 * LOAD and report.created >= report.results, report.summary()
     # The kill fell on workflows in flight, and the next instance resumed them.
+    assert took.workflows > 0 and took.partitions == 3, took
+
+
+async def test_the_harness_with_a_second_instance_taking_over(single: Cluster) -> None:
+    """Two workers on one topic in the single-instance mode: the second fences the first and
+    finishes what it had in flight; the first one's calls end with typed errors or results
+    the log agrees with."""
+    first = await single.start("A")
+    await single.owned_by_live(30)
+    await single.progress(LOAD)
+    since = time.time()
+    second = await single.start("B")
+    await first.until(lambda: not first.owned, "the first instance fenced", 60)
+    await second.results(LOAD)
+    await single.stop("A")
+    await single.drain()
+    log = await settled_log(single.bootstrap, single.topic)
+    await single.close()
+    executions = read_executions(single.journal)
+    report = audit_run(log, single.calls(), executions)
+    took = handover(log, executions, first.pid, since)
+    print(f"takeover: {report.summary()}; {took}")
+    report.assert_clean()
+    assert set(report.errors) <= {"Fenced", "InstanceClosed"}, report.summary()
     assert took.workflows > 0 and took.partitions == 3, took
 
 
