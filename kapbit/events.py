@@ -44,8 +44,10 @@ class EventKind(StrEnum):
     INVALID_RETURN = "invalid_return"
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="kind"):
-    """Base of every event: frozen, tagged with its kind under ``"kind"``."""
+class _Event(msgspec.Struct, frozen=True, tag_field="kind", omit_defaults=True):
+    """Base of every event: frozen, tagged with its kind under ``"kind"``; a field left at
+    its default (no timer, no trace context) is not written, so records stay as small as
+    before the field existed."""
 
 
 class ActiveWriter(_Event, frozen=True, tag="active_writer"):
