@@ -1,0 +1,967 @@
+"""Any instance accepts any workflow: calls for ids whose partition another instance owns go
+through a request log co-partitioned with the workflow log, and are answered by the owner.
+
+The request log (``<log>-requests`` on Kafka, :class:`MemRequestLog` in tests) has the
+log's partition count and partitioner, so a request keyed by the workflow id lands in the
+request partition numbered as the id's log partition. Three kinds of record live there:
+
+- ``request_claim`` (:class:`RequestClaim`): an owner starts serving the partition (a
+  *session*). Written after the owner has claimed and recovered the log partition.
+- ``request`` (:class:`Request`): a caller asks the owner to ``start``, ``exec``,
+  ``describe`` or wait for the ``result`` of a workflow.
+- ``answer`` (:class:`Answer`): the owner's answer, naming the session it was given in.
+
+**Which answers count.** A session reads its request partition in order and stops at the
+first later claim, so it only ever answers requests that follow no foreign claim. An answer
+at offset ``o`` to the request at ``q`` counts exactly when the latest claim between ``q``
+and ``o`` is the answer's session, or, if there is none, the session began before ``q``.
+Callers and the next owner apply the same rule (:class:`AnswerRule`), so an answer given by
+an instance that lost the partition meanwhile is ignored by both, and the next owner serves
+the request again.
+
+**The same answer twice.** A request served twice (the owner stopped after creating the
+workflow and before its answer counted) is answered the same way: ``WorkflowCreated``
+carries the request id, and an owner that finds the id taken by a workflow its request
+created answers as if it had just created it. Refusals write nothing, and a refusal
+counts only while its session is the latest, so no later owner creates what was refused.
+
+**Where an owner resumes.** Each session saves, per partition, the offset below which every
+request has a counting final answer (its *progress*), computed only from answers it read
+back under the rule above, so any saved progress is safe whoever saved it last. A new
+session reads from there to its own claim before serving what is still open.
+
+**Results from the log.** Answers carry no user values: ``created`` / ``found`` / ``ended``
+name the offset of the workflow's ``WorkflowCreated``, and the caller reads the workflow
+from the log (:func:`kapbit.handles.read_workflow`) with its own definitions. See
+docs/ARCHITECTURE.md, "Any instance accepts any workflow".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from kapbit._lifecycle import CANCEL_GRACE, TaskHost
+from kapbit.codecs import Codec
+from kapbit.errors import (
+    DuplicateWorkflow,
+    Fenced,
+    GateClosed,
+    InstanceClosed,
+    InvalidInput,
+    InvalidReturnValue,
+    InvalidWorkflowId,
+    KapbitError,
+    PayloadTooLarge,
+    RecordRejected,
+    RequestTimedOut,
+    StorageError,
+    TooManyWorkflows,
+    TransientStorageError,
+    UnknownWorkflowType,
+    WillRetryLater,
+    WorkflowNotFound,
+    WorkflowRefused,
+    WorkflowRejected,
+    describe_error,
+)
+from kapbit.handles import WorkflowHandle, WorkflowState, read_workflow
+from kapbit.partitioner import partition_for
+from kapbit.projection.status import WorkflowStatus
+from kapbit.repository import Record, Repository
+from kapbit.workflow import Definition
+
+logger = logging.getLogger("kapbit.forwarding")
+
+REQUEST = "request"
+ANSWER = "answer"
+REQUEST_CLAIM = "request_claim"
+#: Every kind a request log record may carry.
+REQUEST_KINDS = frozenset({REQUEST, ANSWER, REQUEST_CLAIM})
+
+#: What a caller asks: create (``start``), create and wait for the end (``exec``), the
+#: workflow's place in the log (``describe``), or wait for its end (``result``).
+Op = Literal["start", "exec", "describe", "result"]
+#: ``created``: this request created the workflow; ``found``: the id is taken (attach,
+#: describe), ``ended``: the workflow has ended (its terminal event is in the log);
+#: ``error``: the typed error the owner's call raised (nothing written for a refusal).
+Outcome = Literal["created", "found", "ended", "error"]
+
+#: Save a partition's progress after this many requests were finished (and at the end).
+_PROGRESS_EVERY = 100
+
+
+# --- the records --------------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A call forwarded to the owner of ``workflow_id``'s partition.
+
+    ``id`` is the request's unique id; ``input`` the input encoded with the log's codec
+    (``start`` and ``exec``); ``deadline`` the caller's wall clock after which it no longer
+    waits for the first answer (an owner that reads the request later ignores it).
+    """
+
+    id: str
+    op: Op
+    workflow_id: str
+    workflow_type: str = ""
+    input: msgspec.Raw = msgspec.Raw(b"null")
+    on_duplicate: str = "raise"
+    deadline: float = 0.0
+    at: float = 0.0
+
+
+class Answer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The owner's answer to request ``request``, given in the session whose claim is at
+    offset ``session``. ``final`` is false only for ``created`` of an ``exec`` (the end
+    follows). ``created_offset`` is where the workflow's ``WorkflowCreated`` lies (``-1``:
+    not acknowledged yet); ``error`` / ``message`` / ``detail`` describe the typed error."""
+
+    request: str
+    session: int
+    outcome: Outcome
+    final: bool = True
+    created_offset: int = -1
+    workflow_type: str = ""
+    error: str = ""
+    message: str = ""
+    detail: dict[str, str | int | None] = {}
+    at: float = 0.0
+
+
+class RequestClaim(msgspec.Struct, frozen=True):
+    """``node`` serves the partition from here on (its session is this record's offset)."""
+
+    node: str
+    at: float
+
+
+# --- the typed errors an answer carries --------------------------------------------------
+
+#: Errors an owner's answer may carry, by name; any other is sent as a KapbitError.
+_ANSWER_ERRORS: dict[str, type[KapbitError]] = {
+    cls.__name__: cls
+    for cls in (
+        GateClosed,
+        UnknownWorkflowType,
+        InvalidWorkflowId,
+        DuplicateWorkflow,
+        TooManyWorkflows,
+        InvalidInput,
+        WorkflowRefused,
+        RecordRejected,
+        PayloadTooLarge,
+        WillRetryLater,
+        WorkflowNotFound,
+        WorkflowRejected,
+        InvalidReturnValue,
+        KapbitError,
+    )
+}
+_DETAIL_FIELDS = (
+    "workflow_id",
+    "workflow_type",
+    "limit",
+    "declared",
+    "actual",
+    "size",
+    "reason",
+    "step",
+    "phase",
+)
+
+
+def error_answer(request: str, session: int, error: KapbitError) -> Answer:
+    """The answer that carries ``error`` (its class, message and attributes)."""
+    name = type(error).__name__
+    if name not in _ANSWER_ERRORS:
+        name = next(
+            (cls.__name__ for cls in type(error).__mro__ if cls.__name__ in _ANSWER_ERRORS),
+            "KapbitError",
+        )
+    detail: dict[str, str | int | None] = {}
+    for attribute in _DETAIL_FIELDS:
+        value = getattr(error, attribute, None)
+        if isinstance(value, (str, int)) or (value is None and hasattr(error, attribute)):
+            detail[attribute] = value
+    return Answer(
+        request, session, "error", error=name, message=str(error), detail=detail, at=time.time()
+    )
+
+
+def answer_error(answer: Answer) -> KapbitError:
+    """The typed error ``answer`` carries, as the owner raised it: same class, message and
+    attributes."""
+    cls = _ANSWER_ERRORS.get(answer.error, KapbitError)
+    error = cls.__new__(cls)
+    Exception.__init__(error, answer.message)
+    for attribute, value in answer.detail.items():
+        if attribute in _DETAIL_FIELDS:
+            setattr(error, attribute, value)
+    return error
+
+
+# --- the request log ------------------------------------------------------------------------
+
+
+class RequestLog(Protocol):
+    """A partitioned log of requests and answers; appends are not fenced (the answer rule
+    is applied by readers). Progress is a per-partition offset kept next to it."""
+
+    @property
+    def partitions(self) -> int:
+        """The number of partitions (the workflow log's)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and make sure the log exists (paired with :meth:`close`)."""
+        ...
+
+    async def close(self) -> None:
+        """Close one start."""
+        ...
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        """Append one record and return its offset once it is durable."""
+        ...
+
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        """Yield records from ``start`` on, waiting for new ones; runs until cancelled."""
+        ...
+
+    async def end_offset(self, partition: int) -> int:
+        """The offset the next record appended to ``partition`` will get."""
+        ...
+
+    async def save_progress(self, partition: int, offset: int) -> None:
+        """Store where a session of ``partition`` resumes."""
+        ...
+
+    async def load_progress(self) -> dict[int, int]:
+        """The stored progress by partition."""
+        ...
+
+
+class MemRequestLog:
+    """A request log in memory, for tests and single-process use; shared by every instance
+    and client given the same object."""
+
+    def __init__(self, partitions: int = 1) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        self._logs: list[list[Record]] = [[] for _ in range(partitions)]
+        self._progress: dict[int, int] = {}
+        self._appended = asyncio.Condition()
+
+    @property
+    def partitions(self) -> int:
+        return len(self._logs)
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+        log = self._logs[partition]
+        log.append(Record(partition, len(log), kind, key, node, value))
+        async with self._appended:
+            self._appended.notify_all()
+        return len(log) - 1
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        log = self._logs[partition]
+        position = max(start, 0)
+        while True:
+            if position < len(log):
+                batch = log[position:]
+                position += len(batch)
+                yield batch
+                continue
+            async with self._appended:
+                await self._appended.wait_for(functools.partial(_grown, log, position))
+
+    async def end_offset(self, partition: int) -> int:
+        return len(self._logs[partition])
+
+    async def save_progress(self, partition: int, offset: int) -> None:
+        self._progress[partition] = max(offset, self._progress.get(partition, 0))
+
+    async def load_progress(self) -> dict[int, int]:
+        return dict(self._progress)
+
+    def records(self, partition: int) -> list[Record]:
+        """Every record of ``partition`` (tests)."""
+        return list(self._logs[partition])
+
+
+def _grown(log: list[Record], length: int) -> bool:
+    return len(log) > length
+
+
+# --- the answer rule -------------------------------------------------------------------------
+
+
+class AnswerRule:
+    """Which answers of one request partition count, for a reader that reads it in order
+    from some offset on: the claims seen, and where each request was read."""
+
+    __slots__ = ("_claims", "_requests")
+
+    def __init__(self) -> None:
+        self._claims: list[int] = []  # offsets of every claim read, ascending
+        self._requests: dict[str, int] = {}  # request id -> offset of its first copy
+
+    def claim(self, offset: int) -> None:
+        """A ``request_claim`` was read at ``offset``."""
+        self._claims.append(offset)
+
+    def request(self, request_id: str, offset: int) -> None:
+        """A request was read at ``offset`` (a second copy keeps the first)."""
+        self._requests.setdefault(request_id, offset)
+
+    def forget(self, request_id: str) -> None:
+        """Nothing more is expected for ``request_id``."""
+        self._requests.pop(request_id, None)
+
+    def counts(self, answer: Answer, offset: int) -> bool:
+        """Whether ``answer``, read at ``offset``, counts: its session is the latest claim
+        read before it (or, none read, the session began before its request)."""
+        asked = self._requests.get(answer.request)
+        if asked is None:
+            return False  # its request was not read: not one of this reader's
+        latest = None
+        for claim in reversed(self._claims):
+            if claim < offset:
+                latest = claim
+                break
+        if latest is not None:
+            return latest == answer.session
+        # No claim read before it: this reader started after the session's claim, and a
+        # session answers only requests that follow no later claim.
+        return answer.session < asked
+
+
+# --- the caller's side -------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    """Answers that counted for one request, in order."""
+
+    answers: asyncio.Queue[Answer | BaseException] = field(default_factory=asyncio.Queue)
+
+
+class _Follower:
+    """Follows one request partition for the answers the caller waits for."""
+
+    def __init__(self, log: RequestLog, codec: Codec, partition: int) -> None:
+        self._log = log
+        self._codec = codec
+        self.partition = partition
+        self._rule = AnswerRule()
+        self.waiters: dict[str, _Waiter] = {}
+        self.ready = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            start = await self._log.end_offset(self.partition)
+            self.ready.set()
+            async for batch in self._log.tail(self.partition, start):
+                for record in batch:
+                    self._take(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the waiters learn it; the next call starts afresh
+            logger.warning("following request partition %d failed: %r", self.partition, exc)
+            self.failure = exc
+            self.ready.set()
+            for waiter in self.waiters.values():
+                waiter.answers.put_nowait(TransientStorageError(f"request log: {exc!r}"))
+
+    def _take(self, record: Record) -> None:
+        kind = record.kind
+        if kind == REQUEST_CLAIM:
+            self._rule.claim(record.offset)
+        elif kind == REQUEST:
+            request_id = self._decode(record, _RequestHead)
+            if request_id is not None and request_id.id in self.waiters:
+                self._rule.request(request_id.id, record.offset)
+        elif kind == ANSWER:
+            answer = self._decode(record, Answer)
+            if answer is None:
+                return
+            waiter = self.waiters.get(answer.request)
+            if waiter is not None and self._rule.counts(answer, record.offset):
+                waiter.answers.put_nowait(answer)
+
+    def _decode(self, record: Record, cls: type[Any]) -> Any:
+        try:
+            return self._codec.decode(record.value, cls)
+        except KapbitError as exc:
+            logger.warning(
+                "request partition %d offset %d unreadable: %s",
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return None
+
+    def done(self, request_id: str) -> None:
+        self.waiters.pop(request_id, None)
+        self._rule.forget(request_id)
+
+
+def _answer_or_raise(got: Answer | BaseException) -> Answer:
+    if isinstance(got, BaseException):
+        raise got  # the follower or the forwarder stopped
+    return got
+
+
+class _RequestHead(msgspec.Struct, frozen=True):
+    """The part of a request a follower needs."""
+
+    id: str
+
+
+class WorkflowReader(Protocol):
+    """Reads a workflow from the log where it was created."""
+
+    async def __call__(self, workflow_id: str, partition: int, offset: int) -> WorkflowState: ...
+
+
+class Forwarder:
+    """The caller's side: forwards calls to the owner through the request log and waits for
+    the answers that count. ``timeout`` bounds the wait for the first answer (the owner may
+    be taking over the partition: failover takes a session timeout and a recovery);
+    :class:`~kapbit.errors.RequestTimedOut` after it."""
+
+    def __init__(
+        self,
+        requests: RequestLog,
+        repository: Repository,
+        codec: Codec,
+        definitions: Mapping[str, Definition],
+        node: str,
+        timeout: float,
+    ) -> None:
+        self._requests = requests
+        self._repository = repository
+        self._codec = codec
+        self._definitions = definitions
+        self.node = node
+        self.timeout = timeout
+        self._followers: dict[int, tuple[_Follower, asyncio.Task[None]]] = {}
+        self._host = TaskHost("kapbit-forwarder")
+        self._started = False
+
+    async def start(self) -> None:
+        """Start the task host the followers run in."""
+        if not self._started:
+            await self._host.start()
+            self._started = True
+
+    async def close(self) -> None:
+        """Stop following; callers still waiting get InstanceClosed."""
+        for follower, _ in self._followers.values():
+            for waiter in follower.waiters.values():
+                waiter.answers.put_nowait(InstanceClosed("the forwarder closed"))
+        self._followers.clear()
+        await self._host.close(CANCEL_GRACE)
+
+    def abort(self) -> None:
+        """Stop at once (a crash)."""
+        self._followers.clear()
+        self._host.abort()
+
+    async def _follower(self, partition: int) -> _Follower:
+        entry = self._followers.get(partition)
+        if entry is not None and entry[0].failure is None and not entry[1].done():
+            follower = entry[0]
+        else:
+            follower = _Follower(self._requests, self._codec, partition)
+            task = self._host.spawn(follower.run(), name=f"kapbit-forward-{partition}")
+            self._followers[partition] = (follower, task)
+        await follower.ready.wait()
+        if follower.failure is not None:
+            raise TransientStorageError(f"request log: {follower.failure!r}")
+        return follower
+
+    async def ask(
+        self,
+        op: Op,
+        partition: int,
+        workflow_id: str,
+        workflow_type: str = "",
+        input: bytes = b"null",
+        on_duplicate: str = "raise",
+        then: Callable[[Answer], Awaitable[Any]] | None = None,
+    ) -> Answer:
+        """Send a request and return its first final answer (``then`` is called with a
+        non-final one: ``created`` of an ``exec``). RequestTimedOut if no answer counts
+        within the timeout; a non-final one lifts the timeout."""
+        follower = await self._follower(partition)
+        request_id = uuid.uuid4().hex
+        waiter = follower.waiters[request_id] = _Waiter()
+        deadline = time.time() + self.timeout
+        request = Request(
+            request_id,
+            op,
+            workflow_id,
+            workflow_type,
+            msgspec.Raw(input),
+            on_duplicate,
+            deadline,
+            time.time(),
+        )
+        try:
+            await self._requests.append(
+                partition, REQUEST, workflow_id, self.node, self._codec.encode(request)
+            )
+            try:
+                async with asyncio.timeout(self.timeout):
+                    answer = _answer_or_raise(await waiter.answers.get())
+            except TimeoutError:
+                raise RequestTimedOut(workflow_id, op, partition, self.timeout) from None
+            while not answer.final:
+                if then is not None:
+                    await then(answer)
+                answer = _answer_or_raise(await waiter.answers.get())
+            return answer
+        finally:
+            follower.done(request_id)
+
+    async def read(self, workflow_id: str, partition: int, offset: int) -> WorkflowState:
+        """The workflow as the log shows it, read from its ``WorkflowCreated``."""
+        return await read_workflow(
+            self._repository, self._codec, self._definitions, workflow_id, partition, offset
+        )
+
+    async def ended(self, workflow_id: str, partition: int, answer: Answer) -> Any:
+        """The result an ``ended`` (or ``error``) answer stands for, raising the workflow's
+        error as exec_workflow does."""
+        if answer.outcome == "error":
+            raise answer_error(answer)
+        state = await self.read(workflow_id, partition, answer.created_offset)
+        if state.error is not None:
+            raise state.error
+        if not state.status.terminal:  # the owner said it ended: the log must agree
+            raise StorageError(
+                f"workflow {workflow_id!r} is not terminated in the log although its owner "
+                "answered it ended"
+            )
+        return state.result
+
+
+# --- the owner's side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What the owner's admission did with a ``start`` / ``exec`` request.
+
+    ``created``: this request created the workflow (now, or in an earlier session);
+    ``created_offset``: where its ``WorkflowCreated`` lies (``-1``: not acknowledged yet);
+    ``outcome``: the end of a workflow created by this call (``None`` otherwise), as the
+    local ``exec_workflow`` would return it: ``(result, error)``.
+    """
+
+    created: bool
+    created_offset: int
+    workflow_type: str
+    outcome: asyncio.Future[tuple[Any, BaseException | None]] | None = None
+
+
+class Owner(Protocol):
+    """What a serving session asks the instance: its one admission path and its workflows."""
+
+    @property
+    def writer_id(self) -> str:
+        """The writer id the owner writes as."""
+        ...
+
+    async def accept(self, request: Request) -> Accepted:
+        """Admit ``request`` as a local call with its ``on_duplicate`` would (raising the
+        same refusals), writing its id into ``WorkflowCreated``."""
+        ...
+
+    def locate(self, workflow_id: str) -> tuple[int, str] | None:
+        """``(created offset, type)`` of a workflow this owner knows (offset ``-1``: not
+        acknowledged yet), else ``None``."""
+        ...
+
+    async def wait_end(self, workflow_id: str) -> int:
+        """Wait for the end of a workflow this owner knows (through retries); its created
+        offset. WorkflowNotFound for an unknown id; InstanceClosed / Fenced when this owner
+        stops running it."""
+        ...
+
+
+class _Stopped(Exception):
+    """The owner stopped or lost the partition: leave the request to the next owner."""
+
+
+class RequestServer:
+    """The owner's side: serves the request partitions of the log partitions it owns, one
+    session per partition (:meth:`serve` after the partition is claimed and recovered,
+    :meth:`release` when it is revoked or the instance stops)."""
+
+    def __init__(self, requests: RequestLog, codec: Codec, owner: Owner) -> None:
+        self._requests = requests
+        self._codec = codec
+        self._owner = owner
+        self._host = TaskHost("kapbit-requests")
+        self._sessions: dict[int, asyncio.Task[None]] = {}
+        self._progress: dict[int, int] | None = None
+
+    async def start(self) -> None:
+        """Load the stored progress and start the task host."""
+        self._progress = await self._requests.load_progress()
+        await self._host.start()
+
+    def serve(self, partition: int) -> None:
+        """Start a session on ``partition`` (a no-op when one runs)."""
+        task = self._sessions.get(partition)
+        if task is None or task.done():
+            self._sessions[partition] = self._host.spawn(
+                self._session(partition), name=f"kapbit-requests-{partition}"
+            )
+
+    async def release(self, partition: int) -> None:
+        """End the session on ``partition``; its unanswered requests go to the next owner."""
+        task = self._sessions.pop(partition, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    @property
+    def serving(self) -> frozenset[int]:
+        """The partitions with a running session."""
+        return frozenset(p for p, task in self._sessions.items() if not task.done())
+
+    def abort(self) -> None:
+        """Stop at once (a crash): nothing more is answered."""
+        for task in self._sessions.values():
+            task.cancel()
+        self._sessions.clear()
+        self._host.abort()
+
+    async def close(self) -> None:
+        """End every session."""
+        for partition in list(self._sessions):
+            await self.release(partition)
+        await self._host.close(CANCEL_GRACE)
+
+    async def _session(self, partition: int) -> None:
+        session = _Session(
+            self._requests,
+            self._codec,
+            self._owner,
+            partition,
+            (self._progress or {}).get(partition, 0),
+        )
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            raise
+        except _Stopped as stop:
+            logger.info("request partition %d: session ended: %s", partition, stop)
+        except Exception:
+            logger.exception("request partition %d: session failed", partition)
+        finally:
+            await session.stop()
+
+
+class _Session:
+    """One owner's service of one request partition, from its claim to its end."""
+
+    def __init__(
+        self, requests: RequestLog, codec: Codec, owner: Owner, partition: int, resume: int
+    ) -> None:
+        self._requests = requests
+        self._codec = codec
+        self._owner = owner
+        self.partition = partition
+        self._resume = resume
+        self._rule = AnswerRule()
+        self._claim = -1
+        self._open: dict[str, tuple[int, Request | None]] = {}  # read, not finished
+        self._finished = 0
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._saved = resume
+        self._read_to = resume  # every record below has been taken
+
+    async def run(self) -> None:
+        claim = RequestClaim(self._owner.writer_id, time.time())
+        self._claim = await self._requests.append(
+            self.partition,
+            REQUEST_CLAIM,
+            self._owner.writer_id,
+            self._owner.writer_id,
+            self._codec.encode(claim),
+        )
+        logger.info(
+            "request partition %d: serving from offset %d (claim at %d)",
+            self.partition,
+            self._resume,
+            self._claim,
+        )
+        async for batch in self._requests.tail(self.partition, self._resume):
+            for record in batch:
+                self._take(record)
+                self._read_to = record.offset + 1
+            await self._save_progress(_PROGRESS_EVERY)
+
+    def _take(self, record: Record) -> None:
+        kind, offset = record.kind, record.offset
+        if kind == REQUEST_CLAIM:
+            self._rule.claim(offset)
+            if offset > self._claim:
+                raise _Stopped(f"claimed by {record.node!r} at offset {offset}")
+            if offset == self._claim:  # caught up: serve every request still open
+                for request_id, (_, request) in list(self._open.items()):
+                    if request is not None:
+                        self._spawn(request_id, request)
+            return
+        if kind == REQUEST:
+            request = self._decode(record, Request)
+            if request is None or request.id in self._open:
+                return
+            self._rule.request(request.id, offset)
+            self._open[request.id] = (offset, request)
+            if offset > self._claim:
+                self._spawn(request.id, request)
+        elif kind == ANSWER:
+            answer = self._decode(record, Answer)
+            if answer is None or not answer.final or answer.request not in self._open:
+                return
+            if self._rule.counts(answer, offset):
+                self._finish(answer.request)
+
+    def _decode(self, record: Record, cls: type[Any]) -> Any:
+        try:
+            return self._codec.decode(record.value, cls)
+        except KapbitError as exc:
+            logger.warning(
+                "request partition %d offset %d unreadable, skipped: %s",
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return None
+
+    def _finish(self, request_id: str) -> None:
+        self._open.pop(request_id, None)
+        self._rule.forget(request_id)
+        self._finished += 1
+        task = self._tasks.pop(request_id, None)
+        if task is not None and not task.done():
+            task.cancel()  # answered by this session already (read back): nothing to do
+
+    def _spawn(self, request_id: str, request: Request) -> None:
+        offset, _ = self._open[request_id]
+        if request.deadline and request.deadline < time.time():
+            logger.info(
+                "request %s (%s %r) expired before it was served; skipped",
+                request_id,
+                request.op,
+                request.workflow_id,
+            )
+            self._open[request_id] = (offset, None)  # no answer; counted as finished
+            self._finish(request_id)
+            return
+        self._tasks[request_id] = asyncio.create_task(
+            self._serve(request), name=f"kapbit-request-{request_id}"
+        )
+
+    async def _answer(self, answer: Answer) -> None:
+        await self._requests.append(
+            self.partition,
+            ANSWER,
+            "",
+            self._owner.writer_id,
+            self._codec.encode(answer),
+        )
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            await self._answer(await self._respond(request))
+        except (_Stopped, InstanceClosed, Fenced, asyncio.CancelledError):
+            return  # the next owner serves it
+        except Exception:
+            logger.exception("request %s (%s) could not be answered", request.id, request.op)
+
+    async def _respond(self, request: Request) -> Answer:
+        owner, session = self._owner, self._claim
+        try:
+            if request.op in ("start", "exec"):
+                accepted = await owner.accept(request)
+                if request.op == "exec" and not accepted.created:  # attached
+                    return await self._ended(request, session)
+                if request.op == "start":
+                    outcome: Outcome = "created" if accepted.created else "found"
+                    return Answer(
+                        request.id,
+                        session,
+                        outcome,
+                        created_offset=accepted.created_offset,
+                        workflow_type=accepted.workflow_type,
+                        at=time.time(),
+                    )
+                await self._answer(
+                    Answer(
+                        request.id,
+                        session,
+                        "created",
+                        final=False,
+                        created_offset=accepted.created_offset,
+                        workflow_type=accepted.workflow_type,
+                        at=time.time(),
+                    )
+                )
+                if accepted.outcome is None:  # created in an earlier session
+                    return await self._ended(request, session)
+                _, error = await asyncio.shield(accepted.outcome)
+                if isinstance(error, WillRetryLater):
+                    return error_answer(request.id, session, error)
+                if isinstance(error, (InstanceClosed, Fenced)) or (
+                    error is not None and not isinstance(error, KapbitError)
+                ):
+                    raise _Stopped(describe_error(error, str))
+                return Answer(
+                    request.id,
+                    session,
+                    "ended",
+                    created_offset=accepted.created_offset,
+                    workflow_type=accepted.workflow_type,
+                    at=time.time(),
+                )
+            if request.op == "describe":
+                known = owner.locate(request.workflow_id)
+                if known is None:
+                    raise WorkflowNotFound(request.workflow_id)
+                return Answer(
+                    request.id,
+                    session,
+                    "found",
+                    created_offset=known[0],
+                    workflow_type=known[1],
+                    at=time.time(),
+                )
+            return await self._ended(request, session)
+        except (InstanceClosed, Fenced, StorageError) as stopped:
+            if isinstance(stopped, RecordRejected):
+                return error_answer(request.id, session, stopped)
+            raise _Stopped(str(stopped)) from stopped
+        except KapbitError as error:
+            return error_answer(request.id, session, error)
+
+    async def _ended(self, request: Request, session: int) -> Answer:
+        offset = await self._owner.wait_end(request.workflow_id)
+        return Answer(request.id, session, "ended", created_offset=offset, at=time.time())
+
+    def progress(self) -> int:
+        """Below this offset every request read has a final answer that counted."""
+        if not self._open:
+            return self._read_to
+        return min(offset for offset, _ in self._open.values())
+
+    async def _save_progress(self, every: int) -> None:
+        if self._finished < every:
+            return
+        self._finished = 0
+        low = self.progress()
+        if low > self._saved:
+            try:
+                await self._requests.save_progress(self.partition, low)
+                self._saved = low
+            except KapbitError as exc:
+                logger.warning("request partition %d: progress not saved: %s", self.partition, exc)
+
+    async def stop(self) -> None:
+        """Cancel the requests being served; save progress."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_GRACE)
+        with contextlib.suppress(Exception):
+            await self._save_progress(0)
+
+
+# --- handles of workflows owned elsewhere ------------------------------------------------
+
+
+class RemoteWorkflows:
+    """Handles of workflows whose partition another instance owns: their status and result
+    come from the owner's answers and the log (what :class:`~kapbit.WorkflowHandle` asks,
+    through :class:`~kapbit.handles.RunningWorkflows` and
+    :class:`~kapbit.handles.WorkflowLookup`)."""
+
+    def __init__(self, forwarder: Forwarder, partitions: int) -> None:
+        self._forwarder = forwarder
+        self._partitions = partitions
+
+    def handle(self, workflow_id: str) -> WorkflowHandle[Any]:
+        """A handle of ``workflow_id``; WorkflowNotFound is raised by its calls when the
+        owner does not know the id."""
+        return WorkflowHandle(workflow_id, self, self)
+
+    def locate(self, workflow_id: str) -> tuple[int, int | None]:
+        return partition_for(workflow_id, self._partitions), None
+
+    def running_type(self, workflow_id: str) -> str | None:
+        return None  # it runs elsewhere
+
+    async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
+        partition = partition_for(workflow_id, self._partitions)
+        async with asyncio.timeout(timeout):
+            answer = await self._forwarder.ask("result", partition, workflow_id)
+        return await self._forwarder.ended(workflow_id, partition, answer)
+
+    async def read(self, workflow_id: str) -> WorkflowState:
+        partition = partition_for(workflow_id, self._partitions)
+        answer = await self._forwarder.ask("describe", partition, workflow_id)
+        if answer.outcome == "error":
+            raise answer_error(answer)
+        if answer.created_offset < 0:  # running on the owner, not acknowledged yet
+            return WorkflowState(
+                workflow_id, answer.workflow_type, partition, -1, WorkflowStatus.RUNNING
+            )
+        return await self._forwarder.read(workflow_id, partition, answer.created_offset)
+
+    async def start(
+        self, workflow_id: str, workflow_type: str, input: bytes, on_duplicate: str
+    ) -> WorkflowHandle[Any]:
+        """Forward a ``start_workflow``: the handle once the owner created the workflow (or
+        found it, attaching); the owner's refusal otherwise."""
+        partition = partition_for(workflow_id, self._partitions)
+        answer = await self._forwarder.ask(
+            "start", partition, workflow_id, workflow_type, input, on_duplicate
+        )
+        if answer.outcome == "error":
+            raise answer_error(answer)
+        return self.handle(workflow_id)
+
+    async def exec(
+        self, workflow_id: str, workflow_type: str, input: bytes, on_duplicate: str
+    ) -> Any:
+        """Forward an ``exec_workflow``: its result, or the error the owner's call raised."""
+        partition = partition_for(workflow_id, self._partitions)
+        answer = await self._forwarder.ask(
+            "exec", partition, workflow_id, workflow_type, input, on_duplicate
+        )
+        return await self._forwarder.ended(workflow_id, partition, answer)
