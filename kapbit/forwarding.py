@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import msgspec
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
 from kapbit.codecs import Codec
@@ -96,6 +97,8 @@ Op = Literal["start", "exec", "describe", "result"]
 #: ``error``: the typed error the owner's call raised (nothing written for a refusal).
 Outcome = Literal["created", "found", "ended", "error"]
 
+#: Backoff of an answer whose append failed transiently (retried while the session lasts).
+_ANSWER_BACKOFF = wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05)
 #: Save a partition's progress after this many requests were finished (and at the end).
 _PROGRESS_EVERY = 100
 
@@ -666,23 +669,25 @@ class RequestServer:
         await self._host.close(CANCEL_GRACE)
 
     async def _session(self, partition: int) -> None:
-        session = _Session(
-            self._requests,
-            self._codec,
-            self._owner,
-            partition,
-            (self._progress or {}).get(partition, 0),
-        )
-        try:
-            await session.run()
-        except asyncio.CancelledError:
-            raise
-        except _Stopped as stop:
-            logger.info("request partition %d: session ended: %s", partition, stop)
-        except Exception:
-            logger.exception("request partition %d: session failed", partition)
-        finally:
-            await session.stop()
+        """Serve ``partition`` until released or claimed by another; a session that fails
+        (storage unreachable) is followed by a new one, after a pause."""
+        pause = 0.1
+        while True:
+            resume = (self._progress or {}).get(partition, 0)
+            with contextlib.suppress(Exception):
+                resume = max(resume, (await self._requests.load_progress()).get(partition, 0))
+            session = _Session(self._requests, self._codec, self._owner, partition, resume)
+            try:
+                await session.run()
+            except _Stopped as stop:
+                logger.info("request partition %d: session ended: %s", partition, stop)
+                return
+            except Exception:
+                logger.exception("request partition %d: session failed; starting again", partition)
+            finally:
+                await session.stop()
+            await asyncio.sleep(pause)  # a storage outage: do not spin
+            pause = min(pause * 2, 5.0)
 
 
 class _Session:
@@ -788,13 +793,17 @@ class _Session:
         )
 
     async def _answer(self, answer: Answer) -> None:
-        await self._requests.append(
-            self.partition,
-            ANSWER,
-            "",
-            self._owner.writer_id,
-            self._codec.encode(answer),
-        )
+        """Append ``answer``, retrying transient storage errors while the session lasts."""
+        value = self._codec.encode(answer)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientStorageError),
+            wait=_ANSWER_BACKOFF,
+            reraise=True,
+        ):
+            with attempt:
+                await self._requests.append(
+                    self.partition, ANSWER, "", self._owner.writer_id, value
+                )
 
     async def _serve(self, request: Request) -> None:
         try:
