@@ -54,6 +54,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, w
 from kapbit._lifecycle import CANCEL_GRACE, TaskHost
 from kapbit.codecs import Codec
 from kapbit.errors import (
+    DeadLettered,
     DuplicateWorkflow,
     Fenced,
     GateClosed,
@@ -128,7 +129,9 @@ class Answer(msgspec.Struct, frozen=True, omit_defaults=True):
     """The owner's answer to request ``request``, given in the session whose claim is at
     offset ``session``. ``final`` is false only for ``created`` of an ``exec`` (the end
     follows). ``created_offset`` is where the workflow's ``WorkflowCreated`` lies (``-1``:
-    not acknowledged yet); ``error`` / ``message`` / ``detail`` describe the typed error."""
+    not acknowledged yet); ``error`` / ``message`` / ``detail`` describe the typed error;
+    ``result`` is the encoded result of an ``ended`` workflow (so the caller need not read
+    the log for it)."""
 
     request: str
     session: int
@@ -139,6 +142,7 @@ class Answer(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str = ""
     message: str = ""
     detail: dict[str, str | int | None] = {}
+    result: msgspec.Raw = msgspec.Raw(b"")
     at: float = 0.0
 
 
@@ -168,6 +172,7 @@ _ANSWER_ERRORS: dict[str, type[KapbitError]] = {
         WorkflowNotFound,
         WorkflowRejected,
         InvalidReturnValue,
+        DeadLettered,
         KapbitError,
     )
 }
@@ -181,6 +186,8 @@ _DETAIL_FIELDS = (
     "reason",
     "step",
     "phase",
+    "attempts",
+    "error",
 )
 
 
@@ -552,20 +559,16 @@ class Forwarder:
             self._repository, self._codec, self._definitions, workflow_id, partition, offset
         )
 
-    async def ended(self, workflow_id: str, partition: int, answer: Answer) -> Any:
-        """The result an ``ended`` (or ``error``) answer stands for, raising the workflow's
-        error as exec_workflow does."""
+    def ended(self, answer: Answer) -> Any:
+        """The result an ``ended`` (or ``error``) answer carries, decoded with the
+        definition's result type; the workflow's error raised as exec_workflow does."""
         if answer.outcome == "error":
             raise answer_error(answer)
-        state = await self.read(workflow_id, partition, answer.created_offset)
-        if state.error is not None:
-            raise state.error
-        if not state.status.terminal:  # the owner said it ended: the log must agree
-            raise StorageError(
-                f"workflow {workflow_id!r} is not terminated in the log although its owner "
-                "answered it ended"
-            )
-        return state.result
+        if not answer.result:
+            raise StorageError(f"answer {answer.request} is {answer.outcome!r}, not a result")
+        definition = self._definitions.get(answer.workflow_type)
+        target: Any = Any if definition is None else definition.result_type
+        return self._codec.decode(answer.result, target)
 
 
 # --- the owner's side ----------------------------------------------------------------------
@@ -605,10 +608,11 @@ class Owner(Protocol):
         acknowledged yet), else ``None``."""
         ...
 
-    async def wait_end(self, workflow_id: str) -> int:
-        """Wait for the end of a workflow this owner knows (through retries); its created
-        offset. WorkflowNotFound for an unknown id; InstanceClosed / Fenced when this owner
-        stops running it."""
+    async def wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
+        """Wait for the end of a workflow this owner knows (through retries): its created
+        offset, type and result; its error (DeadLettered, WorkflowRejected,
+        InvalidReturnValue) raised. WorkflowNotFound for an unknown id; InstanceClosed /
+        Fenced when this owner stops running it."""
         ...
 
 
@@ -843,20 +847,15 @@ class _Session:
                 )
                 if accepted.outcome is None:  # created in an earlier session
                     return await self._ended(request, session)
-                _, error = await asyncio.shield(accepted.outcome)
-                if isinstance(error, WillRetryLater):
-                    return error_answer(request.id, session, error)
+                result, error = await asyncio.shield(accepted.outcome)
                 if isinstance(error, (InstanceClosed, Fenced)) or (
                     error is not None and not isinstance(error, KapbitError)
                 ):
                     raise _Stopped(describe_error(error, str))
-                return Answer(
-                    request.id,
-                    session,
-                    "ended",
-                    created_offset=accepted.created_offset,
-                    workflow_type=accepted.workflow_type,
-                    at=time.time(),
+                if error is not None:  # WillRetryLater, or it ended with an error
+                    return error_answer(request.id, session, error)
+                return self._result(
+                    request, session, accepted.created_offset, accepted.workflow_type, result
                 )
             if request.op == "describe":
                 known = owner.locate(request.workflow_id)
@@ -879,8 +878,21 @@ class _Session:
             return error_answer(request.id, session, error)
 
     async def _ended(self, request: Request, session: int) -> Answer:
-        offset = await self._owner.wait_end(request.workflow_id)
-        return Answer(request.id, session, "ended", created_offset=offset, at=time.time())
+        offset, workflow_type, result = await self._owner.wait_end(request.workflow_id)
+        return self._result(request, session, offset, workflow_type, result)
+
+    def _result(
+        self, request: Request, session: int, offset: int, workflow_type: str, result: Any
+    ) -> Answer:
+        return Answer(
+            request.id,
+            session,
+            "ended",
+            created_offset=offset,
+            workflow_type=workflow_type,
+            result=msgspec.Raw(self._codec.encode(result)),
+            at=time.time(),
+        )
 
     def progress(self) -> int:
         """Below this offset every request read has a final answer that counted."""
@@ -939,7 +951,7 @@ class RemoteWorkflows:
         partition = partition_for(workflow_id, self._partitions)
         async with asyncio.timeout(timeout):
             answer = await self._forwarder.ask("result", partition, workflow_id)
-        return await self._forwarder.ended(workflow_id, partition, answer)
+        return self._forwarder.ended(answer)
 
     async def read(self, workflow_id: str) -> WorkflowState:
         partition = partition_for(workflow_id, self._partitions)
@@ -973,4 +985,4 @@ class RemoteWorkflows:
         answer = await self._forwarder.ask(
             "exec", partition, workflow_id, workflow_type, input, on_duplicate
         )
-        return await self._forwarder.ended(workflow_id, partition, answer)
+        return self._forwarder.ended(answer)

@@ -11,7 +11,6 @@ See docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -33,7 +32,6 @@ from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
     CorruptRecord,
-    DeadLettered,
     DuplicateWorkflow,
     EncodeError,
     Fenced,
@@ -41,14 +39,12 @@ from kapbit.errors import (
     InstanceClosed,
     InvalidDefinition,
     InvalidInput,
-    InvalidReturnValue,
     InvalidWorkflowId,
     KapbitError,
     StartupError,
     TooManyWorkflows,
     UnknownWorkflowType,
     WorkflowNotFound,
-    WorkflowRejected,
 )
 from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution
@@ -707,17 +703,13 @@ class Kapbit(AsyncResource):
             return None if running is None else (-1, running)
         return offset, running or ""
 
-    async def _wait_end(self, workflow_id: str) -> int:
-        """Wait for the end of a workflow this instance knows; its created offset."""
+    async def _wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
+        """Wait for the end of a workflow this instance knows: its created offset, type and
+        result (its error raised)."""
         handle = self.get_workflow(workflow_id)
-        known = self._locate(workflow_id)
-        with contextlib.suppress(DeadLettered, WorkflowRejected, InvalidReturnValue):
-            await handle.result()  # ended with an error: the caller reads it from the log
-        after = self._locate(workflow_id)
-        offset = after[0] if after is not None else (known[0] if known is not None else -1)
-        if offset < 0:
-            raise WorkflowNotFound(workflow_id)
-        return offset
+        result = await handle.result()
+        state = await handle.describe()
+        return state.created_offset, state.type, result
 
     async def _attach(
         self, supervisor: Supervisor, workflow_id: Any, workflow_type: Any, on_duplicate: str
@@ -854,5 +846,5 @@ class _Served:
     def locate(self, workflow_id: str) -> tuple[int, str] | None:
         return self._kbit._locate(workflow_id)
 
-    async def wait_end(self, workflow_id: str) -> int:
+    async def wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
         return await self._kbit._wait_end(workflow_id)

@@ -27,7 +27,7 @@ from kapbit.repository.kafka.repository import CLIENT_DEFAULTS
 
 #: How long a follower's fetch waits for new records: the latency a forwarded call pays
 #: twice (the owner reading the request, the caller reading the answer).
-_TAIL_WAIT_MS = 5
+_TAIL_WAIT_MS = 2
 
 
 class KafkaRequestLog:
