@@ -299,6 +299,12 @@ class PayloadTooLarge(RecordRejected):
         self.limit = limit
 
 
+class InvalidAppend(KapbitError, ValueError):
+    """A call of the repository seam with a kind it does not take there: an
+    ``ActiveWriter`` goes through ``Repository.claim``, never ``append`` (a programming
+    error in a backend's caller; nothing is written)."""
+
+
 class Fenced(StorageError):
     """Another instance took over the log: this instance may no longer write."""
 

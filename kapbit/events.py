@@ -8,7 +8,7 @@ decoding; its value decodes with the instance's codec as the kind's type::
     from kapbit import JsonCodec
     from kapbit.events import EVENT_TYPES, EventKind
 
-    event = JsonCodec().decode(record.value, EVENT_TYPES[EventKind(record.kind)])
+    event = JsonCodec().decode(record.value, EVENT_TYPES[record.kind])
 
 (:class:`kapbit.projection.Projector` does this for you, skipping zombie writes and second copies
 as recovery does.) User values (inputs, outcome values, results) are fields of type

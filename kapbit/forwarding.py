@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -79,16 +78,17 @@ from kapbit.errors import (
 from kapbit.handles import WorkflowHandle, WorkflowState, read_workflow
 from kapbit.partitioner import partition_for
 from kapbit.projection.status import WorkflowStatus
-from kapbit.repository import Record, Repository
+from kapbit.repository import Repository
+from kapbit.request_log import (
+    ANSWER,
+    REQUEST,
+    REQUEST_CLAIM,
+    RequestLog,
+    RequestRecord,
+)
 from kapbit.workflow import Definition
 
 logger = logging.getLogger("kapbit.forwarding")
-
-REQUEST = "request"
-ANSWER = "answer"
-REQUEST_CLAIM = "request_claim"
-#: Every kind a request log record may carry.
-REQUEST_KINDS = frozenset({REQUEST, ANSWER, REQUEST_CLAIM})
 
 #: What a caller asks: create (``start``), create and wait for the end (``exec``), the
 #: workflow's place in the log (``describe``), or wait for its end (``result``).
@@ -221,105 +221,6 @@ def answer_error(answer: Answer) -> KapbitError:
     return error
 
 
-# --- the request log ------------------------------------------------------------------------
-
-
-class RequestLog(Protocol):
-    """A partitioned log of requests and answers; appends are not fenced (the answer rule
-    is applied by readers). Progress is a per-partition offset kept next to it."""
-
-    @property
-    def partitions(self) -> int:
-        """The number of partitions (the workflow log's)."""
-        ...
-
-    async def start(self) -> None:
-        """Connect and make sure the log exists (paired with :meth:`close`)."""
-        ...
-
-    async def close(self) -> None:
-        """Close one start."""
-        ...
-
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        """Append one record and return its offset once it is durable."""
-        ...
-
-    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        """Yield records from ``start`` on, waiting for new ones; runs until cancelled."""
-        ...
-
-    async def end_offset(self, partition: int) -> int:
-        """The offset the next record appended to ``partition`` will get."""
-        ...
-
-    async def save_progress(self, partition: int, offset: int) -> None:
-        """Store where a session of ``partition`` resumes."""
-        ...
-
-    async def load_progress(self) -> dict[int, int]:
-        """The stored progress by partition."""
-        ...
-
-
-class MemRequestLog:
-    """A request log in memory, for tests and single-process use; shared by every instance
-    and client given the same object."""
-
-    def __init__(self, partitions: int = 1) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
-        self._logs: list[list[Record]] = [[] for _ in range(partitions)]
-        self._progress: dict[int, int] = {}
-        self._appended = asyncio.Condition()
-
-    @property
-    def partitions(self) -> int:
-        return len(self._logs)
-
-    async def start(self) -> None:
-        """Nothing to connect to."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        log = self._logs[partition]
-        log.append(Record(partition, len(log), kind, key, node, value))
-        async with self._appended:
-            self._appended.notify_all()
-        return len(log) - 1
-
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        log = self._logs[partition]
-        position = max(start, 0)
-        while True:
-            if position < len(log):
-                batch = log[position:]
-                position += len(batch)
-                yield batch
-                continue
-            async with self._appended:
-                await self._appended.wait_for(functools.partial(_grown, log, position))
-
-    async def end_offset(self, partition: int) -> int:
-        return len(self._logs[partition])
-
-    async def save_progress(self, partition: int, offset: int) -> None:
-        self._progress[partition] = max(offset, self._progress.get(partition, 0))
-
-    async def load_progress(self) -> dict[int, int]:
-        return dict(self._progress)
-
-    def records(self, partition: int) -> list[Record]:
-        """Every record of ``partition`` (tests)."""
-        return list(self._logs[partition])
-
-
-def _grown(log: list[Record], length: int) -> bool:
-    return len(log) > length
-
-
 # --- the answer rule -------------------------------------------------------------------------
 
 
@@ -401,7 +302,7 @@ class _Follower:
             for waiter in self.waiters.values():
                 waiter.answers.put_nowait(TransientStorageError(f"request log: {exc!r}"))
 
-    def _take(self, record: Record) -> None:
+    def _take(self, record: RequestRecord) -> None:
         kind = record.kind
         if kind == REQUEST_CLAIM:
             self._rule.claim(record.offset)
@@ -417,7 +318,7 @@ class _Follower:
             if waiter is not None and self._rule.counts(answer, record.offset):
                 waiter.answers.put_nowait(answer)
 
-    def _decode(self, record: Record, cls: type[Any]) -> Any:
+    def _decode(self, record: RequestRecord, cls: type[Any]) -> Any:
         try:
             return self._codec.decode(record.value, cls)
         except KapbitError as exc:
@@ -734,7 +635,7 @@ class _Session:
                 self._read_to = record.offset + 1
             await self._save_progress(_PROGRESS_EVERY)
 
-    def _take(self, record: Record) -> None:
+    def _take(self, record: RequestRecord) -> None:
         kind, offset = record.kind, record.offset
         if kind == REQUEST_CLAIM:
             self._rule.claim(offset)
@@ -760,7 +661,7 @@ class _Session:
             if self._rule.counts(answer, offset):
                 self._finish(answer.request)
 
-    def _decode(self, record: Record, cls: type[Any]) -> Any:
+    def _decode(self, record: RequestRecord, cls: type[Any]) -> Any:
         try:
             return self._codec.decode(record.value, cls)
         except KapbitError as exc:

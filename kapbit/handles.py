@@ -28,7 +28,6 @@ from kapbit.errors import (
 from kapbit.events import (
     DeadLetter,
     Event,
-    EventKind,
     InvalidReturn,
     Rejected,
     StepOutcome,
@@ -36,6 +35,7 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
+from kapbit.fencing import is_claim
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import PartitionReader, Verdict, decode_value
 from kapbit.partitioner import partition_for
@@ -45,7 +45,6 @@ from kapbit.workflow import Definition
 
 R = TypeVar("R")
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 
 #: What submitting an id the instance already knows does: ``"raise"``
 #: :class:`~kapbit.errors.DuplicateWorkflow` (the default), or ``"attach"`` to that workflow.
@@ -112,7 +111,7 @@ async def read_workflow(
                 if record.offset != created_offset or record.key != workflow_id:
                     raise WorkflowNotFound(workflow_id)
                 reader = PartitionReader(codec, partition, record.node, 1)
-            elif record.key != workflow_id and record.kind != _ACTIVE_WRITER:
+            elif record.key != workflow_id and not is_claim(record):
                 continue  # another workflow's: only claims matter (who owns the partition)
             verdict, event, _ = reader.take(record)
             if verdict is not Verdict.NEW or record.key != workflow_id:

@@ -27,6 +27,7 @@ from kapbit._log import fields
 from kapbit._start_retries import StartRetries
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
@@ -54,7 +55,6 @@ from kapbit.forwarding import (
     Forwarder,
     RemoteWorkflows,
     Request,
-    RequestLog,
     RequestServer,
 )
 from kapbit.gate import EntryGate
@@ -65,6 +65,9 @@ from kapbit.ownership import Ownership
 from kapbit.partitioner import partition_for
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Repository
+from kapbit.request_log import RequestLog
+from kapbit.scheduler import Scheduler, check_schedules
+from kapbit.schedules import Schedule
 from kapbit.stats import Stats
 from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
@@ -94,6 +97,11 @@ class Kapbit(AsyncResource):
     :class:`~kapbit.errors.Fenced`; the second resumes its unfinished workflows. The
     instance owns the repository it is given: it starts it, and closes it on close or
     when its start fails.
+
+    ``schedules`` (:class:`kapbit.schedules.Schedule`) start their workflows at their fire
+    times while the instance runs, each firing at most once across restarts and takeovers;
+    a schedule naming an unregistered type or with an input not of that type is refused
+    here with :class:`~kapbit.errors.InvalidSchedule`.
     """
 
     def __init__(
@@ -104,11 +112,15 @@ class Kapbit(AsyncResource):
         *,
         options: Options | None = None,
         requests: RequestLog | None = None,
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         self.options = options or Options()
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
+        # Options.clock once the clock reaches every part; until then the system clock.
+        self._clock: Clock = getattr(self.options, "clock", SYSTEM_CLOCK)
+        self._schedules = check_schedules(schedules, self._schedule_problem)
         #: This instance's name: ``Options.node_id``, by default host name and process id.
         #: It may repeat across starts (a pod name); the log tells starts apart by
         #: :attr:`writer_id`.
@@ -141,6 +153,7 @@ class Kapbit(AsyncResource):
         self._unwatch: Callable[[], None] | None = None
         self._workflow_log: WorkflowLog | None = None
         self._checkpointer: Checkpointer | None = None
+        self._scheduler: Scheduler | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
         #: The request log (see :mod:`kapbit.forwarding`): this instance serves the
@@ -203,6 +216,8 @@ class Kapbit(AsyncResource):
             await self._fail_start()
             raise
         self._state = "running"
+        if self._scheduler is not None:  # its starts are admitted once the instance runs
+            self._background.spawn(self._scheduler.run(self._start_firing), name="kapbit-scheduler")
         logger.info(
             "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
             "resumed, %d records read",
@@ -230,6 +245,8 @@ class Kapbit(AsyncResource):
             recovered.checkpoints,
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
+            codec=self._codec,
+            states=recovered.states,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -247,6 +264,9 @@ class Kapbit(AsyncResource):
         await supervisor.start(recovered.executions)
         if self._requests is not None:
             await self._start_requests(self._requests)
+        if self._schedules:
+            known = [id_ for window in recovered.windows for id_, _ in window.entries()]
+            self._scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
         instrumentation = self.options.instrumentation
         if instrumentation is not None:
             self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
@@ -298,6 +318,30 @@ class Kapbit(AsyncResource):
         if self._remote is None or not isinstance(workflow_id, str) or not workflow_id:
             return False
         return not self._owns(partition_for(workflow_id, self._partitions))
+
+    def _schedule_problem(self, schedule: Schedule) -> str | None:
+        """Why ``schedule``'s firings could not start here (``None``: they can): its
+        workflow type is not registered or its input is not of that type's input."""
+        definition = self._definitions.get(schedule.workflow)
+        if definition is None:
+            return f"unknown workflow type; registered: {', '.join(sorted(self._definitions))}"
+        try:
+            encode_checked(self._codec, schedule.input, definition.input_check)
+        except EncodeError as exc:
+            return f"its input does not encode: {exc}"
+        except TypeMismatch as mismatch:
+            return f"its input is {mismatch.actual}, not {mismatch.declared}: {mismatch.detail}"
+        return None
+
+    def _starts_firing(self, workflow_id: str) -> bool:
+        """Whether this instance starts the schedule firing ``workflow_id``: the one place
+        that decides it. A single instance owns every partition, so it starts them all;
+        with partitions shared by a group it must be the owner of
+        ``partition_for(workflow_id, partitions)``, so that one instance starts each."""
+        return True
+
+    async def _start_firing(self, workflow_id: str, workflow_type: str, input: Any) -> object:
+        return await self.start_workflow(workflow_id, workflow_type, input)
 
     def _stop_watching(self) -> None:
         """The instrumentation stops reading this instance's gauges."""
@@ -773,7 +817,17 @@ class Kapbit(AsyncResource):
             in_flight=0 if supervisor is None else len(supervisor),
             retrying=0 if supervisor is None else supervisor.retrying,
             gate_open=self.gate.is_open,
+            **self._snapshot_stats(),
         )
+
+    def _snapshot_stats(self) -> dict[str, int]:
+        snapshots = None if self._checkpointer is None else self._checkpointer.snapshots
+        if snapshots is None:
+            return {}
+        return {
+            "snapshot_bytes": sum(snapshots.sizes),
+            "snapshots_too_large": snapshots.too_large,
+        }
 
     def in_flight(self) -> list[str]:
         """The ids of the workflows this instance runs now (new, resumed or retrying)."""

@@ -96,13 +96,28 @@ class StepRetry:
 
 @dataclass(frozen=True, slots=True)
 class CheckpointPolicy:
-    """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds."""
+    """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds.
+
+    With ``snapshots`` a checkpoint carries a snapshot of the open workflows and the
+    idempotency window, so recovery reads the log only from where it was taken (see
+    :mod:`kapbit.snapshots`); it is stored in chunks of ``snapshot_chunk`` bytes, and one
+    over ``snapshot_limit`` bytes is not written (the checkpoint keeps the previous
+    snapshot, or its offsets only, and a warning is logged).
+    """
 
     every: int = 10_000
     interval: float = 5.0
+    snapshots: bool = True
+    snapshot_limit: int = 64 * 1024 * 1024
+    snapshot_chunk: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.interval <= 0:
+        if (
+            self.every < 1
+            or self.interval <= 0
+            or self.snapshot_limit < 1
+            or self.snapshot_chunk < 1
+        ):
             raise ValueError(f"invalid checkpoint policy {self!r}")
 
 

@@ -64,7 +64,7 @@ class Ownership:
         claim = ActiveWriter(
             self.writer_id, time.time(), codec=self._codec_name, window=self._window
         )
-        return await self._emitter.emit(partition, self.writer_id, claim)
+        return await self._emitter.claim(partition, claim)
 
     async def _settle(self, claims: list[int]) -> None:
         """Resolve a start racing another one: if another node claimed a partition after

@@ -41,7 +41,7 @@ from kapbit.stats import Stats
 
 logger = logging.getLogger("kapbit")
 
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 
 #: How a workflow run by the supervisor ended: ``(result, None)`` or ``(None, error)``.
 Ended = tuple[Any, BaseException | None]

@@ -28,13 +28,9 @@ from kapbit import (
 from kapbit.codecs import JsonCodec
 from kapbit.events import WorkflowCreated
 from kapbit.forwarding import (
-    ANSWER,
-    REQUEST,
-    REQUEST_CLAIM,
     Answer,
     AnswerRule,
     Forwarder,
-    MemRequestLog,
     RemoteWorkflows,
     Request,
     answer_error,
@@ -43,6 +39,7 @@ from kapbit.forwarding import (
 from kapbit.log_reader import decode_event
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
+from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog
 from tests.helpers import fast_options, wait_until
 
 CODEC = JsonCodec()

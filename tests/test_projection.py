@@ -255,7 +255,7 @@ async def test_values_that_do_not_match_the_declared_type_are_corrupt() -> None:
 async def test_undecodable_record_raises_corrupt_record() -> None:
     repo = MemRepository()
     await append(repo, 0, "n", writer("n"))
-    await repo.append(0, "step_outcome", "w", "n", b"{not json")
+    await repo.append(0, EventKind.STEP_OUTCOME, "w", "n", b"{not json")
     model = ListModel()
     with pytest.raises(CorruptRecord, match="offset 1"):
         await Projector(repo, model).catch_up()

@@ -17,13 +17,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from kapbit.errors import StartupError, StorageError, TransientStorageError
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.base import Checkpoint
 from kapbit.repository.kafka.admin import ensure_topics
 from kapbit.repository.kafka.checkpoints import CheckpointStore
 from kapbit.repository.kafka.errors import BROKER_ERRORS, append_error, transient
 from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset
-from kapbit.repository.kafka.records import headers, to_record
+from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
 from kapbit.repository.kafka.repository import CLIENT_DEFAULTS
+from kapbit.request_log import REQUEST_KINDS, RequestRecord
 
 #: How long a follower's fetch waits for new records: the latency a forwarded call pays
 #: twice (the owner reading the request, the caller reading the answer).
@@ -146,14 +147,14 @@ class KafkaRequestLog:
                 value,
                 key=key.encode(),
                 partition=partition,
-                headers=headers(kind, node),
+                headers=[(KIND_HEADER, kind.encode()), (NODE_HEADER, node.encode())],
             )
         except BROKER_ERRORS as exc:
             raise append_error(exc) from exc
         offset: int = metadata.offset
         return offset
 
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
         self._started(partition)
         consumer = self._consumer(_TAIL_WAIT_MS)
         tp = TopicPartition(self.topic, partition)
@@ -164,7 +165,7 @@ class KafkaRequestLog:
                 consumer.seek(tp, max(start, 0))
                 while True:
                     fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
-                    batch = [to_record(partition, message) for message in fetched.get(tp, ())]
+                    batch = [_record(partition, message) for message in fetched.get(tp, ())]
                     if batch:
                         yield batch
         finally:
@@ -182,3 +183,18 @@ class KafkaRequestLog:
         if self._progress is None:
             raise TransientStorageError("the request log is not started")
         return {p: c.offset for p, c in (await self._progress.load()).items()}
+
+
+def _record(partition: int, message: Any) -> RequestRecord:
+    """The request log record of an aiokafka ``ConsumerRecord`` (kind ``""`` when its kind
+    header names none of :data:`~kapbit.forwarding.REQUEST_KINDS`: readers skip it)."""
+    kind = node = ""
+    for name, value in message.headers or ():
+        if name == KIND_HEADER:
+            kind = value.decode(errors="replace")
+        elif name == NODE_HEADER:
+            node = value.decode(errors="replace")
+    if kind not in REQUEST_KINDS:
+        kind = ""
+    key = message.key.decode(errors="replace") if message.key is not None else ""
+    return RequestRecord(partition, message.offset, kind, key, node, message.value or b"")
