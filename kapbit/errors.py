@@ -17,7 +17,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── InvalidReturnValue         an action returned a wrong value or type; terminated
     ├── DeadLettered               the retry worker gave up; terminated
     ├── WorkflowNotFound           wait_result: this instance does not know the id
-├── RequestTimedOut            a forwarded call got no answer from the id's owner in time
+    ├── RequestTimedOut            a forwarded call got no answer from the id's owner in time
     ├── InvalidDefinition          a malformed definition (at definition or instance creation)
     ├── NoStepContext              kapbit.context() called outside a step action
     ├── StepTimedOut               an action overran its step's timeout (counts as raised)
