@@ -16,6 +16,7 @@ from kapbit import (
     DuplicateWorkflow,
     InvalidReturnValue,
     Kapbit,
+    KapbitError,
     Progress,
     Step,
     Success,
@@ -144,3 +145,44 @@ async def test_requests_sent_before_any_owner_and_one_whose_owner_died_are_serve
     async with _owner(kafka_bootstrap, topic) as second:
         assert await asyncio.wait_for(call, 60) == "hello held"
         assert second.stats.recovered == 1 and second.stats.started == 0
+
+
+async def test_calls_during_a_takeover_are_answered_correctly_or_refused_with_a_type(
+    kafka_bootstrap: str, topic: str, caller: Caller
+) -> None:
+    """A second owner takes the log over while forwarded calls stream in: every call gets
+    its own workflow's result or a typed error, never another's answer or a duplicate."""
+    first = _owner(kafka_bootstrap, topic)
+    await first.start()
+    count = 40
+    names = [f"held{i}" if i == 5 else str(i) for i in range(count)]
+    HELD["held5"], ENTERED["held5"] = asyncio.Event(), asyncio.Event()
+    calls: list[asyncio.Task[Any]] = []
+    second: Kapbit | None = None
+    try:
+        for i in range(count):
+            calls.append(asyncio.create_task(caller.exec("greet", f"r-{i}", names[i])))
+            if i == count // 2:
+                await asyncio.wait_for(ENTERED["held5"].wait(), 30)  # in flight on the first
+                second = _owner(kafka_bootstrap, topic)  # fences the first owner
+                await second.start()
+                HELD.pop("held5").set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 90)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, BaseException):
+                assert isinstance(outcome, KapbitError), repr(outcome)
+                assert not isinstance(outcome, DuplicateWorkflow), (i, outcome)
+            else:
+                assert outcome == f"hello {names[i]}", (i, outcome)
+        answered = [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException)]
+        assert len(answered) == count, outcomes  # the new owner served what the first left
+        assert second is not None
+        for i in answered:  # the log agrees, one workflow per id
+            result = await second.get_workflow(f"r-{i}").result(timeout=30)
+            assert result == f"hello {names[i]}"
+        assert second.stats.recovered >= 1  # r-5, created by the first, ended by the second
+        assert first.stats.started + second.stats.started == count  # each id created once
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
