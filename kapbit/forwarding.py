@@ -532,6 +532,7 @@ class RequestServer:
         self._owner = owner
         self._host = TaskHost("kapbit-requests")
         self._sessions: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, _Session] = {}
         self._progress: dict[int, int] | None = None
 
     async def start(self) -> None:
@@ -554,6 +555,13 @@ class RequestServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the requests being served to be answered (on a
+        graceful close, after the workflows drained: their callers get the end)."""
+        tasks = [task for session in self._running.values() for task in session.serving()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     @property
     def serving(self) -> frozenset[int]:
@@ -582,6 +590,7 @@ class RequestServer:
             with contextlib.suppress(Exception):
                 resume = max(resume, (await self._requests.load_progress()).get(partition, 0))
             session = _Session(self._requests, self._codec, self._owner, partition, resume)
+            self._running[partition] = session
             try:
                 await session.run()
             except _Stopped as stop:
@@ -590,6 +599,7 @@ class RequestServer:
             except Exception:
                 logger.exception("request partition %d: session failed; starting again", partition)
             finally:
+                self._running.pop(partition, None)
                 await session.stop()
             await asyncio.sleep(pause)  # a storage outage: do not spin
             pause = min(pause * 2, 5.0)
@@ -696,6 +706,10 @@ class _Session:
         self._tasks[request_id] = asyncio.create_task(
             self._serve(request), name=f"kapbit-request-{request_id}"
         )
+
+    def serving(self) -> list[asyncio.Task[None]]:
+        """The requests being served now."""
+        return [task for task in self._tasks.values() if not task.done()]
 
     async def _answer(self, answer: Answer) -> None:
         """Append ``answer``, retrying transient storage errors while the session lasts."""

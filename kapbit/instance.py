@@ -392,13 +392,15 @@ class Kapbit(AsyncResource):
             return
         if self._state == "running":
             self._state = "closing"
-        await self._stop_requests()
         supervisor = self._supervisor
         if supervisor is not None:
             drain = self.options.close_timeout if timeout is None else timeout
             if not await supervisor.close(drain):
                 # A task ignored cancellation: whatever it does later is not written.
                 self._fence.stop(f"instance {self.node_id} closed")
+        if self._request_server is not None and self._fence.error is None:
+            await self._request_server.drain(CANCEL_GRACE)  # answer what drained
+        await self._stop_requests()
         await self._background.close(CANCEL_GRACE)
         if self._checkpointer is not None and self._fence.error is None:
             try:

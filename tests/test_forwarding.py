@@ -306,3 +306,18 @@ async def _wait_for_records(requests: MemRequestLog, partition: int, kind: str) 
                 return
 
     await asyncio.wait_for(seen(), 5)
+
+
+async def test_a_graceful_close_answers_the_forwarded_calls_it_drains(
+    log: MemRepository, requests: MemRequestLog, caller: Caller
+) -> None:
+    owner = _owner(log, requests, OWNED)
+    await owner.start()
+    HELD["drain"], ENTERED["drain"] = asyncio.Event(), asyncio.Event()
+    call = asyncio.create_task(caller.exec("greet", "g-8", "drain"))
+    await asyncio.wait_for(ENTERED["drain"].wait(), 5)
+    closing = asyncio.create_task(owner.close(timeout=5))
+    await wait_until(lambda: not owner.is_running)
+    HELD.pop("drain").set()
+    assert await asyncio.wait_for(call, 5) == "hello drain"  # no next owner needed
+    await closing
