@@ -20,8 +20,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import msgspec
-
 from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, StorageError
@@ -30,7 +28,7 @@ from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import ReaderState
 from kapbit.options import CheckpointPolicy
 from kapbit.repository import Checkpoint, Repository
-from kapbit.snapshots import Snapshotter, snapshot_store, with_snapshot
+from kapbit.snapshots import Snapshotter, snapshot_store, with_snapshot, with_snapshot_of
 
 logger = logging.getLogger("kapbit.checkpoints")
 
@@ -162,14 +160,7 @@ class Checkpointer:
                 return with_snapshot(checkpoint, written)
         if saved.snapshot_offset < 0:
             return checkpoint
-        return msgspec.structs.replace(
-            checkpoint,
-            snapshot_offset=saved.snapshot_offset,
-            snapshot_slot=saved.snapshot_slot,
-            snapshot_chunks=saved.snapshot_chunks,
-            snapshot_size=saved.snapshot_size,
-            snapshot_crc=saved.snapshot_crc,
-        )
+        return with_snapshot_of(checkpoint, saved)
 
     async def run(self) -> None:
         """Save periodically until cancelled; a failed save is retried on the next round.

@@ -89,7 +89,10 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
 
     ``success`` is true for ``Success``, false for ``Failure`` (a step that failed for good
     after ``NonRetryable``, a listed error or its retries, too); ``value`` is the encoded
-    outcome value, of the step's outcome type or ``None``.
+    outcome value, of the step's outcome type or ``None``. ``fire_at`` is set when the
+    action returned a durable timer (:class:`kapbit.Sleep` / :class:`kapbit.SleepUntil`):
+    the step succeeded and the workflow sleeps until that wall time (seconds since the
+    epoch), then runs its next step.
     """
 
     id: str
@@ -98,6 +101,7 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
     success: bool
     value: msgspec.Raw
     at: float = 0.0
+    fire_at: float | None = None
 
 
 class WorkflowResult(_Event, frozen=True, tag="workflow_result"):

@@ -27,7 +27,7 @@ from kapbit._log import fields
 from kapbit._start_retries import StartRetries
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
-from kapbit.clock import SYSTEM_CLOCK, Clock
+from kapbit.clock import Clock
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
@@ -48,7 +48,7 @@ from kapbit.errors import (
     WorkflowNotFound,
 )
 from kapbit.events import WorkflowCreated
-from kapbit.execution import WorkflowExecution
+from kapbit.execution import WorkflowExecution, WorkflowSleeps
 from kapbit.fencing import Fence
 from kapbit.forwarding import (
     Accepted,
@@ -118,8 +118,7 @@ class Kapbit(AsyncResource):
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
-        # Options.clock once the clock reaches every part; until then the system clock.
-        self._clock: Clock = getattr(self.options, "clock", SYSTEM_CLOCK)
+        self._clock: Clock = self.options.clock
         self._schedules = check_schedules(schedules, self._schedule_problem)
         #: This instance's name: ``Options.node_id``, by default host name and process id.
         #: It may repeat across starts (a pod name); the log tells starts apart by
@@ -189,6 +188,7 @@ class Kapbit(AsyncResource):
             self._definitions,
             self.options.idempotency_window,
             retries,
+            self._clock,
         )
         ownership = Ownership(
             self._repository,
@@ -197,6 +197,7 @@ class Kapbit(AsyncResource):
             self._codec.name,
             self.options.idempotency_window,
             retries,
+            self._clock,
         )
         try:
             async with asyncio.timeout(timeout) as deadline:
@@ -506,6 +507,8 @@ class Kapbit(AsyncResource):
             if outcome.cancelled():
                 raise self._stopped_before(execution, "finished") from None
             raise
+        if isinstance(error, WorkflowSleeps):  # resumes on its timer; wait for the end
+            return await self._running().wait_result(execution.id, None)
         if error is not None:
             raise error
         return result
@@ -624,8 +627,11 @@ class Kapbit(AsyncResource):
         partition = partition_for(workflow_id, self._partitions)
         if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
-        if len(supervisor) >= self.options.max_workflows:
-            raise TooManyWorkflows(self.options.max_workflows)
+        options = self.options
+        if len(supervisor) >= options.max_workflows:
+            raise TooManyWorkflows(options.max_workflows)
+        if len(supervisor) + supervisor.sleeping >= options.max_sleeping:
+            raise TooManyWorkflows(options.max_sleeping, "max_sleeping")
         codec = self._codec
         data, input = self._encode_input(definition, input)
         instrumentation = self.options.instrumentation
@@ -633,12 +639,15 @@ class Kapbit(AsyncResource):
         if instrumentation is not None:
             telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
             trace = telemetry.trace
+        clock = self._clock
         created = WorkflowCreated(
-            workflow_id, workflow_type, msgspec.Raw(data), time.time(), trace, request
+            workflow_id, workflow_type, msgspec.Raw(data), clock.now(), trace, request
         )
         value = codec.encode(created)
 
-        execution = WorkflowExecution(workflow_id, definition, partition, input, trace=trace)
+        execution = WorkflowExecution(
+            workflow_id, definition, partition, input, trace=trace, clock=clock
+        )
         execution.telemetry = telemetry
         return execution, supervisor.submit(execution, value)
 
@@ -818,6 +827,7 @@ class Kapbit(AsyncResource):
             invalid_returns=stats.invalid_returns,
             in_flight=0 if supervisor is None else len(supervisor),
             retrying=0 if supervisor is None else supervisor.retrying,
+            sleeping=0 if supervisor is None else supervisor.sleeping,
             gate_open=self.gate.is_open,
             **self._snapshot_stats(),
         )

@@ -143,7 +143,8 @@ class OpenWorkflow:
     ``type`` is ``""`` and ``input`` empty for an adopted workflow, whose
     ``created_offset`` is where it was first seen; ``outcomes`` lists the first copy of
     each step outcome with its offset; ``trace`` is the trace context its
-    ``WorkflowCreated`` stored (``None``: it stored none).
+    ``WorkflowCreated`` stored (``None``: it stored none). ``fire_at`` is set while the
+    workflow sleeps: its newest event is a step outcome with a durable timer.
     """
 
     id: str
@@ -154,6 +155,7 @@ class OpenWorkflow:
     attempts: int = 0
     last_error: str = ""
     trace: dict[str, str] | None = None
+    fire_at: float | None = None
 
     def has_outcome(self, step: int, phase: str) -> bool:
         """Whether an outcome of ``step`` in ``phase`` was read already."""
@@ -368,9 +370,11 @@ class PartitionReader:
                 elif isinstance(event, StepOutcome):
                     if not workflow.has_outcome(event.step, event.phase):
                         workflow.outcomes.append((record.offset, event))
+                        workflow.fire_at = event.fire_at
                 elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
                     workflow.attempts = event.attempt
                     workflow.last_error = event.error
+                    workflow.fire_at = None
         self._pending = {}
 
     def take(self, record: Record) -> tuple[Verdict, Any, OpenWorkflow | None]:
@@ -415,11 +419,13 @@ class PartitionReader:
             if workflow.has_outcome(event.step, event.phase):
                 return Verdict.COPY, event, workflow
             workflow.outcomes.append((record.offset, event))
+            workflow.fire_at = event.fire_at
         elif isinstance(event, WorkflowRetry):
             if event.attempt <= workflow.attempts:
                 return Verdict.COPY, event, workflow
             workflow.attempts = event.attempt
             workflow.last_error = event.error
+            workflow.fire_at = None
         return Verdict.NEW, event, workflow
 
     def window_at(self, offset: int) -> int:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from tenacity import wait_exponential, wait_random
 from tenacity.wait import wait_base
 
+from kapbit.clock import SYSTEM_CLOCK, Clock
+
 if TYPE_CHECKING:
     from kapbit.instrumentation import Instrumentation
 
@@ -143,6 +145,12 @@ class Options:
     ``instrumentation`` reports workflows and steps to traces and metrics, e.g.
     :class:`kapbit.otel.OpenTelemetry` (the ``otel`` extra); ``None`` (the default) costs
     nothing.
+
+    ``max_workflows`` bounds the workflows *running* (from acceptance or wake-up until they
+    sleep or end); ``max_sleeping`` bounds the running and sleeping ones together (a
+    workflow waiting on a durable timer costs no task, only a small entry). ``clock``
+    stamps every event and times every wait, timers and schedules included; tests pass
+    :class:`kapbit.testing.ManualClock`.
     """
 
     max_workflows: int = 10_000
@@ -158,11 +166,18 @@ class Options:
     action_threads: int = 32
     action_executor: Executor | None = None
     instrumentation: Instrumentation | None = None
+    max_sleeping: int = 1_000_000
+    clock: Clock = SYSTEM_CLOCK
     forward_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.forward_timeout > 0:
             raise ValueError(f"forward_timeout must be positive, got {self.forward_timeout}")
+        if self.max_sleeping < self.max_workflows:
+            raise ValueError(
+                f"max_sleeping ({self.max_sleeping}) must be at least max_workflows "
+                f"({self.max_workflows}): it bounds running and sleeping workflows together"
+            )
         if self.start_timeout <= 0:
             raise ValueError(f"start_timeout must be positive, got {self.start_timeout}")
         if self.action_threads < 1:

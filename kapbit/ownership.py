@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 from kapbit._log import fields
 from kapbit._start_retries import StartRetries
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.emitter import Emitter
 from kapbit.errors import Fenced, StartupError
 from kapbit.events import ActiveWriter
@@ -41,7 +41,9 @@ class Ownership:
         codec_name: str,
         window: int,
         retries: StartRetries,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._repository = repository
         self._emitter = emitter
         self.writer_id = writer_id
@@ -62,7 +64,7 @@ class Ownership:
     async def _claim(self, partition: int) -> int:
         """Append this writer's ActiveWriter to ``partition``; return its offset."""
         claim = ActiveWriter(
-            self.writer_id, time.time(), codec=self._codec_name, window=self._window
+            self.writer_id, self._clock.now(), codec=self._codec_name, window=self._window
         )
         return await self._emitter.claim(partition, claim)
 

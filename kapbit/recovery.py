@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kapbit._start_retries import StartRetries
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.codecs import Codec
 from kapbit.errors import UnknownWorkflowType
 from kapbit.execution import WorkflowExecution, restore_outcome
@@ -59,7 +60,9 @@ class Recovery:
         definitions: Mapping[str, Definition],
         window_size: int,
         retries: StartRetries,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._repository = repository
         self._codec = codec
         self._definitions = definitions
@@ -160,8 +163,10 @@ class Recovery:
             attempts=workflow.attempts,
             last_error=workflow.last_error,
             trace=workflow.trace,
+            clock=self._clock,
         )
         execution.created_offset = workflow.created_offset
+        execution.fire_at = workflow.fire_at
         for offset, outcome in workflow.outcomes:
             value = decode_value(codec, definition, outcome, partition, offset)
             execution.progress.record(

@@ -147,10 +147,14 @@ class Scheduler:
         while True:
             try:
                 _, retry = await self.fire_due(start)
+                now = utc_now(self._clock)
+                wake = self.next_wake(now)
             except (Fenced, InstanceClosed):
                 return
-            now = utc_now(self._clock)
-            wake = self.next_wake(now)
+            except Exception:  # a schedule that cannot compute its times: stop, loudly
+                # (a task of the instance's TaskHost must not raise: it would stop them all)
+                logger.exception("the scheduler stops: a schedule failed", extra=fields())
+                return
             assert wake is not None
             if retry:
                 wake = min(wake, now + RETRY_DELAY)

@@ -191,25 +191,19 @@ class Snapshotter:
 
     def _log(self, partition: int, offset: int, size: int, chunks: int) -> None:
         self.sizes[partition] = size
+        level = logging.DEBUG
         if size > 2 * self._logged[partition] or not self._logged[partition]:
             self._logged[partition] = size  # logged again when it doubles
-            logger.info(
-                "partition %d: snapshot at offset %d, %d bytes in %d chunks",
-                partition,
-                offset,
-                size,
-                chunks,
-                extra=fields(partition=partition),
-            )
-        else:
-            logger.debug(
-                "partition %d: snapshot at offset %d, %d bytes in %d chunks",
-                partition,
-                offset,
-                size,
-                chunks,
-                extra=fields(partition=partition),
-            )
+            level = logging.INFO
+        logger.log(
+            level,
+            "partition %d: snapshot at offset %d, %d bytes in %d chunks",
+            partition,
+            offset,
+            size,
+            chunks,
+            extra=fields(partition=partition),
+        )
 
 
 async def load_snapshot(
@@ -268,6 +262,16 @@ def without_snapshot(checkpoint: Checkpoint) -> Checkpoint:
         snapshot_size=0,
         snapshot_crc=0,
     )
+
+
+#: The fields of a :class:`~kapbit.repository.Checkpoint` that name its snapshot.
+_SNAPSHOT_FIELDS = tuple(f for f in Checkpoint.__struct_fields__ if f.startswith("snapshot_"))
+
+
+def with_snapshot_of(checkpoint: Checkpoint, saved: Checkpoint) -> Checkpoint:
+    """``checkpoint`` naming the snapshot ``saved`` names."""
+    named = {name: getattr(saved, name) for name in _SNAPSHOT_FIELDS}
+    return msgspec.structs.replace(checkpoint, **named)
 
 
 def with_snapshot(checkpoint: Checkpoint, written: Written) -> Checkpoint:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
@@ -196,3 +198,16 @@ async def test_a_repository_shared_by_an_instance_and_a_projector_stays_open_unt
     await kbit.close()
     with pytest.raises(TransientStorageError, match="not started"):
         await repo.end_offset(0)
+
+
+async def test_a_tail_that_cannot_start_leaves_no_consumer_open() -> None:
+    # Nothing listens on port 1: the tail's consumer fails to start. It must be stopped
+    # (aiokafka warns "Unclosed AIOKafkaConsumer" when an unstopped one is collected).
+    repo = KafkaRepository("127.0.0.1:1", "t", client_options={"request_timeout_ms": 500})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TransientStorageError, match="following partition 0"):
+            async for _ in repo.tail(0, 0):
+                pass
+        gc.collect()
+    assert not [w for w in caught if "AIOKafkaConsumer" in str(w.message)]

@@ -180,3 +180,19 @@ def test_check_schedules_names_the_bad_schedule() -> None:
         check_schedules([hourly()], lambda _s: "no such type")
     assert bad.value.reason == "no such type"
     assert check_schedules([hourly(), hourly(name="b")], fine) == (hourly(), hourly(name="b"))
+
+
+class Broken(Schedule):
+    """A schedule whose fire times cannot be computed (a bug, or cron giving up)."""
+
+    def next_after(self, after: datetime) -> datetime:
+        raise InvalidSchedule(self.name, "-", "no fire time within 50 years")
+
+
+async def test_a_schedule_that_fails_stops_the_scheduler_without_raising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = Broken("broken", "report", every=HOUR)
+    scheduler = Scheduler([broken], ManualClock(T0), [], always)
+    await asyncio.wait_for(scheduler.run(Starter()), 5)  # returns, does not raise
+    assert "the scheduler stops" in caplog.text

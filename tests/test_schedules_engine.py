@@ -4,34 +4,26 @@ a takeover, a window too small for the last firing, bad declarations and DST."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kapbit import Definition, Kapbit, Options, Progress, Step, Success
-from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.errors import Fenced, InvalidSchedule
 from kapbit.repository import MemRepository
 from kapbit.scheduler import RETRY_DELAY
 from kapbit.schedules import CatchUp, Schedule
-from kapbit.testing import FaultyRepository, ManualClock, fast_options
+from kapbit.testing import FaultyRepository, KapbitFactory, ManualClock, fast_options
 from tests.helpers import incarnations, load_example, wait_until
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 HOUR = timedelta(hours=1)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClockOptions(Options):
-    """Options carrying the instance's clock (read as ``options.clock``)."""
-
-    clock: Clock = SYSTEM_CLOCK
 
 
 def report(input: dict[str, str], _progress: Progress) -> Success[str]:
@@ -49,11 +41,8 @@ def fid(at: datetime, name: str = "hourly") -> str:
     return f"{name}@{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
-def options(clock: ManualClock, **kwargs: object) -> Options:
-    base = fast_options(**kwargs)  # type: ignore[arg-type]
-    return ClockOptions(
-        **{f.name: getattr(base, f.name) for f in dataclasses.fields(Options)}, clock=clock
-    )
+def options(clock: ManualClock, **kwargs: Any) -> Options:
+    return fast_options(clock=clock, **kwargs)
 
 
 def created(repo: MemRepository) -> Counter[str]:
@@ -111,19 +100,17 @@ async def test_catch_up_across_a_restart(catch_up: CatchUp, expected: list[int])
 async def test_a_crash_and_restart_fire_no_firing_twice() -> None:
     repo = MemRepository(partitions=2)
     clock = ManualClock(T0)
-    first = await started(repo, clock, [hourly(CatchUp.ALL(max=5))])
-    await until_sleeping(clock, T0 + HOUR)
-    clock.advance_to(T0 + HOUR)
-    await until_sleeping(clock, T0 + 2 * HOUR)
-    first.abort()  # a SIGKILL: no close, no final checkpoint
-
-    # back within the grace of 01:00, which the log already holds
-    clock.advance(20)
-    second = await started(repo, clock, [hourly(CatchUp.ALL(max=5))])
-    await until_sleeping(clock, T0 + 2 * HOUR)
-    clock.advance_to(T0 + 2 * HOUR)
-    await until_sleeping(clock, T0 + 3 * HOUR)
-    await second.close()
+    async with KapbitFactory(repo, options=options(clock)) as factory:
+        first = await factory.start([REPORT], schedules=[hourly(CatchUp.ALL(max=5))])
+        await until_sleeping(clock, T0 + HOUR)
+        clock.advance_to(T0 + HOUR)
+        await until_sleeping(clock, T0 + 2 * HOUR)
+        # back within the grace of 01:00, which the log already holds
+        clock.advance(20)
+        await factory.crash_and_restart(first)  # a SIGKILL: no close, no final checkpoint
+        await until_sleeping(clock, T0 + 2 * HOUR)
+        clock.advance_to(T0 + 2 * HOUR)
+        await until_sleeping(clock, T0 + 3 * HOUR)
     assert created(repo) == {fid(T0 + k * HOUR): 1 for k in range(3)}
 
 

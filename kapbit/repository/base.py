@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -161,3 +161,28 @@ class SnapshotStore(Protocol):
     async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
         """The chunk indexes stored per slot of ``partition`` (to delete dead ones)."""
         ...
+
+
+def leading_chunks(
+    chunks: Mapping[tuple[int, str, int], bytes], partition: int, slot: str, count: int
+) -> list[bytes]:
+    """Chunks ``0 .. count - 1`` of ``slot`` of ``partition`` in ``chunks`` (keyed by
+    partition, slot and index), up to the first missing: what
+    :meth:`SnapshotStore.load_snapshot_chunks` returns for a store keeping them so."""
+    found: list[bytes] = []
+    for index in range(count):
+        chunk = chunks.get((partition, slot, index))
+        if chunk is None:
+            break
+        found.append(chunk)
+    return found
+
+
+def chunk_slots(chunks: Iterable[tuple[int, str, int]], partition: int) -> dict[str, list[int]]:
+    """The chunk indexes per slot of ``partition`` among ``chunks``' keys: what
+    :meth:`SnapshotStore.snapshot_slots` returns for a store keeping them so."""
+    slots: dict[str, list[int]] = {}
+    for p, slot, index in chunks:
+        if p == partition:
+            slots.setdefault(slot, []).append(index)
+    return slots

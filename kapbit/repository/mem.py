@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from kapbit._checks import at_least_one
 from kapbit.errors import PayloadTooLarge
 from kapbit.events import EventKind
 from kapbit.fencing import OwnerTracker, fenced_by, ordinary
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.base import Checkpoint, Record, chunk_slots, leading_chunks
 
 _BATCH = 1024
 
@@ -24,10 +25,7 @@ class MemRepository:
     """A partitioned log held in lists; shared by every instance given the same object."""
 
     def __init__(self, partitions: int = 1, max_payload: int = 1024 * 1024) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
-        if max_payload < 1:
-            raise ValueError(f"max_payload must be positive, got {max_payload}")
+        at_least_one(partitions=partitions, max_payload=max_payload)
         self._partitions = partitions
         self.max_payload = max_payload
         self._logs: list[list[Record]] = [[] for _ in range(partitions)]
@@ -116,20 +114,10 @@ class MemRepository:
             self._chunks[partition, slot, index] = bytes(data)
 
     async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
-        chunks: list[bytes] = []
-        for index in range(count):
-            chunk = self._chunks.get((partition, slot, index))
-            if chunk is None:
-                break
-            chunks.append(chunk)
-        return chunks
+        return leading_chunks(self._chunks, partition, slot, count)
 
     async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
-        slots: dict[str, list[int]] = {}
-        for p, slot, index in self._chunks:
-            if p == partition:
-                slots.setdefault(slot, []).append(index)
-        return slots
+        return chunk_slots(self._chunks, partition)
 
     def snapshot_chunks(self, partition: int) -> dict[tuple[str, int], int]:
         """``(slot, index) -> size`` of the snapshot chunks kept for ``partition`` (tests:

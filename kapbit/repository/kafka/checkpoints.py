@@ -17,7 +17,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from kapbit._log import fields
-from kapbit.repository.base import Checkpoint
+from kapbit.repository.base import Checkpoint, chunk_slots, leading_chunks
 from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.reads import Lane, beginning_offsets, end_offset, fetch
 
@@ -72,24 +72,14 @@ class CheckpointStore:
         :meth:`load` and this store's writes since."""
         if not self._loaded:
             await self.load()
-        chunks: list[bytes] = []
-        for index in range(count):
-            chunk = self._chunks.get((partition, slot, index))
-            if chunk is None:
-                break
-            chunks.append(chunk)
-        return chunks
+        return leading_chunks(self._chunks, partition, slot, count)
 
     async def slots(self, partition: int) -> dict[str, list[int]]:
         """The chunk indexes per slot of ``partition``: those the last :meth:`load` read
         and this store wrote since (another instance's later writes are not known)."""
         if not self._loaded:
             await self.load()
-        slots: dict[str, list[int]] = {}
-        for p, slot, index in self._chunks:
-            if p == partition:
-                slots.setdefault(slot, []).append(index)
-        return slots
+        return chunk_slots(self._chunks, partition)
 
     async def save(self, partition: int, checkpoint: Checkpoint) -> None:
         with transient("saving checkpoint failed"):

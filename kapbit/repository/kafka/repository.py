@@ -8,6 +8,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from kapbit._checks import at_least_one
 from kapbit.errors import (
     Fenced,
     PayloadTooLarge,
@@ -89,8 +90,7 @@ class KafkaRepository:
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if partitions is not None and partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        at_least_one(partitions=partitions)
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.checkpoint_topic = checkpoint_topic or f"{topic}-checkpoints"
