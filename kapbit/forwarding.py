@@ -43,7 +43,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -418,10 +418,9 @@ class Forwarder:
         workflow_type: str = "",
         input: bytes = b"null",
         on_duplicate: str = "raise",
-        then: Callable[[Answer], Awaitable[Any]] | None = None,
     ) -> Answer:
-        """Send a request and return its first final answer (``then`` is called with a
-        non-final one: ``created`` of an ``exec``). RequestTimedOut if no answer counts
+        """Send a request and return its first final answer (a non-final one, ``created``
+        of an ``exec``, is passed over). RequestTimedOut if no answer counts
         within the timeout; a non-final one lifts the timeout."""
         follower = await self._follower(partition)
         request_id = uuid.uuid4().hex
@@ -447,8 +446,6 @@ class Forwarder:
             except TimeoutError:
                 raise RequestTimedOut(workflow_id, op, partition, self.timeout) from None
             while not answer.final:
-                if then is not None:
-                    await then(answer)
                 answer = _answer_or_raise(await waiter.answers.get())
             return answer
         finally:
