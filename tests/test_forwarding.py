@@ -5,7 +5,7 @@ that lost the partition never count; a request served twice is answered the same
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from kapbit import (
     Step,
     Success,
     TooManyWorkflows,
+    TransientStorageError,
     UnknownWorkflowType,
     WillRetryLater,
     WorkflowNotFound,
@@ -39,7 +40,7 @@ from kapbit.forwarding import (
 from kapbit.log_reader import decode_event
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
-from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog
+from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog, RequestRecord
 from tests.helpers import fast_options, wait_until
 
 CODEC = JsonCodec()
@@ -321,3 +322,39 @@ async def test_a_graceful_close_answers_the_forwarded_calls_it_drains(
     HELD.pop("drain").set()
     assert await asyncio.wait_for(call, 5) == "hello drain"  # no next owner needed
     await closing
+
+
+class _FlakyRequestLog(MemRequestLog):
+    """A request log whose first ``failures`` tails fail, as an unreachable broker would."""
+
+    def __init__(self, partitions: int, failures: int) -> None:
+        super().__init__(partitions)
+        self.failures = failures
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise TransientStorageError("broker unreachable")
+        async for batch in super().tail(partition, start):
+            yield batch
+
+
+async def test_a_session_whose_storage_failed_is_started_again(log: MemRepository) -> None:
+    requests = _FlakyRequestLog(2, failures=0)
+    caller = await _caller(requests, log)
+    try:
+        call = asyncio.create_task(caller.exec("greet", "g-9", "again"))
+        await wait_until(
+            lambda: any(r.kind == REQUEST for p in (0, 1) for r in requests.records(p))
+        )
+        requests.failures = 2  # the caller follows already; the owner's first sessions fail
+        async with _owner(log, requests, OWNED):
+            assert await asyncio.wait_for(call, 5) == "hello again"
+        claims = sum(r.kind == REQUEST_CLAIM for p in (0, 1) for r in requests.records(p))
+        assert claims == 4  # two failed sessions, then one per partition
+    finally:
+        await caller.forwarder.close()
+
+
+def _has(requests: MemRequestLog, kind: str) -> bool:
+    return any(r.kind == kind for p in range(requests.partitions) for r in requests.records(p))
