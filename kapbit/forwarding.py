@@ -1,7 +1,8 @@
 """Any instance accepts any workflow: calls for ids whose partition another instance owns go
 through a request log co-partitioned with the workflow log, and are answered by the owner.
 
-The request log (``<log>-requests`` on Kafka, :class:`MemRequestLog` in tests) has the
+The request log (``<log>-requests`` on Kafka, :class:`~kapbit.request_log.MemRequestLog`
+in tests) has the
 log's partition count and partitioner, so a request keyed by the workflow id lands in the
 request partition numbered as the id's log partition. Three kinds of record live there:
 
@@ -30,10 +31,11 @@ request has a counting final answer (its *progress*), computed only from answers
 back under the rule above, so any saved progress is safe whoever saved it last. A new
 session reads from there to its own claim before serving what is still open.
 
-**Results from the log.** Answers carry no user values: ``created`` / ``found`` / ``ended``
-name the offset of the workflow's ``WorkflowCreated``, and the caller reads the workflow
-from the log (:func:`kapbit.handles.read_workflow`) with its own definitions. See
-docs/ARCHITECTURE.md, "Any instance accepts any workflow".
+**Results.** An ``ended`` answer carries the encoded result, decoded by the caller with
+its own definition; an ``error`` answer the typed error (class, message, fields).
+``describe`` names where the workflow's ``WorkflowCreated`` lies and the caller reads its
+state from the log (:func:`kapbit.handles.read_workflow`). See docs/ARCHITECTURE.md,
+"Any instance accepts any workflow".
 """
 
 from __future__ import annotations
@@ -345,12 +347,6 @@ class _RequestHead(msgspec.Struct, frozen=True):
     """The part of a request a follower needs."""
 
     id: str
-
-
-class WorkflowReader(Protocol):
-    """Reads a workflow from the log where it was created."""
-
-    async def __call__(self, workflow_id: str, partition: int, offset: int) -> WorkflowState: ...
 
 
 class Forwarder:
