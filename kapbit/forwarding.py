@@ -2,9 +2,9 @@
 through a request log co-partitioned with the workflow log, and are answered by the owner.
 
 The request log (``<log>-requests`` on Kafka, :class:`~kapbit.request_log.MemRequestLog`
-in tests) has the
-log's partition count and partitioner, so a request keyed by the workflow id lands in the
-request partition numbered as the id's log partition. Three kinds of record live there:
+in tests) has the log's partition count and partitioner, so a request keyed by the
+workflow id lands in the request partition numbered as the id's log partition. Three
+kinds of record live there:
 
 - ``request_claim`` (:class:`RequestClaim`): an owner starts serving the partition (a
   *session*). Written after the owner has claimed and recovered the log partition.
