@@ -73,7 +73,9 @@ class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults
     ``trace`` is the W3C trace context (``traceparent``, ``tracestate``) of the workflow's
     span when it was created with tracing on (:mod:`kapbit.otel`), so that an instance
     resuming it continues the trace; ``None`` (not written) otherwise, and in records
-    written before the field existed.
+    written before the field existed. ``request`` is the id of the forwarded request that
+    created the workflow (:mod:`kapbit.forwarding`), so an owner serving that request again
+    answers it the same way; ``None`` (not written) for a local call.
     """
 
     id: str
@@ -81,6 +83,7 @@ class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults
     input: msgspec.Raw
     at: float
     trace: dict[str, str] | None = None
+    request: str | None = None
 
 
 class StepOutcome(_Event, frozen=True, tag="step_outcome"):
