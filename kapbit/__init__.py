@@ -26,6 +26,7 @@ from kapbit.errors import (
     EncodeError,
     Fenced,
     GateClosed,
+    GroupNotSupported,
     InstanceClosed,
     InvalidDefinition,
     InvalidInput,
@@ -35,6 +36,7 @@ from kapbit.errors import (
     LogLost,
     NonRetryable,
     NoStepContext,
+    NotOwner,
     PayloadTooLarge,
     RecordRejected,
     StartupError,
@@ -60,6 +62,7 @@ from kapbit.options import (
     StepRetry,
 )
 from kapbit.partitioner import partition_for
+from kapbit.placement import GroupOptions, Owner, Placement
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
@@ -81,6 +84,8 @@ __all__ = [
     "Failure",
     "Fenced",
     "GateClosed",
+    "GroupNotSupported",
+    "GroupOptions",
     "InstanceClosed",
     "InvalidDefinition",
     "InvalidInput",
@@ -93,10 +98,13 @@ __all__ = [
     "LogLost",
     "MsgpackCodec",
     "NoStepContext",
+    "NotOwner",
     "NonRetryable",
     "Options",
     "Outcome",
+    "Owner",
     "PayloadTooLarge",
+    "Placement",
     "Progress",
     "RecordRejected",
     "RetryPolicy",
