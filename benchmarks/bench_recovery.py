@@ -97,7 +97,7 @@ async def _append_finished(repo: MemRepository, count: int, window: int) -> None
     windows = [IdempotencyWindow(window) for _ in range(partitions)]
     for p in range(partitions):
         claim = ActiveWriter(node, now, codec=codec.name, window=window)
-        await repo.append(p, "active_writer", node, node, encode(claim))
+        await repo.claim(p, node, encode(claim))
     outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
     result = msgspec.Raw(encode(sum(range(STEPS))))
     append = repo.append

@@ -23,8 +23,9 @@ goes: "ok", "declined" (a business failure: the stock reservation is compensated
 Run it::
 
     pip install -e '.[examples]'
-    uvicorn examples.fastapi_orders:app                # in-memory log
-    KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders uvicorn examples.fastapi_orders:app
+    uvicorn --app-dir examples fastapi_orders:app      # in-memory log
+    KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders \\
+        uvicorn --app-dir examples fastapi_orders:app
     curl -i -X POST localhost:8000/orders -H 'Idempotency-Key: order-1' \\
          -H 'content-type: application/json' -d '{"sku": "book", "qty": 1}'
 
@@ -46,12 +47,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
+from orders import ORDER, Order
 from pydantic import BaseModel, ConfigDict, Field
 
 from kapbit import (
-    Definition,
     DuplicateWorkflow,
-    Failure,
     Fenced,
     GateClosed,
     InstanceClosed,
@@ -59,82 +59,12 @@ from kapbit import (
     KapbitError,
     Options,
     PayloadTooLarge,
-    Progress,
-    Step,
-    Success,
     TooManyWorkflows,
     WillRetryLater,
     WorkflowRejected,
 )
 from kapbit.projection import Projector, StatusModel, WorkflowRow, WorkflowStatus
 from kapbit.repository import MemRepository, Repository
-
-# --- the order saga ----------------------------------------------------------------------------
-
-
-class Order(msgspec.Struct, frozen=True):
-    """The workflow input; ``id`` is the idempotency key."""
-
-    id: str
-    sku: str
-    qty: int
-    card: str
-
-
-class Receipt(msgspec.Struct, frozen=True):
-    """The workflow result."""
-
-    order: str
-    status: str  # "shipped" or "cancelled"
-    tracking: str | None = None
-
-
-_payment_outages: set[str] = set()  # "flaky" orders whose payment already failed once
-
-
-def reserve_stock(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"reserved {order.qty} x {order.sku}")
-
-
-def release_stock(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"released {order.qty} x {order.sku}")
-
-
-async def charge_card(order: Order, _progress: Progress) -> Success[str] | Failure[str]:
-    if order.card == "declined":
-        return Failure("card declined")
-    if order.card == "flaky" and order.id not in _payment_outages:
-        _payment_outages.add(order.id)
-        raise ConnectionError("payment service unavailable")
-    return Success(f"charged {order.qty * 10} EUR")
-
-
-async def refund_card(order: Order, _progress: Progress) -> Success[str]:
-    return Success("refunded")
-
-
-def ship(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"TRK-{order.id}")
-
-
-def receipt(order: Order, progress: Progress) -> Receipt:
-    if progress.failed:
-        return Receipt(order.id, "cancelled")
-    return Receipt(order.id, "shipped", progress.value("ship"))
-
-
-ORDER = Definition(
-    "order",
-    steps=[
-        Step(reserve_stock, release_stock, name="reserve"),
-        Step(charge_card, refund_card, name="charge"),
-        Step(ship, name="ship"),
-    ],
-    result=receipt,
-    input_type=Order,
-    outcome_type=str,
-    result_type=Receipt,
-)
 
 # --- HTTP models -------------------------------------------------------------------------------
 

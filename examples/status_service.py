@@ -42,19 +42,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import msgspec
+from orders import ORDER, Order
 
 from kapbit import (
-    Definition,
     DuplicateWorkflow,
-    Failure,
     Fenced,
     GateClosed,
     InstanceClosed,
     Kapbit,
     Options,
-    Progress,
-    Step,
-    Success,
     TooManyWorkflows,
     WillRetryLater,
     WorkflowRejected,
@@ -66,74 +62,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-# --- the order saga ----------------------------------------------------------------------------
-
-
-class Order(msgspec.Struct, frozen=True):
-    """The workflow input."""
-
-    id: str
-    sku: str
-    qty: int
-    card: str = "ok"
-
-
-class Receipt(msgspec.Struct, frozen=True):
-    """The workflow result."""
-
-    order: str
-    status: str
-    tracking: str | None = None
-
-
-_payment_outages: set[str] = set()  # "flaky" orders whose payment already failed once
-
-
-def reserve_stock(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"reserved {order.qty} x {order.sku}")
-
-
-def release_stock(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"released {order.qty} x {order.sku}")
-
-
-async def charge_card(order: Order, _progress: Progress) -> Success[str] | Failure[str]:
-    if order.card == "declined":
-        return Failure("card declined")
-    if order.card == "flaky" and order.id not in _payment_outages:
-        _payment_outages.add(order.id)
-        raise ConnectionError("payment service unavailable")
-    return Success(f"charged {order.qty * 10} EUR")
-
-
-async def refund_card(order: Order, _progress: Progress) -> Success[str]:
-    return Success("refunded")
-
-
-def ship(order: Order, _progress: Progress) -> Success[str]:
-    return Success(f"TRK-{order.id}")
-
-
-def receipt(order: Order, progress: Progress) -> Receipt:
-    if progress.failed:
-        return Receipt(order.id, "cancelled")
-    return Receipt(order.id, "shipped", progress.value("ship"))
-
-
-ORDER = Definition(
-    "order",
-    steps=[
-        Step(reserve_stock, release_stock, name="reserve"),
-        Step(charge_card, refund_card, name="charge"),
-        Step(ship, name="ship"),
-    ],
-    result=receipt,
-    input_type=Order,
-    outcome_type=str,
-    result_type=Receipt,
-)
-
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 

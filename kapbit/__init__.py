@@ -15,41 +15,9 @@ import importlib as _importlib
 import warnings as _warnings
 from typing import Any as _Any
 
+from kapbit import errors as _errors
 from kapbit.codecs import Codec, JsonCodec, MsgpackCodec
-from kapbit.errors import (
-    CircuitBreakerOpen,
-    CodecMismatch,
-    CorruptRecord,
-    DeadLettered,
-    DecodeError,
-    DuplicateWorkflow,
-    EncodeError,
-    Fenced,
-    GateClosed,
-    GroupNotSupported,
-    InstanceClosed,
-    InvalidDefinition,
-    InvalidInput,
-    InvalidReturnValue,
-    InvalidWorkflowId,
-    KapbitError,
-    LogLost,
-    NonRetryable,
-    NoStepContext,
-    NotOwner,
-    PayloadTooLarge,
-    RecordRejected,
-    StartupError,
-    StepTimedOut,
-    StorageError,
-    TooManyWorkflows,
-    TransientStorageError,
-    UnknownWorkflowType,
-    WillRetryLater,
-    WorkflowNotFound,
-    WorkflowRefused,
-    WorkflowRejected,
-)
+from kapbit.errors import *  # noqa: F403  (every error, listed once: kapbit.errors.__all__)
 from kapbit.events import EventKind
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowState
 from kapbit.instance import Kapbit
@@ -65,69 +33,41 @@ from kapbit.partitioner import partition_for
 from kapbit.placement import GroupOptions, Owner, Placement
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
+from kapbit.timers import Sleep, SleepUntil
 from kapbit.workflow import Definition, Failure, Outcome, Progress, Step, Success
 
 __all__ = [
     "Backoff",
     "BreakerPolicy",
     "CheckpointPolicy",
-    "CircuitBreakerOpen",
-    "CodecMismatch",
     "Codec",
-    "CorruptRecord",
-    "DeadLettered",
-    "DecodeError",
     "Definition",
-    "DuplicateWorkflow",
-    "EncodeError",
     "EventKind",
     "Failure",
-    "Fenced",
-    "GateClosed",
-    "GroupNotSupported",
     "GroupOptions",
-    "InstanceClosed",
-    "InvalidDefinition",
-    "InvalidInput",
-    "InvalidReturnValue",
-    "InvalidWorkflowId",
     "JsonCodec",
     "Kapbit",
     "OnDuplicate",
-    "KapbitError",
-    "LogLost",
     "MsgpackCodec",
-    "NoStepContext",
-    "NotOwner",
-    "NonRetryable",
     "Options",
     "Outcome",
     "Owner",
-    "PayloadTooLarge",
     "Placement",
     "Progress",
-    "RecordRejected",
     "RetryPolicy",
-    "StartupError",
     "Stats",
     "Step",
     "StepContext",
+    "Sleep",
+    "SleepUntil",
     "StepRetry",
-    "StepTimedOut",
-    "StorageError",
     "Success",
-    "TooManyWorkflows",
-    "TransientStorageError",
-    "UnknownWorkflowType",
-    "WillRetryLater",
     "WorkflowHandle",
-    "WorkflowNotFound",
-    "WorkflowRefused",
-    "WorkflowRejected",
     "WorkflowState",
     "context",
     "partition_for",
 ]
+__all__ += _errors.__all__
 
 # The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"

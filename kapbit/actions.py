@@ -51,21 +51,14 @@ class ActionRunner:
         if is_async and timeout is None:
             awaitable: Awaitable[Any] = fn(*args)
             return awaitable
-        return self._run(fn, is_async, args, context, timeout)
+        call = self._call(fn, is_async, args)
+        return call if timeout is None else self._timed(call, context, timeout)
 
-    async def _run(
-        self,
-        fn: Callable[..., Any],
-        is_async: bool,
-        args: tuple[Any, ...],
-        context: StepContext,
-        timeout: float | None,
-    ) -> Any:
-        if timeout is None:
-            return await self._call(fn, is_async, args)
+    async def _timed(self, call: Awaitable[Any], context: StepContext, timeout: float) -> Any:
+        """Await ``call``, raising StepTimedOut once it has taken ``timeout`` seconds."""
         try:
             async with asyncio.timeout(timeout) as scope:
-                return await self._call(fn, is_async, args)
+                return await call
         except TimeoutError:
             if scope.expired():
                 raise StepTimedOut(

@@ -7,6 +7,10 @@ below by the highest offset already acknowledged in that partition. That bound i
 after the append returns: a lost acknowledgement may have left a first copy below the
 acknowledged one. Other events of a workflow are written after its ``WorkflowCreated``,
 so every copy of them lies above the hold. See docs/ARCHITECTURE.md, "Checkpoints".
+
+With snapshots (:mod:`kapbit.snapshots`) a checkpoint also names a snapshot of the
+partition at the offset this node had acknowledged, so recovery need not read from the
+oldest open workflow; the offsets above are kept as the fallback.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import logging
 from collections.abc import Callable
 
 from kapbit._log import fields
+from kapbit.codecs import Codec
 from kapbit.errors import Fenced, StorageError
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
+from kapbit.log_reader import ReaderState
 from kapbit.options import CheckpointPolicy
 from kapbit.repository import Checkpoint, Repository
+from kapbit.snapshots import Snapshotter, snapshot_store, with_snapshot, with_snapshot_of
 
 logger = logging.getLogger("kapbit.checkpoints")
 
@@ -30,7 +37,9 @@ class Checkpointer:
     """Tracks open workflows per partition and saves checkpoints by count and by time.
 
     ``acked(p)`` is the highest offset this node has had acknowledged in partition ``p``
-    (the emitter's); a checkpoint never moves past it.
+    (the emitter's); a checkpoint never moves past it. With ``codec`` and ``states``
+    (where recovery left each partition), ``policy.snapshots`` on and a repository that
+    keeps snapshots, checkpoints carry snapshots.
     """
 
     def __init__(
@@ -43,6 +52,8 @@ class Checkpointer:
         saved: list[Checkpoint],
         writer: str = "",
         window_size: int = 0,
+        codec: Codec | None = None,
+        states: list[ReaderState] | None = None,
     ) -> None:
         # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
         # in its partition, so a start can tell it belongs to this log.
@@ -59,6 +70,12 @@ class Checkpointer:
         self.owned: set[int] = set(range(len(windows)))
         self._terminated_since_save = 0
         self._due = asyncio.Event()
+        store = snapshot_store(repository)
+        self.snapshots: Snapshotter | None = None
+        if policy.snapshots and store is not None and codec is not None and states is not None:
+            self.snapshots = Snapshotter(
+                repository, store, codec, policy, states, window_size, writer
+            )
 
     def opening(self, partition: int, workflow_id: str) -> None:
         """A ``WorkflowCreated`` is about to be appended: hold the checkpoint below it."""
@@ -120,17 +137,46 @@ class Checkpointer:
         """Save every partition's checkpoint that moved forward since the last save."""
         self._terminated_since_save = 0
         self._due.clear()
+        snapshots = self.snapshots
         for partition, saved in enumerate(self._saved):
             if partition not in self.owned:
                 continue
+            stop = self._acked(partition) + 1  # before the anchor: the snapshot ends below it
             checkpoint = self.checkpoint(partition)
+            if snapshots is not None:
+                checkpoint = await self._snapshot(snapshots, partition, stop, checkpoint, saved)
             if (
                 checkpoint.offset <= saved.offset
                 and checkpoint.window_offset <= saved.window_offset
+                and checkpoint.snapshot_offset <= saved.snapshot_offset
             ):
                 continue
             await self._repository.save_checkpoint(partition, checkpoint)
             self._saved[partition] = checkpoint
+            if snapshots is not None:
+                await snapshots.replaced(partition, checkpoint)
+
+    async def _snapshot(
+        self,
+        snapshots: Snapshotter,
+        partition: int,
+        stop: int,
+        checkpoint: Checkpoint,
+        saved: Checkpoint,
+    ) -> Checkpoint:
+        """``checkpoint`` naming a new snapshot of the log below ``stop``, or the saved
+        one when nothing was written since it or the new one is over the limit (a snapshot
+        stays true for its offset, whatever the checkpoint's offsets say)."""
+        if stop > saved.snapshot_offset:
+            since = min(checkpoint.offset, checkpoint.window_offset)
+            state = await snapshots.take(partition, stop, since)
+            data = snapshots.encode(partition, state)
+            if data is not None and state.offset > saved.snapshot_offset:
+                written = await snapshots.write(partition, data, state.offset, saved)
+                return with_snapshot(checkpoint, written)
+        if saved.snapshot_offset < 0:
+            return checkpoint
+        return with_snapshot_of(checkpoint, saved)
 
     async def run(self) -> None:
         """Save periodically until cancelled; a failed save is retried on the next round.

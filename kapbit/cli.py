@@ -863,11 +863,13 @@ def _event_json(projected: ProjectedEvent) -> str:
 
 
 def _plain_fields(event: Any) -> dict[str, Any]:
-    """The event's fields except the encoded user value (shown decoded instead)."""
+    """The event's fields except the encoded user value (shown decoded instead) and optional
+    fields left at their ``None`` default (a step outcome without a timer has no fire_at)."""
+    unset = {f.name for f in msgspec.structs.fields(type(event)) if f.default is None}
     return {
         name: value
         for name, value in msgspec.structs.asdict(event).items()
-        if not isinstance(value, msgspec.Raw)
+        if not isinstance(value, msgspec.Raw) and not (value is None and name in unset)
     }
 
 

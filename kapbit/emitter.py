@@ -30,7 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, RecordRejected, TransientStorageError
-from kapbit.events import KIND_OF, Event, EventKind
+from kapbit.events import KIND_OF, ActiveWriter, Event, EventKind
 from kapbit.fencing import Fence
 from kapbit.options import Backoff
 from kapbit.repository import Repository
@@ -38,7 +38,7 @@ from kapbit.repository import Repository
 logger = logging.getLogger("kapbit.emitter")
 
 _RETRYABLE = (TransientStorageError, pybreaker.CircuitBreakerError)
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+_CLAIM = EventKind.ACTIVE_WRITER
 
 #: Attempts up to this one are all logged; after it only every power of two, so a long
 #: outage does not flood the log (one line per in-flight workflow per backoff period).
@@ -101,19 +101,35 @@ class Emitter:
         ``workflow_type`` goes into log records about the append (with ``key``)."""
         value = self._codec.encode(event)
         return await self.append(
-            partition, KIND_OF[type(event)].value, key, value, workflow_type=workflow_type
+            partition, KIND_OF[type(event)], key, value, workflow_type=workflow_type
         )
+
+    async def claim(self, partition: int, claim: ActiveWriter) -> int:
+        """Append this node's claim of ``partition`` (``Repository.claim``, never fenced),
+        retrying as :meth:`append` does; return its offset."""
+        return await self._write(partition, _CLAIM, self._node, self._codec.encode(claim), None)
 
     async def append(
         self,
         partition: int,
-        kind: str,
+        kind: EventKind,
         key: str,
         value: bytes,
         *,
         workflow_type: str | None = None,
     ) -> int:
-        """Append an encoded event, retrying transient failures forever."""
+        """Append an encoded event (any kind but a claim), retrying transient failures
+        forever."""
+        return await self._write(partition, kind, key, value, workflow_type)
+
+    async def _write(
+        self,
+        partition: int,
+        kind: EventKind,
+        key: str,
+        value: bytes,
+        workflow_type: str | None,
+    ) -> int:
         fence = self._fence
         refusal = fence.refusal
         if refusal is not None:
@@ -138,7 +154,13 @@ class Emitter:
             acked[partition] = offset
         return offset
 
-    async def _append_once(self, partition: int, kind: str, key: str, value: bytes) -> int:
+    def _store(self, partition: int, kind: EventKind, key: str, value: bytes) -> Awaitable[int]:
+        """The repository call writing this record: a claim, or an ordinary append."""
+        if kind is _CLAIM:
+            return self._repository.claim(partition, self._node, value)
+        return self._repository.append(partition, kind, key, self._node, value)
+
+    async def _append_once(self, partition: int, kind: EventKind, key: str, value: bytes) -> int:
         breaker = self._breaker
         state = breaker.current_state
         if state == pybreaker.STATE_CLOSED:
@@ -146,13 +168,13 @@ class Emitter:
                 # The common case skips the breaker's bookkeeping: a success while closed
                 # with no failures counted changes nothing. A failure is handed over.
                 try:
-                    return await self._repository.append(partition, kind, key, self._node, value)
+                    return await self._store(partition, kind, key, value)
                 except Exception as error:
                     if breaker.is_system_error(error):
                         _record_failure(breaker, error)
                     raise
             with breaker.calling():
-                return await self._repository.append(partition, kind, key, self._node, value)
+                return await self._store(partition, kind, key, value)
         # Open or half-open: the storage is suspect. Open and before reset_timeout, the
         # breaker refuses without calling the storage; otherwise this call is the probe,
         # and only one probe may be in flight.
@@ -161,14 +183,14 @@ class Emitter:
         self._probing = True
         try:
             with breaker.calling():
-                return await self._repository.append(partition, kind, key, self._node, value)
+                return await self._store(partition, kind, key, value)
         finally:
             self._probing = False
 
     async def _append_retrying(
         self,
         partition: int,
-        kind: str,
+        kind: EventKind,
         key: str,
         value: bytes,
         first: BaseException,
@@ -177,7 +199,7 @@ class Emitter:
     ) -> int:
         extra = (
             fields(partition=partition)  # a claim is keyed by writer id: no workflow
-            if kind == _ACTIVE_WRITER
+            if kind is _CLAIM
             else fields(key, workflow_type, partition)
         )
 
@@ -246,7 +268,7 @@ class Emitter:
         return offset
 
     async def _landed_copy(
-        self, partition: int, kind: str, key: str, value: bytes, floor: int
+        self, partition: int, kind: EventKind, key: str, value: bytes, floor: int
     ) -> int | None:
         """The offset of the last copy of this exact record this node wrote at or above
         ``floor``, or ``None``. Transient read errors are retried like appends."""

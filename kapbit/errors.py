@@ -28,6 +28,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── InvalidSchedule            a Schedule with a bad cron expression, interval or field
     ├── EncodeError                a value the codec cannot encode
     ├── DecodeError                bytes that do not decode as the expected type
+    ├── InvalidAppend              an ActiveWriter given to Repository.append, not claim()
     └── StorageError
         ├── TransientStorageError  unreachable or timed out; retried
         ├── RecordRejected         refused for good (at exec_workflow: nothing was written)
@@ -41,6 +42,45 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+#: Every kapbit error; :mod:`kapbit` re-exports them all.
+__all__ = [
+    "CircuitBreakerOpen",
+    "CodecMismatch",
+    "CorruptRecord",
+    "DeadLettered",
+    "DecodeError",
+    "DuplicateWorkflow",
+    "EncodeError",
+    "Fenced",
+    "GateClosed",
+    "GroupNotSupported",
+    "InstanceClosed",
+    "InvalidAppend",
+    "InvalidDefinition",
+    "InvalidInput",
+    "InvalidReturnValue",
+    "InvalidSchedule",
+    "InvalidTimer",
+    "InvalidWorkflowId",
+    "KapbitError",
+    "LogLost",
+    "NoStepContext",
+    "NonRetryable",
+    "NotOwner",
+    "PayloadTooLarge",
+    "RecordRejected",
+    "StartupError",
+    "StepTimedOut",
+    "StorageError",
+    "TooManyWorkflows",
+    "TransientStorageError",
+    "UnknownWorkflowType",
+    "WillRetryLater",
+    "WorkflowNotFound",
+    "WorkflowRefused",
+    "WorkflowRejected",
+]
 
 
 class KapbitError(Exception):
@@ -103,11 +143,15 @@ class DuplicateWorkflow(WorkflowRefused):
 
 
 class TooManyWorkflows(WorkflowRefused):
-    """``max_workflows`` workflows are already in flight on this instance."""
+    """``max_workflows`` workflows are already running on this instance, or, with
+    ``name="max_sleeping"``, running and sleeping ones together reached ``max_sleeping``.
+    ``limit`` is the limit reached and ``name`` its option's name."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"max_workflows ({limit}) workflows already in flight")
+    def __init__(self, limit: int, name: str = "max_workflows") -> None:
+        what = "running" if name == "max_workflows" else "running or sleeping"
+        super().__init__(f"{name} ({limit}) workflows already {what}")
         self.limit = limit
+        self.name = name
 
 
 class EncodeError(KapbitError):
@@ -299,6 +343,12 @@ class PayloadTooLarge(RecordRejected):
         super().__init__(f"payload of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class InvalidAppend(KapbitError, ValueError):
+    """A call of the repository seam with a kind it does not take there: an
+    ``ActiveWriter`` goes through ``Repository.claim``, never ``append`` (a programming
+    error in a backend's caller; nothing is written)."""
 
 
 class Fenced(StorageError):

@@ -8,7 +8,7 @@ decoding; its value decodes with the instance's codec as the kind's type::
     from kapbit import JsonCodec
     from kapbit.events import EVENT_TYPES, EventKind
 
-    event = JsonCodec().decode(record.value, EVENT_TYPES[EventKind(record.kind)])
+    event = JsonCodec().decode(record.value, EVENT_TYPES[record.kind])
 
 (:class:`kapbit.projection.Projector` does this for you, skipping zombie writes and second copies
 as recovery does.) User values (inputs, outcome values, results) are fields of type
@@ -88,7 +88,10 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
 
     ``success`` is true for ``Success``, false for ``Failure`` (a step that failed for good
     after ``NonRetryable``, a listed error or its retries, too); ``value`` is the encoded
-    outcome value, of the step's outcome type or ``None``.
+    outcome value, of the step's outcome type or ``None``. ``fire_at`` is set when the
+    action returned a durable timer (:class:`kapbit.Sleep` / :class:`kapbit.SleepUntil`):
+    the step succeeded and the workflow sleeps until that wall time (seconds since the
+    epoch), then runs its next step.
     """
 
     id: str
@@ -97,6 +100,7 @@ class StepOutcome(_Event, frozen=True, tag="step_outcome"):
     success: bool
     value: msgspec.Raw
     at: float = 0.0
+    fire_at: float | None = None
 
 
 class WorkflowResult(_Event, frozen=True, tag="workflow_result"):

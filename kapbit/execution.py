@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -24,6 +22,7 @@ from tenacity import (
 
 from kapbit._log import execution_fields, step_fields
 from kapbit.actions import ActionRunner
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.codecs import Codec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter
@@ -40,6 +39,7 @@ from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, 
 from kapbit.instrumentation import WorkflowObserver
 from kapbit.options import Backoff
 from kapbit.step_context import CURRENT_STEP, StepContext
+from kapbit.timers import Sleep, SleepUntil, Timer
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
 logger = logging.getLogger("kapbit")
@@ -55,6 +55,10 @@ RESULT_BUILDER = -1
 _TERMINAL_BACKOFF = Backoff()
 #: What an action may return besides ``None`` (a tuple: no union built per check).
 _OUTCOMES = (Success, Failure)
+_TIMERS = (Sleep, SleepUntil)
+_TIMER_WHERE = (
+    "a durable timer (Sleep / SleepUntil) may end only an execute step that has a next step"
+)
 
 
 class StepRaised(Exception):
@@ -94,6 +98,16 @@ def _is_breaker_error(error: BaseException) -> bool:
     return isinstance(error, pybreaker.CircuitBreakerError | CircuitBreakerOpen)
 
 
+class WorkflowSleeps(Exception):
+    """The workflow's step ``step`` returned a durable timer and its outcome is durable:
+    the workflow sleeps until ``fire_at`` (wall time), then runs its next step."""
+
+    def __init__(self, fire_at: float, step: int) -> None:
+        super().__init__(f"sleeps until {fire_at} after step {step}")
+        self.fire_at = fire_at
+        self.step = step
+
+
 class _ActionRaised(Exception):
     """An action raised ``cause`` (wrapped, so that in-place retries retry nothing else)."""
 
@@ -109,8 +123,10 @@ class WorkflowExecution:
         "_created",
         "_waiter",
         "attempts",
+        "clock",
         "created_offset",
         "definition",
+        "fire_at",
         "id",
         "input",
         "last_error",
@@ -131,6 +147,7 @@ class WorkflowExecution:
         attempts: int = 0,
         last_error: str = "",
         trace: dict[str, str] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.id = workflow_id
         self.definition = definition
@@ -146,6 +163,10 @@ class WorkflowExecution:
         self.trace = trace
         #: What reports this workflow's run to traces and metrics (``None``: nothing does).
         self.telemetry: WorkflowObserver | None = None
+        #: Stamps this workflow's events and times its timers.
+        self.clock = clock
+        #: While the workflow sleeps on a durable timer: when it wakes (wall time).
+        self.fire_at: float | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._created: asyncio.Future[int] | None = None
 
@@ -226,13 +247,9 @@ class WorkflowExecution:
         while (action := self.next_action()) is not None:
             index, phase = action
             step = steps[index]
-            if phase == "execute":
-                fn, is_async = step.execute, step._execute_async
-            else:
-                assert step.compensate is not None
-                fn, is_async = step.compensate, step._compensate_async
             if step.retry is None and self.telemetry is None:
                 # the common case, inline: no frames of kapbit's own
+                fn, is_async = step.action(phase)
                 context = self._context(actions, step, index, phase)
                 token = CURRENT_STEP.set(context)
                 try:
@@ -249,16 +266,20 @@ class WorkflowExecution:
                     CURRENT_STEP.reset(token)
             elif step.retry is None:
                 try:
-                    returned = await self._attempt(actions, step, fn, is_async, index, phase)
+                    returned = await self._attempt(actions, step, index, phase)
                 except _ActionRaised as raised:
                     returned = self._step_failed(step, index, phase, raised.cause)
             else:
-                returned = await self._retry_in_place(
-                    emitter, actions, step, fn, is_async, index, phase
-                )
+                returned = await self._retry_in_place(emitter, actions, step, index, phase)
             # Checked outside the action's error handling: a wrong return value is a
             # programming error, and retrying would run the action's side effect again.
             outcome = Success(None) if returned is None else returned
+            timer: Timer | None = None
+            if isinstance(outcome, _TIMERS):
+                if phase != "execute" or index == len(steps) - 1:
+                    await self._invalid_return(emitter, index, phase, returned, _TIMER_WHERE)
+                timer = outcome
+                outcome = Success(timer.value)
             if not isinstance(outcome, _OUTCOMES):
                 await self._invalid_return(emitter, index, phase, returned)
             try:
@@ -268,7 +289,9 @@ class WorkflowExecution:
             except TypeMismatch as mismatch:
                 await self._wrong_type(emitter, index, phase, mismatch)
             success = isinstance(outcome, Success)
-            event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), time.time())
+            now = self.clock.now()
+            fire_at = None if timer is None else timer.fire_at(now)
+            event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), now, fire_at)
             await self._persist(emitter, codec, event)
             if value is not outcome.value:  # keep what was read back, as after a restart
                 outcome = Success(value) if success else Failure(value)
@@ -284,6 +307,8 @@ class WorkflowExecution:
                     value,
                     extra=step_fields(self, index, phase, self.step_attempt),
                 )
+            if fire_at is not None:
+                raise WorkflowSleeps(fire_at, index)
 
         try:
             result = await _call(definition.result, definition._result_async, self.input, progress)
@@ -301,7 +326,9 @@ class WorkflowExecution:
         except TypeMismatch as mismatch:
             await self._wrong_type(emitter, RESULT_BUILDER, "execute", mismatch)
         await self._persist(
-            emitter, codec, WorkflowResult(self.id, msgspec.Raw(data), compensated, time.time())
+            emitter,
+            codec,
+            WorkflowResult(self.id, msgspec.Raw(data), compensated, self.clock.now()),
         )
         return result, compensated
 
@@ -338,8 +365,6 @@ class WorkflowExecution:
         emitter: Emitter,
         actions: ActionRunner,
         step: Step[Any, Any],
-        fn: Callable[..., Any],
-        is_async: bool,
         index: int,
         phase: Phase,
     ) -> Any:
@@ -377,7 +402,7 @@ class WorkflowExecution:
                     if last is not None:
                         await self.record_retry(emitter, last.cause, in_place=True)
                     try:
-                        return await self._attempt(actions, step, fn, is_async, index, phase)
+                        return await self._attempt(actions, step, index, phase)
                     except _ActionRaised as raised:
                         last = raised
                         raise
@@ -386,16 +411,11 @@ class WorkflowExecution:
         raise AssertionError("unreachable: tenacity returns or re-raises")  # pragma: no cover
 
     async def _attempt(
-        self,
-        actions: ActionRunner,
-        step: Step[Any, Any],
-        fn: Callable[..., Any],
-        is_async: bool,
-        index: int,
-        phase: Phase,
+        self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
     ) -> Any:
         """Run the action once, in its context and (with telemetry) its span: what it
         returned, or :class:`_ActionRaised` if it raised."""
+        fn, is_async = step.action(phase)
         context = self._context(actions, step, index, phase)
         token = CURRENT_STEP.set(context)
         telemetry = self.telemetry
@@ -435,7 +455,7 @@ class WorkflowExecution:
         ``in_place`` says the step's own policy retries it, not the retry worker."""
         self.last_error = describe_error(cause)[:MAX_ERROR_LENGTH]
         self.attempts += 1
-        event = WorkflowRetry(self.id, self.attempts, self.last_error, time.time())
+        event = WorkflowRetry(self.id, self.attempts, self.last_error, self.clock.now())
         try:
             await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
         except (RecordRejected, EncodeError) as exc:
@@ -460,25 +480,27 @@ class WorkflowExecution:
         """
         await self._terminate(
             emitter,
-            Rejected(self.id, kind, _bounded(reason), time.time()),
-            Rejected(self.id, kind, "", time.time()),
+            Rejected(self.id, kind, _bounded(reason), self.clock.now()),
+            Rejected(self.id, kind, "", self.clock.now()),
         )
         raise WorkflowRejected(self.id, f"{kind}: {reason}")
 
     async def _invalid_return(
-        self, emitter: Emitter, index: int, phase: Phase, returned: object
+        self,
+        emitter: Emitter,
+        index: int,
+        phase: Phase,
+        returned: object,
+        rule: str = "an action must return Success(value), Failure(value) or None",
     ) -> NoReturn:
         """Terminate the workflow with an InvalidReturn event, raise InvalidReturnValue."""
         step = self.definition.steps[index]
         name = step.name or getattr(step.execute, "__name__", "")
-        reason = (
-            f"step {index} ({name!r}) {phase} returned {type(returned).__qualname__}; "
-            "an action must return Success(value), Failure(value) or None"
-        )
+        reason = f"step {index} ({name!r}) {phase} returned {type(returned).__qualname__}; {rule}"
         await self._terminate(
             emitter,
-            InvalidReturn(self.id, index, phase, _bounded(reason), time.time()),
-            InvalidReturn(self.id, index, phase, "", time.time()),
+            InvalidReturn(self.id, index, phase, _bounded(reason), self.clock.now()),
+            InvalidReturn(self.id, index, phase, "", self.clock.now()),
         )
         raise InvalidReturnValue(self.id, index, phase, reason, actual=type(returned).__qualname__)
 
@@ -496,8 +518,8 @@ class WorkflowExecution:
         )
         await self._terminate(
             emitter,
-            InvalidReturn(self.id, index, phase, _bounded(reason), time.time()),
-            InvalidReturn(self.id, index, phase, "", time.time()),
+            InvalidReturn(self.id, index, phase, _bounded(reason), self.clock.now()),
+            InvalidReturn(self.id, index, phase, "", self.clock.now()),
         )
         raise InvalidReturnValue(
             self.id, index, phase, reason, declared=mismatch.declared, actual=mismatch.actual

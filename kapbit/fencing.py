@@ -1,26 +1,69 @@
-"""The fencing rule, both sides: one writer per partition, told by the log itself.
+"""The fencing rule, both sides, in one place: one writer per partition, told by the log.
 
-Writer side (:class:`Fence`): an instance whose write the log refuses with
-:class:`~kapbit.errors.Fenced` (another writer's ``ActiveWriter`` lies below it) writes
-nothing more. Reader side (:class:`OwnerTracker`): the owner of a partition is the writer
-of the latest ``ActiveWriter`` read; any other record whose writer is not the current
-owner was written by an instance that had already lost the partition (a zombie write),
-and no reader (recovery, projections) acts on it. See docs/ARCHITECTURE.md, "Fencing".
+The rule: a record counts (is durable-and-valid for its writer, and acted on by readers)
+only if the latest ``ActiveWriter`` (claim) below it is its writer's. Equivalently, a
+record of node N is void once another node's claim lies between N's latest claim and the
+record.
+
+- Repository side (every backend): an append of N returns only if no claim of another
+  node lies between N's latest claim and the record (:func:`displaces` judges each record
+  in between); otherwise it raises :class:`~kapbit.errors.Fenced` (:func:`fenced_by`).
+  A claim itself is never fenced, and goes through ``Repository.claim`` only
+  (:func:`ordinary` refuses it in ``append``).
+- Reader side (:class:`OwnerTracker`): the owner of a partition is the writer of the
+  latest claim read; any other record whose writer is not the current owner was written
+  by an instance that had already lost the partition (a zombie write), and no reader
+  (recovery, projections, handles) acts on it.
+- Writer side (:class:`Fence`): an instance the log fenced writes nothing more.
+
+See docs/ARCHITECTURE.md, "Fencing".
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-from kapbit.errors import Fenced, LogLost
+from kapbit.errors import Fenced, InvalidAppend, LogLost
 from kapbit.events import EventKind
-from kapbit.repository import Record
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
+if TYPE_CHECKING:  # the repository package uses this module: no import cycle at run time
+    from kapbit.repository.base import Record
+
+_CLAIM = EventKind.ACTIVE_WRITER
+
+
+def is_claim(record: Record) -> bool:
+    """Whether ``record`` is an ``ActiveWriter``: a claim of its partition by its writer."""
+    return record.kind is _CLAIM
+
+
+def displaces(record: Record, node: str | None) -> bool:
+    """Whether ``record``, lying after ``node``'s latest claim, voids ``node``'s later
+    records: it is a claim by another writer (anything else is harmless to ``node``)."""
+    return record.kind is _CLAIM and record.node != node
+
+
+def fenced_by(partition: int, claimer: str, node: str | None, offset: int | None = None) -> Fenced:
+    """The :class:`~kapbit.errors.Fenced` a write of ``node`` to ``partition`` gets once
+    ``claimer`` claimed it (at ``offset``, when known)."""
+    at = "" if offset is None else f" at offset {offset}"
+    return Fenced(f"node {claimer!r} claimed partition {partition}{at}; node {node!r} is fenced")
+
+
+def ordinary(kind: EventKind) -> EventKind:
+    """``kind`` if an ordinary append may carry it; raise
+    :class:`~kapbit.errors.InvalidAppend` for a claim, which goes through ``claim()``."""
+    if kind is _CLAIM:
+        raise InvalidAppend(
+            "an ActiveWriter is appended with Repository.claim(partition, node, value), "
+            "not append(): a claim is never fenced, an append always is"
+        )
+    return kind
 
 
 class OwnerTracker:
-    """Follows ``ActiveWriter`` records of one partition read in order.
+    """Follows the claims of one partition read in order: the reader side of the rule.
 
     ``writers`` lists ``(offset, node)`` of every ownership change seen, starting with
     ``(-1, owner)`` for the owner in force where reading started.
@@ -35,7 +78,7 @@ class OwnerTracker:
     def admit(self, record: Record) -> bool:
         """Whether ``record`` counts: ``ActiveWriter`` switches the owner and counts;
         anything else counts only if the current owner wrote it."""
-        if record.kind == _ACTIVE_WRITER:
+        if record.kind is _CLAIM:
             self.owner = record.node
             self.writers.append((record.offset, record.node))
             return True

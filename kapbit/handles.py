@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from kapbit import events
 from kapbit.codecs import Codec
 from kapbit.errors import (
     DeadLettered,
@@ -25,27 +26,16 @@ from kapbit.errors import (
     WorkflowNotFound,
     WorkflowRejected,
 )
-from kapbit.events import (
-    DeadLetter,
-    Event,
-    EventKind,
-    InvalidReturn,
-    Rejected,
-    StepOutcome,
-    WorkflowCreated,
-    WorkflowResult,
-    WorkflowRetry,
-)
+from kapbit.fencing import is_claim
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import PartitionReader, Verdict, decode_value
 from kapbit.partitioner import partition_for
-from kapbit.projection.status import WorkflowStatus
+from kapbit.projection.status import WorkflowStatus, status_after
 from kapbit.repository import Repository
 from kapbit.workflow import Definition
 
 R = TypeVar("R")
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 
 #: What submitting an id the instance already knows does: ``"raise"``
 #: :class:`~kapbit.errors.DuplicateWorkflow` (the default), or ``"attach"`` to that workflow.
@@ -75,16 +65,17 @@ class WorkflowState:
     last_error: str = ""
     result: Any = None
     error: KapbitError | None = None
+    failed_step: int | None = None
 
 
-def terminal_error(workflow_id: str, event: Event) -> KapbitError | None:
+def terminal_error(workflow_id: str, event: events.Event) -> KapbitError | None:
     """The error a caller gets for a workflow that ended with ``event`` (``None`` for a
     result), the same exec_workflow raises."""
-    if isinstance(event, DeadLetter):
+    if isinstance(event, events.DeadLetter):
         return DeadLettered(workflow_id, event.attempts, event.error)
-    if isinstance(event, Rejected):
+    if isinstance(event, events.Rejected):
         return WorkflowRejected(workflow_id, f"{event.event}: {event.reason}")
-    if isinstance(event, InvalidReturn):
+    if isinstance(event, events.InvalidReturn):
         return InvalidReturnValue(workflow_id, event.step, event.phase, event.reason)
     return None
 
@@ -112,13 +103,13 @@ async def read_workflow(
                 if record.offset != created_offset or record.key != workflow_id:
                     raise WorkflowNotFound(workflow_id)
                 reader = PartitionReader(codec, partition, record.node, 1)
-            elif record.key != workflow_id and record.kind != _ACTIVE_WRITER:
+            elif record.key != workflow_id and not is_claim(record):
                 continue  # another workflow's: only claims matter (who owns the partition)
             verdict, event, _ = reader.take(record)
             if verdict is not Verdict.NEW or record.key != workflow_id:
                 continue
             if state is None:
-                if not isinstance(event, WorkflowCreated):
+                if not isinstance(event, events.WorkflowCreated):
                     raise WorkflowNotFound(workflow_id)
                 state = WorkflowState(
                     workflow_id, event.type, partition, created_offset, WorkflowStatus.RUNNING
@@ -134,48 +125,33 @@ async def read_workflow(
 
 def _after(
     state: WorkflowState,
-    event: Event,
+    event: events.Event,
     codec: Codec,
     definition: Definition | None,
     offset: int,
 ) -> WorkflowState:
-    """``state`` moved past ``event``, with the status read model's rules."""
-    if isinstance(event, StepOutcome):
+    """``state`` moved past ``event``: its status by the status read model's rule
+    (:func:`~kapbit.projection.status.status_after`), its counts and values as the model
+    keeps them."""
+    status = status_after(event, state.failed_step is not None) or state.status
+    if isinstance(event, events.StepOutcome):
         if event.phase == "compensate":
-            return replace(
-                state,
-                status=WorkflowStatus.COMPENSATING,
-                compensated_steps=state.compensated_steps + 1,
-            )
+            return replace(state, status=status, compensated_steps=state.compensated_steps + 1)
         if not event.success:
-            return replace(state, status=WorkflowStatus.COMPENSATING)
-        compensating = state.status is WorkflowStatus.COMPENSATING
-        return replace(
-            state,
-            steps_done=max(state.steps_done, event.step + 1),
-            status=WorkflowStatus.COMPENSATING if compensating else WorkflowStatus.RUNNING,
-        )
-    if isinstance(event, WorkflowRetry):
-        return replace(
-            state, status=WorkflowStatus.RETRYING, attempts=event.attempt, last_error=event.error
-        )
-    if isinstance(event, WorkflowResult):
+            return replace(state, status=status, failed_step=event.step)
+        return replace(state, status=status, steps_done=max(state.steps_done, event.step + 1))
+    if isinstance(event, events.WorkflowRetry):
+        return replace(state, status=status, attempts=event.attempt, last_error=event.error)
+    if isinstance(event, events.WorkflowResult):
         result = decode_value(codec, definition, event, state.partition, offset)
-        status = WorkflowStatus.COMPENSATED if event.compensated else WorkflowStatus.SUCCEEDED
         return replace(state, status=status, result=result)
-    error = terminal_error(state.id, event)
-    if isinstance(event, DeadLetter):
+    if isinstance(event, events.DeadLetter):
+        error = terminal_error(state.id, event)
         return replace(
-            state,
-            status=WorkflowStatus.DEAD_LETTERED,
-            attempts=event.attempts,
-            last_error=event.error,
-            error=error,
+            state, status=status, attempts=event.attempts, last_error=event.error, error=error
         )
-    if isinstance(event, Rejected):
-        return replace(state, status=WorkflowStatus.REJECTED, error=error)
-    if isinstance(event, InvalidReturn):
-        return replace(state, status=WorkflowStatus.INVALID_RETURN, error=error)
+    if isinstance(event, events.Rejected | events.InvalidReturn):
+        return replace(state, status=status, error=terminal_error(state.id, event))
     return state
 
 

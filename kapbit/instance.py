@@ -27,6 +27,7 @@ from kapbit._log import fields
 from kapbit._start_retries import StartRetries
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
+from kapbit.clock import Clock
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
@@ -48,7 +49,7 @@ from kapbit.errors import (
     WorkflowNotFound,
 )
 from kapbit.events import WorkflowCreated
-from kapbit.execution import WorkflowExecution
+from kapbit.execution import WorkflowExecution, WorkflowSleeps
 from kapbit.fencing import Fence, OwnerTracker
 from kapbit.gate import EntryGate
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
@@ -59,6 +60,8 @@ from kapbit.partitioner import partition_for
 from kapbit.placement import GroupOptions, Owner, Placement, PlacementChange, SupportsGroups
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Checkpoint, Repository
+from kapbit.scheduler import Scheduler, check_schedules
+from kapbit.schedules import Schedule
 from kapbit.stats import Stats
 from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
@@ -94,6 +97,11 @@ class Kapbit(AsyncResource):
     group share the log's partitions instead: each claims and recovers the partitions the
     group assigns it, gives up those it loses, and refuses ids of partitions it does not
     own with :class:`~kapbit.errors.NotOwner` (see :meth:`owner_of`).
+
+    ``schedules`` (:class:`kapbit.schedules.Schedule`) start their workflows at their fire
+    times while the instance runs, each firing at most once across restarts and takeovers;
+    a schedule naming an unregistered type or with an input not of that type is refused
+    here with :class:`~kapbit.errors.InvalidSchedule`.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class Kapbit(AsyncResource):
         codec: Codec | None = None,
         *,
         options: Options | None = None,
+        schedules: Iterable[Schedule] = (),
         group: GroupOptions | Placement | None = None,
     ) -> None:
         self.options = options or Options()
@@ -112,6 +121,8 @@ class Kapbit(AsyncResource):
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
+        self._clock: Clock = self.options.clock
+        self._schedules = check_schedules(schedules, self._schedule_problem)
         #: This instance's name: ``Options.node_id``, by default host name and process id.
         #: It may repeat across starts (a pod name); the log tells starts apart by
         #: :attr:`writer_id`.
@@ -152,6 +163,7 @@ class Kapbit(AsyncResource):
         self._unwatch: Callable[[], None] | None = None
         self._workflow_log: WorkflowLog | None = None
         self._checkpointer: Checkpointer | None = None
+        self._scheduler: Scheduler | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
 
@@ -181,6 +193,7 @@ class Kapbit(AsyncResource):
             self._definitions,
             self.options.idempotency_window,
             retries,
+            self._clock,
         )
         ownership = Ownership(
             self._repository,
@@ -190,6 +203,7 @@ class Kapbit(AsyncResource):
             self.options.idempotency_window,
             retries,
             self.endpoint,
+            self._clock,
         )
         try:
             async with asyncio.timeout(timeout) as deadline:
@@ -212,6 +226,8 @@ class Kapbit(AsyncResource):
             await self._fail_start()
             raise
         self._state = "running"
+        if self._scheduler is not None:  # its starts are admitted once the instance runs
+            self._background.spawn(self._scheduler.run(self._start_firing), name="kapbit-scheduler")
         logger.info(
             "kapbit node %s (writer %s) started on %d partitions in %.3f s: %d workflows "
             "resumed, %d records read",
@@ -239,6 +255,7 @@ class Kapbit(AsyncResource):
             [Checkpoint() for _ in range(partitions)],
             [],
             0,
+            [],
         )
         self._recovery, self._ownership = recovery, ownership
         await self._run(nothing)
@@ -366,6 +383,9 @@ class Kapbit(AsyncResource):
             recovered.checkpoints,
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
+            codec=self._codec,
+            # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
+            states=None if self._placement is not None else recovered.states,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -381,9 +401,36 @@ class Kapbit(AsyncResource):
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
         self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
         await supervisor.start(recovered.executions)
+        if self._schedules:
+            known = [id_ for window in recovered.windows for id_, _ in window.entries()]
+            self._scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
         instrumentation = self.options.instrumentation
         if instrumentation is not None:
             self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
+
+    def _schedule_problem(self, schedule: Schedule) -> str | None:
+        """Why ``schedule``'s firings could not start here (``None``: they can): its
+        workflow type is not registered or its input is not of that type's input."""
+        definition = self._definitions.get(schedule.workflow)
+        if definition is None:
+            return f"unknown workflow type; registered: {', '.join(sorted(self._definitions))}"
+        try:
+            encode_checked(self._codec, schedule.input, definition.input_check)
+        except EncodeError as exc:
+            return f"its input does not encode: {exc}"
+        except TypeMismatch as mismatch:
+            return f"its input is {mismatch.actual}, not {mismatch.declared}: {mismatch.detail}"
+        return None
+
+    def _starts_firing(self, workflow_id: str) -> bool:
+        """Whether this instance starts the schedule firing ``workflow_id``: the one place
+        that decides it. A single instance owns every partition, so it starts them all;
+        with partitions shared by a group it must be the owner of
+        ``partition_for(workflow_id, partitions)``, so that one instance starts each."""
+        return True
+
+    async def _start_firing(self, workflow_id: str, workflow_type: str, input: Any) -> object:
+        return await self.start_workflow(workflow_id, workflow_type, input)
 
     def _stop_watching(self) -> None:
         """The instrumentation stops reading this instance's gauges."""
@@ -549,6 +596,8 @@ class Kapbit(AsyncResource):
             if outcome.cancelled():
                 raise self._stopped_before(execution, "finished") from None
             raise
+        if isinstance(error, WorkflowSleeps):  # resumes on its timer; wait for the end
+            return await self._running().wait_result(execution.id, None)
         if error is not None:
             raise error
         return result
@@ -676,8 +725,11 @@ class Kapbit(AsyncResource):
         partition = self._refuse_unless_owned(workflow_id)
         if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
-        if len(supervisor) >= self.options.max_workflows:
-            raise TooManyWorkflows(self.options.max_workflows)
+        options = self.options
+        if len(supervisor) >= options.max_workflows:
+            raise TooManyWorkflows(options.max_workflows)
+        if len(supervisor) + supervisor.sleeping >= options.max_sleeping:
+            raise TooManyWorkflows(options.max_sleeping, "max_sleeping")
         codec = self._codec
         try:
             data, input = encode_checked(codec, input, definition.input_check)
@@ -694,10 +746,13 @@ class Kapbit(AsyncResource):
         if instrumentation is not None:
             telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
             trace = telemetry.trace
-        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), time.time(), trace)
+        clock = self._clock
+        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), clock.now(), trace)
         value = codec.encode(created)
 
-        execution = WorkflowExecution(workflow_id, definition, partition, input, trace=trace)
+        execution = WorkflowExecution(
+            workflow_id, definition, partition, input, trace=trace, clock=clock
+        )
         execution.telemetry = telemetry
         return execution, supervisor.submit(execution, value)
 
@@ -763,8 +818,19 @@ class Kapbit(AsyncResource):
             invalid_returns=stats.invalid_returns,
             in_flight=0 if supervisor is None else len(supervisor),
             retrying=0 if supervisor is None else supervisor.retrying,
+            sleeping=0 if supervisor is None else supervisor.sleeping,
             gate_open=self.gate.is_open,
+            **self._snapshot_stats(),
         )
+
+    def _snapshot_stats(self) -> dict[str, int]:
+        snapshots = None if self._checkpointer is None else self._checkpointer.snapshots
+        if snapshots is None:
+            return {}
+        return {
+            "snapshot_bytes": sum(snapshots.sizes),
+            "snapshots_too_large": snapshots.too_large,
+        }
 
     def in_flight(self) -> list[str]:
         """The ids of the workflows this instance runs now (new, resumed or retrying)."""

@@ -4,7 +4,8 @@ handles all go through :class:`PartitionReader`, so they agree on what counts.
 A partition is read in offset order. For each record:
 
 - **zombies**: a record written by a node that is not the partition's owner (the node of
-  the latest ``ActiveWriter`` read) is never acted on (:class:`~kapbit.fencing.OwnerTracker`);
+  the latest ``ActiveWriter`` read) is never acted on: the fencing rule of
+  :mod:`kapbit.fencing` (:class:`~kapbit.fencing.OwnerTracker`);
 - **second copies** (a producer retry after a lost acknowledgement can land a record twice):
   a ``WorkflowCreated`` is a copy exactly when its writer would have refused the id there:
   the id is still in the idempotency window *of the node that wrote it* (each
@@ -25,6 +26,7 @@ in the window (then it terminated, and the event is a late copy).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,20 +47,18 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
-from kapbit.fencing import OwnerTracker
+from kapbit.fencing import OwnerTracker, is_claim
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Record
 from kapbit.workflow import Definition
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 _NO_INPUT = msgspec.Raw(b"")
-_EVENT_TYPES = {kind.value: event_type for kind, event_type in EVENT_TYPES.items()}
 
 
 def decode_event(codec: Codec, record: Record) -> Any:
     """Decode a record's event, checking it against the record's kind, key and writer."""
-    event_type = _EVENT_TYPES.get(record.kind)
+    event_type = EVENT_TYPES.get(record.kind)
     if event_type is None:
         raise CorruptRecord(record.partition, record.offset, f"unknown event kind {record.kind!r}")
     try:
@@ -143,7 +143,8 @@ class OpenWorkflow:
     ``type`` is ``""`` and ``input`` empty for an adopted workflow, whose
     ``created_offset`` is where it was first seen; ``outcomes`` lists the first copy of
     each step outcome with its offset; ``trace`` is the trace context its
-    ``WorkflowCreated`` stored (``None``: it stored none).
+    ``WorkflowCreated`` stored (``None``: it stored none). ``fire_at`` is set while the
+    workflow sleeps: its newest event is a step outcome with a durable timer.
     """
 
     id: str
@@ -154,6 +155,7 @@ class OpenWorkflow:
     attempts: int = 0
     last_error: str = ""
     trace: dict[str, str] | None = None
+    fire_at: float | None = None
 
     def has_outcome(self, step: int, phase: str) -> bool:
         """Whether an outcome of ``step`` in ``phase`` was read already."""
@@ -161,6 +163,26 @@ class OpenWorkflow:
             if outcome.step == step and outcome.phase == phase:
                 return True
         return False
+
+
+class ReaderState(msgspec.Struct, kw_only=True):
+    """What a :class:`PartitionReader` knows after reading every record below ``offset``:
+    enough to go on reading from ``offset`` as if it had read from the log's start. It is
+    what a snapshot checkpoint stores (:mod:`kapbit.snapshots`).
+
+    ``claims`` are the ownership changes (as ``OwnerTracker.writers``) from the last one
+    before the oldest offset still asked about; ``writer_window`` is the window the writer
+    in force at ``offset`` is judged by; ``window`` the ids (oldest first) of the largest
+    window kept, of ``window_size`` ids; ``open`` the open workflows.
+    """
+
+    offset: int
+    owner: str
+    claims: list[tuple[int, str]]
+    writer_window: int
+    window_size: int
+    window: list[tuple[str, int]]
+    open: list[OpenWorkflow]
 
 
 class Windows:
@@ -241,16 +263,57 @@ class PartitionReader:
         self.adopt = adopt
         self._pending: dict[str, list[Record]] = {}  # skimmed, decoded by settle()
 
+    @classmethod
+    def resume(
+        cls, codec: Codec, partition: int, state: ReaderState, window_size: int
+    ) -> PartitionReader:
+        """A reader that goes on from ``state`` (judging writers without a window size by
+        ``window_size``), as if it had read the partition up to ``state.offset``. The
+        state must keep at least ``window_size`` ids (``state.window_size``)."""
+        reader = cls(codec, partition, state.owner, window_size, writer_window=state.writer_window)
+        reader.owners.writers = [(offset, node) for offset, node in state.claims] or [
+            (-1, state.owner)
+        ]
+        windows = reader.windows
+        windows.of(state.window_size)
+        for workflow_id, offset in state.window:
+            windows.add(workflow_id, offset)
+        reader.open = {w.id: _copy(w) for w in state.open}
+        return reader
+
+    def state(self, offset: int, since: int | None = None) -> ReaderState:
+        """The state after reading every record below ``offset`` (all of them must have
+        been taken, and :meth:`settle` called after :meth:`skim`). ``since``: the oldest
+        offset :meth:`OwnerTracker.owner_at` will still be asked about (claims before the
+        one in force there, or at the oldest open workflow or id kept, are left out)."""
+        writers = self.owners.writers
+        if since is not None:
+            since = min(since, self.horizon(offset))
+            first = 0
+            for index, (start, _) in enumerate(writers):
+                if start < since:
+                    first = index
+            writers = [(-1, writers[first][1]), *writers[first + 1 :]]
+        largest = self.windows.largest
+        return ReaderState(
+            offset=offset,
+            owner=self.owners.owner,
+            claims=list(writers),
+            writer_window=self._writer_window.size,
+            window_size=largest.size,
+            window=list(largest.entries()),
+            open=[_copy(w) for w in self.open.values()],
+        )
+
     def take_ids(self, records: Sequence[Record]) -> None:
         """Learn the ids of ``records``, a stretch in which every workflow created has
         terminated: only kinds, keys and writers are looked at, no payload is decoded."""
         owners, windows = self.owners, self.windows
         for record in records:
-            kind = record.kind
-            if kind == _CREATED:
-                if record.node == owners.owner:
+            if record.kind is _CREATED:
+                if owners.admit(record):
                     windows.add(record.key, record.offset)
-            elif kind == _ACTIVE_WRITER:
+            elif is_claim(record):
                 owners.admit(record)
 
     def skim(self, records: Sequence[Record]) -> None:
@@ -265,14 +328,14 @@ class PartitionReader:
             self._pending,
         )
         for record in records:
-            kind = record.kind
-            if kind == _ACTIVE_WRITER:
+            if is_claim(record):
                 self.take(record)
                 continue
-            if record.node != owners.owner:
+            if not owners.admit(record):
                 continue
             workflow_id = record.key
-            if kind == _CREATED:
+            kind = record.kind
+            if kind is _CREATED:
                 copy = workflow_id in open_workflows or workflow_id in self._writer_window
                 windows.add(workflow_id, record.offset)
                 if not copy:
@@ -290,9 +353,9 @@ class PartitionReader:
                 pending[workflow_id] = []
             if kind in TERMINAL_KINDS:
                 del open_workflows[workflow_id]
-                del pending[workflow_id]
-            else:
-                pending[workflow_id].append(record)
+                pending.pop(workflow_id, None)
+            else:  # a workflow open before the stretch has no list yet
+                pending.setdefault(workflow_id, []).append(record)
 
     def settle(self) -> None:
         """Decode what :meth:`skim` kept of the workflows still open."""
@@ -307,9 +370,11 @@ class PartitionReader:
                 elif isinstance(event, StepOutcome):
                     if not workflow.has_outcome(event.step, event.phase):
                         workflow.outcomes.append((record.offset, event))
+                        workflow.fire_at = event.fire_at
                 elif isinstance(event, WorkflowRetry) and event.attempt > workflow.attempts:
                     workflow.attempts = event.attempt
                     workflow.last_error = event.error
+                    workflow.fire_at = None
         self._pending = {}
 
     def take(self, record: Record) -> tuple[Verdict, Any, OpenWorkflow | None]:
@@ -318,7 +383,7 @@ class PartitionReader:
         belongs to (``None`` for a claim and for events of no open workflow; after a
         terminal event, the workflow it ended)."""
         owners = self.owners
-        if record.kind == _ACTIVE_WRITER:
+        if is_claim(record):
             claim: ActiveWriter = decode_event(self._codec, record)
             # Writer ids are unique per start: the owner's claim read again is a copy.
             verdict = Verdict.COPY if record.node == owners.owner else Verdict.NEW
@@ -327,7 +392,7 @@ class PartitionReader:
             self._writer_window = self.windows.of(size)
             self._sizes.append((record.offset, size))
             return verdict, claim, None
-        if record.node != owners.owner:
+        if not owners.admit(record):
             return Verdict.ZOMBIE, None, None
         event = decode_event(self._codec, record)
         workflow_id = record.key
@@ -354,11 +419,13 @@ class PartitionReader:
             if workflow.has_outcome(event.step, event.phase):
                 return Verdict.COPY, event, workflow
             workflow.outcomes.append((record.offset, event))
+            workflow.fire_at = event.fire_at
         elif isinstance(event, WorkflowRetry):
             if event.attempt <= workflow.attempts:
                 return Verdict.COPY, event, workflow
             workflow.attempts = event.attempt
             workflow.last_error = event.error
+            workflow.fire_at = None
         return Verdict.NEW, event, workflow
 
     def window_at(self, offset: int) -> int:
@@ -378,3 +445,8 @@ class PartitionReader:
         if oldest is not None:
             horizon = min(horizon, oldest)
         return horizon
+
+
+def _copy(workflow: OpenWorkflow) -> OpenWorkflow:
+    """``workflow`` with a list of outcomes of its own (readers append to it)."""
+    return dataclasses.replace(workflow, outcomes=list(workflow.outcomes))

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from tenacity import wait_exponential, wait_random
 from tenacity.wait import wait_base
 
+from kapbit.clock import SYSTEM_CLOCK, Clock
+
 if TYPE_CHECKING:
     from kapbit.instrumentation import Instrumentation
 
@@ -96,13 +98,28 @@ class StepRetry:
 
 @dataclass(frozen=True, slots=True)
 class CheckpointPolicy:
-    """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds."""
+    """Save checkpoints after ``every`` terminated workflows or ``interval`` seconds.
+
+    With ``snapshots`` a checkpoint carries a snapshot of the open workflows and the
+    idempotency window, so recovery reads the log only from where it was taken (see
+    :mod:`kapbit.snapshots`); it is stored in chunks of ``snapshot_chunk`` bytes, and one
+    over ``snapshot_limit`` bytes is not written (the checkpoint keeps the previous
+    snapshot, or its offsets only, and a warning is logged).
+    """
 
     every: int = 10_000
     interval: float = 5.0
+    snapshots: bool = True
+    snapshot_limit: int = 64 * 1024 * 1024
+    snapshot_chunk: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.interval <= 0:
+        if (
+            self.every < 1
+            or self.interval <= 0
+            or self.snapshot_limit < 1
+            or self.snapshot_chunk < 1
+        ):
             raise ValueError(f"invalid checkpoint policy {self!r}")
 
 
@@ -124,6 +141,12 @@ class Options:
     ``instrumentation`` reports workflows and steps to traces and metrics, e.g.
     :class:`kapbit.otel.OpenTelemetry` (the ``otel`` extra); ``None`` (the default) costs
     nothing.
+
+    ``max_workflows`` bounds the workflows *running* (from acceptance or wake-up until they
+    sleep or end); ``max_sleeping`` bounds the running and sleeping ones together (a
+    workflow waiting on a durable timer costs no task, only a small entry). ``clock``
+    stamps every event and times every wait, timers and schedules included; tests pass
+    :class:`kapbit.testing.ManualClock`.
     """
 
     max_workflows: int = 10_000
@@ -139,8 +162,15 @@ class Options:
     action_threads: int = 32
     action_executor: Executor | None = None
     instrumentation: Instrumentation | None = None
+    max_sleeping: int = 1_000_000
+    clock: Clock = SYSTEM_CLOCK
 
     def __post_init__(self) -> None:
+        if self.max_sleeping < self.max_workflows:
+            raise ValueError(
+                f"max_sleeping ({self.max_sleeping}) must be at least max_workflows "
+                f"({self.max_workflows}): it bounds running and sleeping workflows together"
+            )
         if self.start_timeout <= 0:
             raise ValueError(f"start_timeout must be positive, got {self.start_timeout}")
         if self.action_threads < 1:

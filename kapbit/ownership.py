@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 from kapbit._log import fields
 from kapbit._start_retries import StartRetries
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.emitter import Emitter
 from kapbit.errors import Fenced, StartupError
 from kapbit.events import ActiveWriter
@@ -42,7 +42,9 @@ class Ownership:
         window: int,
         retries: StartRetries,
         endpoint: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._repository = repository
         self._emitter = emitter
         self.writer_id = writer_id
@@ -71,12 +73,12 @@ class Ownership:
         """Append this writer's ActiveWriter to ``partition``; return its offset."""
         claim = ActiveWriter(
             self.writer_id,
-            time.time(),
+            self._clock.now(),
             codec=self._codec_name,
             window=self._window,
             endpoint=self._endpoint,
         )
-        return await self._emitter.emit(partition, self.writer_id, claim)
+        return await self._emitter.claim(partition, claim)
 
     async def _settle(self, claims: list[int]) -> None:
         """Resolve a start racing another one: if another node claimed a partition after

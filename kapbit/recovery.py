@@ -1,11 +1,11 @@
 """Recovery at start: read the log, claim it, read the rest, and adopt what was open.
 
 Everything that can be checked by reading comes before this node's first write (its
-claims): the codec of the log, the checkpoint to trust, and each partition up to its
-current end, with every open workflow rebuilt (a type this instance lacks or a corrupt
-record fails the start without fencing the live owner). Then the partitions are claimed
-(:class:`~kapbit.ownership.Ownership`) and only what was written between the first read
-and the claim is read. See docs/ARCHITECTURE.md, "Recovery".
+claims): the codec of the log, the checkpoint to trust (and its snapshot, if any), and
+each partition up to its current end, with every open workflow rebuilt (a type this
+instance lacks or a corrupt record fails the start without fencing the live owner). Then
+the partitions are claimed (:class:`~kapbit.ownership.Ownership`) and only what was
+written between the first read and the claim is read. See docs/ARCHITECTURE.md, "Recovery".
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from kapbit._start_retries import StartRetries
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.codecs import Codec
 from kapbit.errors import UnknownWorkflowType
 from kapbit.execution import WorkflowExecution, restore_outcome
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
-from kapbit.log_reader import decode_input, decode_value
+from kapbit.log_reader import ReaderState, decode_input, decode_value
 from kapbit.ownership import Ownership
 from kapbit.repository import Checkpoint, Repository
 from kapbit.restore import (
@@ -30,6 +31,7 @@ from kapbit.restore import (
     check_codec,
     trusted_checkpoint,
 )
+from kapbit.snapshots import load_snapshot, snapshot_store, without_snapshot
 from kapbit.workflow import Definition
 
 
@@ -44,6 +46,8 @@ class Recovered:
     checkpoints: list[Checkpoint]
     executions: list[WorkflowExecution]
     records_read: int
+    #: Each partition's state at this node's claim, for the snapshots of this start.
+    states: list[ReaderState]
 
 
 @dataclass(slots=True)
@@ -67,7 +71,9 @@ class Recovery:
         definitions: Mapping[str, Definition],
         window_size: int,
         retries: StartRetries,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._repository = repository
         self._codec = codec
         self._definitions = definitions
@@ -97,6 +103,7 @@ class Recovery:
                 for restorer in restorers
             )
         )
+        states = [restorer.state() for restorer in restorers]
         windows: list[IdempotencyWindow] = []
         owners: list[OwnerTracker] = []
         executions: list[WorkflowExecution] = []
@@ -109,7 +116,7 @@ class Recovery:
             executions.extend(self.rebuild(part.partition, w) for w in part.in_flight)
             records_read += part.records_read
         return Recovered(
-            windows, owners, [r.checkpoint for r in restorers], executions, records_read
+            windows, owners, [r.checkpoint for r in restorers], executions, records_read, states
         )
 
     async def recover_partition(
@@ -153,7 +160,21 @@ class Recovery:
             return end, await trusted_checkpoint(repository, partition, checkpoint, end)
 
         end, trusted = await retries.run(f"checking partition {partition}", check)
-        restorer = PartitionRestorer(repository, self._codec, partition, trusted, self._window_size)
+        snapshot: ReaderState | None = None
+        store = snapshot_store(repository)
+        if trusted.snapshot_offset >= 0:
+            if store is not None:
+                snapshot = await retries.run(
+                    f"loading the snapshot of partition {partition}",
+                    functools.partial(
+                        load_snapshot, store, self._codec, partition, trusted, self._window_size
+                    ),
+                )
+            if snapshot is None:
+                trusted = without_snapshot(trusted)
+        restorer = PartitionRestorer(
+            repository, self._codec, partition, trusted, self._window_size, snapshot
+        )
         what = f"recovering partition {partition}"
         await retries.run(what, restorer.prepare)
         await retries.run(what, functools.partial(restorer.read_to, end))
@@ -181,8 +202,10 @@ class Recovery:
             attempts=workflow.attempts,
             last_error=workflow.last_error,
             trace=workflow.trace,
+            clock=self._clock,
         )
         execution.created_offset = workflow.created_offset
+        execution.fire_at = workflow.fire_at
         for offset, outcome in workflow.outcomes:
             value = decode_value(codec, definition, outcome, partition, offset)
             execution.progress.record(

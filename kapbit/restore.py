@@ -25,6 +25,9 @@ checkpoint's window start towards the log's beginning, in growing chunks; there 
 ``WorkflowCreated`` counts only if its writer is the node of the nearest ``ActiveWriter``
 below it (the exact zombie rule, applied backwards).
 
+A checkpoint with a snapshot (:mod:`kapbit.snapshots`) replaces step 1 and the part of
+step 2 below the snapshot's offset: the reader starts from the snapshot's state there.
+
 Before a checkpoint is used it is checked against the log (:func:`trusted_checkpoint`),
 and the log's last record against this instance's codec (:func:`check_codec`).
 """
@@ -38,8 +41,8 @@ from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import CodecMismatch, CorruptRecord
 from kapbit.events import ActiveWriter, EventKind
-from kapbit.fencing import OwnerTracker
-from kapbit.log_reader import OpenWorkflow, PartitionReader, Verdict, decode_event
+from kapbit.fencing import OwnerTracker, is_claim
+from kapbit.log_reader import OpenWorkflow, PartitionReader, ReaderState, Verdict, decode_event
 from kapbit.repository import Checkpoint, Record, Repository
 
 __all__ = [
@@ -55,8 +58,7 @@ __all__ = [
 
 logger = logging.getLogger("kapbit.restore")
 
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 #: Records read per step when reading back for older ids (the step doubles each time).
 _BACK_CHUNK = 1024
 #: How many of a partition's last records the codec check looks at.
@@ -152,7 +154,7 @@ async def trusted_checkpoint(
         return Checkpoint()
     anchor, writer = checkpoint.anchor_offset, checkpoint.anchor_writer
     problem = ""
-    if max(checkpoint.offset, checkpoint.window_offset) > end:
+    if max(checkpoint.offset, checkpoint.window_offset, checkpoint.snapshot_offset) > end:
         problem = f"it points past the log's end ({end})"
     elif anchor < 0 or not writer:
         problem = "it names no record of its log (saved by an older kapbit version)"
@@ -212,12 +214,12 @@ async def older_ids(
         begin = max(0, end - step)
         records = [r async for batch in repository.read(partition, begin, end) for r in batch]
         for record in reversed(records):
-            if record.kind == _CREATED:
+            if record.kind is _CREATED:
                 if known is None:
                     pending.append(record)
                 elif record.node == known:
                     take(record)
-            elif record.kind == _ACTIVE_WRITER:
+            elif is_claim(record):
                 for waiting in pending:
                     if waiting.node == record.node:
                         take(waiting)
@@ -243,22 +245,28 @@ class PartitionRestorer:
         partition: int,
         checkpoint: Checkpoint,
         window_size: int,
+        snapshot: ReaderState | None = None,
     ) -> None:
         self._repository = repository
         self._codec = codec
         self.partition = partition
         self.checkpoint = checkpoint
         self._window_size = window_size
+        self._snapshot = snapshot
         self._start = min(checkpoint.window_offset, checkpoint.offset)
         self._start_owner = (
             checkpoint.window_owner if self._start < checkpoint.offset else checkpoint.owner
         )
         self._saver_size = checkpoint.window_size or window_size
         self._reader = self._new_reader()
-        self.position = checkpoint.offset
+        self.position = checkpoint.offset if snapshot is None else snapshot.offset
         self.records_read = self.records_decoded = 0
 
     def _new_reader(self) -> PartitionReader:
+        if self._snapshot is not None:
+            return PartitionReader.resume(
+                self._codec, self.partition, self._snapshot, self._window_size
+            )
         return PartitionReader(
             self._codec,
             self.partition,
@@ -278,10 +286,13 @@ class PartitionRestorer:
         return self._reader.open
 
     async def prepare(self) -> None:
-        """Refill the idempotency window from the ids below the checkpoint."""
+        """Refill the idempotency window from the ids below the checkpoint (from its
+        snapshot, when recovering from one: nothing is read)."""
         checkpoint, window_size = self.checkpoint, self._window_size
         self._reader = reader = self._new_reader()
         self.records_read = 0
+        if self._snapshot is not None:
+            return
 
         # 0. The checkpoint covers fewer ids than this start keeps: read further back.
         if self._start > 0 and checkpoint.window_size < window_size:
@@ -306,6 +317,10 @@ class PartitionRestorer:
                     self.records_decoded += 1
                 self.records_read += 1
                 self.position = record.offset + 1
+
+    def state(self) -> ReaderState:
+        """The partition's state as read so far (up to :attr:`position`)."""
+        return self._reader.state(self.position)
 
     def result(self, claim_offset: int) -> RestoredPartition:
         """What was rebuilt, once read up to this node's claim at ``claim_offset``."""

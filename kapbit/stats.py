@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class Stats:
-    """Counts since the instance started; ``in_flight`` and ``gate_open`` are current."""
+    """Counts since the instance started; ``in_flight``, ``sleeping``, ``retrying`` and
+    ``gate_open`` are current (``sleeping``: workflows waiting on a durable timer).
+
+    ``snapshot_bytes`` is the size of the latest snapshot checkpoint written, summed over
+    partitions; ``snapshots_too_large`` counts snapshots not written for being over
+    ``CheckpointPolicy.snapshot_limit``.
+    """
 
     started: int = 0
     recovered: int = 0
@@ -19,4 +25,7 @@ class Stats:
     invalid_returns: int = 0
     in_flight: int = 0
     retrying: int = 0
+    sleeping: int = 0
     gate_open: bool = True
+    snapshot_bytes: int = 0
+    snapshots_too_large: int = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -32,16 +31,17 @@ from kapbit.errors import (
     describe_error,
 )
 from kapbit.events import KIND_OF, DeadLetter, EventKind, WorkflowRetry
-from kapbit.execution import StepRaised, WorkflowExecution
+from kapbit.execution import StepRaised, WorkflowExecution, WorkflowSleeps
 from kapbit.gate import EntryGate
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.options import Options
 from kapbit.retry_worker import RetryWorker
 from kapbit.stats import Stats
+from kapbit.timers import SleepingWorkflow, TimerQueue
 
 logger = logging.getLogger("kapbit")
 
-_CREATED = EventKind.WORKFLOW_CREATED.value
+_CREATED = EventKind.WORKFLOW_CREATED
 
 #: How a workflow run by the supervisor ended: ``(result, None)`` or ``(None, error)``.
 Ended = tuple[Any, BaseException | None]
@@ -80,10 +80,26 @@ class Supervisor:
         self._tasks = TaskHost("kapbit-workflows")
         self._task_of: dict[str, asyncio.Task[Any]] = {}  # the task driving each workflow
         self._retry_worker = RetryWorker(options.retry, gate, self)
+        self._clock = options.clock
+        #: Workflows waiting on a durable timer: an entry in the queue and their state.
+        self._timers = TimerQueue(options.clock)
+        self._sleeping: dict[str, WorkflowExecution] = {}
+        self._timer_task = TaskHost("kapbit-timers")
+        self._slot_freed = asyncio.Event()
 
     def __len__(self) -> int:
-        """The workflows in flight."""
+        """The workflows in flight (running, not sleeping)."""
         return len(self._in_flight)
+
+    @property
+    def sleeping(self) -> int:
+        """The workflows waiting on a durable timer."""
+        return len(self._sleeping)
+
+    def wakes_at(self, workflow_id: str) -> float | None:
+        """When ``workflow_id``'s timer fires, if it sleeps here."""
+        entry = self._timers.get(workflow_id)
+        return None if entry is None else entry.fire_at
 
     def ids(self) -> list[str]:
         """The ids of the workflows in flight."""
@@ -96,19 +112,24 @@ class Supervisor:
 
     def running_type(self, workflow_id: str) -> str | None:
         """The type of ``workflow_id`` if it runs here, else ``None``."""
-        execution = self._in_flight.get(workflow_id)
+        execution = self._in_flight.get(workflow_id) or self._sleeping.get(workflow_id)
         return None if execution is None else execution.definition.type
 
     def knows(self, workflow_id: str, partition: int) -> bool:
-        """Whether ``workflow_id`` runs or is in its partition's idempotency window."""
-        return workflow_id in self._in_flight or workflow_id in self._windows[partition]
+        """Whether ``workflow_id`` runs, sleeps or is in its partition's idempotency window."""
+        return (
+            workflow_id in self._in_flight
+            or workflow_id in self._sleeping
+            or workflow_id in self._windows[partition]
+        )
 
     async def start(self, executions: list[WorkflowExecution]) -> None:
         """Resume ``executions`` (found open by recovery) and accept new workflows."""
         await self._tasks.start()
         await self._retry_worker.start()
+        await self._timer_task.start()
+        self._timer_task.spawn(self._wake_due(), name="kapbit-timer-queue")
         self.adopt(executions)
-        self._stats.recovered = len(executions)
 
     def adopt(self, executions: list[WorkflowExecution]) -> None:
         """Resume ``executions``, found open by recovery (at start, or of a partition
@@ -123,11 +144,14 @@ class Supervisor:
                     execution.partition,
                     execution.trace or {},
                 )
-            self._in_flight[execution.id] = execution
             checkpointer.opened(execution.partition, execution.id, execution.created_offset)
+            if execution.fire_at is None:
+                self._in_flight[execution.id] = execution
         self._stats.recovered += len(executions)
         for execution in executions:
-            if execution.attempts > 0:
+            if execution.fire_at is not None:
+                self._sleep(execution, execution.fire_at)
+            elif execution.attempts > 0:
                 self._retry_worker.schedule(execution)
             else:
                 self._track(execution.id, self._tasks.spawn(self._resume(execution)))
@@ -156,7 +180,13 @@ class Supervisor:
             self._retry_worker.cancel(execution.id)
             execution.resolve(error=error)
             self._interrupted(execution, describe_error(error, str))
-        return len(dropped)
+        sleeping = [e for e in self._sleeping.values() if e.partition == partition]
+        for execution in sleeping:
+            del self._sleeping[execution.id]
+            self._timers.cancel(execution.id)
+            execution.resolve(error=error)
+            self._interrupted(execution, describe_error(error, str))
+        return len(dropped) + len(sleeping)
 
     def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
@@ -169,7 +199,7 @@ class Supervisor:
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""
-        execution = self._in_flight.get(workflow_id)
+        execution = self._in_flight.get(workflow_id) or self._sleeping.get(workflow_id)
         if execution is not None:
             return await asyncio.wait_for(asyncio.shield(execution.waiter()), timeout)
         finished = self._finished.get(workflow_id)
@@ -185,13 +215,14 @@ class Supervisor:
 
         ``False`` when a task ignored cancellation and was abandoned (its workflow stays
         open in the log, and the caller must make sure nothing more is written)."""
+        await self._timer_task.close(CANCEL_GRACE)
         retries_ended = await self._retry_worker.close(CANCEL_GRACE)
         await self._tasks.wait(timeout)
         return await self._tasks.close(CANCEL_GRACE) and retries_ended
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every caller still waiting for a workflow of this instance."""
-        for execution in list(self._in_flight.values()):
+        for execution in [*self._in_flight.values(), *self._sleeping.values()]:
             execution.resolve(error=error)
             self._interrupted(execution, describe_error(error, str))
 
@@ -205,6 +236,7 @@ class Supervisor:
 
     def abort(self) -> None:
         """Cancel every task at once (a crash)."""
+        self._timer_task.abort()
         self._tasks.abort()
         self._retry_worker.abort()
 
@@ -253,6 +285,9 @@ class Supervisor:
             except (WorkflowRejected, InvalidReturnValue) as ended:
                 self._finish(execution, error=ended)
                 return None, ended
+            except WorkflowSleeps as sleeps:
+                self._sleep(execution, sleeps.fire_at)
+                return None, sleeps  # the caller waits for the end on the execution
         except Exception as error:  # handed to the caller, who raises it
             return None, error
         self._finish(execution, result=result, compensated=compensated)
@@ -260,6 +295,40 @@ class Supervisor:
 
     async def _resume(self, execution: WorkflowExecution) -> None:
         await self._drive(execution, None)  # its waiters (handles) learn the end
+
+    # --- durable timers -------------------------------------------------------------------
+
+    def _sleep(self, execution: WorkflowExecution, fire_at: float) -> None:
+        """``execution``'s timer outcome is durable: it leaves the running workflows (its
+        slot is free) and waits in the timer queue, with no task of its own."""
+        self._in_flight.pop(execution.id, None)
+        execution.fire_at = fire_at
+        self._sleeping[execution.id] = execution
+        self._timers.add(
+            SleepingWorkflow(
+                fire_at,
+                execution.partition,
+                execution.created_offset,
+                execution.id,
+                len(execution.progress) - 1,
+            )
+        )
+        self._slot_freed.set()
+        self._open_gate_if_idle()
+
+    async def _wake_due(self) -> None:
+        """The one timer task: wake due workflows, oldest fire time first, as running slots
+        free up (a woken workflow counts as running, like a new one)."""
+        limit = self._options.max_workflows
+        while True:
+            while len(self._in_flight) >= limit:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            for entry in await self._timers.wait_due(limit - len(self._in_flight)):
+                execution = self._sleeping.pop(entry.workflow_id)
+                execution.fire_at = None
+                self._in_flight[execution.id] = execution
+                self._tasks.spawn(self._resume(execution))
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
@@ -277,7 +346,9 @@ class Supervisor:
         try:
             await self._emit_or_reject(
                 execution,
-                WorkflowRetry(execution.id, execution.attempts, execution.last_error, time.time()),
+                WorkflowRetry(
+                    execution.id, execution.attempts, execution.last_error, self._clock.now()
+                ),
             )
             if execution.telemetry is not None:
                 execution.telemetry.retried(execution.attempts, execution.last_error, False)
@@ -289,6 +360,9 @@ class Supervisor:
         except (WorkflowRejected, InvalidReturnValue) as ended:
             self._finish(execution, error=ended)
             return
+        except WorkflowSleeps as sleeps:
+            self._sleep(execution, sleeps.fire_at)
+            return
         self._finish(execution, result=result, compensated=compensated)
 
     async def give_up(self, execution: WorkflowExecution) -> None:
@@ -296,7 +370,9 @@ class Supervisor:
         try:
             await self._emit_or_reject(
                 execution,
-                DeadLetter(execution.id, execution.attempts, execution.last_error, time.time()),
+                DeadLetter(
+                    execution.id, execution.attempts, execution.last_error, self._clock.now()
+                ),
             )
         except WorkflowRejected as rejected:
             self._finish(execution, error=rejected)
@@ -337,6 +413,7 @@ class Supervisor:
     ) -> None:
         """Bookkeeping once a workflow's terminal event is durable."""
         self._in_flight.pop(execution.id, None)
+        self._slot_freed.set()
         self._checkpointer.terminated(execution.partition, execution.id)
         stats = self._stats
         if error is None:

@@ -4,7 +4,8 @@ An action returns :class:`Sleep` (a duration) or :class:`SleepUntil` (a moment) 
 of ``Success``: the step succeeded with ``value``, and the workflow's next step runs once
 the timer expires. The engine persists the wait as one event holding the step's outcome
 and the fire time, so a restart, a takeover or an instance that was down when the timer
-expired all resume the workflow from the log (design: ``docs/timers.md``).
+expired all resume the workflow from the log (docs/ARCHITECTURE.md, "Time and durable
+timers").
 
 While it waits, a workflow is one small :class:`SleepingWorkflow` in the instance's one
 :class:`TimerQueue`: no task, no thread and no loaded state of its own.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeAlias, Ty
 from kapbit.codecs.checked import Declared, type_name, unsupported
 from kapbit.errors import InvalidDefinition
 from kapbit.options import StepRetry
+from kapbit.timers import Sleep, SleepUntil
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -66,8 +67,14 @@ Outcome: TypeAlias = Success[Any] | Failure[Any]
 #: What an action returns: ``Success(value)``, ``Failure(value)`` or ``None`` (a bare
 #: ``return``, which counts as ``Success(None)``).
 Returned: TypeAlias = "Success[O] | Failure[O] | None"
-#: An execute or compensate action: ``(input, progress) -> Returned``, sync or ``async``.
-Action: TypeAlias = "Callable[[I, Progress], Returned[O] | Awaitable[Returned[O]]]"
+#: What an execute action returns: also a durable timer, ``Sleep(delay, value)`` or
+#: ``SleepUntil(when, value)`` (the step succeeded; the next step runs when it fires).
+Executed: TypeAlias = "Success[O] | Failure[O] | Sleep[O] | SleepUntil[O] | None"
+#: An execute action: ``(input, progress) -> Executed``, sync or ``async``.
+Action: TypeAlias = "Callable[[I, Progress], Executed[O] | Awaitable[Executed[O]]]"
+#: A compensate action: ``(input, progress) -> Returned``, sync or ``async`` (no timers:
+#: a rollback does not wait).
+Compensation: TypeAlias = "Callable[[I, Progress], Returned[O] | Awaitable[Returned[O]]]"
 #: Builds the workflow result from its input and final progress, sync or ``async``.
 ResultBuilder: TypeAlias = "Callable[[I, Progress], R | Awaitable[R]]"
 
@@ -192,7 +199,7 @@ class Step(Generic[I, O]):
     """
 
     execute: Action[I, O]
-    compensate: Action[I, O] | None = None
+    compensate: Compensation[I, O] | None = None
     name: str | None = None
     outcome_type: TypeForm[O] | None = None
     retry: StepRetry | None = field(default=None, kw_only=True)
@@ -226,6 +233,13 @@ class Step(Generic[I, O]):
         object.__setattr__(self, "_execute_async", _is_async(self.execute))
         if self.compensate is not None:
             object.__setattr__(self, "_compensate_async", _is_async(self.compensate))
+
+    def action(self, phase: Phase) -> tuple[Callable[..., Any], bool]:
+        """The function ``phase`` runs, and whether it is a coroutine function."""
+        if phase == "execute":
+            return self.execute, self._execute_async
+        assert self.compensate is not None, f"step {self.label!r} has no compensation"
+        return self.compensate, self._compensate_async
 
 
 def _default_result(_input: Any, progress: Progress) -> list[Any]:

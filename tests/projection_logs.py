@@ -228,11 +228,11 @@ def raw(value: Any) -> msgspec.Raw:
 
 async def append(repo: MemRepository, partition: int, node: str, event: Event) -> int:
     """Append ``event`` as written by ``node``; a zombie write lands and its Fenced is eaten."""
-    kind = KIND_OF[type(event)].value
-    key = event.node if isinstance(event, ActiveWriter) else event.id
     value = CODEC.encode(event)
     try:
-        return await repo.append(partition, kind, key, node, value)
+        if isinstance(event, ActiveWriter):
+            return await repo.claim(partition, node, value)
+        return await repo.append(partition, KIND_OF[type(event)], event.id, node, value)
     except Fenced:
         return len(repo.records(partition)) - 1
 

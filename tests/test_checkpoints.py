@@ -123,17 +123,18 @@ async def test_the_checkpoint_is_saved_on_close_with_the_windows_start() -> None
 
 
 async def _log_behind_a_checkpoint(
-    finished: int, window: int = 5
+    finished: int, window: int = 5, snapshots: bool = False
 ) -> tuple[CrashRepository, dict[str, int]]:
     """``finished`` workflows, then 2 left open (closed with a timeout of 0), with 2 more
-    finished in between; checkpoints saved as the engine does."""
+    finished in between; checkpoints saved as the engine does (offsets only, unless
+    ``snapshots``)."""
     repo = CrashRepository()
     calls: list[tuple[str, int]] = []
     release = asyncio.Event()
     options = Options(
         node_id="first",
         idempotency_window=window,
-        checkpoints=CheckpointPolicy(every=10, interval=NEVER),
+        checkpoints=CheckpointPolicy(every=10, interval=NEVER, snapshots=snapshots),
     )
     kbit = Kapbit(
         [gated_saga(None, calls), gated_saga(release, calls, name="slow")], repo, options=options

@@ -16,6 +16,7 @@ import pytest
 
 from kapbit import Kapbit
 from kapbit.cli import execute
+from kapbit.events import EventKind
 from kapbit.projection import StatusModel
 from kapbit.repository import MemRepository, Record, Repository
 from tests.projection_logs import (
@@ -348,7 +349,7 @@ async def test_a_corrupt_partition_ends_a_merging_tail(tmp_path: Path) -> None:
         await append(repo, p, "n", writer("n"))
     for i in range(50):
         await append(repo, 0, "n", created(f"a{i}", at=100.0 + i))
-    await repo.append(1, "step_outcome", "bad", "n", b"not an event")
+    await repo.append(1, EventKind.STEP_OUTCOME, "bad", "n", b"not an event")
     code, _, err = await asyncio.wait_for(
         cli("tail", "--from-beginning", "--until-end", repo=repo), 10
     )

@@ -30,7 +30,7 @@ from kapbit import (
     partition_for,
 )
 from kapbit.errors import InvalidReturnValue
-from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult
+from kapbit.events import EventKind, InvalidReturn, Rejected, StepOutcome, WorkflowResult
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import Checkpoint, MemRepository
@@ -560,9 +560,11 @@ class _LateAck(MemRepository):
         self.landed = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
         offset = await super().append(partition, kind, key, node, value)
-        if kind == "workflow_created" and key == self.held:
+        if kind is EventKind.WORKFLOW_CREATED and key == self.held:
             self.landed.set()
             await self.release.wait()
         return offset

@@ -45,7 +45,7 @@ async def rig(
 ) -> Rig:
     mem = MemRepository(partitions=partitions)
     for p in range(partitions):
-        await mem.append(p, "active_writer", NODE, NODE, b"{}")
+        await mem.claim(p, NODE, b"{}")
     faults = FaultyRepository(mem)
     storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
     states = BreakerStates()
@@ -147,7 +147,7 @@ async def test_encode_error_is_not_retried_and_nothing_is_appended() -> None:
 
 async def test_fenced_stops_the_emitter_for_good() -> None:
     r = await rig()
-    await r.mem.append(0, "active_writer", "node-b", "node-b", b"{}")  # another node claims
+    await r.mem.claim(0, "node-b", b"{}")  # another node claims
     with pytest.raises(Fenced):
         await r.emitter.emit(0, "w1", outcome())
     first = r.fence.error
@@ -165,7 +165,7 @@ async def test_fenced_while_retrying_stops_the_retries() -> None:
     outage = r.faults.fail()
     task = asyncio.create_task(r.emitter.emit(0, "w1", outcome()))
     await outage.wait_hits(3)
-    await r.mem.append(0, "active_writer", "node-b", "node-b", b"{}")
+    await r.mem.claim(0, "node-b", b"{}")
     outage.release()
     with pytest.raises(Fenced):
         await task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,13 @@ from tests.helpers import load_example
 example = load_example("fastapi_orders")
 FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
 SLOW = Options(retry=RetryPolicy(fast=Backoff(initial=30, maximum=30, jitter=0)), close_timeout=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_payments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order saga's fake payment service keeps its outages in a module global (shared
+    with the other order service's tests): fresh per test."""
+    monkeypatch.setattr(importlib.import_module("orders"), "PAYMENT_OUTAGES", set())
 
 
 @asynccontextmanager

@@ -43,6 +43,7 @@ from kapbit import (
     WillRetryLater,
     WorkflowRejected,
 )
+from kapbit.events import EventKind
 from kapbit.fencing import OwnerTracker
 from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.restore import older_ids, trusted_checkpoint
@@ -211,9 +212,11 @@ def test_item4_ids_read_back_match_a_forward_read(
     async def run() -> None:
         repo = MemRepository()
         for op, node, n in ops:
-            kind = "active_writer" if op == "claim" else "workflow_created"
             with contextlib.suppress(Fenced):
-                await repo.append(0, kind, node if op == "claim" else f"id{n}", node, b"")
+                if op == "claim":
+                    await repo.claim(0, node, b"")
+                else:
+                    await repo.append(0, EventKind.WORKFLOW_CREATED, f"id{n}", node, b"")
         records = repo.records(0)
         owners = OwnerTracker("")
         forward: dict[str, int] = {}
@@ -249,8 +252,13 @@ class SharedCheckpoints:
     async def close(self) -> None:
         await self.log.close()
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
         return await self.log.append(partition, kind, key, node, value)
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        return await self.log.claim(partition, node, value)
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         return self.log.read(partition, start, stop)
@@ -337,7 +345,10 @@ async def test_item5_which_checkpoints_are_trusted() -> None:
     log = MemRepository()
     for offset in range(4):
         with contextlib.suppress(Fenced):
-            await log.append(0, "active_writer" if offset == 0 else "x", "k", "w/1", b"")
+            if offset == 0:
+                await log.claim(0, "w/1", b"")
+            else:
+                await log.append(0, EventKind.STEP_OUTCOME, "k", "w/1", b"")
     good = Checkpoint(3, "w/1", 2, "w/1", anchor_offset=3, anchor_writer="w/1")
     repo = SharedCheckpoints(log, {})
     assert await trusted_checkpoint(repo, 0, good, 4) == good

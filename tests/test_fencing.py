@@ -10,8 +10,16 @@ import msgspec
 import pytest
 
 from kapbit import Fenced, JsonCodec, Kapbit, Options, WorkflowNotFound, partition_for
-from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
-from kapbit.fencing import OwnerTracker
+from kapbit.errors import InvalidAppend
+from kapbit.events import (
+    KIND_OF,
+    ActiveWriter,
+    EventKind,
+    StepOutcome,
+    WorkflowCreated,
+    WorkflowResult,
+)
+from kapbit.fencing import OwnerTracker, displaces, is_claim
 from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.testing.faults import FaultyRepository
 from tests.helpers import (
@@ -154,27 +162,43 @@ async def _zombie_log() -> tuple[MemRepository, dict[str, int]]:
     repo = MemRepository()
     at: dict[str, int] = {}
 
-    async def put(name: str, kind: str, key: str, node: str, event: Any) -> None:
+    async def put(name: str, key: str, node: str, event: Any) -> None:
+        kind = KIND_OF[type(event)]
         try:
-            at[name] = await repo.append(0, kind, key, node, _encode(event))
+            if kind is EventKind.ACTIVE_WRITER:
+                at[name] = await repo.claim(0, node, _encode(event))
+            else:
+                at[name] = await repo.append(0, kind, key, node, _encode(event))
         except Fenced:
             at[name] = len(repo.records(0)) - 1
 
     raw = msgspec.Raw
-    await put("claim-a", "active_writer", "A", "A", ActiveWriter("A", 0.0))
+    await put("claim-a", "A", "A", ActiveWriter("A", 0.0))
     await put(
-        "w1", "workflow_created", "w1", "A", WorkflowCreated("w1", "saga", raw(b'{"id":"w1"}'), 0)
+        "w1",
+        "w1",
+        "A",
+        WorkflowCreated("w1", "saga", raw(b'{"id":"w1"}'), 0),
     )
     await put(
-        "w1-0", "step_outcome", "w1", "A", StepOutcome("w1", 0, "execute", True, raw(b'"a0"'))
+        "w1-0",
+        "w1",
+        "A",
+        StepOutcome("w1", 0, "execute", True, raw(b'"a0"')),
     )
-    await put("claim-b", "active_writer", "B", "B", ActiveWriter("B", 0.0))
+    await put("claim-b", "B", "B", ActiveWriter("B", 0.0))
     await put(
-        "w1-1", "step_outcome", "w1", "A", StepOutcome("w1", 1, "execute", True, raw(b'"a1"'))
+        "w1-1",
+        "w1",
+        "A",
+        StepOutcome("w1", 1, "execute", True, raw(b'"a1"')),
     )
-    await put("w1-r", "workflow_result", "w1", "A", WorkflowResult("w1", raw(b'"a"'), False, 0.0))
+    await put("w1-r", "w1", "A", WorkflowResult("w1", raw(b'"a"'), False, 0.0))
     await put(
-        "w2", "workflow_created", "w2", "A", WorkflowCreated("w2", "saga", raw(b'{"id":"w2"}'), 0)
+        "w2",
+        "w2",
+        "A",
+        WorkflowCreated("w2", "saga", raw(b'{"id":"w2"}'), 0),
     )
     return repo, at
 
@@ -265,16 +289,16 @@ async def test_takeover_while_workflows_run_on_the_first_instance() -> None:
 
 
 def test_owner_tracker_follows_claims_and_tells_zombies_apart() -> None:
-    def rec(offset: int, kind: str, node: str) -> Record:
+    def rec(offset: int, kind: EventKind, node: str) -> Record:
         return Record(0, offset, kind, "k", node, b"")
 
     tracker = OwnerTracker("a")
-    assert tracker.admit(rec(0, "step_outcome", "a"))
-    assert tracker.admit(rec(1, "active_writer", "b"))
-    assert not tracker.admit(rec(2, "step_outcome", "a"))  # a zombie write
-    assert tracker.admit(rec(3, "step_outcome", "b"))
+    assert tracker.admit(rec(0, EventKind.STEP_OUTCOME, "a"))
+    assert tracker.admit(rec(1, EventKind.ACTIVE_WRITER, "b"))
+    assert not tracker.admit(rec(2, EventKind.STEP_OUTCOME, "a"))  # a zombie write
+    assert tracker.admit(rec(3, EventKind.STEP_OUTCOME, "b"))
     tracker.claimed(4, "c")
-    assert not tracker.admit(rec(5, "step_outcome", "b"))
+    assert not tracker.admit(rec(5, EventKind.STEP_OUTCOME, "b"))
     assert [tracker.owner_at(o) for o in (0, 1, 2, 4, 5, 99)] == ["a", "a", "b", "b", "c", "c"]
 
 
@@ -315,3 +339,71 @@ async def test_two_instances_starting_at_once_leave_exactly_one_owner(
         assert winner.stats.succeeded == len(ids)
     finally:
         await winner.close()
+
+
+# --- the repository seam: claim() and append() ----------------------------------------------
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+async def test_append_refuses_a_claim_and_writes_nothing(wrapped: bool) -> None:
+    mem = MemRepository()
+    repo: MemRepository | FaultyRepository = FaultyRepository(mem) if wrapped else mem
+    with pytest.raises(InvalidAppend, match="claim"):
+        await repo.append(0, EventKind.ACTIVE_WRITER, "A", "A", b"")
+    assert mem.records() == []
+    assert await repo.current_owner(0) == ""
+
+
+async def test_claim_is_never_fenced_and_fences_every_other_writer() -> None:
+    repo = MemRepository()
+    assert await repo.claim(0, "A", b"a") == 0
+    assert await repo.append(0, EventKind.STEP_OUTCOME, "w", "A", b"") == 1
+    assert await repo.claim(0, "B", b"b") == 2  # B claims over A: not refused
+    with pytest.raises(Fenced, match=r"'B' claimed partition 0.*'A' is fenced"):
+        await repo.append(0, EventKind.STEP_OUTCOME, "w", "A", b"")
+    assert await repo.claim(0, "A", b"a2") == 4  # A may claim back
+    assert await repo.append(0, EventKind.STEP_OUTCOME, "w", "A", b"") == 5
+    assert [r.kind for r in repo.records(0)] == [
+        EventKind.ACTIVE_WRITER,
+        EventKind.STEP_OUTCOME,
+        EventKind.ACTIVE_WRITER,
+        EventKind.STEP_OUTCOME,  # A's zombie write: it landed, and was refused
+        EventKind.ACTIVE_WRITER,
+        EventKind.STEP_OUTCOME,
+    ]
+    assert (repo.records(0)[0].key, repo.records(0)[0].node) == ("A", "A")
+
+
+def test_the_repository_side_rule_is_the_reader_side_rule() -> None:
+    """A record of A counts for readers exactly when no claim of another node lies
+    between A's latest claim and it: what every backend confirms."""
+
+    def rec(offset: int, kind: EventKind, node: str) -> Record:
+        return Record(0, offset, kind, "k", node, b"")
+
+    log = [
+        rec(0, EventKind.ACTIVE_WRITER, "A"),
+        rec(1, EventKind.STEP_OUTCOME, "A"),
+        rec(2, EventKind.ACTIVE_WRITER, "A"),  # A's claim read again
+        rec(3, EventKind.STEP_OUTCOME, "A"),
+        rec(4, EventKind.ACTIVE_WRITER, "B"),
+        rec(5, EventKind.STEP_OUTCOME, "A"),
+    ]
+    tracker = OwnerTracker("")
+    for record in log:
+        counts = tracker.admit(record)
+        if is_claim(record):
+            continue
+        claim = max(r.offset for r in log[: record.offset] if is_claim(r) and r.node == "A")
+        between = log[claim + 1 : record.offset]
+        assert counts == (not any(displaces(r, record.node) for r in between)), record
+    assert [is_claim(r) for r in log] == [True, False, True, False, True, False]
+
+
+def test_records_are_not_tracked_by_the_garbage_collector() -> None:
+    """A log holds millions of records: with an enum member as ``kind`` each would be
+    tracked (and scanned by every full collection) unless ``Record`` opts out."""
+    import gc
+
+    record = Record(0, 0, EventKind.STEP_OUTCOME, "w", "n", b"v")
+    assert not gc.is_tracked(record)

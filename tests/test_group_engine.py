@@ -189,7 +189,7 @@ async def test_a_foreign_claim_fences_one_partition_only() -> None:
         lost = asyncio.create_task(kbit.exec_workflow(wid0, "gated", {"id": wid0}))
         await wait_until(lambda: (wid0, 1) in calls)
         claim = JsonCodec().encode(ActiveWriter("intruder", 0.0))
-        await repo.append(0, "active_writer", "intruder", "intruder", claim)
+        await repo.claim(0, "intruder", claim)
         release.set()
         with pytest.raises(Fenced):
             await lost

@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kapbit import Backoff, Kapbit, KapbitError, LogLost, Options, StartupError, StorageError
+from kapbit.errors import CorruptRecord, InvalidAppend
+from kapbit.events import EventKind
 from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing.broker import LocalBroker
@@ -110,7 +112,7 @@ async def test_a_partition_the_topic_does_not_have_is_a_typed_error(
     await repo.start()
     try:
         for call in (
-            lambda: repo.append(2, "active_writer", "n1", "n1", b"aw"),
+            lambda: repo.claim(2, "n1", b"aw"),
             lambda: repo.end_offset(-1),
             lambda: repo.current_owner(7),
             lambda: repo.save_checkpoint(2, Checkpoint()),
@@ -134,7 +136,7 @@ async def _call_all(repo: KafkaRepository) -> dict[str, BaseException | None]:
         "end_offset": lambda: repo.end_offset(0),
         "current_owner": lambda: repo.current_owner(0),
         "read": read,
-        "append": lambda: repo.append(0, "workflow_created", "w-cut", "n1", b"v"),
+        "append": lambda: repo.append(0, EventKind.WORKFLOW_CREATED, "w-cut", "n1", b"v"),
     }
     raised: dict[str, BaseException | None] = {}
     for name, call in calls.items():
@@ -163,7 +165,7 @@ async def test_every_call_with_the_broker_unreachable_raises_kapbit_errors_only(
         )
         await repo.start()
         try:
-            assert await repo.append(0, "active_writer", "n1", "n1", b"aw") == 0
+            assert await repo.claim(0, "n1", b"aw") == 0
             await repo.save_checkpoint(0, Checkpoint(offset=1, owner="n1"))
             await broker.proxy.cut(blackhole=blackhole)
             raised = await _call_all(repo)
@@ -228,9 +230,9 @@ async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(
         )
         await repo.start()
         try:
-            await repo.append(0, "active_writer", "n1", "n1", b"aw")
+            await repo.claim(0, "n1", b"aw")
             for n in range(5):
-                await repo.append(0, "workflow_created", f"w{n}", "n1", b"v")
+                await repo.append(0, EventKind.WORKFLOW_CREATED, f"w{n}", "n1", b"v")
             if how == "broker-restarted":
                 await broker.restart()
             else:
@@ -238,7 +240,7 @@ async def test_idle_repository_learns_of_a_lost_log_at_its_next_checkpoint(
             with pytest.raises(LogLost, match="lost records"):
                 await asyncio.wait_for(repo.save_checkpoint(0, Checkpoint(offset=6)), 60)
             with pytest.raises(LogLost):  # and nothing more is written
-                await repo.append(0, "workflow_created", "w9", "n1", b"v")
+                await repo.append(0, EventKind.WORKFLOW_CREATED, "w9", "n1", b"v")
         finally:
             await repo.close()
 
@@ -251,7 +253,7 @@ async def test_confirmer_keeps_progressing_through_a_long_run_of_small_foreign_b
     # max wait is too short to find the offset in a large log with nothing, every time.
     repo = KafkaRepository(kafka_bootstrap, topic, partitions=1)
     await repo.start()
-    await repo.append(0, "active_writer", "n1", "n1", b"aw")
+    await repo.claim(0, "n1", b"aw")
     producers = [AIOKafkaProducer(bootstrap_servers=kafka_bootstrap) for _ in range(4)]
     headers = [("kapbit-kind", b"step_outcome"), ("kapbit-node", b"other")]
     done = asyncio.Event()
@@ -267,7 +269,9 @@ async def test_confirmer_keeps_progressing_through_a_long_run_of_small_foreign_b
 
     async def ours(task: int) -> None:
         for n in range(100):
-            confirmed.append(await repo.append(0, "step_outcome", f"w{task}-{n}", "n1", b"v"))
+            confirmed.append(
+                await repo.append(0, EventKind.STEP_OUTCOME, f"w{task}-{n}", "n1", b"v")
+            )
             await asyncio.sleep(0.001 * (task % 3))  # spread ours among the foreign batches
 
     for producer in producers:
@@ -284,3 +288,45 @@ async def test_confirmer_keeps_progressing_through_a_long_run_of_small_foreign_b
         await repo.close()
     assert len(set(confirmed)) == 2000
     assert end > 20_000, f"the log grew to {end} records only: the test proved nothing"
+
+
+async def test_a_record_that_is_no_kapbit_record_is_a_corrupt_record_where_read(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    # Foreign records amid kapbit's: an unknown kind header (a newer kapbit, another
+    # program) and none at all. Reads name them; the confirmer, which only looks for
+    # claims, passes over them; the wire format of kapbit's own records is the same.
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=1)
+    await repo.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        assert await repo.claim(0, "n1", b"aw") == 0
+        unknown = [("kapbit-kind", b"workflow_paused"), ("kapbit-node", b"n1")]
+        await producer.send_and_wait(topic, b"v", key=b"w", partition=0, headers=unknown)
+        await producer.send_and_wait(topic, b"v", key=b"w", partition=0)
+        assert await repo.append(0, EventKind.STEP_OUTCOME, "w", "n1", b"v") == 3
+        with pytest.raises(CorruptRecord) as caught:
+            [r async for batch in repo.read(0, 0, 4) for r in batch]
+        assert (caught.value.partition, caught.value.offset) == (0, 1)
+        assert "'kapbit-kind' header is b'workflow_paused'" in str(caught.value)
+        with pytest.raises(CorruptRecord, match="offset 2: it has no 'kapbit-kind' header"):
+            [r async for batch in repo.read(0, 2, 4) for r in batch]
+        [claim] = [r async for batch in repo.read(0, 0, 1) for r in batch]
+        assert (claim.kind, claim.key, claim.node) == (EventKind.ACTIVE_WRITER, "n1", "n1")
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        tp = TopicPartition(topic, 0)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, 3)
+            message = await asyncio.wait_for(consumer.getone(tp), 10)
+        finally:
+            await consumer.stop()
+        assert list(message.headers) == [("kapbit-kind", b"step_outcome"), ("kapbit-node", b"n1")]
+        with pytest.raises(InvalidAppend):
+            await repo.append(0, EventKind.ACTIVE_WRITER, "n2", "n2", b"aw")
+        assert await repo.end_offset(0) == 4  # nothing written
+    finally:
+        await producer.stop()
+        await repo.close()

@@ -24,6 +24,7 @@ from kapbit import (
     Step,
     Success,
 )
+from kapbit.events import EventKind
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing.broker import LocalBroker
 from tests.helpers import wait_until
@@ -35,12 +36,12 @@ async def test_a_lost_ack_lands_the_record_and_the_producer_sends_it_again(topic
         repo = KafkaRepository(broker.bootstrap_servers, topic, partitions=1)
         await repo.start()
         try:
-            await repo.append(0, "active_writer", "n1", "n1", b"aw")
+            await repo.claim(0, "n1", b"aw")
             broker.proxy.lose_acks(1)
             offset = await asyncio.wait_for(
-                repo.append(0, "workflow_created", "w1", "n1", b"created"), 30
+                repo.append(0, EventKind.WORKFLOW_CREATED, "w1", "n1", b"created"), 30
             )
-            await repo.append(0, "workflow_result", "w1", "n1", b"result")
+            await repo.append(0, EventKind.WORKFLOW_RESULT, "w1", "n1", b"result")
             records = [
                 (r.kind, r.key, r.value)
                 async for batch in repo.read(0, 0, await repo.end_offset(0))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
 
 from kapbit import Fenced, PayloadTooLarge, StartupError, TransientStorageError
+from kapbit.events import EventKind
 from kapbit.repository import Checkpoint
 from kapbit.repository.kafka import KafkaRepository
 
@@ -44,9 +47,12 @@ async def test_creates_the_topic_and_round_trips_records(kafka_bootstrap: str, t
     await repo.start()
     try:
         assert repo.partitions == 3
-        assert await repo.append(1, "active_writer", "n1", "n1", b"aw") == 0
+        assert await repo.claim(1, "n1", b"aw") == 0
         offsets = await asyncio.gather(
-            *(repo.append(1, "step_outcome", f"w{i}", "n1", f"v{i}".encode()) for i in range(50))
+            *(
+                repo.append(1, EventKind.STEP_OUTCOME, f"w{i}", "n1", f"v{i}".encode())
+                for i in range(50)
+            )
         )
         assert sorted(offsets) == list(range(1, 51))
         assert await repo.end_offset(1) == 51
@@ -96,9 +102,9 @@ async def test_payload_over_the_limit_is_refused_and_nothing_written(
     repo = KafkaRepository(kafka_bootstrap, topic, partitions=1, max_payload=1000)
     await repo.start()
     try:
-        await repo.append(0, "active_writer", "n", "n", b"")
+        await repo.claim(0, "n", b"")
         with pytest.raises(PayloadTooLarge):
-            await repo.append(0, "workflow_created", "w", "n", b"x" * 1001)
+            await repo.append(0, EventKind.WORKFLOW_CREATED, "w", "n", b"x" * 1001)
         assert await repo.end_offset(0) == 1
     finally:
         await repo.close()
@@ -108,14 +114,14 @@ async def test_second_writer_fences_the_first(
     writers: tuple[KafkaRepository, KafkaRepository],
 ) -> None:
     a, b = writers
-    await a.append(0, "active_writer", "a", "a", b"")
-    assert await a.append(0, "step_outcome", "w", "a", b"1") == 1
-    assert await b.append(0, "active_writer", "b", "b", b"") == 2
+    await a.claim(0, "a", b"")
+    assert await a.append(0, EventKind.STEP_OUTCOME, "w", "a", b"1") == 1
+    assert await b.claim(0, "b", b"") == 2
     with pytest.raises(Fenced, match="'b' claimed partition 0 at offset 2"):
-        await a.append(0, "step_outcome", "w", "a", b"zombie")
+        await a.append(0, EventKind.STEP_OUTCOME, "w", "a", b"zombie")
     with pytest.raises(Fenced):
-        await a.append(0, "step_outcome", "w", "a", b"again")
-    assert await b.append(0, "step_outcome", "w", "b", b"2") == 4
+        await a.append(0, EventKind.STEP_OUTCOME, "w", "a", b"again")
+    assert await b.append(0, EventKind.STEP_OUTCOME, "w", "b", b"2") == 4
     kinds = [(o, node) for o, _, _, node, _ in await _all(b, 0)]
     # The fenced write landed (a zombie every reader ignores); b's write is after it.
     assert kinds == [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (4, "b")]
@@ -146,9 +152,9 @@ async def test_a_replaced_writer_cannot_save_a_checkpoint(
     writers: tuple[KafkaRepository, KafkaRepository],
 ) -> None:
     a, b = writers
-    await a.append(0, "active_writer", "a", "a", b"")
+    await a.claim(0, "a", b"")
     await a.save_checkpoint(0, Checkpoint(1, "a", 0, ""))
-    await b.append(0, "active_writer", "b", "b", b"")
+    await b.claim(0, "b", b"")
     await b.save_checkpoint(0, Checkpoint(2, "b", 0, ""))
     # a never wrote again, so only the checkpoint save can tell it was replaced.
     with pytest.raises(Fenced, match="'b' claimed partition 0"):
@@ -161,11 +167,11 @@ async def test_current_owner_is_the_latest_claimer(
 ) -> None:
     a, b = writers
     assert await b.current_owner(0) == ""
-    await a.append(0, "active_writer", "a", "a", b"")
-    await a.append(0, "step_outcome", "w", "a", b"1")
+    await a.claim(0, "a", b"")
+    await a.append(0, EventKind.STEP_OUTCOME, "w", "a", b"1")
     assert await a.current_owner(0) == "a"
     assert await b.current_owner(0) == "a"  # never claimed: reads the partition
-    await b.append(0, "active_writer", "b", "b", b"")
+    await b.claim(0, "b", b"")
     assert await a.current_owner(0) == "b"
     assert await b.current_owner(0) == "b"
 
@@ -192,3 +198,16 @@ async def test_a_repository_shared_by_an_instance_and_a_projector_stays_open_unt
     await kbit.close()
     with pytest.raises(TransientStorageError, match="not started"):
         await repo.end_offset(0)
+
+
+async def test_a_tail_that_cannot_start_leaves_no_consumer_open() -> None:
+    # Nothing listens on port 1: the tail's consumer fails to start. It must be stopped
+    # (aiokafka warns "Unclosed AIOKafkaConsumer" when an unstopped one is collected).
+    repo = KafkaRepository("127.0.0.1:1", "t", client_options={"request_timeout_ms": 500})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TransientStorageError, match="following partition 0"):
+            async for _ in repo.tail(0, 0):
+                pass
+        gc.collect()
+    assert not [w for w in caught if "AIOKafkaConsumer" in str(w.message)]

@@ -79,11 +79,18 @@ from kapbit import (
     WorkflowRejected,
     partition_for,
 )
-from kapbit.events import TERMINAL_KINDS, DeadLetter, Rejected, StepOutcome, WorkflowResult
+from kapbit.events import (
+    TERMINAL_KINDS,
+    DeadLetter,
+    EventKind,
+    Rejected,
+    StepOutcome,
+    WorkflowResult,
+)
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import MemRepository, Record
 from kapbit.testing import FaultyRepository
-from kapbit.testing.faults import Call, Fault
+from kapbit.testing.faults import Call, Fault, Operation
 from tests.helpers import (
     Incarnation,
     assert_compensations_followed_successes,
@@ -105,7 +112,7 @@ COMPENSATION_FAILURE_STOPS = True
 
 EXECUTE_BEHAVIOURS = ["ok", "ok", "ok", "fail", "raise1", "raise9", "block", "none", "bad", "big"]
 COMPENSATE_BEHAVIOURS = ["ok", "ok", "ok", "fail", "raise1", "block", "none", "bad"]
-FAULT_MODES = ["fail", "lost_ack", "reject", "too_large", "hold", "late_ack"]
+FAULT_MODES = ["fail", "lost_ack", "reject", "too_large", "hold", "late_ack", "checkpoint"]
 FAULT_KINDS = [
     "workflow_created",
     "workflow_created",
@@ -212,15 +219,27 @@ class LateAckRepository(MemRepository):
         self.journal = journal
         self.late: list[LateAck] = []
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
         offset = await super().append(partition, kind, key, node, value)
-        self.journal.append(("append", partition, offset))
+        await self._landed(Call("append", partition, kind, key, node, value), offset)
+        return offset
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        offset = await super().claim(partition, node, value)
+        call = Call("append", partition, EventKind.ACTIVE_WRITER, node, node, value)
+        await self._landed(call, offset)
+        return offset
+
+    async def _landed(self, call: Call, offset: int) -> None:
+        """Journal a landed record; hold its acknowledgement if a late ack asks for it."""
+        self.journal.append(("append", call.partition, offset))
         for late in self.late:
-            if late.call is None and late.kind == kind:
-                late.call = Call("append", partition, kind, key, node, value)
+            if late.call is None and late.kind == call.kind:
+                late.call = call
                 await late.released.wait()
                 break
-        return offset
 
 
 @dataclass
@@ -258,6 +277,9 @@ class Totals:
     zombie_calls: int = 0
     workflows: int = 0
     reused_ids: int = 0
+    snapshot_modes: Counter[str] = field(default_factory=Counter)
+    #: Starts whose stored checkpoint named a snapshot (recovered from it if it was whole).
+    snapshot_starts: int = 0
     defects: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -268,6 +290,8 @@ class Totals:
             "rules": dict(self.rules),
             "workflows": self.workflows,
             "reused_ids": self.reused_ids,
+            "snapshot_modes": dict(self.snapshot_modes),
+            "snapshot_starts": self.snapshot_starts,
             "crashes": self.crashes,
             "graceful_restarts": self.closes,
             "takeovers": self.takeovers,
@@ -312,6 +336,7 @@ class EngineModel(RuleBasedStateMachine):
         self.draining = False
         self.checkpoint_every = 1
         self.checkpoint_interval = 3600.0
+        self.snapshots = "off"
         self.ids = 0
         self.next_sub = 0
         self.repo: LateAckRepository
@@ -336,6 +361,7 @@ class EngineModel(RuleBasedStateMachine):
         window=st.sampled_from([1, 2, 3, 1000]),
         checkpoint_every=st.sampled_from([1, 1, 2, 1000]),
         checkpoint_interval=st.sampled_from([3600.0, 3600.0, 0.002]),
+        snapshots=st.sampled_from(["off", "on", "on", "chunks", "limit"]),
     )
     def set_up(
         self,
@@ -343,13 +369,18 @@ class EngineModel(RuleBasedStateMachine):
         window: int,
         checkpoint_every: int,
         checkpoint_interval: float,
+        snapshots: str,
     ) -> None:
         """Checkpoints are saved after every (or every 2nd) termination, and with a short
-        interval also by the clock, at moments the rules do not choose."""
+        interval also by the clock, at moments the rules do not choose. They carry
+        snapshots (in one chunk or many tiny ones), none, or only while the snapshot stays
+        under a limit a few workflows exceed (then the last one that fitted stays named)."""
         self.shapes = shapes
         self.window = window
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
+        self.snapshots = snapshots
+        TOTALS.snapshot_modes[snapshots] += 1
         asyncio.set_event_loop(self.loop)
         self.repo = LateAckRepository(self.journal, PARTITIONS, MAX_PAYLOAD)
         self.faulty = FaultyRepository(self.repo)
@@ -431,12 +462,18 @@ class EngineModel(RuleBasedStateMachine):
                 node_id=node_id,
                 idempotency_window=self.window,
                 checkpoints=CheckpointPolicy(
-                    every=self.checkpoint_every, interval=self.checkpoint_interval
+                    every=self.checkpoint_every,
+                    interval=self.checkpoint_interval,
+                    snapshots=self.snapshots != "off",
+                    snapshot_chunk=48 if self.snapshots == "chunks" else 256 * 1024,
+                    snapshot_limit=900 if self.snapshots == "limit" else 1 << 26,
                 ),
                 close_timeout=0.01,
             ),
         )
         self.nodes.append(kbit)
+        stored = await self.repo.load_checkpoints()
+        TOTALS.snapshot_starts += any(c.snapshot_offset >= 0 for c in stored.values())
         await kbit.start()
         for earlier in self.nodes[:-1]:
             self.stopped.setdefault(earlier.node_id, len(self.journal))
@@ -526,7 +563,14 @@ class EngineModel(RuleBasedStateMachine):
         TOTALS.rules["storage_fault"] += 1
         TOTALS.faults[f"{mode}:{kind}"] += 1
         faulty = self.faulty
-        if mode == "fail":
+        if mode == "checkpoint":
+            # The next saves of snapshot chunks, or of the checkpoint naming them, fail: a
+            # crash between a snapshot's chunks and its checkpoint, as the saver sees it.
+            operation: Operation = (
+                "save_snapshot_chunk" if FAULT_KINDS.index(kind) % 2 else "save_checkpoint"
+            )
+            self.faults.append(faulty.fail(times=times, operations=(operation,)))
+        elif mode == "fail":
             self.faults.append(faulty.fail(times=times, kinds=kind))
         elif mode == "lost_ack":
             self.faults.append(faulty.fail(times=min(times, 2), kinds=kind, lost_ack=True))

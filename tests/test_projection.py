@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -255,7 +256,7 @@ async def test_values_that_do_not_match_the_declared_type_are_corrupt() -> None:
 async def test_undecodable_record_raises_corrupt_record() -> None:
     repo = MemRepository()
     await append(repo, 0, "n", writer("n"))
-    await repo.append(0, "step_outcome", "w", "n", b"{not json")
+    await repo.append(0, EventKind.STEP_OUTCOME, "w", "n", b"{not json")
     model = ListModel()
     with pytest.raises(CorruptRecord, match="offset 1"):
         await Projector(repo, model).catch_up()
@@ -409,8 +410,12 @@ class _FlakyRepository(MemRepository):
                 raise TransientStorageError("connection reset")
 
 
-async def test_transient_errors_while_following_are_retried() -> None:
+async def test_transient_errors_while_following_are_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from kapbit import Backoff
+
+    caplog.set_level(logging.WARNING, "kapbit.projection")
 
     repo = _FlakyRepository()
     await append(repo, 0, "n", writer("n"))
@@ -426,6 +431,10 @@ async def test_transient_errors_while_following_are_retried() -> None:
     assert model.where() == [(0, 0), (0, 1)]
     await projector.close()
     await running
+    # the retry is logged with the structured fields every kapbit log record carries
+    [retry] = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert retry.__dict__.get("partition") == 0
+    assert "workflow_id" in retry.__dict__ and retry.__dict__["workflow_id"] is None
 
 
 async def test_a_failing_model_stops_run_and_wakes_waiters() -> None:

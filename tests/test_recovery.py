@@ -29,6 +29,7 @@ from kapbit import (
 from kapbit.events import (
     ActiveWriter,
     DeadLetter,
+    EventKind,
     StepOutcome,
     WorkflowCreated,
     WorkflowResult,
@@ -360,17 +361,17 @@ def _encode(event: Any) -> bytes:
 async def _log_with_one_open_workflow() -> tuple[MemRepository, int]:
     """A log where node ``first`` created ``w`` and persisted step 0, then died."""
     repo = MemRepository()
-    await repo.append(0, "active_writer", "first", "first", _encode(ActiveWriter("first", 0.0)))
+    await repo.claim(0, "first", _encode(ActiveWriter("first", 0.0)))
     await repo.append(
         0,
-        "workflow_created",
+        EventKind.WORKFLOW_CREATED,
         "w",
         "first",
         _encode(WorkflowCreated("w", "saga", msgspec.Raw(b'{"id":"w"}'), 0.0)),
     )
     offset = await repo.append(
         0,
-        "step_outcome",
+        EventKind.STEP_OUTCOME,
         "w",
         "first",
         _encode(StepOutcome("w", 0, "execute", True, msgspec.Raw(b'"exec-0"'))),
@@ -378,31 +379,31 @@ async def _log_with_one_open_workflow() -> tuple[MemRepository, int]:
     return repo, offset
 
 
+# A Kafka record whose kind header names no event: tests/test_kafka_faults.py.
 CORRUPTIONS = {
-    "garbage payload": ("step_outcome", "w", b"\x00\x01 not json"),
-    "unknown kind": ("workflow_paused", "w", b"{}"),
-    "wrong shape": ("step_outcome", "w", b'{"kind":"step_outcome","id":"w"}'),
+    "garbage payload": (EventKind.STEP_OUTCOME, "w", b"\x00\x01 not json"),
+    "wrong shape": (EventKind.STEP_OUTCOME, "w", b'{"kind":EventKind.STEP_OUTCOME,"id":"w"}'),
     "key mismatch": (
-        "step_outcome",
+        EventKind.STEP_OUTCOME,
         "w",
         _encode(StepOutcome("other", 1, "execute", True, msgspec.Raw(b'"x"'))),
     ),
     "kind mismatch": (
-        "workflow_result",
+        EventKind.WORKFLOW_RESULT,
         "w",
         _encode(StepOutcome("w", 1, "execute", True, msgspec.Raw(b'"x"'))),
     ),
     "step out of range": (
-        "step_outcome",
+        EventKind.STEP_OUTCOME,
         "w",
         _encode(StepOutcome("w", 7, "execute", True, msgspec.Raw(b'"x"'))),
     ),
     "undecodable outcome value": (
-        "step_outcome",
+        EventKind.STEP_OUTCOME,
         "w",
         _encode(StepOutcome("w", 1, "execute", True, msgspec.Raw(b"[1, 2]"))),
     ),
-    "finished workflow's record": ("workflow_result", "done", b"garbage"),
+    "finished workflow's record": (EventKind.WORKFLOW_RESULT, "done", b"garbage"),
 }
 
 
@@ -430,10 +431,10 @@ async def test_a_corrupt_record_stops_the_start_naming_partition_offset_and_caus
 
 async def test_an_undecodable_input_stops_the_start() -> None:
     repo = MemRepository()
-    await repo.append(0, "active_writer", "first", "first", _encode(ActiveWriter("first", 0.0)))
+    await repo.claim(0, "first", _encode(ActiveWriter("first", 0.0)))
     bad = await repo.append(
         0,
-        "workflow_created",
+        EventKind.WORKFLOW_CREATED,
         "w",
         "first",
         _encode(WorkflowCreated("w", "saga", msgspec.Raw(b"[1]"), 0.0)),
@@ -446,9 +447,9 @@ async def test_a_zombie_garbage_record_is_ignored_not_decoded() -> None:
     """Records written by a node after another node's claim are never acted on: not
     even decoded."""
     repo, _ = await _log_with_one_open_workflow()
-    await repo.append(0, "active_writer", "other", "other", _encode(ActiveWriter("other", 0.0)))
+    await repo.claim(0, "other", _encode(ActiveWriter("other", 0.0)))
     with pytest.raises(Fenced):
-        await repo.append(0, "step_outcome", "w", "first", b"\x00 garbage from a zombie")
+        await repo.append(0, EventKind.STEP_OUTCOME, "w", "first", b"\x00 garbage from a zombie")
     script = Script()
     async with Kapbit([saga(script)], repo, options=Options(node_id="third")) as kbit:
         assert kbit.stats.recovered == 1

@@ -363,3 +363,41 @@ async def test_models_opening_a_fresh_database_at_once_all_start(tmp_path: Path)
     for round in range(100):
         path = str(tmp_path / f"fresh-{round}.db")
         await asyncio.gather(*(start_and_close(path) for _ in range(3)))
+
+
+async def test_a_handle_reads_the_status_the_model_shows(mixed: MixedLog, tmp_path: Path) -> None:
+    """One status rule (``status_after``): what a workflow handle reads from the log is
+    what the status read model shows, for every way a workflow can go."""
+    from kapbit import JsonCodec
+    from kapbit.handles import read_workflow
+    from tests.projection_logs import Behaviour, order_definition
+
+    await _project(mixed.repo, tmp_path / "s.db")
+    definitions = {TYPE: order_definition(Behaviour("a"))}
+    async with StatusModel(tmp_path / "s.db") as model:
+        rows = {wid: await model.get(wid) for wid in EXPECTED}
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        created_at = dict(db.execute("SELECT id, created_offset FROM workflows").fetchall())
+    for wid, row in rows.items():
+        assert row is not None
+        state = await read_workflow(
+            mixed.repo, JsonCodec(), definitions, wid, row.partition, created_at[wid]
+        )
+        assert (
+            state.status,
+            state.steps_done,
+            state.failed_step,
+            state.compensated_steps,
+            state.attempts,
+            state.last_error,
+        ) == (
+            row.status,
+            row.steps_done,
+            row.failed_step,
+            row.compensated_steps,
+            row.attempts,
+            # a rejection's reason is the handle's typed error, not its last_error
+            "" if row.status is WorkflowStatus.REJECTED else row.last_error or "",
+        ), wid
+        failed_for_good = {WorkflowStatus.DEAD_LETTERED, WorkflowStatus.REJECTED}
+        assert (state.error is not None) == (row.status in failed_for_good), wid

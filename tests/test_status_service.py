@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from tests.helpers import load_example
 
 service_module = load_example("status_service")
 FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_payments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order saga's fake payment service keeps its outages in a module global (shared
+    with the other order service's tests): fresh per test."""
+    monkeypatch.setattr(importlib.import_module("orders"), "PAYMENT_OUTAGES", set())
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from kapbit._checks import at_least_one
 from kapbit._lifecycle import AsyncResource
+from kapbit._log import fields
 from kapbit.codecs import Codec, JsonCodec
 from kapbit.errors import TransientStorageError
 from kapbit.events import KIND_OF, Event, EventKind, StepOutcome
@@ -219,10 +221,7 @@ class Projector(AsyncResource):
         idempotency_window: int = _DEFAULT_WINDOW,
         retry_backoff: Backoff | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if idempotency_window < 1:
-            raise ValueError(f"idempotency_window must be at least 1, got {idempotency_window}")
+        at_least_one(batch_size=batch_size, idempotency_window=idempotency_window)
         self._repository = repository
         self._model = model
         self._codec = codec or JsonCodec()
@@ -456,6 +455,7 @@ class Projector(AsyncResource):
                 state.partition,
                 retry.attempt_number,
                 error,
+                extra=fields(partition=state.partition),
             )
 
         retrying = AsyncRetrying(

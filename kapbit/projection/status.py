@@ -24,6 +24,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 from kapbit._lifecycle import AsyncResource
 from kapbit.events import (
     DeadLetter,
+    Event,
     InvalidReturn,
     Rejected,
     StepOutcome,
@@ -85,6 +86,8 @@ class WorkflowStatus(StrEnum):
     """Where a workflow stands, as far as the log tells."""
 
     RUNNING = "running"
+    #: Waiting on a durable timer (its step returned ``Sleep`` / ``SleepUntil``).
+    SLEEPING = "sleeping"
     COMPENSATING = "compensating"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -108,6 +111,27 @@ _TERMINAL = frozenset(
         WorkflowStatus.INVALID_RETURN,
     }
 )
+_STATUS_OF: dict[type[Event], WorkflowStatus] = {
+    WorkflowCreated: WorkflowStatus.RUNNING,
+    WorkflowRetry: WorkflowStatus.RETRYING,
+    DeadLetter: WorkflowStatus.DEAD_LETTERED,
+    Rejected: WorkflowStatus.REJECTED,
+    InvalidReturn: WorkflowStatus.INVALID_RETURN,
+}
+
+
+def status_after(event: Event, failed: bool) -> WorkflowStatus | None:
+    """The status of a workflow after ``event``, given whether one of its steps had failed
+    before (its saga compensates); ``None`` for an event of no workflow (a claim).
+
+    The one status rule: the status model's SQL and workflow handles both apply it."""
+    if isinstance(event, StepOutcome):
+        if failed or not event.success or event.phase == "compensate":
+            return WorkflowStatus.COMPENSATING
+        return WorkflowStatus.RUNNING if event.fire_at is None else WorkflowStatus.SLEEPING
+    if isinstance(event, WorkflowResult):
+        return WorkflowStatus.COMPENSATED if event.compensated else WorkflowStatus.SUCCEEDED
+    return _STATUS_OF.get(type(event))
 
 
 class WorkflowRow(msgspec.Struct, frozen=True):
@@ -388,10 +412,16 @@ class StatusModel(AsyncResource):
 _Change = tuple[str, tuple[Any, ...]]
 
 _NOT_FINISHED = "finished_at IS NULL"
-_ACTIVE_STATUS = (
-    f"CASE WHEN failed_step IS NULL THEN '{WorkflowStatus.RUNNING.value}' "
-    f"ELSE '{WorkflowStatus.COMPENSATING.value}' END"
-)
+#: The row's new status by :func:`status_after`: the first parameter for a workflow none of
+#: whose steps failed, the second for one that compensates (:func:`_statuses`).
+_STATUS = "status = CASE WHEN failed_step IS NULL THEN ? ELSE ? END"
+
+
+def _statuses(event: Event) -> tuple[str, str]:
+    """The parameters of :data:`_STATUS` for ``event``."""
+    running, failed = status_after(event, False), status_after(event, True)
+    assert running is not None and failed is not None
+    return running.value, failed.value
 
 
 def _change(projected: ProjectedEvent) -> _Change:
@@ -406,7 +436,7 @@ def _change(projected: ProjectedEvent) -> _Change:
                 event.id,
                 event.type,
                 projected.partition,
-                WorkflowStatus.RUNNING.value,
+                _statuses(event)[0],
                 event.at,
                 projected.offset,
             ),
@@ -414,50 +444,44 @@ def _change(projected: ProjectedEvent) -> _Change:
     if isinstance(event, StepOutcome):
         if event.phase == "compensate":
             return (
-                "UPDATE workflows SET compensated_steps = compensated_steps + 1, status = ? "
+                f"UPDATE workflows SET compensated_steps = compensated_steps + 1, {_STATUS} "
                 f"WHERE id = ? AND {_NOT_FINISHED}",
-                (WorkflowStatus.COMPENSATING.value, event.id),
+                (*_statuses(event), event.id),
             )
         if event.success:
             return (
-                f"UPDATE workflows SET steps_done = MAX(steps_done, ?), status = {_ACTIVE_STATUS} "
+                f"UPDATE workflows SET steps_done = MAX(steps_done, ?), {_STATUS} "
                 f"WHERE id = ? AND {_NOT_FINISHED}",
-                (event.step + 1, event.id),
+                (event.step + 1, *_statuses(event), event.id),
             )
         return (
-            f"UPDATE workflows SET failed_step = ?, status = ? WHERE id = ? AND {_NOT_FINISHED}",
-            (event.step, WorkflowStatus.COMPENSATING.value, event.id),
+            f"UPDATE workflows SET {_STATUS}, failed_step = ? WHERE id = ? AND {_NOT_FINISHED}",
+            (*_statuses(event), event.step, event.id),
         )
     if isinstance(event, WorkflowRetry):
         return (
-            "UPDATE workflows SET status = ?, attempts = MAX(attempts, ?), last_error = ? "
+            f"UPDATE workflows SET {_STATUS}, attempts = MAX(attempts, ?), last_error = ? "
             f"WHERE id = ? AND {_NOT_FINISHED}",
-            (WorkflowStatus.RETRYING.value, event.attempt, event.error, event.id),
+            (*_statuses(event), event.attempt, event.error, event.id),
         )
     if isinstance(event, WorkflowResult):
-        status = WorkflowStatus.COMPENSATED if event.compensated else WorkflowStatus.SUCCEEDED
         return (
-            "UPDATE workflows SET status = ?, result = ?, finished_at = ? "
+            f"UPDATE workflows SET {_STATUS}, result = ?, finished_at = ? "
             f"WHERE id = ? AND {_NOT_FINISHED}",
-            (status.value, _json(projected.value), event.at, event.id),
+            (*_statuses(event), _json(projected.value), event.at, event.id),
         )
     if isinstance(event, DeadLetter):
         return (
-            "UPDATE workflows SET status = ?, attempts = MAX(attempts, ?), last_error = ?, "
+            f"UPDATE workflows SET {_STATUS}, attempts = MAX(attempts, ?), last_error = ?, "
             f"finished_at = ? WHERE id = ? AND {_NOT_FINISHED}",
-            (WorkflowStatus.DEAD_LETTERED.value, event.attempts, event.error, event.at, event.id),
+            (*_statuses(event), event.attempts, event.error, event.at, event.id),
         )
-    if isinstance(event, Rejected):
+    if isinstance(event, Rejected | InvalidReturn):
+        error = f"{event.event}: {event.reason}" if isinstance(event, Rejected) else event.reason
         return (
-            "UPDATE workflows SET status = ?, last_error = ?, finished_at = ? "
+            f"UPDATE workflows SET {_STATUS}, last_error = ?, finished_at = ? "
             f"WHERE id = ? AND {_NOT_FINISHED}",
-            (WorkflowStatus.REJECTED.value, f"{event.event}: {event.reason}", event.at, event.id),
-        )
-    if isinstance(event, InvalidReturn):
-        return (
-            "UPDATE workflows SET status = ?, last_error = ?, finished_at = ? "
-            f"WHERE id = ? AND {_NOT_FINISHED}",
-            (WorkflowStatus.INVALID_RETURN.value, event.reason, event.at, event.id),
+            (*_statuses(event), error, event.at, event.id),
         )
     return ("", ())  # ActiveWriter: nothing to show
 

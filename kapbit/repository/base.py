@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from kapbit.events import EventKind
 
-class Record(msgspec.Struct, frozen=True):
+
+class Record(msgspec.Struct, frozen=True, gc=False):
     """One record of the log, with what readers need to know before decoding the value.
 
-    ``kind`` is an :class:`~kapbit.events.EventKind` value, ``key`` the workflow id (the
-    writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
+    ``kind`` is the event's :class:`~kapbit.events.EventKind`, ``key`` the workflow id
+    (the writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
+    Not tracked by the garbage collector (``gc=False``: it can be in no reference cycle),
+    or every record would be once ``kind`` is an enum member: logs hold millions.
     """
 
     partition: int
     offset: int
-    kind: str
+    kind: EventKind
     key: str
     node: str
     value: bytes
@@ -34,6 +38,15 @@ class Checkpoint(msgspec.Struct, frozen=True):
     one the saving instance had written (writer ids are unique per start). A start trusts
     the checkpoint only if its log holds a record of that writer there, which tells
     another log's checkpoint (or a recreated log's) apart.
+
+    A *snapshot checkpoint* also names a snapshot (:mod:`kapbit.snapshots`): the state of
+    the partition after reading every record below ``snapshot_offset`` (its open workflows
+    and idempotency window), stored as ``snapshot_chunks`` chunks in ``snapshot_slot`` of
+    the :class:`SnapshotStore`, ``snapshot_size`` bytes with CRC-32 ``snapshot_crc``.
+    Recovery then reads the log only from ``snapshot_offset``; when the snapshot cannot be
+    used it falls back to ``offset`` and ``window_offset``, which every checkpoint keeps.
+    ``snapshot_offset`` is ``-1`` without a snapshot (also in checkpoints of older
+    versions, which load unchanged).
     """
 
     offset: int = 0
@@ -43,18 +56,24 @@ class Checkpoint(msgspec.Struct, frozen=True):
     window_size: int = 0
     anchor_offset: int = -1
     anchor_writer: str = ""
+    snapshot_offset: int = -1
+    snapshot_slot: str = ""
+    snapshot_chunks: int = 0
+    snapshot_size: int = 0
+    snapshot_crc: int = 0
 
 
 @runtime_checkable
 class Repository(Protocol):
     """A partitioned append-only log with per-partition checkpoints.
 
-    ``append`` must fence: it returns only once the record is durable *and* no
-    ``ActiveWriter`` of another node sits between ``node``'s latest ``ActiveWriter`` and
-    the record; otherwise it raises :class:`~kapbit.errors.Fenced`. A record with kind
-    ``active_writer`` is the claim itself and is never fenced. Transient failures raise
+    Two writes: :meth:`claim` appends a node's ``ActiveWriter`` (its claim of the
+    partition) and is never fenced; :meth:`append` appends any other record and must
+    fence by the rule of :mod:`kapbit.fencing`: it returns only once the record is durable
+    *and* no claim of another node sits between ``node``'s latest claim and the record;
+    otherwise it raises :class:`~kapbit.errors.Fenced`. Transient failures raise
     :class:`~kapbit.errors.TransientStorageError`, permanent refusals
-    :class:`~kapbit.errors.RecordRejected`.
+    :class:`~kapbit.errors.RecordRejected`. See docs/ARCHITECTURE.md, "Fencing".
     """
 
     @property
@@ -73,8 +92,18 @@ class Repository(Protocol):
         nothing). The log itself is kept."""
         ...
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        """Append one record and return its offset (see the class docstring on fencing)."""
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        """Append one record and return its offset (see the class docstring on fencing).
+        ``kind`` ``ACTIVE_WRITER`` raises :class:`~kapbit.errors.InvalidAppend`: claims go
+        through :meth:`claim`."""
+        ...
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        """Append ``node``'s ``ActiveWriter`` (encoded in ``value``, keyed by ``node``) and
+        return its offset once durable; from then on ``node``'s appends to ``partition``
+        are confirmed, and every other node's fenced."""
         ...
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
@@ -101,3 +130,61 @@ class Repository(Protocol):
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         """The stored checkpoints by partition; partitions without one are absent."""
         ...
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Where a repository keeps the chunks of snapshot checkpoints, next to its checkpoints.
+
+    Chunks are numbered within a *slot* of a partition (a name without ``/``). Each start
+    writes its snapshots into two slots of its own, alternately, and saves the checkpoint
+    naming one only once its chunks are stored; so a crash in between, or another
+    instance writing at the same time, leaves the snapshot the stored checkpoint names
+    whole. ``snapshots`` says whether this store keeps them (a wrapper may sit on a
+    repository that does not).
+    """
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether snapshot chunks can be saved here."""
+        ...
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        """Store chunk ``index`` of ``slot``, replacing what was there; ``None`` deletes it
+        (a tombstone on Kafka)."""
+        ...
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        """Chunks ``0 .. count - 1`` of ``slot``, stopping at the first one missing."""
+        ...
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        """The chunk indexes stored per slot of ``partition`` (to delete dead ones)."""
+        ...
+
+
+def leading_chunks(
+    chunks: Mapping[tuple[int, str, int], bytes], partition: int, slot: str, count: int
+) -> list[bytes]:
+    """Chunks ``0 .. count - 1`` of ``slot`` of ``partition`` in ``chunks`` (keyed by
+    partition, slot and index), up to the first missing: what
+    :meth:`SnapshotStore.load_snapshot_chunks` returns for a store keeping them so."""
+    found: list[bytes] = []
+    for index in range(count):
+        chunk = chunks.get((partition, slot, index))
+        if chunk is None:
+            break
+        found.append(chunk)
+    return found
+
+
+def chunk_slots(chunks: Iterable[tuple[int, str, int]], partition: int) -> dict[str, list[int]]:
+    """The chunk indexes per slot of ``partition`` among ``chunks``' keys: what
+    :meth:`SnapshotStore.snapshot_slots` returns for a store keeping them so."""
+    slots: dict[str, list[int]] = {}
+    for p, slot, index in chunks:
+        if p == partition:
+            slots.setdefault(slot, []).append(index)
+    return slots

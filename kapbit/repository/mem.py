@@ -2,7 +2,9 @@
 
 It behaves like the Kafka repository where it matters to the engine: a fenced write still
 lands in the log (as a zombie record every reader must ignore) and then fails with
-:class:`~kapbit.errors.Fenced`; a payload over ``max_payload`` is refused.
+:class:`~kapbit.errors.Fenced`; a payload over ``max_payload`` is refused. Fencing is
+judged by the rule of :mod:`kapbit.fencing` (an :class:`~kapbit.fencing.OwnerTracker`
+per partition sees every record as it lands).
 """
 
 from __future__ import annotations
@@ -10,27 +12,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from kapbit.errors import Fenced, PayloadTooLarge
+from kapbit._checks import at_least_one
+from kapbit.errors import PayloadTooLarge
 from kapbit.events import EventKind
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.fencing import OwnerTracker, fenced_by, ordinary
+from kapbit.repository.base import Checkpoint, Record, chunk_slots, leading_chunks
 
 _BATCH = 1024
-_ACTIVE_WRITER = EventKind.ACTIVE_WRITER.value
 
 
 class MemRepository:
     """A partitioned log held in lists; shared by every instance given the same object."""
 
     def __init__(self, partitions: int = 1, max_payload: int = 1024 * 1024) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
-        if max_payload < 1:
-            raise ValueError(f"max_payload must be positive, got {max_payload}")
+        at_least_one(partitions=partitions, max_payload=max_payload)
         self._partitions = partitions
         self.max_payload = max_payload
         self._logs: list[list[Record]] = [[] for _ in range(partitions)]
-        self._owners: list[str] = [""] * partitions
+        self._owners = [OwnerTracker("") for _ in range(partitions)]
         self._checkpoints: dict[int, Checkpoint] = {}
+        self._chunks: dict[tuple[int, str, int], bytes] = {}
         self._appended = asyncio.Event()
         self._tailers = 0
 
@@ -44,21 +45,28 @@ class MemRepository:
     async def close(self) -> None:
         """Nothing to release; the log stays for the next instance."""
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        record = self._land(partition, ordinary(kind), key, node, value)
+        owners = self._owners[partition]
+        if not owners.admit(record):
+            raise fenced_by(partition, owners.owner, node)
+        return record.offset
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        record = self._land(partition, EventKind.ACTIVE_WRITER, node, node, value)
+        self._owners[partition].admit(record)
+        return record.offset
+
+    def _land(self, partition: int, kind: EventKind, key: str, node: str, value: bytes) -> Record:
         if len(value) > self.max_payload:
             raise PayloadTooLarge(len(value), self.max_payload)
         log = self._logs[partition]
-        offset = len(log)
-        log.append(Record(partition, offset, kind, key, node, value))
+        record = Record(partition, len(log), kind, key, node, value)
+        log.append(record)
         self._wake_tails()
-        if kind == _ACTIVE_WRITER:
-            self._owners[partition] = node
-        elif self._owners[partition] != node:
-            raise Fenced(
-                f"partition {partition} is owned by node {self._owners[partition]!r}, "
-                f"not {node!r}; the record at offset {offset} is a zombie write"
-            )
-        return offset
+        return record
 
     async def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         log = self._logs[partition]
@@ -85,13 +93,36 @@ class MemRepository:
         return len(self._logs[partition])
 
     async def current_owner(self, partition: int) -> str:
-        return self._owners[partition]
+        return self._owners[partition].owner
 
     async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
         self._checkpoints[partition] = checkpoint
 
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         return dict(self._checkpoints)
+
+    @property
+    def snapshots(self) -> bool:
+        return True
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        if data is None:
+            self._chunks.pop((partition, slot, index), None)
+        else:
+            self._chunks[partition, slot, index] = bytes(data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        return leading_chunks(self._chunks, partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return chunk_slots(self._chunks, partition)
+
+    def snapshot_chunks(self, partition: int) -> dict[tuple[str, int], int]:
+        """``(slot, index) -> size`` of the snapshot chunks kept for ``partition`` (tests:
+        replaced chunks are deleted)."""
+        return {(s, i): len(c) for (p, s, i), c in self._chunks.items() if p == partition}
 
     def records(self, partition: int | None = None) -> list[Record]:
         """Every record of one partition, or of all partitions in partition order (tests)."""

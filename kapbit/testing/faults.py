@@ -27,31 +27,40 @@ synchronise on what the storage saw instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from kapbit.errors import RecordRejected, TransientStorageError
-from kapbit.repository.base import Checkpoint, Record, Repository
+from kapbit.events import EventKind
+from kapbit.fencing import ordinary
+from kapbit.repository.base import Checkpoint, Record, Repository, SnapshotStore
 
 __all__ = ["Call", "Fault", "FaultyRepository", "Operation"]
 
 #: The repository operations a fault can apply to.
 Operation = Literal[
-    "append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"
+    "append",
+    "read",
+    "end_offset",
+    "current_owner",
+    "save_checkpoint",
+    "load_checkpoints",
+    "save_snapshot_chunk",
+    "load_snapshot_chunks",
 ]
-_OPERATIONS: frozenset[str] = frozenset(
-    {"append", "read", "end_offset", "current_owner", "save_checkpoint", "load_checkpoints"}
-)
+_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
 _Action = Literal["fail", "reject", "delay"]
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
     """One call to the repository, as faults see it. ``kind``/``key``/``node``/``value``
-    are set for appends only."""
+    are set for appends only; a claim is an append of kind ``active_writer`` here, so
+    ``kinds="active_writer"`` programs faults of claims."""
 
     operation: str
     partition: int | None = None
@@ -297,12 +306,24 @@ class FaultyRepository:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
-        call = Call("append", partition, kind, key, node, value)
-        self.calls[kind] += 1
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        call = Call("append", partition, ordinary(kind), key, node, value)
+        return await self._write(
+            call, functools.partial(self.inner.append, partition, kind, key, node, value)
+        )
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        call = Call("append", partition, EventKind.ACTIVE_WRITER, node, node, value)
+        return await self._write(call, functools.partial(self.inner.claim, partition, node, value))
+
+    async def _write(self, call: Call, write: Callable[[], Awaitable[int]]) -> int:
+        """Apply the faults matching ``call``, then ``write`` the record."""
+        self.calls[call.kind] += 1
         lost = await self._apply(call)
-        offset = await self.inner.append(partition, kind, key, node, value)
-        self.appended[kind] += 1
+        offset = await write()
+        self.appended[call.kind] += 1
         if lost is not None:
             raise lost._exception(call)
         return offset
@@ -330,3 +351,27 @@ class FaultyRepository:
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         await self._apply(Call("load_checkpoints"))
         return await self.inner.load_checkpoints()
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether the inner repository keeps snapshots."""
+        return isinstance(self.inner, SnapshotStore) and self.inner.snapshots
+
+    def _store(self) -> SnapshotStore:
+        inner = self.inner
+        if not isinstance(inner, SnapshotStore):
+            raise TypeError(f"{type(inner).__name__} keeps no snapshots")
+        return inner
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        await self._apply(Call("save_snapshot_chunk", partition))
+        await self._store().save_snapshot_chunk(partition, slot, index, data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        await self._apply(Call("load_snapshot_chunks", partition))
+        return await self._store().load_snapshot_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._store().snapshot_slots(partition)

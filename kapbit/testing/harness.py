@@ -21,6 +21,7 @@ from kapbit.codecs import Codec
 from kapbit.instance import Kapbit
 from kapbit.options import Backoff, BreakerPolicy, Options, RetryPolicy
 from kapbit.repository import Repository
+from kapbit.schedules import Schedule
 from kapbit.workflow import Definition
 
 __all__ = ["KapbitFactory", "fast_options"]
@@ -60,6 +61,7 @@ class _Recipe:
     repository: Repository
     codec: Codec | None
     options: Options
+    schedules: tuple[Schedule, ...] = ()
 
 
 class KapbitFactory(Closing):
@@ -89,21 +91,24 @@ class KapbitFactory(Closing):
         repository: Repository | None = None,
         options: Options | None = None,
         codec: Codec | None = None,
+        schedules: Sequence[Schedule] = (),
     ) -> Kapbit:
-        """Start an instance running ``definitions`` (on the factory's repository, options
-        and codec unless given) and return it; it resumes whatever the log holds open."""
+        """Start an instance running ``definitions`` and ``schedules`` (on the factory's
+        repository, options and codec unless given) and return it; it resumes whatever the
+        log holds open."""
         recipe = _Recipe(
             tuple(definitions),
             repository if repository is not None else self.repository,
             codec if codec is not None else self.codec,
             options if options is not None else self.options,
+            tuple(schedules),
         )
         return await self._start(recipe)
 
     async def crash_and_restart(self, kbit: Kapbit) -> Kapbit:
         """Crash ``kbit`` as a SIGKILL would (:meth:`~kapbit.Kapbit.abort`: nothing more is
-        written, no checkpoint saved) and start a new instance with the same definitions on
-        the same repository; the new one resumes the crashed one's open workflows."""
+        written, no checkpoint saved) and start a new instance with the same definitions and
+        schedules on the same repository; the new one resumes the crashed one's open workflows."""
         recipe = self._running.get(kbit)
         if recipe is None:
             raise ValueError(f"instance {kbit.node_id!r} is not running in this factory")
@@ -124,7 +129,13 @@ class KapbitFactory(Closing):
             await kbit.close()
 
     async def _start(self, recipe: _Recipe) -> Kapbit:
-        kbit = Kapbit(recipe.definitions, recipe.repository, recipe.codec, options=recipe.options)
+        kbit = Kapbit(
+            recipe.definitions,
+            recipe.repository,
+            recipe.codec,
+            options=recipe.options,
+            schedules=recipe.schedules,
+        )
         await kbit.start()
         self._running[kbit] = recipe
         return kbit

@@ -7,7 +7,8 @@ transactions, so it works on any Kafka-protocol broker. The package's parts, by 
 - :mod:`.admin`: create or check the topics; refuse a topic another application writes;
 - :mod:`.outbox`: appends batched per partition into aiokafka batches;
 - :mod:`.fencing`: an append is confirmed only once every offset between this node's
-  ``ActiveWriter`` and the record is known to be harmless; a log that lost records
+  ``ActiveWriter`` and the record is known to be harmless, by the rule of
+  :mod:`kapbit.fencing` (docs/ARCHITECTURE.md, "Fencing"); a log that lost records
   (:class:`~kapbit.errors.LogLost`) is noticed by its offsets;
 - :mod:`.reads`: long-lived consumers and the broker quirks they work around;
 - :mod:`.checkpoints`: the compacted checkpoint topic, keyed by log;

@@ -13,12 +13,14 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from kapbit.errors import StartupError
-from kapbit.repository.base import Checkpoint, Record
+from kapbit.repository.base import Checkpoint
 from kapbit.repository.kafka.reads import Lane, beginning_offsets, end_offset, fetch
-from kapbit.repository.kafka.records import KIND_HEADER, KINDS
+from kapbit.repository.kafka.records import KIND_HEADER, parse
 
 #: Checkpoint keys: ``<topic>/<partition>``, or a bare partition (before logs named them).
 _CHECKPOINT_KEY = re.compile(r"(.+/)?[0-9]+")
+#: Snapshot chunk keys: ``<topic>/<partition>/snapshot/<slot>/<index>``.
+_CHUNK_KEY = re.compile(r"[^/]+/[0-9]+/snapshot/[^/]+/[0-9]+")
 
 
 async def ensure_topics(
@@ -53,21 +55,25 @@ async def check_records(
 ) -> None:
     """Refuse topics another application writes, before anything is written into them: the
     first record of every non-empty log partition must carry kapbit's kind header, and the
-    first record of the checkpoint topic must be a checkpoint keyed by log."""
-    for record in await _first_records(lane, partitions, read_timeout):
-        if record.kind not in KINDS:
+    first record of the checkpoint topic must be a checkpoint keyed by log (or a snapshot
+    chunk keyed by log)."""
+    for tp, message in await _first_records(lane, partitions, read_timeout):
+        if parse(tp.partition, message) is None:
             raise StartupError(
-                f"topic {partitions[0].topic!r} is not a kapbit log: its record at partition "
-                f"{record.partition}, offset {record.offset} has no {KIND_HEADER!r} header "
+                f"topic {tp.topic!r} is not a kapbit log: its record at partition "
+                f"{tp.partition}, offset {message.offset} has no {KIND_HEADER!r} header "
                 "naming a kapbit event; refusing to write into it"
             )
-    for record in await _first_records(lane, [checkpoints], read_timeout):
+    for _, record in await _first_records(lane, [checkpoints], read_timeout):
+        key = record.key.decode(errors="replace") if record.key is not None else ""
+        if _CHUNK_KEY.fullmatch(key) is not None:
+            continue  # a snapshot's chunk, written before the checkpoint naming it
         try:
-            msgspec.json.decode(record.value, type=Checkpoint)
+            msgspec.json.decode(record.value or b"", type=Checkpoint)
         except msgspec.DecodeError:
             valid = False
         else:
-            valid = _CHECKPOINT_KEY.fullmatch(record.key) is not None
+            valid = _CHECKPOINT_KEY.fullmatch(key) is not None
         if not valid:
             raise StartupError(
                 f"topic {checkpoints.topic!r} does not hold kapbit checkpoints: its record at "
@@ -78,16 +84,16 @@ async def check_records(
 
 async def _first_records(
     lane: Lane, partitions: list[TopicPartition], read_timeout: float
-) -> list[Record]:
-    """The first record of each non-empty partition of ``partitions``."""
+) -> list[tuple[TopicPartition, Any]]:
+    """The first aiokafka record of each non-empty partition of ``partitions``."""
     begins = await beginning_offsets(lane, partitions)
-    first: list[Record] = []
+    first: list[tuple[TopicPartition, Any]] = []
     for tp in partitions:
         start = begins[tp]
         if await end_offset(lane, tp) > start:
             first.extend(
                 [
-                    record
+                    (tp, record)
                     async for batch in fetch(lane, tp, start, start + 1, read_timeout)
                     for record in batch
                 ]

@@ -1,5 +1,6 @@
 """Fencing confirmation: an append is acknowledged to the engine only once every offset
-between this node's ``ActiveWriter`` and the record is known to be harmless.
+between this node's ``ActiveWriter`` and the record is known to be harmless, by the rule
+of :mod:`kapbit.fencing` (see docs/ARCHITECTURE.md, "Fencing").
 
 This node's own acknowledgements usually arrive contiguous, so a confirmed frontier just
 moves forward; only a gap (another writer's record, a duplicate from a producer retry) is
@@ -21,9 +22,10 @@ from aiokafka import TopicPartition
 
 from kapbit._log import fields
 from kapbit.errors import Fenced, LogLost, TransientStorageError
+from kapbit.fencing import displaces, fenced_by
 from kapbit.repository.kafka.errors import BROKER_ERRORS, fail
 from kapbit.repository.kafka.reads import Lane, fetch
-from kapbit.repository.kafka.records import ACTIVE_WRITER
+from kapbit.repository.kafka.records import parse
 
 logger = logging.getLogger("kapbit.kafka")
 
@@ -185,20 +187,19 @@ class Confirmer:
 
     async def scan(self, partition: int, stop: int) -> None:
         """Judge every offset from the frontier up to ``stop``: a foreign ActiveWriter
-        fences this node; anything else (own records, duplicates, zombies) is harmless."""
+        fences this node; anything else (own records, duplicates, zombies, records that
+        are not kapbit records and so cannot be a claim) is harmless."""
         fence = self._fences[partition]
         start = fence.frontier + 1
         if start >= stop:
             return
         tp = TopicPartition(self._topic, partition)
         async for batch in fetch(self._lane, tp, start, stop, self._read_timeout):
-            for record in batch:
-                if record.kind == ACTIVE_WRITER and record.node != fence.node:
+            for message in batch:
+                record = parse(partition, message)
+                if record is not None and displaces(record, fence.node):
                     fence.fence(
-                        Fenced(
-                            f"node {record.node!r} claimed partition {partition} at "
-                            f"offset {record.offset}; node {fence.node!r} is fenced"
-                        ),
+                        fenced_by(partition, record.node, fence.node, record.offset),
                         record.offset,
                     )
                     return

@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from kapbit.errors import TransientStorageError
+from kapbit.events import EventKind
 from kapbit.repository.kafka.errors import append_error, fail
 from kapbit.repository.kafka.fencing import PartitionFence
 from kapbit.repository.kafka.records import headers
@@ -42,7 +43,7 @@ class Outboxes:
         self._fences = fences
         self._outboxes = [_Outbox() for _ in fences]
 
-    async def send(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def send(self, partition: int, kind: EventKind, key: str, node: str, value: bytes) -> int:
         """Queue one record for ``partition`` and return its offset once Kafka acked it."""
         if self._producer is None:
             raise TransientStorageError("the Kafka repository is closed")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -86,10 +87,22 @@ async def _start_paused(consumer: AIOKafkaConsumer, partitions: list[TopicPartit
     consumer.pause(*partitions)
 
 
-async def fetch(
+async def fetch_records(
     lane: Lane, tp: TopicPartition, start: int, stop: int, read_timeout: float
 ) -> AsyncIterator[list[Record]]:
-    """Yield the records of ``tp`` with ``start <= offset < stop``, all of which exist.
+    """Yield the kapbit records of ``tp`` with ``start <= offset < stop`` as :func:`fetch`
+    does; a record that is not a kapbit record raises
+    :class:`~kapbit.errors.CorruptRecord`."""
+    partition = tp.partition
+    async for messages in fetch(lane, tp, start, stop, read_timeout):
+        yield [to_record(partition, message) for message in messages]
+
+
+async def fetch(
+    lane: Lane, tp: TopicPartition, start: int, stop: int, read_timeout: float
+) -> AsyncIterator[list[Any]]:
+    """Yield the aiokafka records of ``tp`` with ``start <= offset < stop``, all of which
+    exist.
 
     Raises TransientStorageError after ``read_timeout`` seconds without progress, and
     LogLost if the broker no longer has offset ``start`` and starts over below it.
@@ -111,11 +124,7 @@ async def fetch(
                         f"log, which now starts again at offset {messages[0].offset}: "
                         "the log lost records"
                     )
-                batch = [
-                    to_record(tp.partition, message)
-                    for message in messages
-                    if message.offset < stop
-                ]
+                batch = [message for message in messages if message.offset < stop]
                 if batch:
                     deadline = loop.time() + read_timeout
                     yield batch

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from kapbit._checks import at_least_one
 from kapbit.errors import (
     Fenced,
     PayloadTooLarge,
@@ -15,6 +16,8 @@ from kapbit.errors import (
     StorageError,
     TransientStorageError,
 )
+from kapbit.events import EventKind
+from kapbit.fencing import OwnerTracker, ordinary
 from kapbit.placement import GroupOptions, Placement
 from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.admin import check_records, ensure_topics
@@ -22,8 +25,8 @@ from kapbit.repository.kafka.checkpoints import CheckpointStore
 from kapbit.repository.kafka.errors import BROKER_ERRORS, transient
 from kapbit.repository.kafka.fencing import Confirmer, PartitionFence
 from kapbit.repository.kafka.outbox import Outboxes
-from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset, fetch
-from kapbit.repository.kafka.records import ACTIVE_WRITER, to_record
+from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset, fetch_records
+from kapbit.repository.kafka.records import to_record
 
 #: Room for the record's key, headers and batch framing above ``max_payload``.
 _RECORD_OVERHEAD = 16 * 1024
@@ -88,8 +91,7 @@ class KafkaRepository:
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if partitions is not None and partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        at_least_one(partitions=partitions)
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.checkpoint_topic = checkpoint_topic or f"{topic}-checkpoints"
@@ -248,21 +250,28 @@ class KafkaRepository:
 
     # --- the log --------------------------------------------------------------------------
 
-    async def append(self, partition: int, kind: str, key: str, node: str, value: bytes) -> int:
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        ordinary(kind)
         if len(value) > self.max_payload:
             raise PayloadTooLarge(len(value), self.max_payload)
         parts = self._started(partition)
         fence = parts.fences[partition]
-        if kind != ACTIVE_WRITER:
-            if fence.fenced is not None:
-                raise fence.fenced
-            if fence.node != node:
-                raise Fenced(f"node {node!r} has not claimed partition {partition}")
+        if fence.fenced is not None:
+            raise fence.fenced
+        if fence.node != node:
+            raise Fenced(f"node {node!r} has not claimed partition {partition}")
         offset = await parts.outboxes.send(partition, kind, key, node, value)
-        if kind == ACTIVE_WRITER:
-            fence.claim(node, offset)
-            return offset
         return await parts.confirmer.confirm(partition, offset)
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        if len(value) > self.max_payload:
+            raise PayloadTooLarge(len(value), self.max_payload)
+        parts = self._started(partition)
+        offset = await parts.outboxes.send(partition, EventKind.ACTIVE_WRITER, node, node, value)
+        parts.fences[partition].claim(node, offset)
+        return offset
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         return self._read(partition, start, stop)
@@ -275,7 +284,7 @@ class KafkaRepository:
             return
         tp = TopicPartition(self.topic, partition)
         with transient(f"reading partition {partition} failed"):
-            async for batch in fetch(reader, tp, start, stop, self.read_timeout):
+            async for batch in fetch_records(reader, tp, start, stop, self.read_timeout):
                 yield batch
 
     async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
@@ -303,18 +312,17 @@ class KafkaRepository:
         the end, and return the latest claimer."""
         reader = self._started(partition).reader
         fence = self._fences[partition]
-        owner = fence.node or ""
+        owners = OwnerTracker(fence.node or "")
         start = fence.claim_offset + 1 if fence.node is not None else 0
         stop = await self.end_offset(partition)
         if start >= stop:
-            return owner
+            return owners.owner
         tp = TopicPartition(self.topic, partition)
         with transient(f"reading claims of partition {partition}"):
-            async for batch in fetch(reader, tp, start, stop, self.read_timeout):
+            async for batch in fetch_records(reader, tp, start, stop, self.read_timeout):
                 for record in batch:
-                    if record.kind == ACTIVE_WRITER:
-                        owner = record.node
-        return owner
+                    owners.admit(record)
+        return owners.owner
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -341,6 +349,22 @@ class KafkaRepository:
     async def load_checkpoints(self) -> dict[int, Checkpoint]:
         """The checkpoints of this log; those of other logs sharing the topic are skipped."""
         return await self._started().checkpoints.load()
+
+    @property
+    def snapshots(self) -> bool:
+        """Snapshot chunks are kept in the checkpoint topic."""
+        return True
+
+    async def save_snapshot_chunk(
+        self, partition: int, slot: str, index: int, data: bytes | None
+    ) -> None:
+        await self._started().checkpoints.save_chunk(partition, slot, index, data)
+
+    async def load_snapshot_chunks(self, partition: int, slot: str, count: int) -> list[bytes]:
+        return await self._started().checkpoints.load_chunks(partition, slot, count)
+
+    async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
+        return await self._started().checkpoints.slots(partition)
 
 
 async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:

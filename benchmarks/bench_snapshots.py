@@ -1,0 +1,278 @@
+"""Restart time with 1,000 workflows left open at the start of a log that then receives N
+finished ones: snapshot checkpoints against offset-only checkpoints, in one run.
+
+For each backend (MemRepository; with ``--kafka`` also a local Kafka-protocol broker, or
+``--bootstrap``):
+
+1. instance A starts on an empty log, runs 1,000 workflows that stop inside step 1 and
+   crashes (``Kapbit.abort``): they stay open at the log's start;
+2. N finished workflows (3-step saga: WorkflowCreated, 3 StepOutcomes, WorkflowResult)
+   are appended after them, as A's writes (A still owns the log);
+3. per mode (``offsets``: ``CheckpointPolicy(snapshots=False)``, today's checkpoint, which
+   cannot move past the oldest open workflow; ``snapshot``): instance B starts (reading
+   what it must), closes at once (its 1,000 resumed workflows stay open) and saves its
+   checkpoint; instance C starts on it: **restart** is the time of C's ``start()``, ``read``
+   the records it read. Both modes run on the same log, one after the other.
+
+The snapshot's size (bytes, chunks) is the one B wrote.
+
+Usage: ``python benchmarks/bench_snapshots.py [--finished N] [--kafka] [--kafka-finished N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaProducer
+
+from kapbit import (
+    CheckpointPolicy,
+    Definition,
+    JsonCodec,
+    Kapbit,
+    Options,
+    Progress,
+    Step,
+    Success,
+)
+from kapbit.events import StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit.repository import MemRepository, Repository
+from kapbit.repository.kafka import KafkaRepository
+from kapbit.repository.kafka.records import headers
+from kapbit.testing import LocalBroker
+
+OPEN = 1_000
+STEPS = 3
+WINDOW = 10_000
+
+
+def _saga(hold: asyncio.Event, all_inside: asyncio.Event | None = None) -> Definition:
+    """A 3-step saga whose step 1 waits for ``hold`` (``all_inside`` is set once ``OPEN``
+    workflows wait there)."""
+    inside = 0
+
+    async def step(input: Any, progress: Progress) -> Success[int]:
+        nonlocal inside
+        if len(progress) == 1:
+            inside += 1
+            if inside == OPEN and all_inside is not None:
+                all_inside.set()
+            await hold.wait()
+        return Success(len(progress))
+
+    return Definition(
+        "saga",
+        [Step(step, step) for _ in range(STEPS)],
+        result=lambda input, progress: sum(progress.values()),
+        input_type=dict[str, int],
+        outcome_type=int,
+        result_type=int,
+    )
+
+
+def _options(snapshots: bool) -> Options:
+    return Options(
+        idempotency_window=WINDOW,
+        max_workflows=OPEN + 100,
+        close_timeout=0,
+        checkpoints=CheckpointPolicy(every=10**9, interval=3600.0, snapshots=snapshots),
+    )
+
+
+def _finished(count: int) -> Any:
+    """The records of ``count`` finished workflows: (kind, key, value)."""
+    codec = JsonCodec()
+    encode = codec.encode
+    now = time.time()
+    outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
+    result = msgspec.Raw(encode(sum(range(STEPS))))
+    for i in range(count):
+        wid = f"done-{i:07d}"
+        yield (
+            "workflow_created",
+            wid,
+            encode(WorkflowCreated(wid, "saga", msgspec.Raw(encode({"n": i})), now)),
+        )
+        for step in range(STEPS):
+            value = encode(StepOutcome(wid, step, "execute", True, outcomes[step]))
+            yield "step_outcome", wid, value
+        yield "workflow_result", wid, encode(WorkflowResult(wid, result, False, now))
+
+
+async def _append_mem(repo: MemRepository, count: int, node: str) -> None:
+    for kind, key, value in _finished(count):
+        await repo.append(0, kind, key, node, value)
+
+
+async def _append_kafka(bootstrap: str, topic: str, count: int, node: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
+    await producer.start()
+    try:
+        pending = []
+        for kind, key, value in _finished(count):
+            pending.append(
+                await producer.send(
+                    topic, value, key=key.encode(), partition=0, headers=headers(kind, node)
+                )
+            )
+            if len(pending) >= 5_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+class _ReadCounter(logging.Handler):
+    """Picks the records read out of the instance's start log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"(\d+) records read", record.getMessage())
+        if found:
+            self.read = int(found.group(1))
+
+
+async def _run(
+    new_repo: Any, append: Any, finished: int
+) -> list[tuple[str, float, int, int, int, int]]:
+    """Build the log, then per mode: B saves its checkpoint, C's restart is measured."""
+    hold, all_inside = asyncio.Event(), asyncio.Event()
+    opened: list[Repository] = []
+
+    def repository() -> Repository:
+        opened.append(new_repo())
+        return opened[-1]
+
+    first = Kapbit([_saga(hold, all_inside)], repository(), options=_options(False))
+    await first.start()
+    calls = [
+        asyncio.create_task(first.exec_workflow(f"open-{i:04d}", "saga", {"n": i}))
+        for i in range(OPEN)
+    ]
+    await all_inside.wait()
+    first.abort()
+    await asyncio.gather(*calls, return_exceptions=True)
+    started = time.perf_counter()
+    await append(first.writer_id)
+    print(
+        f"  built: {OPEN:,} open + {finished:,} finished in {time.perf_counter() - started:.1f} s"
+    )
+
+    counter = _ReadCounter()
+    logger = logging.getLogger("kapbit")
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    rows = []
+    restarted = first
+    try:
+        for mode in ("offsets", "snapshot"):
+            snapshots = mode == "snapshot"
+            saver = Kapbit([_saga(hold)], repository(), options=_options(snapshots))
+            await saver.start()
+            await saver.close(timeout=0)
+            size = saver.stats.snapshot_bytes
+            repo = repository()
+            checkpoint = (await _loaded(repo))[0]
+            gc.collect()
+            restarted = Kapbit([_saga(hold)], repo, options=_options(snapshots))
+            t0 = time.perf_counter()
+            await restarted.start()
+            restart = time.perf_counter() - t0
+            assert restarted.stats.recovered == OPEN, restarted.stats
+            restarted.abort()
+            start = (
+                checkpoint.snapshot_offset
+                if snapshots
+                else min(checkpoint.offset, checkpoint.window_offset)
+            )
+            rows.append((mode, restart, counter.read, size, checkpoint.snapshot_chunks, start))
+    finally:
+        logger.removeHandler(counter)
+        for aborted in (first, restarted):  # an aborted instance leaves its repository open
+            await aborted.close()
+        for opened_repo in opened:
+            await opened_repo.close()
+    return rows
+
+
+async def _loaded(repo: Repository) -> dict[int, Any]:
+    await repo.start()
+    try:
+        return await repo.load_checkpoints()
+    finally:
+        await repo.close()
+
+
+def _print(
+    where: str, finished: int, rows: Sequence[tuple[str, float, int, int, int, int]]
+) -> None:
+    print(
+        f"{'backend':>8} {'finished':>10} {'checkpoint':>10} {'from offset':>11} "
+        f"{'records read':>13} {'restart ms':>11} {'snapshot B':>11} {'chunks':>6}"
+    )
+    for mode, restart, read, size, chunks, offset in rows:
+        print(
+            f"{where:>8} {finished:>10,} {mode:>10} {offset:>11,} {read:>13,} "
+            f"{restart * 1e3:>11.1f} {size if mode == 'snapshot' else '-':>11} "
+            f"{chunks if mode == 'snapshot' else '-':>6}"
+        )
+
+
+async def _mem(finished: int) -> None:
+    repo = MemRepository()
+    rows = await _run(lambda: repo, lambda node: _append_mem(repo, finished, node), finished)
+    _print("memory", finished, rows)
+
+
+async def _kafka(bootstrap: str | None, finished: int) -> None:
+    if bootstrap is None:
+        async with LocalBroker() as broker:
+            await _kafka_on(broker.bootstrap_servers, finished)
+    else:
+        await _kafka_on(bootstrap, finished)
+
+
+async def _kafka_on(bootstrap: str, finished: int) -> None:
+    topic = f"bench-snapshots-{uuid.uuid4().hex[:8]}"
+    rows = await _run(
+        lambda: KafkaRepository(bootstrap, topic, partitions=1),
+        lambda node: _append_kafka(bootstrap, topic, finished, node),
+        finished,
+    )
+    _print("kafka", finished, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--finished", type=int, default=1_000_000, help="on MemRepository")
+    parser.add_argument("--kafka", action="store_true", help="also on a Kafka-protocol broker")
+    parser.add_argument("--kafka-finished", type=int, default=100_000)
+    parser.add_argument("--bootstrap", default=os.environ.get("KAPBIT_TEST_BOOTSTRAP"))
+    args = parser.parse_args()
+    print(
+        f"kapbit restart with {OPEN:,} workflows open at the log's start, 1 partition, window "
+        f"{WINDOW:,} ids, Python {sys.version.split()[0]}"
+    )
+    asyncio.run(_mem(args.finished))
+    if args.kafka:
+        asyncio.run(_kafka(args.bootstrap, args.kafka_finished))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Snapshot checkpoints: a checkpoint that moves past open workflows.
+
+A snapshot of a partition at offset ``O`` is the state of the log reader after reading
+every record below ``O`` (:class:`~kapbit.log_reader.ReaderState`: open workflows with
+their encoded input and outcomes, attempts, the idempotency window's ids and offsets, the
+owners), so recovery loads it and reads the log only from ``O``. It is taken by reading the
+log, not from the engine's memory: a :class:`Snapshotter` follows each partition with the
+same :class:`~kapbit.log_reader.PartitionReader` recovery uses, up to what this node had
+acknowledged. So every rule of reading the log (zombie writes, second copies of a
+``WorkflowCreated`` on both sides of ``O``, late acknowledgements, appends still in flight,
+which lie at or above ``O``) holds by construction: recovery from the snapshot reaches the
+state recovery from the log's start would.
+
+Writing is crash-safe: the snapshot is encoded with the log's codec, cut into chunks of
+``CheckpointPolicy.snapshot_chunk`` bytes and stored in the one of this start's two slots
+that the current checkpoint does not name; only then is the checkpoint naming it (slot,
+chunk count, size, CRC-32) saved, and then every chunk it does not name is deleted. A
+crash before the checkpoint leaves the previous one and its snapshot whole, and so does
+another instance writing snapshots at the same time (a zombie): its slots are its own. A
+snapshot over ``CheckpointPolicy.snapshot_limit`` bytes is not written: the checkpoint
+keeps naming the last one that fitted (or none: offsets only, as before snapshots), with
+a warning. A start that cannot use a stored snapshot (chunks missing or damaged, another
+codec, a window larger than the snapshot keeps) recovers from the checkpoint's offsets
+instead. See docs/ARCHITECTURE.md, "Checkpoints".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from dataclasses import dataclass
+
+import msgspec
+
+from kapbit._log import fields
+from kapbit.codecs import Codec
+from kapbit.errors import DecodeError
+from kapbit.log_reader import PartitionReader, ReaderState
+from kapbit.options import CheckpointPolicy
+from kapbit.repository import Checkpoint, Repository, SnapshotStore
+
+logger = logging.getLogger("kapbit.snapshots")
+
+#: The snapshot format; a start ignores a snapshot of another version.
+VERSION = 1
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """What a snapshot's chunks hold, encoded with the log's codec (``writer``: the start
+    that took it, for diagnosis)."""
+
+    version: int = VERSION
+    codec: str
+    partition: int
+    writer: str
+    state: ReaderState
+
+
+def snapshot_store(repository: Repository) -> SnapshotStore | None:
+    """``repository`` as a snapshot store, or ``None`` when it keeps no snapshots."""
+    if isinstance(repository, SnapshotStore) and repository.snapshots:
+        return repository
+    return None
+
+
+@dataclass(slots=True)
+class Written:
+    """A snapshot whose chunks are stored, to be named by a checkpoint."""
+
+    offset: int
+    slot: str
+    chunks: int
+    size: int
+    crc: int
+
+
+def chunked(data: bytes, size: int) -> list[bytes]:
+    """``data`` cut into chunks of at most ``size`` bytes (one at least)."""
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+class Snapshotter:
+    """Takes and writes the snapshots of a start's partitions.
+
+    ``states`` are where recovery left each partition (the state at this node's claim);
+    each partition's reader goes on from there as the log grows.
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        store: SnapshotStore,
+        codec: Codec,
+        policy: CheckpointPolicy,
+        states: list[ReaderState],
+        window_size: int,
+        writer: str,
+    ) -> None:
+        self._repository = repository
+        self._store = store
+        self._codec = codec
+        self._policy = policy
+        self._window_size = window_size
+        self._writer = writer
+        self._states = states
+        self._readers: list[PartitionReader | None] = [None] * len(states)
+        self._positions = [state.offset for state in states]
+        # Two slots of this start's own (writer ids are unique per start): another
+        # instance writing at the same time (a zombie) never overwrites these chunks.
+        tag = hashlib.blake2b(writer.encode(), digest_size=8).hexdigest()
+        self._slots = (f"{tag}-0", f"{tag}-1")
+        self._cleaned: set[int] = set()
+        self._logged: list[int] = [0] * len(states)
+        #: Bytes of the latest snapshot per partition (``0``: none written).
+        self.sizes: list[int] = [0] * len(states)
+        #: Snapshots not written because they were over the limit.
+        self.too_large = 0
+
+    def position(self, partition: int) -> int:
+        """The offset the partition has been read up to."""
+        return self._positions[partition]
+
+    async def take(self, partition: int, stop: int, since: int) -> ReaderState:
+        """The partition's state after reading every record below ``stop`` (all of which
+        exist); claims before ``since`` are left out of it."""
+        reader = self._readers[partition]
+        if reader is None:
+            state = self._states[partition]
+            reader = PartitionReader.resume(self._codec, partition, state, self._window_size)
+            self._readers[partition] = reader
+        position = self._positions[partition]
+        async for batch in self._repository.read(partition, position, stop):
+            fresh = [record for record in batch if record.offset >= position]
+            if fresh:
+                reader.skim(fresh)
+                position = self._positions[partition] = fresh[-1].offset + 1
+        reader.settle()
+        return reader.state(position, since)
+
+    def encode(self, partition: int, state: ReaderState) -> bytes | None:
+        """The snapshot's bytes, or ``None`` when they exceed the limit (logged)."""
+        snapshot = Snapshot(
+            codec=self._codec.name, partition=partition, writer=self._writer, state=state
+        )
+        data = self._codec.encode(snapshot)
+        limit = self._policy.snapshot_limit
+        if len(data) > limit:
+            self.too_large += 1
+            logger.warning(
+                "partition %d: the snapshot at offset %d is %d bytes (%d open workflows, "
+                "%d ids), over snapshot_limit=%d; the checkpoint is saved without it "
+                "(recovery reads from the oldest open workflow)",
+                partition,
+                state.offset,
+                len(data),
+                len(state.open),
+                len(state.window),
+                limit,
+                extra=fields(partition=partition),
+            )
+            return None
+        return data
+
+    async def write(self, partition: int, data: bytes, offset: int, saved: Checkpoint) -> Written:
+        """Store ``data`` in the slot of this start that ``saved`` does not name; nothing
+        refers to it yet."""
+        first, second = self._slots
+        slot = second if saved.snapshot_slot == first else first
+        chunks = chunked(data, self._policy.snapshot_chunk)
+        for index, chunk in enumerate(chunks):
+            await self._store.save_snapshot_chunk(partition, slot, index, chunk)
+        self._log(partition, offset, len(data), len(chunks))
+        return Written(offset, slot, len(chunks), len(data), zlib.crc32(data))
+
+    async def replaced(self, partition: int, current: Checkpoint) -> None:
+        """``current`` is saved: delete the chunks it does not name in this start's slots
+        (the replaced snapshot, what a failed attempt left) and, the first time, in every
+        slot (what earlier starts left). Chunks another instance writes later are its own
+        to delete."""
+        live = current.snapshot_slot if current.snapshot_offset >= 0 else None
+        store = self._store
+        first = partition not in self._cleaned
+        for slot, indexes in (await store.snapshot_slots(partition)).items():
+            if not first and slot not in self._slots:
+                continue
+            for index in sorted(indexes):
+                if slot != live or index >= current.snapshot_chunks:
+                    await store.save_snapshot_chunk(partition, slot, index, None)
+        self._cleaned.add(partition)
+
+    def _log(self, partition: int, offset: int, size: int, chunks: int) -> None:
+        self.sizes[partition] = size
+        level = logging.DEBUG
+        if size > 2 * self._logged[partition] or not self._logged[partition]:
+            self._logged[partition] = size  # logged again when it doubles
+            level = logging.INFO
+        logger.log(
+            level,
+            "partition %d: snapshot at offset %d, %d bytes in %d chunks",
+            partition,
+            offset,
+            size,
+            chunks,
+            extra=fields(partition=partition),
+        )
+
+
+async def load_snapshot(
+    store: SnapshotStore, codec: Codec, partition: int, checkpoint: Checkpoint, window_size: int
+) -> ReaderState | None:
+    """The state ``checkpoint``'s snapshot holds, or ``None`` (with a warning saying why)
+    when it cannot be used: recovery then starts from the checkpoint's offsets."""
+    problem = ""
+    chunks = await store.load_snapshot_chunks(
+        partition, checkpoint.snapshot_slot, checkpoint.snapshot_chunks
+    )
+    data = b"".join(chunks)
+    state: ReaderState | None = None
+    if len(chunks) < checkpoint.snapshot_chunks:
+        problem = f"{checkpoint.snapshot_chunks - len(chunks)} of its chunks are missing"
+    elif len(data) != checkpoint.snapshot_size or zlib.crc32(data) != checkpoint.snapshot_crc:
+        problem = "its chunks do not match the checkpoint (size or CRC-32)"
+    else:
+        try:
+            snapshot = codec.decode(data, Snapshot)
+        except DecodeError as exc:
+            problem = f"it does not decode with the {codec.name} codec ({exc})"
+        else:
+            state = snapshot.state
+            if snapshot.version != VERSION:
+                problem = f"it has format version {snapshot.version}, not {VERSION}"
+            elif snapshot.codec != codec.name:
+                problem = f"it was written with the {snapshot.codec} codec"
+            elif snapshot.partition != partition or state.offset != checkpoint.snapshot_offset:
+                problem = "it is of another partition or offset than its checkpoint names"
+            elif state.window_size < window_size:
+                problem = (
+                    f"it keeps {state.window_size} ids, this instance's window is {window_size}"
+                )
+    if not problem:
+        return state
+    logger.warning(
+        "partition %d: not using the snapshot at offset %d: %s; recovery reads from the "
+        "checkpoint's offset %d",
+        partition,
+        checkpoint.snapshot_offset,
+        problem,
+        min(checkpoint.offset, checkpoint.window_offset),
+        extra=fields(partition=partition),
+    )
+    return None
+
+
+def without_snapshot(checkpoint: Checkpoint) -> Checkpoint:
+    """``checkpoint`` with its offsets only."""
+    return msgspec.structs.replace(
+        checkpoint,
+        snapshot_offset=-1,
+        snapshot_slot="",
+        snapshot_chunks=0,
+        snapshot_size=0,
+        snapshot_crc=0,
+    )
+
+
+#: The fields of a :class:`~kapbit.repository.Checkpoint` that name its snapshot.
+_SNAPSHOT_FIELDS = tuple(f for f in Checkpoint.__struct_fields__ if f.startswith("snapshot_"))
+
+
+def with_snapshot_of(checkpoint: Checkpoint, saved: Checkpoint) -> Checkpoint:
+    """``checkpoint`` naming the snapshot ``saved`` names."""
+    named = {name: getattr(saved, name) for name in _SNAPSHOT_FIELDS}
+    return msgspec.structs.replace(checkpoint, **named)
+
+
+def with_snapshot(checkpoint: Checkpoint, written: Written) -> Checkpoint:
+    """``checkpoint`` naming the snapshot ``written``."""
+    return msgspec.structs.replace(
+        checkpoint,
+        snapshot_offset=written.offset,
+        snapshot_slot=written.slot,
+        snapshot_chunks=written.chunks,
+        snapshot_size=written.size,
+        snapshot_crc=written.crc,
+    )
