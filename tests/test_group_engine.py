@@ -18,6 +18,7 @@ from kapbit import (
     Fenced,
     GroupNotSupported,
     GroupOptions,
+    InstanceClosed,
     JsonCodec,
     Kapbit,
     NotOwner,
@@ -239,3 +240,34 @@ async def test_reassigned_after_revoke_recovers_from_the_log() -> None:
         assert _results(repo) == {done_id: 1, open_id: 1}
     finally:
         await kbit.close()
+
+
+async def test_abort_writes_nothing_more_and_leaves_the_placement() -> None:
+    """A crash on purpose: the workflow stays open in the log, the placement is left (so
+    the others take over), and a second member assigned the partition finishes it once."""
+    repo = MemRepository(PARTITIONS)
+    a_place, b_place = ManualPlacement("a:1"), ManualPlacement("b:1")
+    a_place.change(assign=[3])
+    b_place.change(assign=[0, 1, 2])
+    calls: list[tuple[str, int]] = []
+    hold = asyncio.Event()
+    a = await _member(repo, a_place, calls, hold, "A")
+    b = await _member(repo, b_place, calls, None, "B")
+    try:
+        wid = _ids(3)[0]
+        running = asyncio.create_task(a.exec_workflow(wid, "gated", {"id": wid}))
+        await wait_until(lambda: (wid, 1) in calls)
+        written = len(repo.records(3))
+        a.abort()
+        await wait_until(lambda: a_place.closed)
+        hold.set()
+        with pytest.raises(InstanceClosed, match="next instance resumes it"):
+            await running
+        assert len(repo.records(3)) == written
+        b_place.change(assign=[3])
+        await b_place.applied()
+        assert (await b.get_workflow(wid).result())[0] == wid
+        assert _results(repo) == {wid: 1}
+    finally:
+        await b.close()
+        await a.close()
