@@ -30,6 +30,7 @@ from kapbit.options import (
     StepRetry,
 )
 from kapbit.partitioner import partition_for
+from kapbit.placement import GroupOptions, Owner, Placement
 from kapbit.stats import Stats
 from kapbit.step_context import StepContext, context
 from kapbit.timers import Sleep, SleepUntil
@@ -43,12 +44,15 @@ __all__ = [
     "Definition",
     "EventKind",
     "Failure",
+    "GroupOptions",
     "JsonCodec",
     "Kapbit",
     "OnDuplicate",
     "MsgpackCodec",
     "Options",
     "Outcome",
+    "Owner",
+    "Placement",
     "Progress",
     "RetryPolicy",
     "Stats",

@@ -66,6 +66,8 @@ class Checkpointer:
         self._owners = owners
         self._saved = saved
         self._open: list[dict[str, int]] = [{} for _ in windows]
+        #: The partitions to save (all of them, but in group mode only those owned).
+        self.owned: set[int] = set(range(len(windows)))
         self._terminated_since_save = 0
         self._due = asyncio.Event()
         store = snapshot_store(repository)
@@ -102,6 +104,18 @@ class Checkpointer:
         if self._terminated_since_save >= self._policy.every:
             self._due.set()
 
+    def adopt(self, partition: int, owners: OwnerTracker, saved: Checkpoint) -> None:
+        """Group mode: ``partition`` was claimed and recovered (its window is in place)."""
+        self._owners[partition] = owners
+        self._saved[partition] = saved
+        self._open[partition] = {}
+        self.owned.add(partition)
+
+    def drop(self, partition: int) -> None:
+        """Group mode: ``partition`` was given up; nothing more is saved for it."""
+        self.owned.discard(partition)
+        self._open[partition] = {}
+
     def checkpoint(self, partition: int) -> Checkpoint:
         """The checkpoint that is true for ``partition`` right now."""
         open_offsets = self._open[partition]
@@ -125,6 +139,8 @@ class Checkpointer:
         self._due.clear()
         snapshots = self.snapshots
         for partition, saved in enumerate(self._saved):
+            if partition not in self.owned:
+                continue
             stop = self._acked(partition) + 1  # before the anchor: the snapshot ends below it
             checkpoint = self.checkpoint(partition)
             if snapshots is not None:

@@ -130,9 +130,12 @@ class Emitter:
         value: bytes,
         workflow_type: str | None,
     ) -> int:
-        refusal = self._fence.refusal
+        fence = self._fence
+        refusal = fence.refusal
         if refusal is not None:
             raise refusal
+        if fence.lost:
+            fence.check_partition(partition)
         acked = self._acked
         # Every try of this append lands above what was acknowledged before it began.
         floor = acked[partition] + 1 if partition < len(acked) else 0
@@ -143,7 +146,7 @@ class Emitter:
                 partition, kind, key, value, error, floor, workflow_type
             )
         except Fenced as error:
-            self._fence.fenced(error)
+            fence.fenced(error, partition)
             raise
         if partition >= len(acked):
             acked.extend([-1] * (partition + 1 - len(acked)))
@@ -233,10 +236,10 @@ class Emitter:
                     if pending is not None:
                         error, pending = pending, None
                         raise error
-                    self._fence.check()  # fenced or stopped meanwhile: stop writing
+                    self._fence.check_partition(partition)  # fenced or stopped meanwhile
                     offset = await self._append_once(partition, kind, key, value)
         except Fenced as error:
-            self._fence.fenced(error)
+            self._fence.fenced(error, partition)
             raise
         except RecordRejected:
             # A failed try may have landed with its acknowledgement lost: then the append

@@ -10,7 +10,8 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     │   ├── InvalidWorkflowId      empty or not a string
     │   ├── DuplicateWorkflow      the id is running or in the idempotency window
     │   ├── TooManyWorkflows       max_workflows in flight
-    │   └── InvalidInput           the input is not of the declared input type (an EncodeError too)
+    │   ├── InvalidInput           the input is not of the declared input type (an EncodeError too)
+    │   └── NotOwner               group mode: another instance owns the id's partition
     ├── InstanceClosed             not started / closing / closed (a refusal if raised at the call)
     ├── WillRetryLater             a step raised; the retry worker resumes the workflow
     ├── WorkflowRejected           storage refused one of the workflow's events; terminated
@@ -19,6 +20,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── WorkflowNotFound           wait_result: this instance does not know the id
     ├── RequestTimedOut            a forwarded call got no answer from the id's owner in time
     ├── InvalidDefinition          a malformed definition (at definition or instance creation)
+    ├── GroupNotSupported          group mode asked of a repository that cannot do groups
     ├── NoStepContext              kapbit.context() called outside a step action
     ├── StepTimedOut               an action overran its step's timeout (counts as raised)
     ├── NonRetryable               raise it from an action: the step fails, the saga compensates
@@ -53,6 +55,7 @@ __all__ = [
     "EncodeError",
     "Fenced",
     "GateClosed",
+    "GroupNotSupported",
     "InstanceClosed",
     "InvalidAppend",
     "InvalidDefinition",
@@ -65,6 +68,7 @@ __all__ = [
     "LogLost",
     "NoStepContext",
     "NonRetryable",
+    "NotOwner",
     "PayloadTooLarge",
     "RecordRejected",
     "RequestTimedOut",
@@ -91,6 +95,26 @@ class KapbitError(Exception):
 class WorkflowRefused(KapbitError):
     """``exec_workflow`` refused the workflow before writing anything: nothing of it is in
     the log, and calling again (once the cause is gone) is safe."""
+
+
+class NotOwner(WorkflowRefused):
+    """Group mode: the workflow id belongs to a partition another instance owns (or none
+    does yet, during a rebalance). Nothing was written; call the owner (``endpoint``, as
+    last known) or try again."""
+
+    def __init__(self, workflow_id: str, partition: int, endpoint: str | None) -> None:
+        where = f"owned by the instance at {endpoint}" if endpoint else "not owned here"
+        super().__init__(
+            f"workflow {workflow_id!r} belongs to partition {partition}, {where}; "
+            "nothing was written"
+        )
+        self.workflow_id = workflow_id
+        self.partition = partition
+        self.endpoint = endpoint
+
+
+class GroupNotSupported(KapbitError):
+    """Group mode was asked of a repository that cannot share its log through a group."""
 
 
 class InstanceClosed(KapbitError):

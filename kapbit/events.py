@@ -50,19 +50,21 @@ class _Event(msgspec.Struct, frozen=True, tag_field="kind", omit_defaults=True):
     before the field existed."""
 
 
-class ActiveWriter(_Event, frozen=True, tag="active_writer"):
+class ActiveWriter(_Event, frozen=True, tag="active_writer", omit_defaults=True):
     """Instance start: ``node`` now owns the partition; later foreign records are zombies.
 
     ``node`` is the start's unique writer id (the record's writer): the configured node id,
     which may repeat across starts, ``/`` and a random start id. ``codec`` and ``window``
     (the idempotency window size) tell later readers how this writer encoded records and
-    refused ids (empty/0 in claims written before they were recorded).
+    refused ids (empty/0 in claims written before they were recorded). ``endpoint`` is
+    the address the writer advertises in group mode (``None`` outside it).
     """
 
     node: str
     at: float
     codec: str = ""
     window: int = 0
+    endpoint: str | None = None
 
 
 class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults=True):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from kapbit.errors import Fenced, InvalidAppend
+from kapbit.errors import Fenced, InvalidAppend, LogLost
 from kapbit.events import EventKind
 
 if TYPE_CHECKING:  # the repository package uses this module: no import cycle at run time
@@ -107,9 +107,15 @@ class Fence:
     before any further write.
     """
 
-    __slots__ = ("_event", "_stopped", "error", "refusal")
+    __slots__ = ("_event", "_stopped", "error", "lost", "per_partition", "refusal", "taken")
 
-    def __init__(self) -> None:
+    def __init__(self, per_partition: bool = False) -> None:
+        #: Group mode: the log fencing one partition stops writing to that partition only
+        #: (:attr:`lost`), and :attr:`taken` tells the owner which partitions were taken.
+        self.per_partition = per_partition
+        #: Partitions this instance may not write to (group mode), with the error to raise.
+        self.lost: dict[int, Fenced] = {}
+        self.taken: asyncio.Queue[int] = asyncio.Queue()
         #: The first Fenced the log answered with, or ``None``.
         self.error: Fenced | None = None
         #: What a write must raise now (``None`` while writing may go on): the log's
@@ -123,8 +129,35 @@ class Fence:
         if self.refusal is not None:
             raise self.refusal
 
-    def fenced(self, error: Fenced) -> None:
-        """The log refused a write of this instance: record the first refusal."""
+    def check_partition(self, partition: int) -> None:
+        """Raise :class:`~kapbit.errors.Fenced` if no more writes may go to ``partition``."""
+        if self.refusal is not None:
+            raise self.refusal
+        refusal = self.lost.get(partition)
+        if refusal is not None:
+            raise refusal
+
+    def lose(self, partition: int, error: Fenced) -> None:
+        """Stop writing to ``partition`` (revoked, or taken by another writer)."""
+        self.lost.setdefault(partition, error)
+
+    def regain(self, partition: int) -> None:
+        """``partition`` is this instance's again (about to be claimed)."""
+        self.lost.pop(partition, None)
+
+    def fenced(self, error: Fenced, partition: int | None = None) -> None:
+        """The log refused a write of this instance (to ``partition``): record the first
+        refusal. In group mode only that partition is lost (a lost log stops all)."""
+        if (
+            self.per_partition
+            and partition is not None
+            and not isinstance(error, LogLost)
+            and error is not self._stopped
+        ):
+            if partition not in self.lost:
+                self.lost[partition] = error
+                self.taken.put_nowait(partition)
+            return
         if self.error is None and error is not self._stopped:
             self.error = self.refusal = error
             self._event.set()

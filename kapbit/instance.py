@@ -37,11 +37,13 @@ from kapbit.errors import (
     EncodeError,
     Fenced,
     GateClosed,
+    GroupNotSupported,
     InstanceClosed,
     InvalidDefinition,
     InvalidInput,
     InvalidWorkflowId,
     KapbitError,
+    NotOwner,
     StartupError,
     TooManyWorkflows,
     UnknownWorkflowType,
@@ -49,7 +51,7 @@ from kapbit.errors import (
 )
 from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution, WorkflowSleeps
-from kapbit.fencing import Fence
+from kapbit.fencing import Fence, OwnerTracker
 from kapbit.forwarding import (
     Accepted,
     Forwarder,
@@ -59,12 +61,14 @@ from kapbit.forwarding import (
 )
 from kapbit.gate import EntryGate
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
+from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import decode_event, decode_input
 from kapbit.options import Options
 from kapbit.ownership import Ownership
 from kapbit.partitioner import partition_for
+from kapbit.placement import GroupOptions, Owner, Placement, PlacementChange, SupportsGroups
 from kapbit.recovery import Recovered, Recovery
-from kapbit.repository import Repository
+from kapbit.repository import Checkpoint, Repository
 from kapbit.request_log import RequestLog
 from kapbit.scheduler import Scheduler, check_schedules
 from kapbit.schedules import Schedule
@@ -98,6 +102,12 @@ class Kapbit(AsyncResource):
     instance owns the repository it is given: it starts it, and closes it on close or
     when its start fails.
 
+    With ``group`` (a :class:`~kapbit.GroupOptions`, or any :class:`~kapbit.Placement`
+    such as :class:`kapbit.testing.ManualPlacement`) instances configured with the same
+    group share the log's partitions instead: each claims and recovers the partitions the
+    group assigns it, gives up those it loses, and refuses ids of partitions it does not
+    own with :class:`~kapbit.errors.NotOwner` (see :meth:`owner_of`).
+
     ``schedules`` (:class:`kapbit.schedules.Schedule`) start their workflows at their fire
     times while the instance runs, each firing at most once across restarts and takeovers;
     a schedule naming an unregistered type or with an input not of that type is refused
@@ -113,8 +123,12 @@ class Kapbit(AsyncResource):
         options: Options | None = None,
         requests: RequestLog | None = None,
         schedules: Iterable[Schedule] = (),
+        group: GroupOptions | Placement | None = None,
     ) -> None:
         self.options = options or Options()
+        self._placement = _placement_of(group, repository)
+        #: The endpoint this instance advertises in group mode (``None`` outside it).
+        self.endpoint = None if self._placement is None else self._placement.endpoint
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
@@ -135,7 +149,15 @@ class Kapbit(AsyncResource):
             self.options.storage_breaker.reset_timeout,
             _StorageBreakerListener(self.gate),
         )
-        self._fence = Fence()
+        self._fence = Fence(per_partition=self._placement is not None)
+        #: Group mode: the partitions this instance owns (claimed and recovered); ``None``
+        #: outside group mode, where it owns every partition.
+        self._owned: set[int] | None = None if self._placement is None else set()
+        self._placed: asyncio.Future[None] | None = None
+        self._recovery: Recovery | None = None
+        self._ownership: Ownership | None = None
+        self._windows: list[IdempotencyWindow] = []
+        self._placement_closing: asyncio.Task[None] | None = None
         self._emitter = Emitter(
             repository,
             self._codec,
@@ -197,13 +219,17 @@ class Kapbit(AsyncResource):
             self._codec.name,
             self.options.idempotency_window,
             retries,
+            self.endpoint,
             self._clock,
         )
         try:
             async with asyncio.timeout(timeout) as deadline:
-                recovered = await recovery.run(ownership)
-                self._fence.check()
-                await self._run(recovered)
+                if self._placement is None:
+                    recovered = await recovery.run(ownership)
+                    self._fence.check()
+                    await self._run(recovered)
+                else:
+                    recovered = await self._join(recovery, ownership, retries)
         except TimeoutError as exc:
             await self._fail_start()
             if not deadline.expired():
@@ -231,9 +257,143 @@ class Kapbit(AsyncResource):
             extra=fields(),
         )
 
+    async def _join(
+        self, recovery: Recovery, ownership: Ownership, retries: StartRetries
+    ) -> Recovered:
+        """Group mode's start: set the parts to work on no partition, join the group and
+        wait until its first assignment is claimed and recovered."""
+        assert self._placement is not None
+        await retries.run("starting the repository", self._repository.start)
+        partitions = self._repository.partitions
+        size = self.options.idempotency_window
+        nothing = Recovered(
+            [IdempotencyWindow(size) for _ in range(partitions)],
+            [OwnerTracker("") for _ in range(partitions)],
+            [Checkpoint() for _ in range(partitions)],
+            [],
+            0,
+            [],
+        )
+        self._recovery, self._ownership = recovery, ownership
+        await self._run(nothing)
+        assert self._checkpointer is not None
+        self._checkpointer.owned.clear()
+        self._placed = asyncio.get_running_loop().create_future()
+        await self._placement.start()
+        self._background.spawn(self._place(self._placement), name="kapbit-placement")
+        await asyncio.shield(self._placed)
+        return nothing
+
+    async def _place(self, placement: Placement) -> None:
+        """The placement task: apply each change of the group in order, and give up a
+        partition another writer claimed (the log fenced this instance there)."""
+        taken = self._fence.taken
+        try:
+            while True:
+                change = asyncio.ensure_future(placement.next_change())
+                lost = asyncio.ensure_future(taken.get())
+                try:
+                    await asyncio.wait([change, lost], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pending in (change, lost):
+                        if not pending.done():
+                            pending.cancel()
+                if lost.done() and not lost.cancelled():
+                    partition = lost.result()
+                    self._revoke(partition, self._fence.lost[partition])
+                if change.done() and not change.cancelled():
+                    await self._apply(change.result())
+        except InstanceClosed:
+            return
+        except Exception as error:  # the group cannot be used, or a partition not recovered
+            logger.error(
+                "kapbit node %s stops: group mode failed: %s", self.node_id, error, extra=fields()
+            )
+            if self._placed is not None and not self._placed.done():
+                self._placed.set_exception(error)
+            elif self._close_task is None:
+                self._close_task = asyncio.create_task(self._close(0))
+
+    async def _apply(self, change: PlacementChange) -> None:
+        """Revoked first (stop writing, drop), then assigned (claim, recover, resume);
+        retained partitions are left alone (claimed again only if the log took them)."""
+        owned = self._owned
+        assert owned is not None
+        for partition in sorted(change.revoked):
+            self._revoke(
+                partition,
+                Fenced(
+                    f"partition {partition} was handed to another instance; it resumes the "
+                    "partition's workflows from the log"
+                ),
+            )
+        server = self._request_server
+        if server is not None:  # requests for them wait for the next owner
+            for partition in sorted(change.revoked):
+                await server.release(partition)
+        assigned = change.assigned | (change.retained - owned)
+        await asyncio.gather(*(self._assign(p) for p in sorted(assigned)))
+        logger.info(
+            "kapbit node %s owns partitions %s (assigned %s, revoked %s, retained %s)",
+            self.node_id,
+            sorted(owned),
+            sorted(assigned),
+            sorted(change.revoked),
+            sorted(change.retained & owned),
+            extra=fields(),
+        )
+        if self._placed is not None and not self._placed.done():
+            self._placed.set_result(None)
+
+    def _revoke(self, partition: int, error: Fenced) -> None:
+        """Give ``partition`` up: close its admission, stop writing to it, stop driving its
+        workflows (their callers get ``error``), drop its state."""
+        owned = self._owned
+        assert owned is not None
+        self._fence.lose(partition, error)
+        if partition not in owned:
+            return
+        owned.discard(partition)
+        assert self._supervisor is not None and self._checkpointer is not None
+        dropped = self._supervisor.drop_partition(partition, error)
+        self._checkpointer.drop(partition)
+        self._windows[partition] = IdempotencyWindow(self.options.idempotency_window)
+        logger.info(
+            "kapbit node %s gave up partition %d (%d workflows left to the new owner): %s",
+            self.node_id,
+            partition,
+            dropped,
+            error,
+            extra=fields(partition=partition),
+        )
+
+    async def _assign(self, partition: int) -> None:
+        """Claim and recover ``partition``, resume its open workflows, then admit calls."""
+        owned = self._owned
+        recovery, ownership = self._recovery, self._ownership
+        assert owned is not None and recovery is not None and ownership is not None
+        assert self._supervisor is not None and self._checkpointer is not None
+        self._fence.regain(partition)
+        part = await recovery.recover_partition(partition, self.writer_id, ownership.claim)
+        self._windows[partition] = part.window
+        self._checkpointer.adopt(partition, part.owners, part.checkpoint)
+        self._supervisor.adopt(part.executions)
+        owned.add(partition)
+        if self._request_server is not None:
+            self._request_server.serve(partition)
+        logger.info(
+            "kapbit node %s claimed partition %d: %d workflows resumed, %d records read",
+            self.node_id,
+            partition,
+            len(part.executions),
+            part.records_read,
+            extra=fields(partition=partition),
+        )
+
     async def _run(self, recovered: Recovered) -> None:
         """Set the parts to work on what recovery found."""
         self._partitions = len(recovered.windows)
+        self._windows = recovered.windows
         self._workflow_log = WorkflowLog(
             self._repository, self._codec, self._definitions, recovered.windows
         )
@@ -247,7 +407,8 @@ class Kapbit(AsyncResource):
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
             codec=self._codec,
-            states=recovered.states,
+            # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
+            states=None if self._placement is not None else recovered.states,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -311,7 +472,8 @@ class Kapbit(AsyncResource):
     def _owns(self, partition: int) -> bool:
         """Whether this instance owns ``partition`` (admission open): every partition,
         unless a group shares them."""
-        return 0 <= partition < self._partitions
+        owned = self._owned
+        return 0 <= partition < self._partitions and (owned is None or partition in owned)
 
     def _forwards(self, workflow_id: str) -> bool:
         """The one place that decides: a call for ``workflow_id`` runs here, or is
@@ -358,6 +520,8 @@ class Kapbit(AsyncResource):
         await self._background.close(CANCEL_GRACE)
         await self._stop_requests()
         self._actions.close()
+        if self._placement is not None:
+            await self._placement.close()
         await self._repository.close()
 
     async def _save_checkpoints(self, checkpointer: Checkpointer) -> None:
@@ -389,6 +553,8 @@ class Kapbit(AsyncResource):
     async def _close(self, timeout: float | None) -> None:
         if self._state in ("new", "starting"):
             self._state = "closed"
+            if self._placement is not None:
+                await self._placement.close()
             await self._repository.close()
             return
         if self._state == "running":
@@ -411,6 +577,9 @@ class Kapbit(AsyncResource):
                 self._state = "fenced"
             except KapbitError as error:
                 logger.warning("final checkpoint not saved: %s", error, extra=fields())
+        if self._placement is not None:
+            # Written and saved all it will: now leave, so the others take over at once.
+            await self._placement.close()
         if supervisor is not None:
             supervisor.fail_all(
                 self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
@@ -438,6 +607,11 @@ class Kapbit(AsyncResource):
             self._forwarder.abort()
         self._stop_watching()
         self._actions.close()
+        if self._placement is not None and self._placement_closing is None:
+            # In a process the group's heartbeats would go on: leave (nothing is written).
+            self._placement_closing = asyncio.get_running_loop().create_task(
+                self._placement.close()
+            )
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -571,9 +745,33 @@ class Kapbit(AsyncResource):
         if self._forwards(workflow_id):
             assert self._remote is not None
             return self._remote.handle(workflow_id)
-        if not supervisor.knows(workflow_id, partition_for(workflow_id, self._partitions)):
+        partition = self._refuse_unless_owned(workflow_id)
+        if not supervisor.knows(workflow_id, partition):
             raise WorkflowNotFound(workflow_id)
         return self._handle(supervisor, workflow_id)
+
+    def owner_of(self, workflow_id: str) -> Owner:
+        """Who owns ``workflow_id``: its partition, whether this instance owns it, and the
+        owner's advertised endpoint (group mode; as last known, so it may be stale during
+        a rebalance: the instance there refuses what it does not own). Outside group mode
+        this instance owns every id."""
+        _check_workflow_id(workflow_id)
+        if self._partitions == 0:
+            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
+        partition = partition_for(workflow_id, self._partitions)
+        owned = self._owned
+        if owned is None or partition in owned:
+            return Owner(partition, True, self.endpoint)
+        assert self._placement is not None
+        return Owner(partition, False, self._placement.owner_endpoint(partition))
+
+    def _refuse_unless_owned(self, workflow_id: str) -> int:
+        """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
+        one place that decides whether a call is taken here)."""
+        owner = self.owner_of(workflow_id)
+        if not owner.local:
+            raise NotOwner(workflow_id, owner.partition, owner.endpoint)
+        return owner.partition
 
     def _handle(self, supervisor: Supervisor, workflow_id: str) -> WorkflowHandle[Any]:
         assert self._workflow_log is not None
@@ -623,8 +821,7 @@ class Kapbit(AsyncResource):
                 sorted(self._definitions),
                 " (the definition passed is not the one registered under that name)",
             )
-        _check_workflow_id(workflow_id)
-        partition = partition_for(workflow_id, self._partitions)
+        partition = self._refuse_unless_owned(workflow_id)
         if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
         options = self.options
@@ -775,8 +972,7 @@ class Kapbit(AsyncResource):
             raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
         if workflow_type not in self._definitions:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        _check_workflow_id(workflow_id)
-        if not supervisor.knows(workflow_id, partition_for(workflow_id, self._partitions)):
+        if not supervisor.knows(workflow_id, self._refuse_unless_owned(workflow_id)):
             return None
         handle = self._handle(supervisor, workflow_id)
         if (await handle.describe()).type != workflow_type:
@@ -792,8 +988,10 @@ class Kapbit(AsyncResource):
             )
         else:
             next_ = "the next instance resumes it"
-        return self._fence.error or InstanceClosed(
-            f"instance closed before workflow {execution.id!r} {what}; {next_}"
+        return (
+            self._fence.error
+            or self._fence.lost.get(execution.partition)
+            or InstanceClosed(f"instance closed before workflow {execution.id!r} {what}; {next_}")
         )
 
     async def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
@@ -857,6 +1055,23 @@ class Kapbit(AsyncResource):
                 raise self._fence.error
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
         return self._supervisor
+
+
+def _placement_of(
+    group: GroupOptions | Placement | None, repository: Repository
+) -> Placement | None:
+    """The placement group mode uses: built by the repository from ``GroupOptions``, or
+    given; GroupNotSupported when the repository cannot share its log."""
+    if group is None or isinstance(group, Placement):
+        return group
+    if not isinstance(group, GroupOptions):
+        raise TypeError(f"group must be GroupOptions or a Placement, got {group!r}")
+    if not isinstance(repository, SupportsGroups):
+        raise GroupNotSupported(
+            f"{type(repository).__name__} cannot share its log through a group: group mode "
+            "needs a repository with group_placement() (KafkaRepository)"
+        )
+    return repository.group_placement(group)
 
 
 def _check_workflow_id(workflow_id: object) -> None:

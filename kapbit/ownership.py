@@ -41,6 +41,7 @@ class Ownership:
         codec_name: str,
         window: int,
         retries: StartRetries,
+        endpoint: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._clock = clock
@@ -50,6 +51,7 @@ class Ownership:
         self._codec_name = codec_name
         self._window = window
         self._retries = retries
+        self._endpoint = endpoint
 
     async def claim_all(self, partitions: int) -> list[int]:
         """Claim every partition; return each claim's offset once no rival holds one.
@@ -61,10 +63,20 @@ class Ownership:
         await self._settle(claims)
         return claims
 
+    async def claim(self, partition: int) -> int:
+        """Group mode: claim one partition the group assigned to this instance. No race
+        to settle: the group's assignment decides, and a later foreign claim fences only
+        that partition."""
+        return await self._claim(partition)
+
     async def _claim(self, partition: int) -> int:
         """Append this writer's ActiveWriter to ``partition``; return its offset."""
         claim = ActiveWriter(
-            self.writer_id, self._clock.now(), codec=self._codec_name, window=self._window
+            self.writer_id,
+            self._clock.now(),
+            codec=self._codec_name,
+            window=self._window,
+            endpoint=self._endpoint,
         )
         return await self._emitter.claim(partition, claim)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from kapbit._start_retries import StartRetries
@@ -48,6 +48,17 @@ class Recovered:
     records_read: int
     #: Each partition's state at this node's claim, for the snapshots of this start.
     states: list[ReaderState]
+
+
+@dataclass(slots=True)
+class RecoveredPartition:
+    """What recovering one partition assigned in group mode found."""
+
+    window: IdempotencyWindow
+    owners: OwnerTracker
+    checkpoint: Checkpoint
+    executions: list[WorkflowExecution]
+    records_read: int
 
 
 class Recovery:
@@ -106,6 +117,34 @@ class Recovery:
             records_read += part.records_read
         return Recovered(
             windows, owners, [r.checkpoint for r in restorers], executions, records_read, states
+        )
+
+    async def recover_partition(
+        self, partition: int, writer_id: str, claim: Callable[[int], Awaitable[int]]
+    ) -> RecoveredPartition:
+        """Group mode: what a start does, for one partition assigned to this instance.
+
+        Read from the trusted checkpoint (checkpoints are keyed by log and partition, so
+        the previous owner's is found) up to the end, rebuild its open workflows, claim it
+        through ``claim`` (which returns the claim's offset), then read the gap."""
+        retries = self._retries
+        loaded = await retries.run("loading checkpoints", self._repository.load_checkpoints)
+        restorer = await self._read_before_claiming(partition, loaded.get(partition))
+        for workflow in restorer.open.values():
+            self.rebuild(partition, workflow)  # a type or input it cannot take
+        claim_offset = await claim(partition)
+        await retries.run(
+            f"recovering partition {partition}",
+            functools.partial(restorer.read_to, claim_offset),
+        )
+        part = restorer.result(claim_offset)
+        part.owners.claimed(claim_offset, writer_id)
+        return RecoveredPartition(
+            IdempotencyWindow(self._window_size, part.window),
+            part.owners,
+            restorer.checkpoint,
+            [self.rebuild(partition, w) for w in part.in_flight],
+            part.records_read,
         )
 
     async def _read_before_claiming(

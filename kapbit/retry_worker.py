@@ -89,6 +89,12 @@ class RetryWorker:
 
         task.add_done_callback(done)
 
+    def cancel(self, workflow_id: str) -> None:
+        """Stop retrying ``workflow_id`` (its partition was given up)."""
+        task = self._tasks.pop(workflow_id, None)
+        if task is not None:
+            task.cancel()
+
     async def start(self) -> None:
         """Accept workflows to retry."""
         await self._host.start()

@@ -78,6 +78,7 @@ class Supervisor:
         self._in_flight: dict[str, WorkflowExecution] = {}
         self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
         self._tasks = TaskHost("kapbit-workflows")
+        self._task_of: dict[str, asyncio.Task[Any]] = {}  # the task driving each workflow
         self._retry_worker = RetryWorker(options.retry, gate, self)
         self._clock = options.clock
         #: Workflows waiting on a durable timer: an entry in the queue and their state.
@@ -128,6 +129,11 @@ class Supervisor:
         await self._retry_worker.start()
         await self._timer_task.start()
         self._timer_task.spawn(self._wake_due(), name="kapbit-timer-queue")
+        self.adopt(executions)
+
+    def adopt(self, executions: list[WorkflowExecution]) -> None:
+        """Resume ``executions``, found open by recovery (at start, or of a partition
+        this instance was assigned in group mode)."""
         checkpointer = self._checkpointer
         instrumentation = self._options.instrumentation
         for execution in executions:
@@ -141,22 +147,55 @@ class Supervisor:
             checkpointer.opened(execution.partition, execution.id, execution.created_offset)
             if execution.fire_at is None:
                 self._in_flight[execution.id] = execution
-        self._stats.recovered = len(executions)
+        self._stats.recovered += len(executions)
         for execution in executions:
             if execution.fire_at is not None:
                 self._sleep(execution, execution.fire_at)
             elif execution.attempts > 0:
                 self._retry_worker.schedule(execution)
             else:
-                self._tasks.spawn(self._resume(execution))
+                self._track(execution.id, self._tasks.spawn(self._resume(execution)))
         self._open_gate_if_idle()
+
+    def _track(self, workflow_id: str, task: asyncio.Task[Any]) -> None:
+        self._task_of[workflow_id] = task
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            if self._task_of.get(workflow_id) is finished:
+                del self._task_of[workflow_id]
+
+        task.add_done_callback(done)
+
+    def drop_partition(self, partition: int, error: BaseException) -> int:
+        """Stop driving the workflows of ``partition`` (given up in group mode): cancel
+        their tasks and retries and fail their callers with ``error``; the new owner
+        resumes them from the log. The caller has stopped writing to the partition first.
+        Returns how many workflows were dropped."""
+        dropped = [e for e in self._in_flight.values() if e.partition == partition]
+        for execution in dropped:
+            del self._in_flight[execution.id]
+            task = self._task_of.pop(execution.id, None)
+            if task is not None:
+                task.cancel()
+            self._retry_worker.cancel(execution.id)
+            execution.resolve(error=error)
+            self._interrupted(execution, describe_error(error, str))
+        sleeping = [e for e in self._sleeping.values() if e.partition == partition]
+        for execution in sleeping:
+            del self._sleeping[execution.id]
+            self._timers.cancel(execution.id)
+            execution.resolve(error=error)
+            self._interrupted(execution, describe_error(error, str))
+        return len(dropped) + len(sleeping)
 
     def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
         the task ends with its result or error (also after the caller stops waiting)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        return self._tasks.spawn(self._drive(execution, created))
+        task = self._tasks.spawn(self._drive(execution, created))
+        self._track(execution.id, task)
+        return task
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""

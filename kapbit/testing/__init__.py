@@ -16,6 +16,7 @@ from kapbit.testing.broker import (
 from kapbit.testing.clock import ManualClock
 from kapbit.testing.faults import Call, Fault, FaultyRepository
 from kapbit.testing.harness import KapbitFactory, fast_options
+from kapbit.testing.placement import ManualPlacement
 from kapbit.testing.proxy import TcpProxy
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "KapbitFactory",
     "LocalBroker",
     "ManualClock",
+    "ManualPlacement",
     "ProxiedBroker",
     "TcpProxy",
     "fast_options",

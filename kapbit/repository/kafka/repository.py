@@ -18,6 +18,7 @@ from kapbit.errors import (
 )
 from kapbit.events import EventKind
 from kapbit.fencing import OwnerTracker, ordinary
+from kapbit.placement import GroupOptions, Placement
 from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.admin import check_records, ensure_topics
 from kapbit.repository.kafka.checkpoints import CheckpointStore
@@ -106,6 +107,21 @@ class KafkaRepository:
         self._parts: _Started | None = None
         self._users = 0  # starts not yet closed: the last close releases the clients
         self._fences: list[PartitionFence] = []
+
+    def group_placement(self, options: GroupOptions) -> Placement:
+        """The membership of one instance in the consumer group ``options.name`` on this
+        log (group mode, :class:`~kapbit.GroupOptions`); same brokers and client options."""
+        from kapbit.repository.kafka.group import GroupMembership  # group imports this module
+
+        return GroupMembership(
+            self.bootstrap_servers,
+            self.topic,
+            options.name,
+            endpoint=options.endpoint,
+            session_timeout=options.session_timeout,
+            heartbeat_interval=options.heartbeat_interval,
+            client_options=self._client_options,
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
