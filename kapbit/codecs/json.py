@@ -46,6 +46,7 @@ def _raw_as_none(obj: Any) -> Any:
 
 #: Types whose values hold no float; ``Raw`` is already encoded, and checked when it was.
 _NO_FLOAT = frozenset({str, int, bool, type(None), bytes, msgspec.Raw, type(msgspec.UNSET)})
+_fields_of = msgspec.structs.astuple  # a Struct's field values, in one C call
 
 
 def _has_non_finite(value: Any) -> bool:
@@ -57,13 +58,14 @@ def _has_non_finite(value: Any) -> bool:
     pending = [value]
     while pending:
         item = pending.pop()
-        if type(item) in _NO_FLOAT:
+        kind = type(item)
+        if kind in _NO_FLOAT:
             continue
-        if isinstance(item, float):
+        if kind is float or isinstance(item, float):
             if not math.isfinite(item):
                 return True
         elif isinstance(item, msgspec.Struct):
-            pending.extend([getattr(item, name) for name in item.__struct_fields__])
+            pending.extend(_fields_of(item))
         elif isinstance(item, dict):
             pending.extend(item.keys())
             pending.extend(item.values())
