@@ -267,6 +267,12 @@ class OpenTelemetry:
             unit="1",
             description="The entry gate: 1 open, 0 closed (a circuit breaker is open).",
         )
+        meter.create_observable_gauge(
+            "kapbit.checkpoint.snapshot_size",
+            callbacks=[self._observe(lambda stats: stats.snapshot_bytes)],
+            unit="By",
+            description="Bytes of the latest snapshot checkpoints, over the partitions.",
+        )
 
     def _observe(
         self, value: Callable[[Stats], int]

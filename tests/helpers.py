@@ -442,6 +442,11 @@ async def snapshot_problems(
     reaches there); nothing for a checkpoint without a snapshot."""
     if checkpoint.snapshot_offset < 0:
         return []
+    if checkpoint.anchor_writer != await repo.current_owner(partition):
+        # A replaced writer's late save (it did not know yet): its snapshot may name chunks
+        # the new owner has deleted since. Recovery then falls back to the checkpoint's
+        # offsets (test_a_snapshot_that_cannot_be_used_falls_back_to_the_offsets).
+        return []
     for codec in (JsonCodec(), MsgpackCodec()):
         state = await load_snapshot(repo, codec, partition, checkpoint, 1)
         if state is not None:

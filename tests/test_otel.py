@@ -24,6 +24,7 @@ from opentelemetry.trace import StatusCode
 import kapbit
 from kapbit import (
     Backoff,
+    CheckpointPolicy,
     DeadLettered,
     Definition,
     Failure,
@@ -317,7 +318,11 @@ async def test_a_workflow_created_without_tracing_is_resumed_in_a_trace_of_its_o
 async def test_metrics_histograms_counters_and_gauges(telemetry: Telemetry) -> None:
     behaviour: dict[str, Any] = {"gate": asyncio.Event(), "entered": asyncio.Event()}
     definition = order_saga(behaviour)
-    options = fast_options(instrumentation=telemetry.instrumentation, node_id="node-a")
+    options = fast_options(
+        instrumentation=telemetry.instrumentation,
+        node_id="node-a",
+        checkpoints=CheckpointPolicy(every=1, interval=3600.0),
+    )
     async with Kapbit([definition], MemRepository(), options=options) as kbit:
         call = asyncio.create_task(kbit.exec_workflow(definition, "o-6", {"amount": 10}))
         await asyncio.wait_for(behaviour["entered"].wait(), 5)
@@ -334,6 +339,9 @@ async def test_metrics_histograms_counters_and_gauges(telemetry: Telemetry) -> N
         (in_flight,) = telemetry.points("kapbit.workflow.in_flight")
         (gate,) = telemetry.points("kapbit.gate.open")
         assert (in_flight.value, gate.value) == (0, 1)
+        await wait_until(lambda: kbit.stats.snapshot_bytes > 0)  # saved after a termination
+        (snapshot,) = telemetry.points("kapbit.checkpoint.snapshot_size")
+        assert snapshot.value == kbit.stats.snapshot_bytes
 
     steps = {
         tuple(

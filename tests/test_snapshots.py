@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapbit import CheckpointPolicy, DuplicateWorkflow, Kapbit, Options
+from kapbit import CheckpointPolicy, CodecMismatch, DuplicateWorkflow, Kapbit, MsgpackCodec, Options
 from kapbit.repository import Checkpoint, MemRepository
 from kapbit.testing import FaultyRepository
 from tests.helpers import CrashRepository, gated_saga, wait_until
@@ -380,3 +380,51 @@ async def test_a_zombie_saving_a_snapshot_leaves_the_new_owners_whole() -> None:
     await b.close(timeout=0)
     assert inner.checkpoint_errors == []
     assert (await inner.load_checkpoints())[0].snapshot_offset >= 0
+
+
+@pytest.mark.parametrize("snapshots", [True, False])
+async def test_a_start_with_a_smaller_window_keeps_the_newest_ids_of_the_snapshot(
+    snapshots: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A takeover with a window of 2 after a saver with 5 refuses the same ids from the
+    snapshot as from reading the log (``snapshots=False``): the 2 newest."""
+    repo = CrashRepository()
+    first, stuck = await _open_then_finished(repo, 20, snapshots=snapshots)
+    await first.close(timeout=0)
+    await asyncio.gather(*stuck, return_exceptions=True)
+    assert ((await repo.load_checkpoints())[0].snapshot_offset >= 0) == snapshots
+    calls: list[tuple[str, int]] = []
+    with caplog.at_level(logging.WARNING, "kapbit.snapshots"):
+        second = Kapbit(
+            [gated_saga(None, calls), gated_saga(None, calls, name="slow")],
+            repo,
+            options=_options("second", window=2),
+        )
+        await second.start()
+    try:
+        assert "not using the snapshot" not in caplog.text
+        assert second.stats.recovered == 2
+        for workflow_id in ("q19", "q18", "s0", "s1"):
+            with pytest.raises(DuplicateWorkflow):
+                await second.exec_workflow(workflow_id, "gated", {"id": workflow_id})
+        assert await second.exec_workflow("q17", "gated", {"id": "q17"}) is not None
+    finally:
+        await second.close()
+    assert repo.checkpoint_errors == []
+
+
+async def test_a_start_with_another_codec_is_refused_before_the_snapshot_is_used() -> None:
+    repo = MemRepository()
+    first, stuck = await _open_then_finished(repo, 10)
+    await first.close(timeout=0)
+    await asyncio.gather(*stuck, return_exceptions=True)
+    assert (await repo.load_checkpoints())[0].snapshot_offset >= 0
+    other = Kapbit(
+        [gated_saga(None, []), gated_saga(None, [], name="slow")],
+        repo,
+        options=_options("second"),
+        codec=MsgpackCodec(),
+    )
+    with pytest.raises(CodecMismatch):
+        await other.start()
+    assert [r.node for r in repo.records(0)].count(other.writer_id) == 0  # nothing written

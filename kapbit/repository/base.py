@@ -10,11 +10,13 @@ import msgspec
 from kapbit.events import EventKind
 
 
-class Record(msgspec.Struct, frozen=True):
+class Record(msgspec.Struct, frozen=True, gc=False):
     """One record of the log, with what readers need to know before decoding the value.
 
     ``kind`` is the event's :class:`~kapbit.events.EventKind`, ``key`` the workflow id
     (the writer's node id for ``ActiveWriter``), ``node`` the node that wrote the record.
+    Not tracked by the garbage collector (``gc=False``: it can be in no reference cycle),
+    or every record would be once ``kind`` is an enum member: logs hold millions.
     """
 
     partition: int

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from kapbit.errors import RecordRejected, TransientStorageError
 from kapbit.events import EventKind
@@ -52,18 +52,7 @@ Operation = Literal[
     "save_snapshot_chunk",
     "load_snapshot_chunks",
 ]
-_OPERATIONS: frozenset[str] = frozenset(
-    {
-        "append",
-        "read",
-        "end_offset",
-        "current_owner",
-        "save_checkpoint",
-        "load_checkpoints",
-        "save_snapshot_chunk",
-        "load_snapshot_chunks",
-    }
-)
+_OPERATIONS: frozenset[str] = frozenset(get_args(Operation))
 _Action = Literal["fail", "reject", "delay"]
 
 

@@ -1,0 +1,894 @@
+"""A kapbit worker process for the multi-instance proofs, the harness that runs several of
+them on one topic, and the audit of what they did.
+
+Run from the repository root as ``python -m tests.group_worker BOOTSTRAP TOPIC --label A``.
+The worker starts a :class:`~kapbit.Kapbit` on the topic (a member of consumer group
+``--group`` when given, else the single instance that claims every partition) and keeps
+``--concurrency`` calls of ``exec_workflow`` in flight for fresh ids ``<label><run>-<n>`` of
+the ``crash`` saga (:mod:`tests.kafka_worker`), each step awaiting ``--step-delay`` seconds
+first (the I/O of a real step), until told to stop. It reports on stdout, one line each:
+
+- ``started <writer id> <recovered>`` once the instance runs;
+- ``owns <partitions>`` whenever the set of partitions it owns changes (``-`` for none);
+- ``call <t0> <t1> <id> result <json>`` / ``call <t0> <t1> <id> error <class> <refusal>
+  <message>`` per call that returned (``refusal`` is 1 for a :class:`~kapbit.WorkflowRefused`:
+  nothing was written), with wall-clock times; ``call ... crash <class> <message>`` for an
+  exception that is not a :class:`~kapbit.KapbitError` (always a defect);
+- ``drained`` after SIGUSR1 (stop calling, wait for the calls in flight; the instance keeps
+  running its partitions); after SIGTERM the same, then ``closing <time>`` as it closes the
+  instance (which hands its partitions over), ``closed`` and exit status 0.
+
+Every step action appends ``<time> <id> <step> <phase> <pid> <seen>`` to the shared
+execution journal (``--journal``) before it returns; ``seen`` is how many outcomes its
+``progress`` held, i.e. which persisted outcomes it acted on. One ``write`` per line on an
+``O_APPEND`` file: lines of concurrent processes never interleave and a SIGKILL never splits
+one (the page cache keeps what was written; only a machine crash would need an fsync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kapbit import (
+    CheckpointPolicy,
+    Definition,
+    Failure,
+    Fenced,
+    InstanceClosed,
+    Kapbit,
+    KapbitError,
+    Options,
+    Progress,
+    Step,
+    Success,
+    WorkflowRefused,
+)
+from kapbit.repository.kafka import KafkaRepository
+from tests.kafka_worker import (
+    STEPS,
+    WORKFLOW,
+    Log,
+    expected_path,
+    expected_result,
+    fails,
+    read_log,
+)
+
+_ROOT = Path(__file__).resolve().parent.parent  # where ``python -m tests.group_worker`` runs
+#: How long a worker's call slot waits after a refusal before the next call.
+REFUSAL_BACKOFF = 0.01
+
+
+# --- the saga -------------------------------------------------------------------------------
+
+
+class Journal:
+    """Appends one line per call with a single ``write`` (atomic on an O_APPEND file)."""
+
+    def __init__(self, path: str | None) -> None:
+        self._fd = (
+            None if path is None else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        )
+
+    def write(self, line: str) -> None:
+        if self._fd is not None:
+            os.write(self._fd, (line + "\n").encode())
+
+
+def group_saga(executions: Journal, step_delay: float) -> Definition:
+    """The ``crash`` saga of :mod:`tests.kafka_worker` (same outcomes and results), whose
+    actions wait ``step_delay`` seconds and journal what they saw before they return."""
+    pid = os.getpid()
+
+    def action(step: int, phase: str) -> Any:
+        async def act(input: dict[str, Any], progress: Progress) -> Any:
+            n = input["n"]
+            if step_delay > 0:
+                await asyncio.sleep(step_delay)  # the step's own work, not synchronisation
+            seen = len(progress.executions) + len(progress.compensations)
+            executions.write(f"{time.time():.6f} {input['id']} {step} {phase} {pid} {seen}")
+            if phase == "execute" and step == STEPS - 1 and fails(n):
+                return Failure(f"no-{n}")
+            return Success(f"{phase[0]}{step}-{n}")
+
+        return act
+
+    def result(input: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return {
+            "n": input["n"],
+            "values": progress.values(),
+            "compensated": [i for i, _ in progress.compensations],
+        }
+
+    return Definition(
+        WORKFLOW,
+        steps=[Step(action(i, "execute"), action(i, "compensate")) for i in range(STEPS)],
+        result=result,
+        input_type=dict[str, Any],
+        outcome_type=str,
+    )
+
+
+def workflow_number(workflow_id: str) -> int:
+    """The saga number ``n`` of a worker's id ``<label><run>-<n>``."""
+    return int(workflow_id.rsplit("-", 1)[1])
+
+
+def pid_of(node: str) -> int:
+    """The process id in a worker's writer id (``gw-<label><run>-<pid>/<start id>``)."""
+    return int(node.split("/", 1)[0].rsplit("-", 1)[1])
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+def _instance(args: argparse.Namespace, definition: Definition) -> Kapbit:
+    node = f"gw-{args.label}{args.run}-{os.getpid()}"
+    repository = KafkaRepository(args.bootstrap, args.topic, partitions=args.partitions)
+    options = Options(
+        node_id=node,
+        max_workflows=10 * args.concurrency + 1_000,
+        # Checkpoints move often, so every takeover recovers from one.
+        checkpoints=CheckpointPolicy(every=50, interval=0.5),
+    )
+    if args.group is None:
+        return Kapbit([definition], repository, options=options)
+    return group_instance(args, definition, repository, options)
+
+
+def group_instance(
+    args: argparse.Namespace, definition: Definition, repository: KafkaRepository, options: Options
+) -> Kapbit:
+    """A member of consumer group ``args.group`` (the engine's group mode)."""
+    raise SystemExit(
+        "group mode is not in this kapbit yet: tests/group_worker.py builds a member here "
+        "once the engine has its group option"
+    )
+
+
+def owned_partitions(kbit: Kapbit, partitions: int) -> frozenset[int]:
+    """The partitions ``kbit`` owns now (a single instance: every one while it runs)."""
+    return frozenset(range(partitions)) if kbit.is_running else frozenset()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    executions = Journal(args.journal)
+    kbit = _instance(args, group_saga(executions, args.step_delay))
+    await kbit.start()
+    print(f"started {kbit.writer_id} {len(kbit.in_flight())}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    closing = asyncio.Event()
+
+    def drain() -> None:
+        stop.set()
+
+    def terminate() -> None:
+        stop.set()
+        closing.set()
+
+    loop.add_signal_handler(signal.SIGUSR1, drain)
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    watcher = asyncio.create_task(_report_ownership(kbit, args.partitions, closing))
+    slots = asyncio.Semaphore(args.concurrency)
+    calls: set[asyncio.Task[None]] = set()
+
+    async def one(n: int) -> None:
+        workflow_id = f"{args.label}{args.run}-{n}"
+        started = time.time()
+        try:
+            try:
+                result = await kbit.exec_workflow(
+                    workflow_id, WORKFLOW, {"n": n, "id": workflow_id}
+                )
+            except KapbitError as exc:
+                refusal = int(isinstance(exc, WorkflowRefused))
+                outcome = f"error {type(exc).__name__} {refusal} {_line(exc)}"
+                if refusal:
+                    await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
+                if isinstance(exc, Fenced | InstanceClosed):
+                    stop.set()  # this instance takes no more calls
+            except Exception as exc:  # reported, so that the audit fails on it
+                outcome = f"crash {type(exc).__name__} {_line(exc)}"
+            else:
+                outcome = f"result {json.dumps(result, separators=(',', ':'))}"
+            print(f"call {started:.6f} {time.time():.6f} {workflow_id} {outcome}", flush=True)
+        finally:
+            slots.release()
+
+    n = 0
+    while not stop.is_set() and (args.count == 0 or n < args.count):
+        acquire = asyncio.ensure_future(slots.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            break
+        if stop.is_set():
+            slots.release()
+            break
+        task = asyncio.create_task(one(n))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
+        n += 1
+    if calls:
+        await asyncio.wait(set(calls))
+    print("drained", flush=True)
+    await closing.wait()
+    watcher.cancel()
+    print(f"closing {time.time():.6f}", flush=True)
+    await kbit.close()
+    print("closed", flush=True)
+    return 0
+
+
+async def _report_ownership(kbit: Kapbit, partitions: int, closing: asyncio.Event) -> None:
+    """Print ``owns`` each time the set of owned partitions changes."""
+    last: frozenset[int] | None = None
+    while not closing.is_set():
+        owned = owned_partitions(kbit, partitions)
+        if owned != last:
+            last = owned
+            print(f"owns {','.join(map(str, sorted(owned))) or '-'}", flush=True)
+        await asyncio.sleep(0.05)
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.group_worker")
+    parser.add_argument("bootstrap")
+    parser.add_argument("topic")
+    parser.add_argument("--label", required=True, help="names the worker's ids and node")
+    parser.add_argument("--run", type=int, default=0, help="which start of this label")
+    parser.add_argument("--group", default=None, help="consumer group (omit: single instance)")
+    parser.add_argument("--session", type=float, default=2.0, help="group session timeout, s")
+    parser.add_argument("--heartbeat", type=float, default=0.1, help="group heartbeat, s")
+    parser.add_argument("--partitions", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--count", type=int, default=0, help="calls to make (0: until told)")
+    parser.add_argument("--step-delay", type=float, default=0.01)
+    parser.add_argument("--journal", default=None, help="the shared execution journal")
+    return asyncio.run(_run(parser.parse_args(argv)))
+
+
+# --- driving workers from a test ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One ``exec_workflow`` call a worker made and how it returned."""
+
+    worker: str
+    pid: int
+    started: float
+    ended: float
+    workflow_id: str
+    status: str  # result, error or crash
+    detail: str  # the result's JSON, or "<class> <refusal> <message>"
+
+    @property
+    def error(self) -> str:
+        return self.detail.split(" ", 1)[0] if self.status != "result" else ""
+
+    @property
+    def refused(self) -> bool:
+        """A refusal: the caller was told nothing was written."""
+        return self.status == "error" and self.detail.split(" ", 2)[1] == "1"
+
+
+class Worker:
+    """A worker process started by a test; its output is parsed as it comes."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.pid = process.pid
+        self.lines: list[str] = []
+        self.calls: list[Call] = []
+        self.owned: frozenset[int] = frozenset()
+        self.ownership: list[tuple[float, frozenset[int]]] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, bootstrap: str, topic: str, label: str, run: int, *args: str) -> Worker:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.group_worker",
+            bootstrap,
+            topic,
+            "--label",
+            label,
+            "--run",
+            str(run),
+            *args,
+            cwd=_ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        return cls(f"{label}{run}", process)
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        while raw := await self.process.stdout.readline():
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("call "):
+                _, t0, t1, wid, status, detail = [*line.split(" ", 5), ""][:6]
+                self.calls.append(
+                    Call(self.name, self.pid, float(t0), float(t1), wid, status, detail)
+                )
+            else:
+                self.lines.append(line)
+                if line.startswith("owns "):
+                    owned = line.split()[1]
+                    self.owned = (
+                        frozenset() if owned == "-" else frozenset(int(p) for p in owned.split(","))
+                    )
+                    self.ownership.append((time.time(), self.owned))
+            self._changed.set()
+        self._changed.set()
+
+    async def changed(self) -> None:
+        """Return at the worker's next output line (or its end)."""
+        if self._reader.done():
+            return
+        self._changed.clear()
+        await self._changed.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None and not self._reader.done()
+
+    @property
+    def output(self) -> str:
+        tail = self.lines[-40:]
+        return f"worker {self.name} (pid {self.pid}), last lines:\n" + "\n".join(tail)
+
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until ``condition()`` holds, re-checked after each output line."""
+
+        async def check() -> None:
+            while not condition():
+                if self._reader.done():
+                    raise AssertionError(f"{self.name} ended before {what}:\n{self.output}")
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(check(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: no {what} in {timeout} s:\n{self.output}") from None
+
+    async def line(self, text: str, timeout: float = 60.0) -> str:
+        """The first line starting with ``text``."""
+        await self.until(
+            lambda: any(line.startswith(text) for line in self.lines), repr(text), timeout
+        )
+        return next(line for line in self.lines if line.startswith(text))
+
+    async def results(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until the worker has ``count`` calls answered with a result in all."""
+        await self.until(
+            lambda: sum(call.status == "result" for call in self.calls) >= count,
+            f"{count} results",
+            timeout,
+        )
+
+    def signal(self, number: int) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(number)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit and its output to be read; its exit status."""
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+            await asyncio.wait_for(self._reader, 10.0)
+        except TimeoutError:
+            self.kill()
+            await self.process.wait()
+            raise AssertionError(
+                f"{self.name} did not exit in {timeout} s:\n{self.output}"
+            ) from None
+        return code
+
+
+@dataclass
+class Cluster:
+    """Worker processes on one topic (one group), started, killed and stopped by a test,
+    with the wall-clock time of every kill and stop."""
+
+    bootstrap: str
+    topic: str
+    journal: Path
+    partitions: int
+    group: str | None = None
+    concurrency: int = 8
+    step_delay: float = 0.01
+    session: float = 2.0
+    workers: dict[str, Worker] = field(default_factory=dict)
+    retired: list[Worker] = field(default_factory=list)
+    killed: dict[int, float] = field(default_factory=dict)  # pid -> time of the SIGKILL
+    stopped: dict[int, float] = field(default_factory=dict)  # pid -> time of the SIGTERM
+    runs: dict[str, int] = field(default_factory=dict)
+    #: (from, to): from a start, kill or stop until the live workers owned every partition.
+    rebalances: list[tuple[float, float]] = field(default_factory=list)
+    _since: float | None = None
+
+    def _fault(self) -> None:
+        if self._since is None:
+            self._since = time.time()
+
+    async def start(self, label: str, timeout: float = 60.0) -> Worker:
+        run = self.runs.get(label, -1) + 1
+        self.runs[label] = run
+        args = [
+            "--partitions",
+            str(self.partitions),
+            "--concurrency",
+            str(self.concurrency),
+            "--step-delay",
+            str(self.step_delay),
+            "--journal",
+            str(self.journal),
+        ]
+        if self.group is not None:
+            args += ["--group", self.group, "--session", str(self.session)]
+        self._fault()
+        worker = await Worker.start(self.bootstrap, self.topic, label, run, *args)
+        self.workers[label] = worker
+        await worker.line("started", timeout)
+        return worker
+
+    def live(self) -> list[Worker]:
+        return [worker for worker in self.workers.values() if worker.running]
+
+    def all_workers(self) -> list[Worker]:
+        return [*self.retired, *self.workers.values()]
+
+    async def kill(self, label: str) -> Worker:
+        worker = self.workers.pop(label)
+        self._fault()
+        self.killed[worker.pid] = time.time()
+        worker.kill()
+        assert await worker.wait() == -signal.SIGKILL, worker.output
+        self.retired.append(worker)
+        return worker
+
+    async def stop(self, label: str, timeout: float = 60.0) -> Worker:
+        """SIGTERM: the worker stops calling, waits for its calls, closes its instance and
+        exits 0; :attr:`stopped` holds the time it began to close."""
+        worker = self.workers.pop(label)
+        self._fault()
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(timeout) == 0, worker.output
+        assert "closed" in worker.lines, worker.output
+        closing = next(line for line in worker.lines if line.startswith("closing "))
+        self.stopped[worker.pid] = float(closing.split()[1])
+        self.retired.append(worker)
+        return worker
+
+    async def owned_by_live(self, timeout: float) -> float:
+        """Wait until the live workers own every partition between them, each once, and
+        each of them some; how long it took since the last start, kill or stop."""
+        live = self.live()
+
+        def settled() -> bool:
+            shares = [worker.owned for worker in live]
+            union = frozenset[int]().union(*shares)
+            return (
+                union == frozenset(range(self.partitions))
+                and sum(map(len, shares)) == len(union)
+                and all(shares)
+            )
+
+        await _until_any(live, settled, "every partition owned once by the live workers", timeout)
+        now = time.time()
+        since, self._since = self._since if self._since is not None else now, None
+        self.rebalances.append((since, now))
+        return now - since
+
+    def during_rebalances(self) -> list[Call]:
+        """The calls that were in flight while the group was rebalancing."""
+        return [
+            call
+            for call in self.calls()
+            if any(call.started < end and call.ended > start for start, end in self.rebalances)
+        ]
+
+    async def progress(self, results: int, timeout: float = 60.0) -> None:
+        """Wait until every live worker has ``results`` more results than now."""
+        await asyncio.gather(
+            *(
+                worker.results(sum(c.status == "result" for c in worker.calls) + results, timeout)
+                for worker in self.live()
+            )
+        )
+
+    async def drain(self, timeout: float = 120.0) -> None:
+        """Every live worker stops calling and waits for its calls in flight."""
+        for worker in self.live():
+            worker.signal(signal.SIGUSR1)
+        await asyncio.gather(*(worker.line("drained", timeout) for worker in self.live()))
+
+    async def close(self) -> None:
+        """Stop every live worker gracefully (tests call it last); kill any left over."""
+        for label in list(self.workers):
+            worker = self.workers[label]
+            if worker.running:
+                await self.stop(label)
+            else:
+                self.retired.append(self.workers.pop(label))
+
+    def abort(self) -> None:
+        """Kill whatever still runs (after a failed test)."""
+        for worker in self.workers.values():
+            worker.kill()
+
+    def calls(self) -> list[Call]:
+        return [call for worker in self.all_workers() for call in worker.calls]
+
+
+async def _until_any(
+    workers: list[Worker], condition: Callable[[], bool], what: str, timeout: float
+) -> None:
+    """Wait until ``condition()`` holds, re-checked whenever any of ``workers`` prints."""
+
+    async def check() -> None:
+        while not condition():
+            for worker in workers:
+                if not worker.running:
+                    raise AssertionError(f"{worker.name} ended before {what}:\n{worker.output}")
+            waits = [asyncio.ensure_future(worker.changed()) for worker in workers]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    try:
+        await asyncio.wait_for(check(), timeout)
+    except TimeoutError:
+        outputs = "\n".join(worker.output for worker in workers)
+        raise AssertionError(f"no {what} in {timeout} s:\n{outputs}") from None
+
+
+async def settled_log(bootstrap: str, topic: str, timeout: float = 120.0) -> Log:
+    """Read the topic back until every workflow created in it has ended; that log.
+
+    Workflows whose callers died are finished by their partition's owner on its own, with
+    nobody to tell: the log is the only place that says when.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        log = await read_log(bootstrap, topic)
+        open_ = sorted(set(log.created()) - set(log.terminals()))
+        if not open_:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(open_)} workflows still open after {timeout} s: {open_[:10]}"
+            )
+        await asyncio.sleep(0.5)  # polling the log: nothing to wait on
+
+
+# --- the scenarios of issue 13 ---------------------------------------------------------------
+
+
+@dataclass
+class ScenarioReport:
+    """A scenario's audit, and how fast the instances took over from each other.
+
+    ``failovers``: per SIGKILL. ``handovers``: per graceful stop during the run (not the
+    final ones). ``settled``: seconds from each start, kill or stop until the live workers
+    owned every partition. ``during_rebalance``: calls in flight while the group rebalanced.
+    """
+
+    audit: GroupAudit
+    failovers: list[Handover]
+    handovers: list[Handover]
+    settled: list[float]
+    during_rebalance: list[Call]
+
+    def summary(self) -> str:
+        def times(takes: list[Handover]) -> str:
+            return ", ".join(
+                f"{t.claimed:.2f} s claimed / {t.resumed:.2f} s resumed ({t.workflows} in flight)"
+                for t in takes
+            )
+
+        refusals = sum(call.refused for call in self.during_rebalance)
+        return (
+            f"{self.audit.summary()}; failover (kill -> claimed / in-flight resumed): "
+            f"{times(self.failovers)}; graceful hand-over (close -> claimed / resumed): "
+            f"{times(self.handovers)}; group settled after each change in "
+            f"{', '.join(f'{t:.2f}' for t in self.settled)} s; {len(self.during_rebalance)} "
+            f"calls during rebalances ({refusals} refused)"
+        )
+
+
+async def kill_restart_stop(
+    cluster: Cluster, rounds: int, load: int, settle: float
+) -> ScenarioReport:
+    """Three workers under load; per round: SIGKILL B, start it again, stop C gracefully,
+    start it again; each time the survivors own every partition and make progress."""
+    settled = []
+    for label in "ABC":
+        await cluster.start(label)
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    for _ in range(rounds):
+        steps: list[tuple[Callable[[str], Awaitable[Worker]], str]] = [
+            (cluster.kill, "B"),
+            (cluster.start, "B"),
+            (cluster.stop, "C"),
+            (cluster.start, "C"),
+        ]
+        for change, label in steps:
+            await change(label)
+            settled.append(await cluster.owned_by_live(settle))
+            await cluster.progress(load)
+    return await finish(cluster, settled)
+
+
+async def rolling_restart(cluster: Cluster, load: int, settle: float) -> ScenarioReport:
+    """Three workers under load; each in turn is stopped gracefully and started again."""
+    settled = []
+    for label in "ABC":
+        await cluster.start(label)
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    for label in "ABC":
+        await cluster.stop(label)
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.start(label)
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+    return await finish(cluster, settled)
+
+
+async def finish(cluster: Cluster, settled: list[float]) -> ScenarioReport:
+    """Drain the calls, wait until the log has ended every workflow, stop the workers and
+    audit; measure the takeovers of the run's kills and stops."""
+    await cluster.drain()
+    log = await settled_log(cluster.bootstrap, cluster.topic)
+    during = dict(cluster.stopped)
+    await cluster.close()
+    executions = read_executions(cluster.journal)
+    return ScenarioReport(
+        audit_run(log, cluster.calls(), executions),
+        [handover(log, executions, pid, at) for pid, at in cluster.killed.items()],
+        [handover(log, executions, pid, at) for pid, at in during.items()],
+        settled,
+        cluster.during_rebalances(),
+    )
+
+
+# --- the audit ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One journaled step execution."""
+
+    time: float
+    workflow_id: str
+    step: int
+    phase: str
+    pid: int
+    seen: int
+
+
+def read_executions(path: Path) -> list[Execution]:
+    """The execution journal, in the order the lines were written."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    executions = []
+    for line in text.splitlines():
+        t, wid, step, phase, pid, seen = line.split()
+        executions.append(Execution(float(t), wid, int(step), phase, int(pid), int(seen)))
+    return executions
+
+
+@dataclass
+class GroupAudit:
+    """What the log, the calls and the execution journal say about a run.
+
+    ``lost``: created workflows without a terminal record. ``doubled``: created or ended by
+    two writers, ended twice, a result other than the saga's, an outcome path other than the
+    saga's. ``wrong``: calls answered wrongly (a result unlike the log's, a refusal for a
+    workflow that was written, an exception that is no kapbit error). ``reacted``: step
+    executions that acted on an outcome twice: one that saw other outcomes than the
+    persisted ones before it, or ran again after its outcome was persisted.
+    """
+
+    calls: int = 0
+    results: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    created: int = 0
+    lost: list[str] = field(default_factory=list)
+    doubled: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+    reacted: list[str] = field(default_factory=list)
+    repeated: int = 0
+    copies: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.calls} calls, {self.results} results, refusals {self.refusals}, errors "
+            f"{self.errors}, {self.created} created, {len(self.lost)} lost, {len(self.doubled)} "
+            f"doubled, {len(self.wrong)} answered wrongly, {len(self.reacted)} outcomes acted "
+            f"on twice, {self.repeated} executions repeated after an owner lost its partition, "
+            f"{self.copies} duplicate records"
+        )
+
+    def assert_clean(self, context: str = "") -> None:
+        summary = f"{self.summary()} {context}"
+        assert self.lost == [], f"lost {self.lost[:20]}: {summary}"
+        assert self.doubled == [], f"doubled {self.doubled[:20]}: {summary}"
+        assert self.wrong == [], f"wrong {self.wrong[:20]}: {summary}"
+        assert self.reacted == [], f"acted twice {self.reacted[:20]}: {summary}"
+
+
+def audit_run(log: Log, calls: Iterable[Call], executions: list[Execution]) -> GroupAudit:
+    """Check a run of :class:`Cluster` workers against the log read back."""
+    report = GroupAudit()
+    codec_results = log.results()
+    created = log.created()
+    terminals = log.terminals()
+    outcomes = log.outcomes()
+    report.created = len(created)
+
+    def distinct(entries: list[Any], key: Callable[[Any], Any]) -> list[Any]:
+        seen: dict[Any, Any] = {}
+        for entry in entries:
+            if key(entry) in seen:
+                report.copies += 1
+            else:
+                seen[key(entry)] = entry
+        return list(seen.values())
+
+    for wid, entries in sorted(created.items()):
+        n = workflow_number(wid)
+        if len(distinct(entries, lambda e: e.node)) > 1:
+            report.doubled.append(f"{wid}: created by several writers")
+        ends = distinct(terminals.get(wid, []), lambda e: (e.node, e.kind))
+        if not ends:
+            report.lost.append(wid)
+            continue
+        if len(ends) > 1:
+            report.doubled.append(f"{wid}: {len(ends)} terminal records")
+        if [repr(r) for r in codec_results.get(wid, [])][:1] != [repr(expected_result(n))]:
+            report.doubled.append(f"{wid}: result {codec_results.get(wid)}")
+        persisted = distinct(outcomes.get(wid, []), lambda e: (e.event.step, e.event.phase))
+        path = [(e.event.step, e.event.phase) for e in persisted]
+        if path != expected_path(n):
+            report.doubled.append(f"{wid}: outcome path {path}")
+
+    for call in calls:
+        report.calls += 1
+        in_log = call.workflow_id in created
+        if call.status == "result":
+            report.results += 1
+            answer = json.loads(call.detail)
+            if answer != expected_result(workflow_number(call.workflow_id)) or not in_log:
+                report.wrong.append(f"{call.workflow_id}: answered {answer}, in log: {in_log}")
+        elif call.status == "crash":
+            report.wrong.append(f"{call.workflow_id}: untyped {call.detail}")
+        elif call.refused:
+            report.refusals[call.error] = report.refusals.get(call.error, 0) + 1
+            if in_log:
+                report.wrong.append(f"{call.workflow_id}: refused ({call.error}) yet created")
+        else:
+            report.errors[call.error] = report.errors.get(call.error, 0) + 1
+
+    writers = {
+        (wid, e.event.step, e.event.phase): pid_of(e.node)
+        for wid, entries in outcomes.items()
+        for e in entries
+    }
+    runs: dict[tuple[str, int, str], list[Execution]] = defaultdict(list)
+    for execution in executions:
+        runs[(execution.workflow_id, execution.step, execution.phase)].append(execution)
+    for key, done in runs.items():
+        wid, step, phase = key
+        path = expected_path(workflow_number(wid))
+        if (step, phase) not in path:
+            report.reacted.append(f"{key}: not on the saga's path")
+            continue
+        position = path.index((step, phase))
+        for execution in done:
+            if execution.seen != position:
+                report.reacted.append(f"{key}: ran having seen {execution.seen} outcomes")
+        # The persisted outcome is the last execution's: nobody ran the step after it.
+        if key in writers and writers[key] != done[-1].pid:
+            report.reacted.append(
+                f"{key}: persisted by {writers[key]}, then run by {[e.pid for e in done]}"
+            )
+        report.repeated += len(done) - 1
+    for key in set(writers) - set(runs):
+        report.reacted.append(f"{key}: persisted, never executed")
+    return report
+
+
+@dataclass(frozen=True)
+class Handover:
+    """How long the instances took to take over from ``pid`` after ``since``.
+
+    ``claimed``: until the last of its partitions was claimed by another writer.
+    ``resumed``: until the last of its in-flight workflows ran a step (or wrote a record)
+    on another process. ``workflows``: how many it had in flight.
+    """
+
+    pid: int
+    partitions: int
+    workflows: int
+    claimed: float
+    resumed: float
+
+
+def handover(log: Log, executions: list[Execution], pid: int, since: float) -> Handover:
+    """Measure the takeover from worker ``pid`` (SIGKILLed or stopped at ``since``)."""
+    claims: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for entry in log.claims():
+        claims[entry.partition].append((entry.event.at, pid_of(entry.node)))
+    mine: set[int] = set()  # the partitions it owned at ``since``
+    claimed = 0.0
+    for partition, made in claims.items():
+        before = [who for t, who in sorted(made) if t < since]
+        if not before or before[-1] != pid:
+            continue
+        mine.add(partition)
+        after = [t for t, who in sorted(made) if t >= since and who != pid]
+        if after:
+            claimed = max(claimed, after[0] - since)
+    by_workflow = log.by_workflow()
+    first_other: dict[str, float] = {}
+    for execution in executions:
+        if execution.pid != pid and execution.time >= since:
+            first_other.setdefault(execution.workflow_id, execution.time)
+    resumed = 0.0
+    workflows = 0
+    for wid, entries in by_workflow.items():
+        if entries[0].partition not in mine or not any(pid_of(e.node) == pid for e in entries):
+            continue
+        ended_before = any(
+            e.kind in ("workflow_result", "dead_letter", "rejected") and e.event.at < since
+            for e in entries
+        )
+        if ended_before:
+            continue
+        later = [e.event.at for e in entries if pid_of(e.node) != pid and e.event.at >= since]
+        if wid in first_other:
+            later.append(first_other[wid])
+        if later:
+            workflows += 1
+            resumed = max(resumed, min(later) - since)
+    return Handover(pid, len(mine), workflows, claimed, resumed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
