@@ -23,6 +23,10 @@ _T = TypeVar("_T")
 #: How long a close waits for cancelled tasks before abandoning them.
 CANCEL_GRACE = 1.0
 
+#: A :class:`TaskHost` drops its finished tasks once it holds this many (or twice as many as
+#: were running at the last drop): a sweep now and then instead of a done callback per task.
+_SWEEP_AT = 256
+
 
 class Closing:
     """``async with`` closes the object on the way out: ``await close()``.
@@ -73,15 +77,19 @@ class TaskHost:
         self._name = name
         self._group: asyncio.TaskGroup | None = None
         self._host: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # running ones, and some finished
+        self._sweep_at = _SWEEP_AT
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:
         """The tasks still running."""
-        return frozenset(self._tasks)
+        return frozenset(self._running())
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._running())
+
+    def _running(self) -> list[asyncio.Task[Any]]:
+        return [task for task in self._tasks if not task.done()]
 
     async def start(self) -> None:
         """Start the host task and wait until the group accepts tasks."""
@@ -102,14 +110,18 @@ class TaskHost:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
         task = self._group.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        tasks.add(task)
+        if len(tasks) >= self._sweep_at:
+            self._tasks = tasks = set(self._running())
+            self._sweep_at = max(_SWEEP_AT, 2 * len(tasks))
         return task
 
     async def wait(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for the running tasks to end by themselves."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout)
+        running = self._running()
+        if running:
+            await asyncio.wait(running, timeout=timeout)
 
     async def close(self, grace: float) -> bool:
         """Cancel every task and wait up to ``grace`` seconds; ``False`` when some ignored
@@ -127,7 +139,7 @@ class TaskHost:
         logger.error(
             "%s abandons %d tasks that ignored cancellation for %.1f s",
             self._name,
-            len(self._tasks),
+            len(self._running()),
             grace,
             extra=fields(),
         )

@@ -69,3 +69,49 @@ def test_wrong_type_or_garbage_raises_decode_error(codec: Codec) -> None:
         codec.decode(codec.encode({"sku": 1}), Line)
     with pytest.raises(DecodeError):
         codec.decode(b"\xc1\xff not valid", WorkflowCreated)
+
+
+@dataclasses.dataclass
+class _Reading:
+    value: float
+
+
+class _Sample(msgspec.Struct):
+    label: str
+    readings: list[float]
+    extra: Any = None
+
+
+_NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _NAN,
+        float("inf"),
+        [1, "a", None, float("-inf")],
+        {"k": (1.0, {"deep": [_NAN]})},
+        _Sample("s", [1.0, _NAN]),
+        _Sample("s", [], extra=_Reading(float("inf"))),
+        {"nested": {frozenset({_NAN})}},
+        StepOutcome("w", 0, "execute", True, msgspec.Raw(b"1"), at=_NAN),
+    ],
+)
+def test_json_refuses_non_finite_floats_wherever_they_sit(value: Any) -> None:
+    """NaN and infinity are found in Structs, dataclasses, dicts, sets and tuples."""
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        JsonCodec().encode(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        _Sample("s", [1.0, 2.5], extra={"x": None, "y": [True, b"b"]}),
+        StepOutcome("w", 0, "execute", True, msgspec.Raw(b"null"), at=1.0),
+    ],
+)
+def test_json_encodes_finite_values_holding_null(value: Any) -> None:
+    """A value whose encoding contains ``null`` but no non-finite float encodes."""
+    assert b"null" in JsonCodec().encode(value)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -81,3 +83,36 @@ async def test_async_with_starts_and_closes() -> None:
     async with Resource() as resource:
         assert isinstance(resource, Resource)
     assert calls == ["start", "close"]
+
+
+async def test_task_host_counts_running_tasks_and_sweeps_finished_ones() -> None:
+    """Finished tasks leave ``len`` and ``tasks`` at once and the host's memory in sweeps:
+    after many short tasks it holds a bounded number, the running ones among them."""
+    host = TaskHost("test")
+    await host.start()
+    release = asyncio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    async def short(i: int) -> int:
+        return i
+
+    try:
+        running = [host.spawn(blocked()) for _ in range(3)]
+        early = []
+        for i in range(2_000):
+            task = host.spawn(short(i))
+            assert await task == i
+            if i < 100:
+                early.append(weakref.ref(task))
+        del task
+        gc.collect()
+        assert [ref for ref in early if ref() is not None] == []  # swept, not kept
+        assert len(host) == 3
+        assert host.tasks == frozenset(running)
+        release.set()
+        await asyncio.wait_for(host.wait(None), 5)
+        assert len(host) == 0
+    finally:
+        assert await host.close(1.0)

@@ -44,19 +44,35 @@ def _raw_as_none(obj: Any) -> Any:
     raise TypeError(f"unsupported type {type(obj).__name__}")
 
 
+#: Types whose values hold no float; ``Raw`` is already encoded, and checked when it was.
+_NO_FLOAT = frozenset({str, int, bool, type(None), bytes, msgspec.Raw, type(msgspec.UNSET)})
+_fields_of = msgspec.structs.astuple  # a Struct's field values, in one C call
+
+
 def _has_non_finite(value: Any) -> bool:
-    """Whether ``value`` holds a float that is NaN or infinite (walked without recursion)."""
-    pending = [msgspec.to_builtins(value, enc_hook=_raw_as_none)]
+    """Whether ``value`` holds a float that is NaN or infinite (walked without recursion).
+
+    Structs (kapbit's own events among them) are walked field by field and scalars are
+    passed over by their exact type; anything else is turned into builtins first.
+    """
+    pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, float):
+        kind = type(item)
+        if kind in _NO_FLOAT:
+            continue
+        if kind is float or isinstance(item, float):
             if not math.isfinite(item):
                 return True
+        elif isinstance(item, msgspec.Struct):
+            pending.extend(_fields_of(item))
         elif isinstance(item, dict):
             pending.extend(item.keys())
             pending.extend(item.values())
         elif isinstance(item, list | tuple):
             pending.extend(item)
+        else:
+            pending.append(msgspec.to_builtins(item, enc_hook=_raw_as_none))
     return False
 
 
