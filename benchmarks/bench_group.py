@@ -34,7 +34,7 @@ from pathlib import Path
 
 from _common import EVENTS_PER_WORKFLOW, SAGA, machine, machine_line, order
 
-from kapbit import Kapbit, Options
+from kapbit import GroupOptions, Kapbit, Options
 from kapbit.partitioner import partition_for
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import LocalBroker
@@ -54,12 +54,14 @@ def _cpu_seconds() -> float:
 
 def _group_instance(args: argparse.Namespace, repository: KafkaRepository) -> Kapbit:
     """A member of consumer group ``args.group`` on the shared topic."""
-    raise SystemExit("group mode is not in this kapbit yet: run with --mode bundles")
+    options = Options(max_workflows=args.in_flight + 10)
+    group = GroupOptions(name=args.group, endpoint=args.label, session_timeout=args.session)
+    return Kapbit([SAGA], repository, options=options, group=group)
 
 
-def _owned(kbit: Kapbit, partitions: int) -> frozenset[int]:
+def _owned(kbit: Kapbit) -> frozenset[int]:
     """The partitions ``kbit`` owns (every one outside group mode)."""
-    return frozenset(range(partitions))
+    return kbit.owned_partitions
 
 
 async def _worker(args: argparse.Namespace) -> None:
@@ -70,9 +72,9 @@ async def _worker(args: argparse.Namespace) -> None:
         options = Options(max_workflows=args.in_flight + 10)
         kbit = Kapbit([SAGA], repository, options=options)
     async with kbit:
-        print(f"ready {','.join(map(str, sorted(_owned(kbit, args.partitions))))}", flush=True)
+        print(f"ready {','.join(map(str, sorted(_owned(kbit))))}", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
-        owned = _owned(kbit, args.partitions)
+        owned = _owned(kbit)
         ids = (f"{args.label}-{i}" for i in range(sys.maxsize))
         mine = (wid for wid in ids if partition_for(wid, args.partitions) in owned)
         failed = 0

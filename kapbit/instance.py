@@ -1048,6 +1048,16 @@ class Kapbit(AsyncResource):
         """Whether the instance accepts workflows."""
         return self._state == "running"
 
+    @property
+    def owned_partitions(self) -> frozenset[int]:
+        """The partitions this instance owns now: in group mode those it has claimed and
+        recovered (the group's current share, minus any the log fenced it out of);
+        outside group mode every partition. Empty unless the instance is running."""
+        if self._state != "running":
+            return frozenset()
+        owned = self._owned
+        return frozenset(range(self._partitions)) if owned is None else frozenset(owned)
+
     def _running(self) -> Supervisor:
         """The supervisor, if the instance accepts workflows; else why it does not."""
         if self._state != "running" or self._supervisor is None:

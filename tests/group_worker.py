@@ -45,6 +45,7 @@ from kapbit import (
     Definition,
     Failure,
     Fenced,
+    GroupOptions,
     InstanceClosed,
     Kapbit,
     KapbitError,
@@ -151,15 +152,18 @@ def group_instance(
     args: argparse.Namespace, definition: Definition, repository: KafkaRepository, options: Options
 ) -> Kapbit:
     """A member of consumer group ``args.group`` (the engine's group mode)."""
-    raise SystemExit(
-        "group mode is not in this kapbit yet: tests/group_worker.py builds a member here "
-        "once the engine has its group option"
+    group = GroupOptions(
+        name=args.group,
+        endpoint=f"{args.label}{args.run}:{os.getpid()}",
+        session_timeout=args.session,
+        heartbeat_interval=args.heartbeat,
     )
+    return Kapbit([definition], repository, options=options, group=group)
 
 
-def owned_partitions(kbit: Kapbit, partitions: int) -> frozenset[int]:
+def owned_partitions(kbit: Kapbit) -> frozenset[int]:
     """The partitions ``kbit`` owns now (a single instance: every one while it runs)."""
-    return frozenset(range(partitions)) if kbit.is_running else frozenset()
+    return kbit.owned_partitions
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -180,7 +184,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     loop.add_signal_handler(signal.SIGUSR1, drain)
     loop.add_signal_handler(signal.SIGTERM, terminate)
-    watcher = asyncio.create_task(_report_ownership(kbit, args.partitions, closing))
+    watcher = asyncio.create_task(_report_ownership(kbit, closing))
     slots = asyncio.Semaphore(args.concurrency)
     calls: set[asyncio.Task[None]] = set()
 
@@ -234,11 +238,11 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _report_ownership(kbit: Kapbit, partitions: int, closing: asyncio.Event) -> None:
+async def _report_ownership(kbit: Kapbit, closing: asyncio.Event) -> None:
     """Print ``owns`` each time the set of owned partitions changes."""
     last: frozenset[int] | None = None
     while not closing.is_set():
-        owned = owned_partitions(kbit, partitions)
+        owned = owned_partitions(kbit)
         if owned != last:
             last = owned
             print(f"owns {','.join(map(str, sorted(owned))) or '-'}", flush=True)

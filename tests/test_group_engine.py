@@ -271,3 +271,24 @@ async def test_abort_writes_nothing_more_and_leaves_the_placement() -> None:
     finally:
         await b.close()
         await a.close()
+
+
+async def test_owned_partitions_follows_the_placement_and_is_empty_once_closed() -> None:
+    """The public view of the owned partitions: what was claimed, not what was revoked;
+    every partition outside group mode; nothing once closed."""
+    repo = MemRepository(PARTITIONS)
+    placement = ManualPlacement("a:1")
+    placement.change(assign=[0, 1])
+    kbit = await _member(repo, placement, [], None, "A")
+    try:
+        assert kbit.owned_partitions == frozenset({0, 1})
+        placement.change(assign=[3], revoke=[0])
+        await placement.applied()
+        assert kbit.owned_partitions == frozenset({1, 3})
+    finally:
+        await kbit.close()
+    assert kbit.owned_partitions == frozenset()
+    single = Kapbit([gated_saga(None, [])], MemRepository(PARTITIONS))
+    assert single.owned_partitions == frozenset()
+    async with single:
+        assert single.owned_partitions == frozenset(range(PARTITIONS))
