@@ -201,8 +201,9 @@ async def _run(args: argparse.Namespace) -> int:
                 outcome = f"error {type(exc).__name__} {refusal} {_line(exc)}"
                 if refusal:
                     await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
-                if isinstance(exc, Fenced | InstanceClosed):
-                    stop.set()  # this instance takes no more calls
+                if isinstance(exc, Fenced | InstanceClosed) and not kbit.is_running:
+                    stop.set()  # this instance takes no more calls (in group mode a
+                    # Fenced may cost one partition only: the others go on)
             except Exception as exc:  # reported, so that the audit fails on it
                 outcome = f"crash {type(exc).__name__} {_line(exc)}"
             else:

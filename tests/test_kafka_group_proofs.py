@@ -31,9 +31,12 @@ from tests.group_worker import (
     Call,
     Cluster,
     Execution,
+    ScenarioReport,
     audit_run,
     handover,
+    kill_restart_stop,
     read_executions,
+    rolling_restart,
     settled_log,
     workflow_number,
 )
@@ -45,6 +48,12 @@ ROUNDS = int(os.environ.get(ROUNDS_ENV, "1"))
 #: Results each live worker gets between two faults.
 LOAD = int(os.environ.get(LOAD_ENV, "30"))
 PARTITIONS = 6
+#: Group session timeout: a SIGKILLed member's partitions move after about 1.5 x this.
+SESSION = 2.0
+#: Seconds the live workers get to own every partition after a start, kill or stop.
+SETTLE = 30.0
+#: The errors a call may end with besides its result: refusals and the instance's end.
+TYPED = {"NotOwner", "Fenced", "InstanceClosed"}
 
 
 @pytest.fixture
@@ -99,6 +108,51 @@ async def test_the_harness_with_a_second_instance_taking_over(single: Cluster) -
     report.assert_clean()
     assert set(report.errors) <= {"Fenced", "InstanceClosed"}, report.summary()
     assert took.workflows > 0 and took.partitions == 3, took
+
+
+@pytest.fixture
+async def group(kafka_bootstrap: str, topic: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    cluster = Cluster(
+        kafka_bootstrap,
+        topic,
+        tmp_path / "executions.log",
+        partitions=PARTITIONS,
+        group=f"{topic}-group",
+        session=SESSION,
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.abort()
+
+
+def _check_group_run(report: ScenarioReport, kills: int, stops: int) -> None:
+    report.audit.assert_clean()
+    audit = report.audit
+    assert set(audit.errors) | set(audit.refusals) <= TYPED, audit.summary()
+    assert audit.results > 0 and audit.created >= audit.results, audit.summary()
+    assert len(report.failovers) == kills and len(report.handovers) == stops, report.summary()
+    # Each kill and stop fell on partitions the worker owned, and the others claimed them.
+    for took in [*report.failovers, *report.handovers]:
+        assert took.partitions > 0 and took.claimed > 0, took
+    # A SIGKILLed member's calls were in flight: someone else resumed them.
+    assert all(took.workflows > 0 for took in report.failovers), report.failovers
+
+
+async def test_group_sigkill_restart_and_graceful_stop_under_load(group: Cluster) -> None:
+    """Three members under load: B is SIGKILLed and started again, C is stopped gracefully
+    and started again (``KAPBIT_GROUP_PROOF_ROUNDS`` times). Every workflow created ends
+    once, no outcome is acted on twice, every call is answered right or refused typed."""
+    report = await kill_restart_stop(group, ROUNDS, LOAD, SETTLE)
+    print(f"group kill/restart/stop: {report.summary()}")
+    _check_group_run(report, kills=ROUNDS, stops=ROUNDS)
+
+
+async def test_group_rolling_restart_under_load(group: Cluster) -> None:
+    """Three members under load, each stopped gracefully and started again in turn."""
+    report = await rolling_restart(group, LOAD, SETTLE)
+    print(f"group rolling restart: {report.summary()}")
+    _check_group_run(report, kills=0, stops=3)
 
 
 # --- the audit finds what it must find ---------------------------------------------------
