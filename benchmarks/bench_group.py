@@ -16,7 +16,7 @@ mode; each process calls ids of the partitions it owns). ``bundles`` gives each 
 topic of its own, the way to scale without group mode: the ceiling group mode is held to.
 
 Each process count runs ``--repeat`` times, interleaved; the table shows the median run
-(by rate). Run as ``python benchmarks/bench_group.py [--mode group] [--processes 1 2 4]``.
+(by rate). Run as ``python benchmarks/bench_group.py [--mode bundles] [--processes 1 2 4]``.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=("group", "bundles"), default="bundles")
+    parser.add_argument("--mode", choices=("group", "bundles"), default="group")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeat", type=int, default=3, help="runs per process count")
     parser.add_argument("--bootstrap", default=os.environ.get("KAPBIT_TEST_BOOTSTRAP"))
