@@ -327,10 +327,6 @@ class Kapbit(AsyncResource):
                     "partition's workflows from the log"
                 ),
             )
-        server = self._request_server
-        if server is not None:  # requests for them wait for the next owner
-            for partition in sorted(change.revoked):
-                await server.release(partition)
         assigned = change.assigned | (change.retained - owned)
         await asyncio.gather(*(self._assign(p) for p in sorted(assigned)))
         logger.info(
@@ -354,6 +350,10 @@ class Kapbit(AsyncResource):
         if partition not in owned:
             return
         owned.discard(partition)
+        if self._request_server is not None:  # its unanswered requests go to the new owner
+            self._background.spawn(
+                self._request_server.release(partition), name=f"kapbit-release-{partition}"
+            )
         assert self._supervisor is not None and self._checkpointer is not None
         dropped = self._supervisor.drop_partition(partition, error)
         self._checkpointer.drop(partition)
@@ -380,7 +380,7 @@ class Kapbit(AsyncResource):
         self._supervisor.adopt(part.executions)
         owned.add(partition)
         if self._request_server is not None:
-            self._request_server.serve(partition)
+            self._request_server.serve(partition)  # forwarded calls for it: answered here
         logger.info(
             "kapbit node %s claimed partition %d: %d workflows resumed, %d records read",
             self.node_id,
@@ -471,9 +471,11 @@ class Kapbit(AsyncResource):
 
     def _owns(self, partition: int) -> bool:
         """Whether this instance owns ``partition`` (admission open): every partition,
-        unless a group shares them."""
+        unless a group shares them (then those claimed and recovered)."""
         owned = self._owned
-        return 0 <= partition < self._partitions and (owned is None or partition in owned)
+        if owned is None:
+            return 0 <= partition < self._partitions
+        return partition in owned
 
     def _forwards(self, workflow_id: str) -> bool:
         """The one place that decides: a call for ``workflow_id`` runs here, or is
@@ -759,8 +761,7 @@ class Kapbit(AsyncResource):
         if self._partitions == 0:
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
         partition = partition_for(workflow_id, self._partitions)
-        owned = self._owned
-        if owned is None or partition in owned:
+        if self._owns(partition):
             return Owner(partition, True, self.endpoint)
         assert self._placement is not None
         return Owner(partition, False, self._placement.owner_endpoint(partition))
