@@ -134,7 +134,10 @@ class Kapbit(AsyncResource):
             self._fence,
         )
         self._actions = ActionRunner(
-            self.node_id, self.options.action_executor, self.options.action_threads
+            self.node_id,
+            self.options.action_executor,
+            self.options.action_threads,
+            self._clock,
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
@@ -231,6 +234,7 @@ class Kapbit(AsyncResource):
             window_size=self.options.idempotency_window,
             codec=self._codec,
             states=recovered.states,
+            clock=self._clock,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
