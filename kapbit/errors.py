@@ -17,6 +17,7 @@ Callers of :meth:`kapbit.Kapbit.exec_workflow` can tell each refusal apart by ty
     ├── InvalidReturnValue         an action returned a wrong value or type; terminated
     ├── DeadLettered               the retry worker gave up; terminated
     ├── WorkflowNotFound           wait_result: this instance does not know the id
+    ├── RequestTimedOut            a forwarded call got no answer from the id's owner in time
     ├── InvalidDefinition          a malformed definition (at definition or instance creation)
     ├── NoStepContext              kapbit.context() called outside a step action
     ├── StepTimedOut               an action overran its step's timeout (counts as raised)
@@ -66,6 +67,7 @@ __all__ = [
     "NonRetryable",
     "PayloadTooLarge",
     "RecordRejected",
+    "RequestTimedOut",
     "StartupError",
     "StepTimedOut",
     "StorageError",
@@ -233,6 +235,25 @@ class WorkflowNotFound(KapbitError):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"no workflow {workflow_id!r} is known to this instance")
         self.workflow_id = workflow_id
+
+
+class RequestTimedOut(KapbitError):
+    """A call for an id whose partition another instance owns was forwarded, and no owner
+    answered within ``Options.forward_timeout`` (a rebalance or a failover took longer, or
+    no instance serves the partition). Not a refusal: the owner may still serve the
+    request, so a ``start`` or ``exec`` may yet create the workflow; ask again with
+    ``on_duplicate="attach"`` or ``get_workflow(id)``."""
+
+    def __init__(self, workflow_id: str, op: str, partition: int, timeout: float) -> None:
+        super().__init__(
+            f"no owner of partition {partition} answered the forwarded {op} of workflow "
+            f"{workflow_id!r} within {timeout:g} s; a start may still be served: ask again "
+            "with on_duplicate='attach'"
+        )
+        self.workflow_id = workflow_id
+        self.op = op
+        self.partition = partition
+        self.timeout = timeout
 
 
 class NoStepContext(KapbitError):

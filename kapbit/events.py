@@ -44,8 +44,10 @@ class EventKind(StrEnum):
     INVALID_RETURN = "invalid_return"
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="kind"):
-    """Base of every event: frozen, tagged with its kind under ``"kind"``."""
+class _Event(msgspec.Struct, frozen=True, tag_field="kind", omit_defaults=True):
+    """Base of every event: frozen, tagged with its kind under ``"kind"``; a field left at
+    its default (no timer, no trace context) is not written, so records stay as small as
+    before the field existed."""
 
 
 class ActiveWriter(_Event, frozen=True, tag="active_writer"):
@@ -71,7 +73,9 @@ class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults
     ``trace`` is the W3C trace context (``traceparent``, ``tracestate``) of the workflow's
     span when it was created with tracing on (:mod:`kapbit.otel`), so that an instance
     resuming it continues the trace; ``None`` (not written) otherwise, and in records
-    written before the field existed.
+    written before the field existed. ``request`` is the id of the forwarded request that
+    created the workflow (:mod:`kapbit.forwarding`), so an owner serving that request again
+    answers it the same way; ``None`` (not written) for a local call.
     """
 
     id: str
@@ -79,6 +83,7 @@ class WorkflowCreated(_Event, frozen=True, tag="workflow_created", omit_defaults
     input: msgspec.Raw
     at: float
     trace: dict[str, str] | None = None
+    request: str | None = None
 
 
 class StepOutcome(_Event, frozen=True, tag="step_outcome"):

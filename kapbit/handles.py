@@ -168,6 +168,19 @@ class RunningWorkflows(Protocol):
         ...
 
 
+class WorkflowLookup(Protocol):
+    """Where a handle finds a workflow in the log: :class:`WorkflowLog` on the owner, the
+    owner's answer through the request log elsewhere (:mod:`kapbit.forwarding`)."""
+
+    def locate(self, workflow_id: str) -> tuple[int, int | None]:
+        """``workflow_id``'s partition and the offset of its ``WorkflowCreated`` if known."""
+        ...
+
+    async def read(self, workflow_id: str) -> WorkflowState:
+        """The state of ``workflow_id`` as the log shows it now."""
+        ...
+
+
 class WorkflowLog:
     """Finds workflows in the log by the idempotency windows of a started instance."""
 
@@ -210,7 +223,7 @@ class WorkflowHandle(Generic[R]):
 
     __slots__ = ("_log", "_running", "id")
 
-    def __init__(self, workflow_id: str, running: RunningWorkflows, log: WorkflowLog) -> None:
+    def __init__(self, workflow_id: str, running: RunningWorkflows, log: WorkflowLookup) -> None:
         self.id = workflow_id
         self._running = running
         self._log = log

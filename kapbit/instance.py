@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import msgspec
 import pybreaker
@@ -32,6 +32,7 @@ from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
+    CorruptRecord,
     DuplicateWorkflow,
     EncodeError,
     Fenced,
@@ -49,13 +50,22 @@ from kapbit.errors import (
 from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution, WorkflowSleeps
 from kapbit.fencing import Fence
+from kapbit.forwarding import (
+    Accepted,
+    Forwarder,
+    RemoteWorkflows,
+    Request,
+    RequestServer,
+)
 from kapbit.gate import EntryGate
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
+from kapbit.log_reader import decode_event, decode_input
 from kapbit.options import Options
 from kapbit.ownership import Ownership
 from kapbit.partitioner import partition_for
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Repository
+from kapbit.request_log import RequestLog
 from kapbit.scheduler import Scheduler, check_schedules
 from kapbit.schedules import Schedule
 from kapbit.stats import Stats
@@ -101,6 +111,7 @@ class Kapbit(AsyncResource):
         codec: Codec | None = None,
         *,
         options: Options | None = None,
+        requests: RequestLog | None = None,
         schedules: Iterable[Schedule] = (),
     ) -> None:
         self.options = options or Options()
@@ -147,6 +158,12 @@ class Kapbit(AsyncResource):
         self._scheduler: Scheduler | None = None
         self._background = TaskHost("kapbit-background")
         self._close_task: asyncio.Task[None] | None = None
+        #: The request log (see :mod:`kapbit.forwarding`): this instance serves the
+        #: requests of the partitions it owns and forwards calls for the others.
+        self._requests = requests
+        self._request_server: RequestServer | None = None
+        self._forwarder: Forwarder | None = None
+        self._remote: RemoteWorkflows | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -250,12 +267,62 @@ class Kapbit(AsyncResource):
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
         self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
         await supervisor.start(recovered.executions)
+        if self._requests is not None:
+            await self._start_requests(self._requests)
         if self._schedules:
             known = [id_ for window in recovered.windows for id_, _ in window.entries()]
             self._scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
         instrumentation = self.options.instrumentation
         if instrumentation is not None:
             self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
+
+    async def _start_requests(self, requests: RequestLog) -> None:
+        """Serve the requests of every partition this instance owns; forward the others."""
+        await requests.start()
+        if requests.partitions != self._partitions:
+            await requests.close()
+            raise StartupError(
+                f"the request log has {requests.partitions} partitions, the log "
+                f"{self._partitions}: they must be co-partitioned"
+            )
+        server = self._request_server = RequestServer(requests, self._codec, _Served(self))
+        await server.start()
+        forwarder = self._forwarder = Forwarder(
+            requests,
+            self._repository,
+            self._codec,
+            self._definitions,
+            self.writer_id,
+            self.options.forward_timeout,
+        )
+        await forwarder.start()
+        self._remote = RemoteWorkflows(forwarder, self._partitions)
+        for partition in range(self._partitions):
+            if self._owns(partition):
+                server.serve(partition)
+
+    async def _stop_requests(self) -> None:
+        """Stop serving and forwarding (requests left unanswered go to the next owner)."""
+        server, self._request_server = self._request_server, None
+        forwarder, self._forwarder = self._forwarder, None
+        if server is not None:
+            await server.close()
+        if forwarder is not None:
+            await forwarder.close()
+        if self._requests is not None and server is not None:
+            await self._requests.close()
+
+    def _owns(self, partition: int) -> bool:
+        """Whether this instance owns ``partition`` (admission open): every partition,
+        unless a group shares them."""
+        return 0 <= partition < self._partitions
+
+    def _forwards(self, workflow_id: str) -> bool:
+        """The one place that decides: a call for ``workflow_id`` runs here, or is
+        forwarded to the owner of its partition."""
+        if self._remote is None or not isinstance(workflow_id, str) or not workflow_id:
+            return False
+        return not self._owns(partition_for(workflow_id, self._partitions))
 
     def _schedule_problem(self, schedule: Schedule) -> str | None:
         """Why ``schedule``'s firings could not start here (``None``: they can): its
@@ -293,6 +360,7 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             await self._supervisor.close(0)
         await self._background.close(CANCEL_GRACE)
+        await self._stop_requests()
         self._actions.close()
         await self._repository.close()
 
@@ -335,6 +403,9 @@ class Kapbit(AsyncResource):
             if not await supervisor.close(drain):
                 # A task ignored cancellation: whatever it does later is not written.
                 self._fence.stop(f"instance {self.node_id} closed")
+        if self._request_server is not None and self._fence.error is None:
+            await self._request_server.drain(CANCEL_GRACE)  # answer what drained
+        await self._stop_requests()
         await self._background.close(CANCEL_GRACE)
         if self._checkpointer is not None and self._fence.error is None:
             try:
@@ -365,6 +436,10 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             self._supervisor.abort()
         self._background.abort()
+        if self._request_server is not None:
+            self._request_server.abort()
+        if self._forwarder is not None:
+            self._forwarder.abort()
         self._stop_watching()
         self._actions.close()
 
@@ -426,6 +501,9 @@ class Kapbit(AsyncResource):
         submitted = await self._submit(args, kwargs, on_duplicate)
         if isinstance(submitted, WorkflowHandle):
             return await submitted.result()
+        if isinstance(submitted, _Forward):
+            assert self._remote is not None
+            return await self._remote.exec(*submitted)
         execution, outcome = submitted
         try:
             result, error = await asyncio.shield(outcome)
@@ -473,6 +551,9 @@ class Kapbit(AsyncResource):
         submitted = await self._submit(args, kwargs, on_duplicate)
         if isinstance(submitted, WorkflowHandle):
             return submitted
+        if isinstance(submitted, _Forward):
+            assert self._remote is not None
+            return await self._remote.start(*submitted)
         execution, outcome = submitted
         created = execution.created()
         either: list[asyncio.Future[Any]] = [created, outcome]
@@ -491,6 +572,9 @@ class Kapbit(AsyncResource):
         took over from (its status and result are then read from the log).
         :class:`~kapbit.errors.WorkflowNotFound` for another id."""
         supervisor = self._running()
+        if self._forwards(workflow_id):
+            assert self._remote is not None
+            return self._remote.handle(workflow_id)
         if not supervisor.knows(workflow_id, partition_for(workflow_id, self._partitions)):
             raise WorkflowNotFound(workflow_id)
         return self._handle(supervisor, workflow_id)
@@ -500,11 +584,17 @@ class Kapbit(AsyncResource):
         return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
 
     async def _submit(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], on_duplicate: OnDuplicate
-    ) -> tuple[WorkflowExecution, asyncio.Task[Ended]] | WorkflowHandle[Any]:
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_duplicate: OnDuplicate,
+        request: str | None = None,
+    ) -> tuple[WorkflowExecution, asyncio.Task[Ended]] | WorkflowHandle[Any] | _Forward:
         """Check a call of either form, then create and run its workflow (the execution
         and the future of its outcome), or, attaching, the handle of the workflow already
-        using the id."""
+        using the id; for an id another instance owns, what to forward (checked here as
+        far as it can be without the owner: id, type, input). ``request`` is the id of the
+        forwarded request this call serves."""
         if kwargs or len(args) != 3:  # keywords or a default (rare): bind either form's names
             given, workflow_type, workflow_id, input = parse_call(args, kwargs)
         elif isinstance(args[0], Definition):
@@ -520,6 +610,8 @@ class Kapbit(AsyncResource):
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
         supervisor = self._running()
+        if self._forwards(workflow_id):
+            return self._forward(workflow_type, workflow_id, input, given, on_duplicate)
         if on_duplicate != "raise":
             handle = await self._attach(supervisor, workflow_id, workflow_type, on_duplicate)
             if handle is not None:
@@ -545,8 +637,55 @@ class Kapbit(AsyncResource):
         if len(supervisor) + supervisor.sleeping >= options.max_sleeping:
             raise TooManyWorkflows(options.max_sleeping, "max_sleeping")
         codec = self._codec
+        data, input = self._encode_input(definition, input)
+        instrumentation = self.options.instrumentation
+        telemetry = trace = None
+        if instrumentation is not None:
+            telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
+            trace = telemetry.trace
+        clock = self._clock
+        created = WorkflowCreated(
+            workflow_id, workflow_type, msgspec.Raw(data), clock.now(), trace, request
+        )
+        value = codec.encode(created)
+
+        execution = WorkflowExecution(
+            workflow_id, definition, partition, input, trace=trace, clock=clock
+        )
+        execution.telemetry = telemetry
+        return execution, supervisor.submit(execution, value)
+
+    def _forward(
+        self,
+        workflow_type: Any,
+        workflow_id: str,
+        input: Any,
+        given: Definition | None,
+        on_duplicate: str,
+    ) -> _Forward:
+        """Check what can be checked here of a call to forward (the type is registered, the
+        input is of its input type) and encode its input."""
+        if on_duplicate not in ("raise", "attach"):
+            raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
+        definition = self._definitions.get(workflow_type)
+        if definition is None:
+            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if given is not None and definition is not given and definition != given:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
+        _check_workflow_id(workflow_id)
+        data, _ = self._encode_input(definition, input)
+        return _Forward(workflow_id, workflow_type, data, on_duplicate)
+
+    def _encode_input(self, definition: Definition, input: Any) -> tuple[bytes, Any]:
+        """The input encoded and checked against the input type, and the value read back
+        (InvalidInput when it does not encode or is not of that type)."""
+        workflow_type = definition.type
         try:
-            data, input = encode_checked(codec, input, definition.input_check)
+            return encode_checked(self._codec, input, definition.input_check)
         except EncodeError as exc:
             raise InvalidInput(
                 workflow_type, definition.input_check.name, type(input).__qualname__, str(exc)
@@ -555,20 +694,81 @@ class Kapbit(AsyncResource):
             raise InvalidInput(
                 workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
             ) from mismatch
-        instrumentation = self.options.instrumentation
-        telemetry = trace = None
-        if instrumentation is not None:
-            telemetry = instrumentation.workflow(workflow_id, workflow_type, partition, None)
-            trace = telemetry.trace
-        clock = self._clock
-        created = WorkflowCreated(workflow_id, workflow_type, msgspec.Raw(data), clock.now(), trace)
-        value = codec.encode(created)
 
-        execution = WorkflowExecution(
-            workflow_id, definition, partition, input, trace=trace, clock=clock
-        )
-        execution.telemetry = telemetry
-        return execution, supervisor.submit(execution, value)
+    # --- serving forwarded requests (kapbit.forwarding.Owner) ---------------------------------
+
+    async def _accept(self, request: Request) -> Accepted:
+        """Admit a forwarded start or exec exactly as a local call with its arguments."""
+        definition = self._definitions.get(request.workflow_type)
+        input: Any = None
+        if definition is not None:
+            try:
+                input = decode_input(self._codec, definition, request.input, -1, -1)
+            except CorruptRecord as exc:
+                raise InvalidInput(
+                    request.workflow_type, definition.input_check.name, "undecodable", str(exc)
+                ) from exc
+        on_duplicate: OnDuplicate = "attach" if request.on_duplicate == "attach" else "raise"
+        call = (request.workflow_id, request.workflow_type, input)
+        try:
+            submitted = await self._submit(call, {}, on_duplicate, request.id)
+        except DuplicateWorkflow:
+            offset = await self._created_by(request)
+            if offset is None:
+                raise
+            return Accepted(True, offset, request.workflow_type)
+        if isinstance(submitted, _Forward):  # the partition moved meanwhile
+            raise InstanceClosed(f"partition of {request.workflow_id!r} is no longer owned here")
+        if isinstance(submitted, WorkflowHandle):
+            offset = await self._created_by(request)
+            if offset is not None:
+                return Accepted(True, offset, request.workflow_type)
+            known = self._locate(request.workflow_id)
+            return Accepted(False, -1 if known is None else known[0], request.workflow_type)
+        execution, outcome = submitted
+        created = execution.created()
+        either: list[asyncio.Future[Any]] = [created, outcome]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not created.done():
+            if outcome.cancelled():
+                raise self._stopped_before(execution, "was created")
+            refused = outcome.result()[1]
+            assert refused is not None
+            raise refused
+        return Accepted(True, execution.created_offset, request.workflow_type, outcome)
+
+    async def _created_by(self, request: Request) -> int | None:
+        """The offset of the workflow ``request`` created, if the id's workflow in the
+        window is that one (the request was served before, its answer did not count)."""
+        assert self._workflow_log is not None
+        partition, offset = self._workflow_log.locate(request.workflow_id)
+        if offset is None:
+            return None
+        async for batch in self._repository.read(partition, offset, offset + 1):
+            for record in batch:
+                event = decode_event(self._codec, record)
+                if isinstance(event, WorkflowCreated) and event.request == request.id:
+                    return offset
+        return None
+
+    def _locate(self, workflow_id: str) -> tuple[int, str] | None:
+        """``(created offset, type)`` of a workflow this instance knows (``-1``: not
+        acknowledged yet; the type is ``""`` once it no longer runs here)."""
+        if self._workflow_log is None or self._supervisor is None:
+            return None
+        _, offset = self._workflow_log.locate(workflow_id)
+        running = self._supervisor.running_type(workflow_id)
+        if offset is None:
+            return None if running is None else (-1, running)
+        return offset, running or ""
+
+    async def _wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
+        """Wait for the end of a workflow this instance knows: its created offset, type and
+        result (its error raised)."""
+        handle = self.get_workflow(workflow_id)
+        result = await handle.result()
+        state = await handle.describe()
+        return state.created_offset, state.type, result
 
     async def _attach(
         self, supervisor: Supervisor, workflow_id: Any, workflow_type: Any, on_duplicate: str
@@ -687,3 +887,34 @@ def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definitio
     if not index:
         raise InvalidDefinition("no workflow definitions given")
     return index
+
+
+class _Forward(NamedTuple):
+    """A call to forward to the owner of its id's partition."""
+
+    workflow_id: str
+    workflow_type: str
+    input: bytes
+    on_duplicate: str
+
+
+class _Served:
+    """The instance as a serving session sees it (:class:`kapbit.forwarding.Owner`)."""
+
+    __slots__ = ("_kbit",)
+
+    def __init__(self, kbit: Kapbit) -> None:
+        self._kbit = kbit
+
+    @property
+    def writer_id(self) -> str:
+        return self._kbit.writer_id
+
+    async def accept(self, request: Request) -> Accepted:
+        return await self._kbit._accept(request)
+
+    def locate(self, workflow_id: str) -> tuple[int, str] | None:
+        return self._kbit._locate(workflow_id)
+
+    async def wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
+        return await self._kbit._wait_end(workflow_id)

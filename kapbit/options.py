@@ -138,6 +138,10 @@ class Options:
     close. ``action_executor`` replaces it with an executor of your own (kapbit does not
     shut that one down).
 
+    ``forward_timeout`` bounds how long a call forwarded to another instance (the owner of
+    the id's partition, through the request log) waits for the owner's first answer; it
+    should exceed a failover (the group's session timeout plus a recovery).
+
     ``instrumentation`` reports workflows and steps to traces and metrics, e.g.
     :class:`kapbit.otel.OpenTelemetry` (the ``otel`` extra); ``None`` (the default) costs
     nothing.
@@ -164,8 +168,11 @@ class Options:
     instrumentation: Instrumentation | None = None
     max_sleeping: int = 1_000_000
     clock: Clock = SYSTEM_CLOCK
+    forward_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.forward_timeout > 0:
+            raise ValueError(f"forward_timeout must be positive, got {self.forward_timeout}")
         if self.max_sleeping < self.max_workflows:
             raise ValueError(
                 f"max_sleeping ({self.max_sleeping}) must be at least max_workflows "

@@ -1,6 +1,6 @@
-"""Durable timers on a real broker: workflows asleep survive a crash (abort, connections
-dropped) and a takeover, and wake once on the instance that owns them, at the fire time
-written in the log. Time is a ManualClock: nothing waits for days, or at all."""
+"""Durable timers on the real broker: workflows sleeping on Kafka survive a crash of their
+instance and are woken once, at their next step, by the instance that takes over (also
+when their timers expired while no instance ran)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,50 @@ from kapbit.testing import ManualClock
 from tests.helpers import wait_until
 from tests.test_timers_engine import DAY, T0, Journal, options, trial
 
+
+async def test_sleeping_workflows_survive_a_crash_and_wake_once_after_a_takeover(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    clock, journal = ManualClock(T0), Journal()
+    definition = trial(journal)
+    first = Kapbit(
+        [definition],
+        KafkaRepository(kafka_bootstrap, topic, partitions=3),
+        options=options(clock, "a"),
+    )
+    await first.start()
+    second: Kapbit | None = None
+    try:
+        for n in range(6):
+            await first.start_workflow(definition, f"u{n}", f"u{n}")
+        await wait_until(lambda: first.stats.sleeping == 6, timeout=30)
+        first.abort()  # a crash: its timers die with it
+
+        clock.advance(13 * DAY)  # the reminders expire while no instance runs
+        second = Kapbit(
+            [definition], KafkaRepository(kafka_bootstrap, topic), options=options(clock, "b")
+        )
+        await second.start()
+        assert second.stats.recovered == 6
+        await wait_until(lambda: journal.count("remind") == 6, timeout=30)
+        assert journal.count("end") == 0  # day 13: the trials end on day 14
+        clock.advance(DAY)
+        for n in range(6):
+            result = await asyncio.wait_for(second.wait_result(f"u{n}", None), 30)
+            assert result == ["welcomed", "reminded", "ended"]
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
+    for n in range(6):
+        for step in ("welcome", "remind", "end"):
+            assert journal.calls.count((f"u{n}", step)) == 1
+
+
 USERS = [f"u{n}" for n in range(3)]
 
 
-async def test_sleeping_workflows_survive_a_crash_and_a_takeover_on_kafka(
+async def test_workflows_sleeping_through_a_live_takeover_wake_once_on_the_new_owner(
     kafka_bootstrap: str, topic: str
 ) -> None:
     clock, journal = ManualClock(T0), Journal()

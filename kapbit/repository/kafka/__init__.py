@@ -15,12 +15,15 @@ transactions, so it works on any Kafka-protocol broker. The package's parts, by 
 - :mod:`.errors`: every error leaving the repository is a :mod:`kapbit.errors` type;
 - :mod:`.group`: :class:`GroupMembership`, which partitions this instance owns when several
   share the topic through a Kafka consumer group (not used by the engine yet);
+- :mod:`.requests`: :class:`KafkaRequestLog`, the request log (``<topic>-requests``) that
+  forwarded calls travel through (:mod:`kapbit.forwarding`);
 - :mod:`.repository`: :class:`KafkaRepository`, the front putting them together.
 """
 
 from kapbit.repository.kafka.group import GroupMembership, OwnershipChange
 from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
 from kapbit.repository.kafka.repository import CLIENT_DEFAULTS, KafkaRepository
+from kapbit.repository.kafka.requests import KafkaRequestLog
 
 __all__ = [
     "CLIENT_DEFAULTS",
@@ -28,5 +31,6 @@ __all__ = [
     "NODE_HEADER",
     "GroupMembership",
     "KafkaRepository",
+    "KafkaRequestLog",
     "OwnershipChange",
 ]
