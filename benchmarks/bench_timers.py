@@ -11,12 +11,6 @@ with tracemalloc, per sleeping workflow:
   shares the id string with the idempotency window;
 * the same with each id a fresh string of its own, as decoded from the log.
 
-``--engine N`` measures a whole instance instead: N workflows started on a
-:class:`~kapbit.repository.MemRepository` whose first step returns a ``Sleep`` with a
-100-byte value, all asleep at once; the bytes traced from before the first start to when
-all sleep, per workflow, with and without the in-memory log (the records kept by the
-repository, which a Kafka deployment keeps in the broker).
-
 It also times arming and firing every entry, and counts the asyncio tasks while all of
 them sleep: the queue's one consumer and the one clock sleep it waits on, whatever the
 number of entries.
@@ -30,7 +24,6 @@ import argparse
 import asyncio
 import gc
 import random
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -138,60 +131,10 @@ async def speed(count: int) -> tuple[float, float, int]:
     return armed, drained, tasks
 
 
-async def engine(count: int) -> tuple[float, float, int]:
-    """Bytes per sleeping workflow in one instance (all, and without the log), tasks asleep."""
-    from datetime import timedelta
-
-    from kapbit import Definition, Kapbit, Progress, Sleep, Step, Success
-    from kapbit.repository import MemRepository
-    from kapbit.testing import fast_options
-
-    payload = "p" * 100
-
-    async def nap(_: str, __: Progress) -> Sleep[str]:
-        return Sleep(timedelta(days=1), value=payload)
-
-    async def then(_: str, __: Progress) -> Success[str]:
-        return Success("done")
-
-    definition = Definition("nap", steps=[Step(nap), Step(then)], input_type=str)
-    clock = ManualClock(START)
-    repo = MemRepository(4)
-    limits = {"max_workflows": 10_000, "max_sleeping": count + 10_000, "idempotency_window": count}
-    options = fast_options(clock=clock, **limits)
-    async with Kapbit([definition], repo, options=options) as kbit:
-        gc.collect()
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        for n in range(count):
-            await kbit.start_workflow(definition, workflow_id(n), "x")
-            if n % 5_000 == 4_999:
-                while kbit.stats.in_flight:  # noqa: ASYNC110 (stats have no event)
-                    await asyncio.sleep(0.01)
-        while kbit.stats.sleeping < count:  # noqa: ASYNC110 (stats have no event)
-            await asyncio.sleep(0.01)
-        gc.collect()
-        used = tracemalloc.get_traced_memory()[0] - before
-        log = sum(
-            sys.getsizeof(r) + sys.getsizeof(r.value) + sys.getsizeof(r.key) for r in repo.records()
-        )
-        tracemalloc.stop()
-        tasks = len(asyncio.all_tasks()) - 1
-        kbit.abort()
-    return used / count, (used - log) / count, tasks
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
-    parser.add_argument("--engine", type=int, default=0, help="sleeping workflows in one instance")
-    args = parser.parse_args()
-    if args.engine:
-        total, engine_only, tasks = asyncio.run(engine(args.engine))
-        print(f"{'sleeping workflows':>18}  {'bytes each':>10} {'without log':>11} {'tasks':>6}")
-        print(f"{args.engine:>18,}  {total:>10.1f} {engine_only:>11.1f} {tasks:>6}")
-        return
-    sizes = args.sizes
+    sizes = parser.parse_args().sizes
     print(f"{'sleeping workflows':>18}  {'what':<32} {'bytes each':>10}")
     for count in sizes:
         for what, per in rows(count):
