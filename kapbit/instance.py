@@ -167,7 +167,10 @@ class Kapbit(AsyncResource):
             self._fence,
         )
         self._actions = ActionRunner(
-            self.node_id, self.options.action_executor, self.options.action_threads
+            self.node_id,
+            self.options.action_executor,
+            self.options.action_threads,
+            self._clock,
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
@@ -409,6 +412,7 @@ class Kapbit(AsyncResource):
             codec=self._codec,
             # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
             states=None if self._placement is not None else recovered.states,
+            clock=self._clock,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
