@@ -770,6 +770,22 @@ class Kapbit(AsyncResource):
         assert self._placement is not None
         return Owner(partition, False, self._placement.owner_endpoint(partition))
 
+    def _definition(
+        self, workflow_type: Any, given: Definition[Any, Any, Any] | None
+    ) -> Definition[Any, Any, Any]:
+        """The definition registered as ``workflow_type``, which must be ``given`` when a
+        definition was passed; UnknownWorkflowType otherwise."""
+        definition = self._definitions.get(workflow_type)
+        if definition is None:
+            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if given is not None and definition is not given and definition != given:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
+        return definition
+
     def _refuse_unless_owned(self, workflow_id: str) -> int:
         """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
         one place that decides whether a call is taken here)."""
@@ -817,15 +833,7 @@ class Kapbit(AsyncResource):
                 return handle
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
-        definition = self._definitions.get(workflow_type)
-        if definition is None:
-            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if given is not None and definition is not given and definition != given:
-            raise UnknownWorkflowType(
-                workflow_type,
-                sorted(self._definitions),
-                " (the definition passed is not the one registered under that name)",
-            )
+        definition = self._definition(workflow_type, given)
         partition = self._refuse_unless_owned(workflow_id)
         if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
@@ -865,15 +873,7 @@ class Kapbit(AsyncResource):
         input is of its input type) and encode its input."""
         if on_duplicate not in ("raise", "attach"):
             raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
-        definition = self._definitions.get(workflow_type)
-        if definition is None:
-            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if given is not None and definition is not given and definition != given:
-            raise UnknownWorkflowType(
-                workflow_type,
-                sorted(self._definitions),
-                " (the definition passed is not the one registered under that name)",
-            )
+        definition = self._definition(workflow_type, given)
         _check_workflow_id(workflow_id)
         data, _ = self._encode_input(definition, input)
         return _Forward(workflow_id, workflow_type, data, on_duplicate)
