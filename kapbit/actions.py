@@ -11,12 +11,14 @@ overran keeps its thread until it returns, and its result is discarded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.errors import StepTimedOut
 from kapbit.step_context import StepContext
 
@@ -25,11 +27,19 @@ class ActionRunner:
     """Runs step actions for one instance; owns the default thread pool it starts lazily.
 
     ``executor`` replaces the default pool of ``threads`` threads; the runner shuts down
-    only a pool it started itself.
+    only a pool it started itself. Step timeouts wait on ``clock`` (monotonic time), so a
+    test moves them with a :class:`kapbit.testing.ManualClock`.
     """
 
-    def __init__(self, node_id: str, executor: Executor | None = None, threads: int = 32) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        executor: Executor | None = None,
+        threads: int = 32,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.node_id = node_id
+        self._clock = clock
         self._executor = executor
         self._owned: ThreadPoolExecutor | None = None
         self._threads = threads
@@ -55,16 +65,21 @@ class ActionRunner:
         return call if timeout is None else self._timed(call, context, timeout)
 
     async def _timed(self, call: Awaitable[Any], context: StepContext, timeout: float) -> Any:
-        """Await ``call``, raising StepTimedOut once it has taken ``timeout`` seconds."""
+        """Await ``call``, raising StepTimedOut once it has taken ``timeout`` seconds of the
+        clock's time (the action is cancelled then, and awaited until it has stopped)."""
+        action = asyncio.ensure_future(call)
+        timer = asyncio.ensure_future(self._clock.sleep(timeout))
         try:
-            async with asyncio.timeout(timeout) as scope:
-                return await call
-        except TimeoutError:
-            if scope.expired():
-                raise StepTimedOut(
-                    context.workflow_id, context.step_name, context.phase, timeout
-                ) from None
-            raise
+            await asyncio.wait((action, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not action.done():
+                action.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await action
+        if action.cancelled():
+            raise StepTimedOut(context.workflow_id, context.step_name, context.phase, timeout)
+        return action.result()
 
     async def _call(self, fn: Callable[..., Any], is_async: bool, args: tuple[Any, ...]) -> Any:
         if is_async:

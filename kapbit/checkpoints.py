@@ -16,11 +16,11 @@ oldest open workflow; the offsets above are kept as the fallback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from kapbit._log import fields
+from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.codecs import Codec
 from kapbit.errors import Fenced, StorageError
 from kapbit.fencing import OwnerTracker
@@ -54,6 +54,7 @@ class Checkpointer:
         window_size: int = 0,
         codec: Codec | None = None,
         states: list[ReaderState] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
         # in its partition, so a start can tell it belongs to this log.
@@ -69,6 +70,7 @@ class Checkpointer:
         #: The partitions to save (all of them, but in group mode only those owned).
         self.owned: set[int] = set(range(len(windows)))
         self._terminated_since_save = 0
+        self._clock = clock
         self._due = asyncio.Event()
         store = snapshot_store(repository)
         self.snapshots: Snapshotter | None = None
@@ -178,14 +180,23 @@ class Checkpointer:
             return checkpoint
         return with_snapshot_of(checkpoint, saved)
 
+    async def _due_or_interval(self) -> None:
+        """Return once a save is due by count or ``interval`` seconds of the clock passed."""
+        due = asyncio.ensure_future(self._due.wait())
+        interval = asyncio.ensure_future(self._clock.sleep(self._policy.interval))
+        try:
+            await asyncio.wait((due, interval), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            due.cancel()
+            interval.cancel()
+
     async def run(self) -> None:
         """Save periodically until cancelled; a failed save is retried on the next round.
 
         Raises :class:`~kapbit.errors.Fenced` when the log says another writer owns a
         partition."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due.wait(), self._policy.interval)
+            await self._due_or_interval()
             try:
                 await self.save()
             except Fenced:

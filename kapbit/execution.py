@@ -393,6 +393,7 @@ class WorkflowExecution:
             retry=retry_if_exception(retryable),
             stop=used_up,
             wait=policy.backoff.wait(),
+            sleep=self.clock.sleep,
             reraise=True,
         )
         last: _ActionRaised | None = None

@@ -167,7 +167,10 @@ class Kapbit(AsyncResource):
             self._fence,
         )
         self._actions = ActionRunner(
-            self.node_id, self.options.action_executor, self.options.action_threads
+            self.node_id,
+            self.options.action_executor,
+            self.options.action_threads,
+            self._clock,
         )
         self._stats = Stats()
         self._supervisor: Supervisor | None = None
@@ -327,10 +330,6 @@ class Kapbit(AsyncResource):
                     "partition's workflows from the log"
                 ),
             )
-        server = self._request_server
-        if server is not None:  # requests for them wait for the next owner
-            for partition in sorted(change.revoked):
-                await server.release(partition)
         assigned = change.assigned | (change.retained - owned)
         await asyncio.gather(*(self._assign(p) for p in sorted(assigned)))
         logger.info(
@@ -354,6 +353,10 @@ class Kapbit(AsyncResource):
         if partition not in owned:
             return
         owned.discard(partition)
+        if self._request_server is not None:  # its unanswered requests go to the new owner
+            self._background.spawn(
+                self._request_server.release(partition), name=f"kapbit-release-{partition}"
+            )
         assert self._supervisor is not None and self._checkpointer is not None
         dropped = self._supervisor.drop_partition(partition, error)
         self._checkpointer.drop(partition)
@@ -380,7 +383,7 @@ class Kapbit(AsyncResource):
         self._supervisor.adopt(part.executions)
         owned.add(partition)
         if self._request_server is not None:
-            self._request_server.serve(partition)
+            self._request_server.serve(partition)  # forwarded calls for it: answered here
         logger.info(
             "kapbit node %s claimed partition %d: %d workflows resumed, %d records read",
             self.node_id,
@@ -409,6 +412,7 @@ class Kapbit(AsyncResource):
             codec=self._codec,
             # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
             states=None if self._placement is not None else recovered.states,
+            clock=self._clock,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -471,9 +475,11 @@ class Kapbit(AsyncResource):
 
     def _owns(self, partition: int) -> bool:
         """Whether this instance owns ``partition`` (admission open): every partition,
-        unless a group shares them."""
+        unless a group shares them (then those claimed and recovered)."""
         owned = self._owned
-        return 0 <= partition < self._partitions and (owned is None or partition in owned)
+        if owned is None:
+            return 0 <= partition < self._partitions
+        return partition in owned
 
     def _forwards(self, workflow_id: str) -> bool:
         """The one place that decides: a call for ``workflow_id`` runs here, or is
@@ -759,11 +765,26 @@ class Kapbit(AsyncResource):
         if self._partitions == 0:
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
         partition = partition_for(workflow_id, self._partitions)
-        owned = self._owned
-        if owned is None or partition in owned:
+        if self._owns(partition):
             return Owner(partition, True, self.endpoint)
         assert self._placement is not None
         return Owner(partition, False, self._placement.owner_endpoint(partition))
+
+    def _definition(
+        self, workflow_type: Any, given: Definition[Any, Any, Any] | None
+    ) -> Definition[Any, Any, Any]:
+        """The definition registered as ``workflow_type``, which must be ``given`` when a
+        definition was passed; UnknownWorkflowType otherwise."""
+        definition = self._definitions.get(workflow_type)
+        if definition is None:
+            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
+        if given is not None and definition is not given and definition != given:
+            raise UnknownWorkflowType(
+                workflow_type,
+                sorted(self._definitions),
+                " (the definition passed is not the one registered under that name)",
+            )
+        return definition
 
     def _refuse_unless_owned(self, workflow_id: str) -> int:
         """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
@@ -812,15 +833,7 @@ class Kapbit(AsyncResource):
                 return handle
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
-        definition = self._definitions.get(workflow_type)
-        if definition is None:
-            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if given is not None and definition is not given and definition != given:
-            raise UnknownWorkflowType(
-                workflow_type,
-                sorted(self._definitions),
-                " (the definition passed is not the one registered under that name)",
-            )
+        definition = self._definition(workflow_type, given)
         partition = self._refuse_unless_owned(workflow_id)
         if supervisor.knows(workflow_id, partition):
             raise DuplicateWorkflow(workflow_id)
@@ -860,15 +873,7 @@ class Kapbit(AsyncResource):
         input is of its input type) and encode its input."""
         if on_duplicate not in ("raise", "attach"):
             raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
-        definition = self._definitions.get(workflow_type)
-        if definition is None:
-            raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if given is not None and definition is not given and definition != given:
-            raise UnknownWorkflowType(
-                workflow_type,
-                sorted(self._definitions),
-                " (the definition passed is not the one registered under that name)",
-            )
+        definition = self._definition(workflow_type, given)
         _check_workflow_id(workflow_id)
         data, _ = self._encode_input(definition, input)
         return _Forward(workflow_id, workflow_type, data, on_duplicate)

@@ -30,7 +30,7 @@ from kapbit.errors import InvalidTimer
 from kapbit.events import StepOutcome
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
-from kapbit.testing import ManualClock, fast_options
+from kapbit.testing import FaultyRepository, ManualClock, fast_options
 from tests.helpers import load_example, wait_until
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
@@ -291,3 +291,32 @@ async def test_the_trial_example_survives_a_crash_on_day_5() -> None:
         clock.advance(2 * DAY)  # day 14
         assert await asyncio.wait_for(second.wait_result("trial-bo", None), 5) == "ended"
     assert example.sent.count("welcome to bo@example.com") == 1
+
+
+async def test_a_relative_sleep_rerun_after_a_crash_counts_from_the_rerun() -> None:
+    """The step returned Sleep(12 days) but its outcome never landed (the append hung
+    and the process died): the restart runs the step again an hour later, and the delay
+    counts from then, as the README says."""
+    clock, journal, inner = ManualClock(T0), Journal(), MemRepository(1)
+    repo = FaultyRepository(inner)
+    definition = trial(journal)
+    first = Kapbit([definition], repo, options=options(clock, "a"))
+    await first.start()
+    fault = repo.slow(times=1, kinds="step_outcome")
+    await first.start_workflow(definition, "u1", "u1")
+    await fault.wait_hits()
+    first.abort()
+    fault.release()
+    assert outcomes(inner, "u1") == []  # the hung append died with the process
+
+    clock.advance(3600)
+    async with Kapbit([definition], repo, options=options(clock, "b")) as second:
+        await wait_until(lambda: second.stats.sleeping == 1)
+        [sleeping] = outcomes(inner, "u1")
+        assert sleeping.fire_at == T0.timestamp() + 3600 + 12 * DAY
+        clock.advance(12 * DAY - 1)
+        await clock.wait_for_sleepers(1)
+        assert journal.count("remind") == 0  # 12 days after the crash, not yet after the re-run
+        clock.advance(1)
+        await wait_until(lambda: journal.count("remind") == 1)
+    assert journal.count("welcome") == 2
