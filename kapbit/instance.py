@@ -731,6 +731,14 @@ class Kapbit(AsyncResource):
             assert self._remote is not None
             return await self._remote.start(*submitted)
         execution, outcome = submitted
+        await self._until_created(execution, outcome)
+        return self._handle(self._running(), execution.id)
+
+    async def _until_created(
+        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+    ) -> None:
+        """Return once ``execution``'s WorkflowCreated is durable; raise the refusal if it
+        ended before (nothing was written), or why it was stopped first."""
         created = execution.created()
         either: list[asyncio.Future[Any]] = [created, outcome]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -740,7 +748,6 @@ class Kapbit(AsyncResource):
             refused = outcome.result()[1]
             assert refused is not None  # it ended before it was created: refused
             raise refused
-        return self._handle(self._running(), execution.id)
 
     def get_workflow(self, workflow_id: str) -> WorkflowHandle[Any]:
         """A handle of workflow ``workflow_id``: one this instance runs, or any id in its
@@ -924,15 +931,7 @@ class Kapbit(AsyncResource):
             known = self._locate(request.workflow_id)
             return Accepted(False, -1 if known is None else known[0], request.workflow_type)
         execution, outcome = submitted
-        created = execution.created()
-        either: list[asyncio.Future[Any]] = [created, outcome]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not created.done():
-            if outcome.cancelled():
-                raise self._stopped_before(execution, "was created")
-            refused = outcome.result()[1]
-            assert refused is not None
-            raise refused
+        await self._until_created(execution, outcome)
         return Accepted(True, execution.created_offset, request.workflow_type, outcome)
 
     async def _created_by(self, request: Request) -> int | None:
