@@ -3,11 +3,14 @@
 A hypothesis state machine drives :class:`kapbit.Kapbit` on a :class:`MemRepository`
 through :class:`kapbit.testing.FaultyRepository`. Rules start workflows of random
 definitions (steps that succeed, fail, raise, block until released, return ``None``, a
-wrong type or a value too large for the log), program append faults (transient failures,
-lost acks that leave a second copy, rejections, appends held before they land, and acks
-held after the record landed), crash the instance (``abort``), close it, and start a second
-instance while the first still runs. After every rule, and at quiescence at the end of
-each example, it checks:
+wrong type, a value too large for the log, or a durable timer: ``Sleep`` / ``SleepUntil``),
+program append faults (transient failures, lost acks that leave a second copy, rejections,
+appends held before they land, and acks held after the record landed; also aimed at timer
+outcomes), crash the instance (``abort``) or close it (then no instance runs for a while of
+the clock), start a second instance while the first still runs, and move the instances'
+one :class:`~kapbit.testing.ManualClock` (small and large jumps, exactly to the next fire
+time or just before it). After every rule, and at quiescence at the end of each example
+(where the clock moves on until every workflow has ended), it checks:
 
 * every workflow whose ``WorkflowCreated`` is in the live log (zombie writes excluded)
   reaches exactly one terminal event, and the live instance knows it (``wait_result``);
@@ -20,14 +23,19 @@ each example, it checks:
 * what every caller received agrees with the log, and every outcome in the log is one a
   step really returned; nothing a fenced node wrote is acted on;
 * the idempotency window refuses the ids it must;
-* the status rows of a projector (:class:`StatusModel`) agree with the log.
+* the status rows of a projector (:class:`StatusModel`) agree with the log;
+* durable timers: every timer outcome carries the fire time its timer gives, the same in
+  every copy; no step after a timer runs before that time by the clock; a due timer (also
+  one that expired while no instance ran) is acted on by the owner; ``stats.sleeping`` and
+  handles' ``sleeping`` agree with the log.
 
 Profiles: the default runs derandomized within CI's time; ``KAPBIT_MODEL_PROFILE=long``
 runs 2,000 random examples. ``KAPBIT_MODEL_SKIP`` (comma-separated: behaviours, optionally
 as ``execute:none``; fault modes, optionally as ``lost_ack:workflow_created``; append kinds;
 the ``reuse_id`` rule) leaves some out, to look past a known defect while it is open.
-A summary (examples, rules fired, crashes, takeovers, duplicates injected, defects) is
-printed at the end, and written as JSON to ``KAPBIT_MODEL_SUMMARY`` when set.
+A summary (examples, rules fired, crashes, takeovers, duplicates injected, faults by kind,
+sleeps, clock jumps and other timer counts, defects) is printed at the end, and written as
+JSON to ``KAPBIT_MODEL_SUMMARY`` when set.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ from kapbit import (
     SleepUntil,
     Step,
     Success,
+    TooManyWorkflows,
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
@@ -404,6 +413,9 @@ class Totals:
     checkpoints_while_sleeping: int = 0
     #: Handle statuses compared with the model (sleeping or not).
     handle_checks: int = 0
+    #: Calls refused with nothing written, by error (TooManyWorkflows with tight limits).
+    refusals: Counter[str] = field(default_factory=Counter)
+    tight_limits: int = 0
     defects: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -437,7 +449,9 @@ class Totals:
                 "checkpoints_while_sleeping": self.checkpoints_while_sleeping,
                 "snapshot_starts_with_timers": self.snapshot_starts_with_timers,
                 "handle_checks": self.handle_checks,
+                "examples_with_tight_limits": self.tight_limits,
             },
+            "refusals": dict(self.refusals),
             "behaviours": dict(self.behaviours),
             "defects_found": len(self.defects),
             "defects": self.defects,
@@ -484,6 +498,8 @@ class EngineModel(RuleBasedStateMachine):
         #: downtime, and with ``drift`` by a millisecond per poll while the test waits.
         self.clock = ManualClock(T0)
         self.drift = False
+        self.max_workflows = 10_000
+        self.max_sleeping = 1_000_000
         self.downtime = 0.0
         self.outcomes: dict[tuple[int, int], StepOutcome] = {}  # decoded, by position
         self.sleepers_cache: tuple[int, dict[int, Sleeper]] = (-1, {})
@@ -514,6 +530,7 @@ class EngineModel(RuleBasedStateMachine):
         checkpoint_every=st.sampled_from([1, 1, 2, 1000]),
         checkpoint_interval=st.sampled_from([3600.0, 3600.0, 0.002]),
         snapshots=st.sampled_from(["off", "on", "on", "chunks", "limit"]),
+        tight=st.sampled_from([False, False, True]),
     )
     def set_up(
         self,
@@ -522,18 +539,23 @@ class EngineModel(RuleBasedStateMachine):
         checkpoint_every: int,
         checkpoint_interval: float,
         snapshots: str,
+        tight: bool,
     ) -> None:
         """Checkpoints are saved after every (or every 2nd) termination, and with a short
         interval also by the clock, at moments the rules do not choose (the clock then
         drifts while the test waits, as real time would). They carry snapshots (in one
         chunk or many tiny ones), none, or only while the snapshot stays under a limit a
-        few workflows exceed (then the last one that fitted stays named)."""
+        few workflows exceed (then the last one that fitted stays named). With ``tight``
+        limits, one workflow runs and two run or sleep at most: admission refuses more,
+        and due timers wake only as running slots free up."""
         self.shapes = shapes
         self.drift = checkpoint_interval < 1
         self.window = window
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.snapshots = snapshots
+        self.max_workflows, self.max_sleeping = (1, 2) if tight else (10_000, 1_000_000)
+        TOTALS.tight_limits += tight
         TOTALS.snapshot_modes[snapshots] += 1
         asyncio.set_event_loop(self.loop)
         self.repo = LateAckRepository(self.journal, PARTITIONS, MAX_PAYLOAD)
@@ -630,6 +652,8 @@ class EngineModel(RuleBasedStateMachine):
                 max_attempts=MAX_ATTEMPTS,
                 node_id=node_id,
                 clock=self.clock,
+                max_workflows=self.max_workflows,
+                max_sleeping=self.max_sleeping,
                 idempotency_window=self.window,
                 checkpoints=CheckpointPolicy(
                     every=self.checkpoint_every,
@@ -909,6 +933,10 @@ class EngineModel(RuleBasedStateMachine):
         now = self.clock.now()
         return any(s.fire_at > now for s in self._sleepers().values())
 
+    def _full(self, kbit: Kapbit) -> bool:
+        """Whether ``kbit`` runs ``max_workflows``: a due timer then waits for a slot."""
+        return kbit.stats.in_flight >= self.max_workflows
+
     def _unfired(self, node: str) -> list[Sleeper]:
         """Sleeping workflows whose timer is due, and whose next step ``node`` (the owner)
         has not called since the timer outcome landed."""
@@ -965,10 +993,13 @@ class EngineModel(RuleBasedStateMachine):
             if not kbit.is_running:
                 continue
             blocked = self._blocked(kbit.node_id)
-            if kbit is self.current and any(
-                s.workflow_id not in blocked for s in self._unfired(kbit.node_id)
-            ):
-                return False  # a due timer the owner has not acted on yet
+            if kbit is self.current:
+                unfired = self._unfired(kbit.node_id)
+                if not self._full(kbit):
+                    if any(s.workflow_id not in blocked for s in unfired):
+                        return False  # a due timer the owner has not acted on yet
+                else:  # the due ones wait for a running slot: for the test
+                    asleep |= {s.sub for s in unfired}
             if blocked and not kbit.stats.gate_open:
                 # The storage breaker is open and one held append may be its probe: every
                 # other append of the node waits for it, hence for the test.
@@ -1086,6 +1117,7 @@ class EngineModel(RuleBasedStateMachine):
         live = {(r.partition, r.offset) for r in live_records(self.repo)}
         timers: dict[tuple[int, int], list[tuple[int, float, bool, str]]] = {}
         copies: dict[tuple[Any, ...], set[tuple[float, float]]] = {}
+        records = 0
         for record in self.repo.records():
             if record.kind != "step_outcome":
                 continue
@@ -1103,6 +1135,7 @@ class EngineModel(RuleBasedStateMachine):
                 f"{where}: fire_at is not what the step's timer gives "
                 f"({plan.fire_at(outcome.step, outcome.at)})"
             )
+            records += 1
             key = (sub, outcome.step)
             # A record without a position landed from an append that raised Fenced: its
             # writer never acted on it.
@@ -1141,8 +1174,8 @@ class EngineModel(RuleBasedStateMachine):
                 f"{where} ran at {call.clock_at}, before its timer fired at {fire_at}"
             )
         self.wakes = wakes
-        self.timer_records = sum(len(t) for t in timers.values())
-        self.timer_copies = self.timer_records - len(copies)
+        self.timer_records = records
+        self.timer_copies = records - len(copies)
         self._check_sleeping(self._sleepers_of(by_id), final)
 
     def _check_sleeping(self, sleepers: dict[int, Sleeper], final: bool) -> None:
@@ -1153,10 +1186,12 @@ class EngineModel(RuleBasedStateMachine):
             return
         now = self.clock.now()
         blocked = self._blocked(current.node_id)
+        # Due timers wait in the queue while every running slot is taken.
+        unfired = set(self._unfired(current.node_id)) if self._full(current) else set()
         asleep = sorted(
             s.workflow_id
             for s in sleepers.values()
-            if s.fire_at > now and s.workflow_id not in blocked
+            if (s.fire_at > now or s in unfired) and s.workflow_id not in blocked
         )
         assert current.stats.sleeping == len(asleep), (
             f"{current.node_id}: stats.sleeping is {current.stats.sleeping}, the log has "
@@ -1297,7 +1332,8 @@ class EngineModel(RuleBasedStateMachine):
                 f"{where}: got {task.result()!r}, the log has {run and run.terminal}"
             )
             assert msgspec.json.decode(bytes(run.terminal.result)) == task.result(), where
-        elif isinstance(error, DuplicateWorkflow | GateClosed | RecordRejected):
+        elif isinstance(error, DuplicateWorkflow | GateClosed | RecordRejected | TooManyWorkflows):
+            TOTALS.refusals[type(error).__name__] += 1
             assert run is None, f"{where}: refused with {error!r} but created in the log"
             if isinstance(error, DuplicateWorkflow):
                 assert any(
