@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import sys
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ import pytest
 import kapbit
 from kapbit import Definition, Kapbit, MsgpackCodec, Step, Success
 from kapbit.cli import build_parser, execute
-from kapbit.repository import MemRepository, Record, Repository
+from kapbit.repository import MemRepository, Repository
+from tests.helpers import TailWatched
 from tests.projection_logs import (
     EXPECTED,
     MixedLog,
@@ -197,21 +197,8 @@ async def test_tail_stops_after_max_events(mixed: MixedLog) -> None:
     assert len(out.splitlines()) == 3
 
 
-class _Watched(MemRepository):
-    """Tells when a tail has started on each partition."""
-
-    def __init__(self, partitions: int) -> None:
-        super().__init__(partitions)
-        self.tailing = [asyncio.Event() for _ in range(partitions)]
-
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        self.tailing[partition].set()
-        async for batch in super().tail(partition, start):
-            yield batch
-
-
 async def test_tail_follows_only_new_events() -> None:
-    repo = _Watched(partitions=2)
+    repo = TailWatched(partitions=2)
     for p in range(2):
         await append(repo, p, "n", writer("n"))
     await append(repo, 0, "n", created("old"))
