@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
 from pathlib import Path
@@ -12,14 +11,15 @@ import pytest
 
 import kapbit
 from kapbit import Definition, Kapbit, MsgpackCodec, Step, Success
-from kapbit.cli import build_parser, execute
-from kapbit.repository import MemRepository, Repository
+from kapbit.cli import build_parser
+from kapbit.repository import MemRepository
 from tests.helpers import TailWatched
 from tests.projection_logs import (
     EXPECTED,
     MixedLog,
     append,
     build_mixed_log,
+    cli,
     created,
     outcome,
     writer,
@@ -29,12 +29,6 @@ from tests.projection_logs import (
 @pytest.fixture
 async def mixed() -> MixedLog:
     return await build_mixed_log()
-
-
-async def cli(*argv: str, repo: Repository | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await execute(list(argv), repository=repo, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _one_error_line(err: str) -> str:

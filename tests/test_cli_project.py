@@ -4,7 +4,6 @@ and the time order of ``tail``."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 import sys
@@ -15,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from kapbit import Kapbit
-from kapbit.cli import execute
 from kapbit.events import EventKind
 from kapbit.projection import StatusModel
-from kapbit.repository import MemRepository, Repository
+from kapbit.repository import MemRepository
 from tests.helpers import TailWatched
 from tests.projection_logs import (
     EXPECTED,
@@ -27,6 +25,7 @@ from tests.projection_logs import (
     MixedLog,
     append,
     build_mixed_log,
+    cli,
     created,
     options,
     order,
@@ -39,12 +38,6 @@ from tests.projection_logs import (
 @pytest.fixture
 async def mixed() -> MixedLog:
     return await build_mixed_log()
-
-
-async def cli(*argv: str, repo: Repository | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await execute(list(argv), repository=repo, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _closed_port() -> int:
