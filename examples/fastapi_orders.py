@@ -5,14 +5,15 @@
                           201 done (succeeded or compensated), with the receipt; a POST
                               repeating a key answers with the order placed under it
                               (kapbit's attach: it is not placed twice)
-                          202 a service was down (kapbit retries it), or no answer
-                              within ``ANSWER_WITHIN`` seconds: poll ``status_url``
+                          202 a service was down (kapbit retries it), or the order
+                              did not end within ``ANSWER_WITHIN`` seconds: poll
+                              ``status_url``
                           307 group mode: another instance owns the key (``Location``)
                           409 the key names a workflow of another type
                           422 invalid body or key (FastAPI's validation)
                           503 gate closed, too many in flight, instance stopping or
                               replaced, no owner of the key known (a rebalance), the
-                              owner did not answer a forwarded call in time;
+                              owner did not take a forwarded call in time;
                               ``Retry-After`` says when to try again
     GET  /orders/{key}    the order's status, from the status read model; 404; in group
                           mode 307 to the key's owner when another instance owns it
@@ -143,6 +144,16 @@ def unavailable(error: KapbitError) -> JSONResponse:
     )
 
 
+def accepted(key: str, status: str) -> JSONResponse:
+    """``202``: the order is placed and not done yet; its status URL says when it is."""
+    url = f"/orders/{key}"
+    return JSONResponse(
+        {"id": key, "status": status, "status_url": url},
+        status_code=202,
+        headers={"Location": url},
+    )
+
+
 # --- the app -----------------------------------------------------------------------------------
 
 
@@ -156,12 +167,16 @@ class Orders:
     redirect: bool  # group mode without a request log: 307 to the owner of a key
 
     async def status_after(self, order_id: str) -> str:
-        """The order's status once the projector has seen what this request did."""
+        """The status of an order this request created once the projector has seen it."""
+        # Not projected within the timeout: it was created and has not terminated.
+        return await self.projected(order_id) or WorkflowStatus.RUNNING.value
+
+    async def projected(self, order_id: str) -> str | None:
+        """The order's status once the projector has caught up (``None``: not in the log)."""
         with contextlib.suppress(TimeoutError):
             await self.projector.wait_caught_up(timeout=5.0)
         row = await self.model.get(order_id)
-        # Not projected within the timeout: it was created and has not terminated.
-        return row.status.value if row is not None else WorkflowStatus.RUNNING.value
+        return row.status.value if row is not None else None
 
 
 def repository_from_env() -> Repository:
@@ -274,13 +289,17 @@ def create_app(
                 )
         except NotOwner as elsewhere:  # group mode, no request log: the client goes there
             return to_owner(request, elsewhere, service.kapbit.endpoint)
-        except (WillRetryLater, TimeoutError):
-            status = await service.status_after(key)
-            return JSONResponse(
-                {"id": key, "status": status, "status_url": url},
-                status_code=202,
-                headers={"Location": url},
-            )
+        except WillRetryLater:
+            return accepted(key, await service.status_after(key))
+        except TimeoutError:  # no end within ANSWER_WITHIN: running on, or not answered yet
+            status = await service.projected(key)
+            if status is None:  # not in the log: a forwarded call its owner has not taken yet
+                return JSONResponse(
+                    {"detail": f"no answer within {ANSWER_WITHIN:g} s; ask again (it attaches)"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+            return accepted(key, status)
         except DuplicateWorkflow:  # the key names a workflow of another type
             return JSONResponse(
                 {"detail": f"key {key!r} is taken by another workflow", "status_url": url},

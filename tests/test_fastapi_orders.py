@@ -496,3 +496,26 @@ async def test_a_forwarded_call_nobody_answers_gets_503_and_a_retry_places_it_on
         placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
         assert placed.status_code == 201
         assert _created(group.repository) == 1
+
+
+async def test_a_forwarded_call_not_taken_within_the_bound_is_503_not_a_202(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ANSWER_WITHIN elapses before the owner has taken the forwarded request: nothing is
+    in the log, so the answer is "ask again", never "accepted" (a 202 here said "running"
+    for an order that might never be placed)."""
+    monkeypatch.setattr(example, "ANSWER_WITHIN", 0.2)
+    async with replicas(tmp_path, MemRequestLog(partitions=2)) as group:
+        http, key, body = group.http, _id_in(1), {"sku": "cup", "qty": 1}
+        group.placements[B].change(revoke=[1], owners={1: None})  # nobody serves 1 now
+        await group.placements[B].applied()
+        waiting = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert (waiting.status_code, waiting.headers["retry-after"]) == (503, "1")
+        assert "ask again" in waiting.json()["detail"]
+        assert _created(group.repository) == 0
+
+        group.placements[A].change(assign=[1])  # a takes 1 over and serves what waits
+        await group.placements[A].applied()
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert placed.status_code == 201  # created by the waiting request or this one
+        assert _created(group.repository) == 1
