@@ -26,7 +26,6 @@ from kapbit import (
     WorkflowNotFound,
     WorkflowRejected,
 )
-from kapbit.codecs import JsonCodec
 from kapbit.events import WorkflowCreated
 from kapbit.forwarding import (
     Answer,
@@ -41,35 +40,8 @@ from kapbit.log_reader import decode_event
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog, RequestRecord
+from tests.forwarding_workflows import BROKEN, CODEC, ENTERED, GREET, HELD, greet
 from tests.helpers import fast_options, wait_until
-
-CODEC = JsonCodec()
-HELD: dict[str, asyncio.Event] = {}
-ENTERED: dict[str, asyncio.Event] = {}
-
-
-async def greet(name: str, _progress: Progress) -> Success[str]:
-    if name in HELD:
-        ENTERED[name].set()
-        await HELD[name].wait()
-    return Success(f"hello {name}")
-
-
-GREET = Definition(
-    "greet",
-    steps=[Step(greet)],
-    result=lambda _name, progress: progress.value(0),
-    input_type=str,
-    outcome_type=str,
-    result_type=str,
-)
-
-
-def broken(_name: str, _progress: Progress) -> Any:
-    return 42
-
-
-BROKEN = Definition("broken", steps=[Step(broken)], input_type=str)
 
 
 def down(_name: str, _progress: Progress) -> None:

@@ -31,7 +31,7 @@ from kapbit.repository.kafka.clients import (
 from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.fencing import Confirmer, PartitionFence
 from kapbit.repository.kafka.outbox import Outboxes
-from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset, fetch_records
+from kapbit.repository.kafka.reads import Lane, end_offset, fetch_records, follow
 from kapbit.repository.kafka.records import to_record
 
 #: Room for the record's key, headers and batch framing above ``max_payload``.
@@ -266,21 +266,11 @@ class KafkaRepository:
             async for batch in fetch_records(reader, tp, start, stop, self.read_timeout):
                 yield batch
 
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        consumer = self._new_consumer()
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
         tp = TopicPartition(self.topic, partition)
-        try:
-            with transient(f"following partition {partition} failed"):
-                await consumer.start()
-                consumer.assign([tp])
-                consumer.seek(tp, max(start, 0))
-                while True:
-                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
-                    batch = [to_record(partition, message) for message in fetched.get(tp, ())]
-                    if batch:
-                        yield batch
-        finally:
-            await consumer.stop()
+        return follow(
+            self._new_consumer, tp, start, to_record, f"following partition {partition} failed"
+        )
 
     async def end_offset(self, partition: int) -> int:
         reader = self._started(partition).reader

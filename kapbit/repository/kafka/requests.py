@@ -27,8 +27,8 @@ from kapbit.repository.kafka.clients import (
     stop_clients,
     with_defaults,
 )
-from kapbit.repository.kafka.errors import BROKER_ERRORS, append_error, transient
-from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset
+from kapbit.repository.kafka.errors import BROKER_ERRORS, append_error
+from kapbit.repository.kafka.reads import Lane, end_offset, follow
 from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
 from kapbit.request_log import REQUEST_KINDS, RequestRecord
 
@@ -136,22 +136,16 @@ class KafkaRequestLog:
         offset: int = metadata.offset
         return offset
 
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
         self._started(partition)
-        consumer = self._consumer(_TAIL_WAIT_MS)
         tp = TopicPartition(self.topic, partition)
-        try:
-            with transient(f"following request partition {partition} failed"):
-                await consumer.start()
-                consumer.assign([tp])
-                consumer.seek(tp, max(start, 0))
-                while True:
-                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
-                    batch = [_record(partition, message) for message in fetched.get(tp, ())]
-                    if batch:
-                        yield batch
-        finally:
-            await consumer.stop()
+        return follow(
+            lambda: self._consumer(_TAIL_WAIT_MS),
+            tp,
+            start,
+            _record,
+            f"following request partition {partition} failed",
+        )
 
     async def end_offset(self, partition: int) -> int:
         _, lane = self._started(partition)
