@@ -519,3 +519,28 @@ async def test_a_forwarded_call_not_taken_within_the_bound_is_503_not_a_202(
         placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
         assert placed.status_code == 201  # created by the waiting request or this one
         assert _created(group.repository) == 1
+
+
+def test_group_mode_from_the_environment_needs_a_base_url_to_redirect_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KAPBIT_ROUTING", raising=False)
+    monkeypatch.delenv("KAPBIT_ENDPOINT", raising=False)
+    monkeypatch.delenv("KAPBIT_GROUP", raising=False)
+    assert example.group_from_env() is None
+    monkeypatch.setenv("KAPBIT_GROUP", "orders-web")
+    for endpoint in (None, "10.0.0.7:8000"):
+        if endpoint is not None:
+            monkeypatch.setenv("KAPBIT_ENDPOINT", endpoint)
+        with pytest.raises(ValueError, match="KAPBIT_ENDPOINT must be this replica's base URL"):
+            example.group_from_env()
+    monkeypatch.setenv("KAPBIT_ENDPOINT", "http://10.0.0.7:8000")
+    group = example.group_from_env()
+    assert group is not None
+    assert (group.name, group.endpoint) == ("orders-web", "http://10.0.0.7:8000")
+    monkeypatch.delenv("KAPBIT_ENDPOINT")
+    monkeypatch.setenv("KAPBIT_ROUTING", "log")  # forwarding in the log needs no URL
+    assert example.group_from_env() == example.GroupOptions("orders-web")
+    monkeypatch.setenv("KAPBIT_ROUTING", "carrier-pigeon")
+    with pytest.raises(ValueError, match="KAPBIT_ROUTING must be"):
+        example.requests_from_env()
