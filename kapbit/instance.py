@@ -571,6 +571,10 @@ class Kapbit(AsyncResource):
             if not await supervisor.close(drain):
                 # A task ignored cancellation: whatever it does later is not written.
                 self._fence.stop(f"instance {self.node_id} closed")
+            # Nothing runs here any more: whoever waits for a workflow the drain did not end
+            # (a caller, a forwarded request being served) learns it now, not after the
+            # grace periods below; the next owner finishes it.
+            supervisor.fail_all(self._closed_error())
         if self._request_server is not None and self._fence.error is None:
             await self._request_server.drain(CANCEL_GRACE)  # answer what drained
         await self._stop_requests()
@@ -587,15 +591,17 @@ class Kapbit(AsyncResource):
             # Written and saved all it will: now leave, so the others take over at once.
             await self._placement.close()
         if supervisor is not None:
-            supervisor.fail_all(
-                self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
-            )
+            supervisor.fail_all(self._closed_error())
         if self._state != "fenced":
             self._state = "closed"
         self._stop_watching()
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
+
+    def _closed_error(self) -> KapbitError:
+        """What callers of workflows this instance stopped driving get when it closes."""
+        return self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
 
     def abort(self) -> None:
         """Abandon the instance as a crash (SIGKILL) would: every task is cancelled at
