@@ -703,6 +703,11 @@ class Cluster:
         self.retired.append(worker)
         return worker
 
+    async def busy(self, label: str, workflows: int, timeout: float) -> None:
+        """Wait until worker ``label`` runs at least ``workflows`` workflows."""
+        worker = self.workers[label]
+        await worker.until(lambda: worker.busy >= workflows, f"{workflows} in flight", timeout)
+
     async def owned_by_live(self, timeout: float) -> float:
         """Wait until the live workers own every partition between them, each once, and
         each of them some; how long it took since the last start, kill or stop."""
@@ -889,28 +894,32 @@ async def rolling_restart(cluster: Cluster, load: int, settle: float) -> Scenari
 
 
 async def forward_under_rebalance(
-    cluster: Cluster, load: int, settle: float, busy: int
+    cluster: Cluster, rounds: int, load: int, settle: float, busy: int
 ) -> ScenarioReport:
-    """Three workers making the mixed load, mostly for ids owned by the others (forwarded):
-    SIGKILL B, start it again, then stop C gracefully while it runs at least ``busy``
-    workflows (its workers close under them: ``--close-now``); each time the survivors own
-    every partition and make progress."""
+    """Three workers making the mixed load, mostly for ids owned by the others (forwarded);
+    per round: SIGKILL B, start it again, then stop C gracefully while it runs at least
+    ``busy`` workflows (it closes under them: ``--close-now``), and start C again but after
+    the last round; each time the survivors own every partition and make progress."""
     settled = []
     for label in "ABC":
         await cluster.start(label)
     settled.append(await cluster.owned_by_live(settle))
     await cluster.progress(load)
-    await cluster.kill("B")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
-    await cluster.start("B")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
-    stopping = cluster.workers["C"]
-    await stopping.until(lambda: stopping.busy >= busy, f"{busy} workflows in flight", settle)
-    await cluster.stop("C")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
+    for round_ in range(rounds):
+        await cluster.kill("B")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.start("B")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.busy("C", busy, settle)
+        await cluster.stop("C")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        if round_ < rounds - 1:
+            await cluster.start("C")
+            settled.append(await cluster.owned_by_live(settle))
+            await cluster.progress(load)
     return await finish(cluster, settled)
 
 
