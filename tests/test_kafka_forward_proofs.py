@@ -5,9 +5,10 @@ flight.
 Three worker processes (:mod:`tests.group_worker`, ``--mix --forward``) share one topic and
 keep a mixed load of calls in flight, three in four for ids whose partition another
 instance owns: ``exec_workflow`` and ``start_workflow`` (then the handle's ``result()``) of
-fresh ids, ``get_workflow(id).result()``, ``exec_workflow`` with ``on_duplicate="attach"``
-and ``"raise"`` of ids whose creation was acknowledged, and ``get_workflow`` of ids never
-created. Meanwhile B is SIGKILLed and started again, then C is stopped gracefully while it
+fresh ids, ``get_workflow(id).result()``, a kept handle's ``result()``, ``status()``,
+``exec_workflow`` with ``on_duplicate="attach"`` and ``"raise"`` of ids whose creation was
+acknowledged, and ``get_workflow`` of ids never created (:class:`tests.group_worker.Mixer`).
+Meanwhile B is SIGKILLed and started again, then C is stopped gracefully while it
 runs workflows mid-step (its instance closes under them, with a close timeout shorter than
 a workflow). Every answer is checked against the log read back
 (:func:`tests.group_worker.audit_answers`): the right result for its id, or a typed kapbit
@@ -91,7 +92,7 @@ def _check(report: ScenarioReport, cluster: Cluster) -> None:
     assert answers.wrong == [], f"{answers.wrong[:20]}: {answers.summary()}"
     report.audit.assert_clean()
     # The load was what it claims: forwarded calls of every kind were answered with results.
-    for op in ("exec", "started", "get", "handle", "attach"):
+    for op in ("exec", "started", "get", "handle", "attach", "status"):
         assert answers.count(op=op, route="remote", kind="result") > 0, answers.summary()
     assert answers.count(op="dup", route="remote", kind="DuplicateWorkflow") > 0
     assert answers.count(op="unknown", route="remote", kind="WorkflowNotFound") > 0
