@@ -197,9 +197,18 @@ def partitions_from_env() -> int | None:
 
 def group_from_env() -> GroupOptions | None:
     """Group mode when ``KAPBIT_GROUP`` names a group; this replica advertises
-    ``KAPBIT_ENDPOINT``, its base URL (``http://host:port``), to the others."""
-    name = os.environ.get("KAPBIT_GROUP")
-    return GroupOptions(name, endpoint=os.environ.get("KAPBIT_ENDPOINT")) if name else None
+    ``KAPBIT_ENDPOINT``, its base URL (``http://host:port``), to the others. Redirecting
+    needs it: a redirect goes there."""
+    name, endpoint = os.environ.get("KAPBIT_GROUP"), os.environ.get("KAPBIT_ENDPOINT")
+    if not name:
+        return None
+    redirecting = os.environ.get("KAPBIT_ROUTING", "redirect") == "redirect"
+    if redirecting and not (endpoint or "").startswith(("http://", "https://")):
+        raise ValueError(
+            f"KAPBIT_ENDPOINT must be this replica's base URL (http://host:port) when "
+            f"KAPBIT_GROUP is set and KAPBIT_ROUTING is redirect, got {endpoint!r}"
+        )
+    return GroupOptions(name, endpoint=endpoint)
 
 
 def requests_from_env() -> RequestLog | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from kapbit import (
     Success,
     partition_for,
 )
+from kapbit.fencing import OwnerTracker
 from kapbit.repository import MemRepository
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.request_log import MemRequestLog
@@ -431,15 +432,57 @@ async def test_with_a_request_log_kapbit_forwards_instead_of_redirecting(tmp_pat
         assert _created(group.repository) == 1
 
 
-async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
-    kafka_bootstrap: str, topic: str, tmp_path: Path
-) -> None:
-    """Two replicas in one consumer group on the real broker: each learns from the group
-    which partitions the other owns and at which endpoint."""
+class Server(httpx.AsyncBaseTransport):
+    """An ASGI app behind a server, as uvicorn runs it: :meth:`stop` refuses new
+    connections and waits for the requests in flight; the app's lifespan shutdown comes
+    after that."""
 
+    def __init__(self, app: Any) -> None:
+        self._app = httpx.ASGITransport(app=app)
+        self._listening = True
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # A connection is a suspension point. Without one, a request the app answers
+        # without waiting (a redirect) never lets the event loop run, and a client
+        # following redirects between the two replicas would starve the rebalance.
+        await asyncio.sleep(0)
+        if not self._listening:
+            raise httpx.ConnectError("connection refused", request=request)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._app.handle_async_request(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def stop(self) -> None:
+        self._listening = False
+        await self._idle.wait()
+
+
+@dataclass
+class KafkaReplicas:
+    """Two replicas in one consumer group on the broker, settled: one partition each."""
+
+    a: Kapbit
+    b: Kapbit
+    http: httpx.AsyncClient
+    servers: dict[str, Server]
+    stack: AsyncExitStack  # b's lifespan: closing it stops b's kapbit (after its server)
+
+
+@asynccontextmanager
+async def kafka_replicas(
+    bootstrap: str, topic: str, tmp_path: Path
+) -> AsyncIterator[KafkaReplicas]:
     def replica(url: str, db: str) -> Any:
         return example.create_app(
-            KafkaRepository(kafka_bootstrap, topic, partitions=2),
+            KafkaRepository(bootstrap, topic, partitions=2),
             tmp_path / db,
             Options(close_timeout=2.0, start_timeout=30.0),
             group=GroupOptions(
@@ -448,10 +491,14 @@ async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
         )
 
     apps = {A: replica(A, "a.db"), B: replica(B, "b.db")}
-    mounts: dict[str, httpx.AsyncBaseTransport] = {
-        url: httpx.ASGITransport(app=app) for url, app in apps.items()
-    }
-    async with lifespan(apps[A]), lifespan(apps[B]), httpx.AsyncClient(mounts=mounts) as http:
+    servers = {url: Server(app) for url, app in apps.items()}
+    mounts: dict[str, httpx.AsyncBaseTransport] = dict(servers)
+    async with (
+        lifespan(apps[A]),
+        AsyncExitStack() as stack,
+        httpx.AsyncClient(mounts=mounts) as http,
+    ):
+        await stack.enter_async_context(lifespan(apps[B]))
         a: Kapbit = apps[A].state.orders.kapbit
         b: Kapbit = apps[B].state.orders.kapbit
 
@@ -465,6 +512,16 @@ async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
             )
 
         await wait_until(settled, timeout=30)
+        yield KafkaReplicas(a, b, http, servers, stack)
+
+
+async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    """Two replicas in one consumer group on the real broker: each learns from the group
+    which partitions the other owns and at which endpoint."""
+    async with kafka_replicas(kafka_bootstrap, topic, tmp_path) as group:
+        a, b, http = group.a, group.b, group.http
         key = _id_in(min(b.owned_partitions))
         body = {"sku": "book", "qty": 1}
         moved = await http.post(f"{A}/orders", json=body, headers=_key(key))
@@ -477,6 +534,97 @@ async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
         assert (a.stats.started, b.stats.started) == (0, 1)
         shown = await http.get(f"{A}/orders/{key}", follow_redirects=True)
         assert (str(shown.url), shown.json()["status"]) == (f"{B}/orders/{key}", "succeeded")
+
+
+async def test_on_kafka_while_a_replica_stops_its_keys_are_redirected_refused_or_placed_once(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    """b stops gracefully (its server first, then its kapbit: the group hands b's
+    partition to a) while clients keep placing orders of b's partition through a and b.
+    Every answer is a redirect to the other replica, a 503 with Retry-After, or the right
+    receipt (a refused connection sends the client to a); in the end a owns the partition
+    and every order is in the log exactly once."""
+    async with kafka_replicas(kafka_bootstrap, topic, tmp_path) as group:
+        a, http = group.a, group.http
+        partition = min(group.b.owned_partitions)
+        keys = (k for k in (f"s-{n}" for n in range(100_000)) if partition_for(k, 2) == partition)
+        answers: list[tuple[str, int]] = []
+        placed: list[str] = []
+        b_placed = asyncio.Event()  # b has placed a few orders: stop it then
+        enough = asyncio.Event()  # a has placed a few after the hand-over: stop the clients
+
+        async def place(key: str, via: str) -> None:
+            """A client placing one order: retries until it gets 201, as told."""
+            while True:
+                try:
+                    answer = await http.post(
+                        f"{via}/orders", json={"sku": "s", "qty": 1}, headers=_key(key)
+                    )
+                except httpx.ConnectError:  # b's server stopped: the balancer picks a
+                    assert via == B
+                    via = A
+                    await asyncio.sleep(0.05)  # the client's backoff
+                    continue
+                answers.append((via, answer.status_code))
+                if answers.count((B, 201)) >= 3:
+                    b_placed.set()
+                if answer.status_code == 201:
+                    assert answer.json()["result"] == {
+                        "order": key,
+                        "status": "shipped",
+                        "tracking": f"TRK-{key}",
+                    }
+                    return
+                if answer.status_code == 307:
+                    other = B if via == A else A
+                    assert answer.headers["location"] == f"{other}/orders"
+                    via = other  # follow it
+                else:
+                    assert answer.status_code == 503, answer.text
+                    assert answer.headers["retry-after"]
+                    via = A  # b is going away: a client's balancer sends it to a
+                    await asyncio.sleep(0.05)
+
+        async def client(via: str) -> None:
+            """Places one new order after another, first through ``via``."""
+            while not enough.is_set():
+                key = next(keys)
+                await place(key, via)
+                placed.append(key)
+
+        clients = [asyncio.create_task(client(A if n % 2 else B)) for n in range(4)]
+        await asyncio.wait_for(b_placed.wait(), 30)
+        await asyncio.wait_for(group.servers[B].stop(), 30)  # b stops: server, then kapbit
+        await group.stack.aclose()
+        await wait_until(lambda: a.owned_partitions == frozenset({0, 1}), timeout=30)
+        after = len(placed)
+        await wait_until(lambda: len(placed) >= after + 8, timeout=30)
+        enough.set()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+
+        assert {code for _, code in answers} <= {201, 307, 503}
+        assert (A, 307) in answers and (B, 201) in answers and (A, 201) in answers
+        created = await _created_on_kafka(kafka_bootstrap, topic)
+        assert {key: created.get(key) for key in placed} == dict.fromkeys(placed, 1)
+        assert set(created) == set(placed)  # and nothing else
+
+
+async def _created_on_kafka(bootstrap: str, topic: str) -> dict[str, int]:
+    """WorkflowCreated records per id, writes of a replaced writer left out."""
+    reader = KafkaRepository(bootstrap, topic)
+    await reader.start()
+    try:
+        counts: dict[str, int] = {}
+        for partition in range(reader.partitions):
+            owners = OwnerTracker("")
+            end = await reader.end_offset(partition)
+            async for batch in reader.read(partition, 0, end):
+                for record in batch:
+                    if owners.admit(record) and record.kind == "workflow_created":
+                        counts[record.key] = counts.get(record.key, 0) + 1
+        return counts
+    finally:
+        await reader.close()
 
 
 async def test_a_forwarded_call_nobody_answers_gets_503_and_a_retry_places_it_once(
@@ -519,3 +667,28 @@ async def test_a_forwarded_call_not_taken_within_the_bound_is_503_not_a_202(
         placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
         assert placed.status_code == 201  # created by the waiting request or this one
         assert _created(group.repository) == 1
+
+
+def test_group_mode_from_the_environment_needs_a_base_url_to_redirect_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KAPBIT_ROUTING", raising=False)
+    monkeypatch.delenv("KAPBIT_ENDPOINT", raising=False)
+    monkeypatch.delenv("KAPBIT_GROUP", raising=False)
+    assert example.group_from_env() is None
+    monkeypatch.setenv("KAPBIT_GROUP", "orders-web")
+    for endpoint in (None, "10.0.0.7:8000"):
+        if endpoint is not None:
+            monkeypatch.setenv("KAPBIT_ENDPOINT", endpoint)
+        with pytest.raises(ValueError, match="KAPBIT_ENDPOINT must be this replica's base URL"):
+            example.group_from_env()
+    monkeypatch.setenv("KAPBIT_ENDPOINT", "http://10.0.0.7:8000")
+    group = example.group_from_env()
+    assert group is not None
+    assert (group.name, group.endpoint) == ("orders-web", "http://10.0.0.7:8000")
+    monkeypatch.delenv("KAPBIT_ENDPOINT")
+    monkeypatch.setenv("KAPBIT_ROUTING", "log")  # forwarding in the log needs no URL
+    assert example.group_from_env() == example.GroupOptions("orders-web")
+    monkeypatch.setenv("KAPBIT_ROUTING", "carrier-pigeon")
+    with pytest.raises(ValueError, match="KAPBIT_ROUTING must be"):
+        example.requests_from_env()
