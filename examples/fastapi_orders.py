@@ -2,13 +2,18 @@
 
     POST /orders          header ``Idempotency-Key: <key>`` (the order's workflow id), body
                           {"sku": "book", "qty": 1, "card": "ok"}
-                          201 done (succeeded or compensated), with the receipt
+                          201 done (succeeded or compensated), with the receipt; a POST
+                              repeating a key answers with the order placed under it
+                              (kapbit's attach: it is not placed twice)
                           202 a service was down: kapbit retries it; poll ``status_url``
-                          409 the key was used already (the answer names its status URL)
+                          307 group mode: another instance owns the key (``Location``)
+                          409 the key names a workflow of another type
                           422 invalid body or key (FastAPI's validation)
                           503 gate closed, too many in flight, instance stopping or
-                              replaced; ``Retry-After`` says when to try again
-    GET  /orders/{key}    the order's status, from the status read model; 404
+                              replaced, no owner of the key known (a rebalance);
+                              ``Retry-After`` says when to try again
+    GET  /orders/{key}    the order's status, from the status read model; 404; in group
+                          mode 307 to the key's owner when another instance owns it
     GET  /orders?status=  the orders in a status (all without it)
 
 Statuses are the read model's (:class:`~kapbit.projection.WorkflowStatus`): ``running``,
@@ -20,6 +25,17 @@ follows the log into it, and stops them in reverse order. ``card`` picks how the
 goes: "ok", "declined" (a business failure: the stock reservation is compensated) or
 "flaky" (the payment service is down once: the order is retried, then succeeds).
 
+Several replicas share one Kafka topic in group mode (``KAPBIT_GROUP``, with
+``KAPBIT_ENDPOINT`` the base URL this replica advertises to the others). A request for a
+key whose partition another replica owns reaches the owner in one of two ways:
+
+- ``KAPBIT_ROUTING=redirect`` (the default): routing at the edge. The answer is
+  ``307 Temporary Redirect`` to the same path on the owner's endpoint, which a client (or
+  the edge proxy) follows with the same method, body and ``Idempotency-Key``; while no
+  replica is known to own the key (a rebalance) it is ``503`` with ``Retry-After``.
+- ``KAPBIT_ROUTING=log``: kapbit forwards the call through the request log
+  ``<topic>-requests`` and this replica answers with the owner's answer; no redirect.
+
 Run it::
 
     pip install -e '.[examples]'
@@ -27,6 +43,14 @@ Run it::
     KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders \\
         uvicorn --app-dir examples fastapi_orders:app
     curl -i -X POST localhost:8000/orders -H 'Idempotency-Key: order-1' \\
+         -H 'content-type: application/json' -d '{"sku": "book", "qty": 1}'
+    # two replicas in group mode, each advertising its own base URL:
+    export KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders KAPBIT_GROUP=orders-web
+    KAPBIT_ENDPOINT=http://localhost:8001 uvicorn --app-dir examples --port 8001 \\
+        fastapi_orders:app &
+    KAPBIT_ENDPOINT=http://localhost:8002 uvicorn --app-dir examples --port 8002 \\
+        fastapi_orders:app &
+    curl -iL -X POST localhost:8001/orders -H 'Idempotency-Key: order-2' \\
          -H 'content-type: application/json' -d '{"sku": "book", "qty": 1}'
 
 On Kafka an existing topic is used with the partitions it has; ``KAPBIT_PARTITIONS``
@@ -46,7 +70,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from orders import ORDER, Order
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,17 +78,21 @@ from kapbit import (
     DuplicateWorkflow,
     Fenced,
     GateClosed,
+    GroupOptions,
     InstanceClosed,
     Kapbit,
     KapbitError,
+    NotOwner,
     Options,
     PayloadTooLarge,
+    Placement,
     TooManyWorkflows,
     WillRetryLater,
     WorkflowRejected,
 )
 from kapbit.projection import Projector, StatusModel, WorkflowRow, WorkflowStatus
 from kapbit.repository import MemRepository, Repository
+from kapbit.request_log import RequestLog
 
 # --- HTTP models -------------------------------------------------------------------------------
 
@@ -95,6 +123,7 @@ RETRY_AFTER: dict[type[KapbitError], int] = {
     TooManyWorkflows: 1,  # in-flight workflows finish in moments
     InstanceClosed: 5,  # stopping: another instance (or this one, restarted) takes over
     Fenced: 5,  # replaced by another instance
+    NotOwner: 1,  # a rebalance: the group settles in seconds
 }
 
 # --- the app -----------------------------------------------------------------------------------
@@ -107,6 +136,7 @@ class Orders:
     kapbit: Kapbit
     model: StatusModel
     projector: Projector
+    redirect: bool  # group mode without a request log: 307 to the owner of a key
 
     async def status_after(self, order_id: str) -> str:
         """The order's status once the projector has seen what this request did."""
@@ -128,28 +158,74 @@ def repository_from_env() -> Repository:
     return KafkaRepository(bootstrap, topic, partitions=int(partitions) if partitions else None)
 
 
+def group_from_env() -> GroupOptions | None:
+    """Group mode when ``KAPBIT_GROUP`` names a group; this replica advertises
+    ``KAPBIT_ENDPOINT``, its base URL (``http://host:port``), to the others."""
+    name = os.environ.get("KAPBIT_GROUP")
+    return GroupOptions(name, endpoint=os.environ.get("KAPBIT_ENDPOINT")) if name else None
+
+
+def requests_from_env() -> RequestLog | None:
+    """The request log ``<topic>-requests`` when ``KAPBIT_ROUTING=log``: kapbit forwards
+    calls for keys owned elsewhere (the default, ``redirect``, answers 307 instead)."""
+    routing = os.environ.get("KAPBIT_ROUTING", "redirect")
+    if routing not in ("redirect", "log"):
+        raise ValueError(f"KAPBIT_ROUTING must be 'redirect' or 'log', got {routing!r}")
+    bootstrap, topic = os.environ.get("KAPBIT_BOOTSTRAP"), os.environ.get("KAPBIT_TOPIC")
+    if routing == "redirect" or not (bootstrap and topic):
+        return None
+    from kapbit.repository.kafka import KafkaRequestLog
+
+    return KafkaRequestLog(bootstrap, topic)
+
+
+def to_owner(request: Request, owner: str | None, here: str | None) -> Response:
+    """The answer to a request for a key another replica owns: ``307`` to the same path
+    on the owner's endpoint, or ``503`` while no other replica is known to own the key (a
+    rebalance is under way, or this replica is still taking the key's partition over)."""
+    if owner is None or owner == here:
+        return JSONResponse(
+            {"detail": "the order's owner is changing; try again"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER[NotOwner])},
+        )
+    url = owner.rstrip("/") + request.url.path
+    if request.url.query:
+        url += f"?{request.url.query}"
+    return RedirectResponse(url, status_code=307)
+
+
 def create_app(
     repository: Repository | None = None,
     db_path: str | os.PathLike[str] | None = None,
     options: Options | None = None,
+    *,
+    group: GroupOptions | Placement | None = None,
+    requests: RequestLog | None = None,
 ) -> FastAPI:
-    """The order service on ``repository`` (default: from the environment)."""
+    """The order service on ``repository`` (default: from the environment). With
+    ``group`` it is one replica of several sharing the log; given ``requests`` (a request
+    log), kapbit forwards calls for keys another replica owns, else the answer is a 307
+    to that replica. Without ``repository`` all three come from the environment."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        repo = repository or repository_from_env()
+        repo, placed, forwarded = repository, group, requests
+        if repo is None:
+            repo, placed, forwarded = repository_from_env(), group_from_env(), requests_from_env()
         with contextlib.ExitStack() as files:
             path = db_path or os.environ.get("KAPBIT_STATUS_DB")
             if path is None:
                 directory = files.enter_context(tempfile.TemporaryDirectory(prefix="orders-"))
                 path = os.path.join(directory, "status.db")
             async with (
-                Kapbit([ORDER], repo, options=options) as kbit,
+                Kapbit([ORDER], repo, options=options, group=placed, requests=forwarded) as kbit,
                 StatusModel(path) as model,
                 Projector(repo, model, definitions=[ORDER]) as projector,
             ):
                 follower = asyncio.create_task(projector.run(), name="orders-projector")
-                app.state.orders = Orders(kbit, model, projector)
+                redirect = placed is not None and forwarded is None
+                app.state.orders = Orders(kbit, model, projector, redirect)
                 try:
                     yield
                 finally:
@@ -163,12 +239,15 @@ def create_app(
         return found
 
     @app.post("/orders", status_code=201)
-    async def place_order(body: OrderIn, key: IdempotencyKey, request: Request) -> JSONResponse:
+    async def place_order(body: OrderIn, key: IdempotencyKey, request: Request) -> Response:
         service = orders(request)
         url = f"/orders/{key}"
         order = Order(key, body.sku, body.qty, body.card)
         try:
-            result = await service.kapbit.exec_workflow(ORDER, key, order)
+            # a client retrying its POST gets the order placed under the key: attach
+            result = await service.kapbit.exec_workflow(ORDER, key, order, on_duplicate="attach")
+        except NotOwner as elsewhere:  # group mode, no request log: the client goes there
+            return to_owner(request, elsewhere.endpoint, service.kapbit.endpoint)
         except WillRetryLater:
             status = await service.status_after(key)
             return JSONResponse(
@@ -176,9 +255,9 @@ def create_app(
                 status_code=202,
                 headers={"Location": url},
             )
-        except DuplicateWorkflow:
+        except DuplicateWorkflow:  # the key names a workflow of another type
             return JSONResponse(
-                {"detail": f"order {key!r} was already placed", "status_url": url},
+                {"detail": f"key {key!r} is taken by another workflow", "status_url": url},
                 status_code=409,
             )
         except (GateClosed, TooManyWorkflows, InstanceClosed, Fenced) as exc:
@@ -198,9 +277,14 @@ def create_app(
             headers={"Location": url},
         )
 
-    @app.get("/orders/{key}")
-    async def order_status(key: str, request: Request) -> dict[str, Any]:
-        row = await orders(request).model.get(key)
+    @app.get("/orders/{key}", response_model=None)
+    async def order_status(key: str, request: Request) -> dict[str, Any] | Response:
+        service = orders(request)
+        if service.redirect:  # ask the owner, whose POST waited for its read model
+            owner, here = service.kapbit.owner_of(key), service.kapbit.endpoint
+            if not owner.local and owner.endpoint not in (None, here):
+                return to_owner(request, owner.endpoint, here)
+        row = await service.model.get(key)
         if row is None:
             raise HTTPException(status_code=404, detail=f"no order {key!r}")
         return _document(row)

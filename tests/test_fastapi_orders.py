@@ -6,15 +6,30 @@ import asyncio
 import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
 
-from kapbit import Backoff, Kapbit, Options, RetryPolicy
+from kapbit import (
+    Backoff,
+    Definition,
+    GroupOptions,
+    Kapbit,
+    Options,
+    RetryPolicy,
+    Step,
+    Success,
+    partition_for,
+)
 from kapbit.repository import MemRepository
-from tests.helpers import load_example
+from kapbit.repository.kafka import KafkaRepository
+from kapbit.request_log import MemRequestLog
+from kapbit.testing import ManualPlacement
+from tests.helpers import load_example, wait_until
 
 example = load_example("fastapi_orders")
 FAST = Options(retry=RetryPolicy(fast=Backoff(initial=0.001, maximum=0.002, jitter=0.001)))
@@ -70,6 +85,10 @@ def _key(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
 
 
+def _noop(_input: str, _progress: Any) -> Success[None]:
+    return Success(None)
+
+
 async def test_an_order_that_ships(shop: tuple[Any, httpx.AsyncClient]) -> None:
     _, http = shop
     placed = await http.post("/orders", json={"sku": "book", "qty": 2}, headers=_key("o-1"))
@@ -110,11 +129,23 @@ async def test_the_key_is_the_workflow_id_and_runs_once(
     app, http = shop
     first = await http.post("/orders", json={"sku": "a", "qty": 1}, headers=_key("k-1"))
     assert first.status_code == 201
+    # a client retrying (even with another body) gets the order placed under the key
     again = await http.post("/orders", json={"sku": "b", "qty": 9}, headers=_key("k-1"))
-    assert again.status_code == 409
-    assert again.json()["status_url"] == "/orders/k-1"
+    assert (again.status_code, again.json()) == (201, first.json())
     assert app.state.orders.kapbit.stats.started == 1
     assert len((await http.get("/orders")).json()) == 1
+
+
+async def test_a_key_taken_by_another_workflow_type_gets_409(tmp_path: Path) -> None:
+    repo = MemRepository()
+    other = Definition("other", steps=[Step(_noop)], input_type=str)
+    async with Kapbit([other, example.ORDER], repo) as kbit:  # the log holds an "other"
+        await kbit.exec_workflow(other, "k-2", "x")
+    async with serve(repo, tmp_path / "s.db", FAST) as (app, http):
+        taken = await http.post("/orders", json={"sku": "a", "qty": 1}, headers=_key("k-2"))
+        assert taken.status_code == 409
+        assert "another workflow" in taken.json()["detail"]
+        assert app.state.orders.kapbit.stats.started == 0
 
 
 async def test_a_payment_outage_answers_202_and_is_retried(
@@ -216,3 +247,198 @@ async def test_listing_by_status(shop: tuple[Any, httpx.AsyncClient]) -> None:
     shipped = (await http.get("/orders", params={"status": "succeeded"})).json()
     assert [row["id"] for row in shipped] == ["l-1", "l-3"]
     assert [row["id"] for row in (await http.get("/orders")).json()] == ["l-1", "l-2", "l-3"]
+
+
+# --- group mode: two replicas sharing one log --------------------------------------------------
+
+A, B = "http://a.shop", "http://b.shop"
+
+
+def _id_in(partition: int) -> str:
+    """An order key of log ``partition`` (of 2)."""
+    return next(f"g-{n}" for n in range(100) if partition_for(f"g-{n}", 2) == partition)
+
+
+def _created(repository: MemRepository) -> int:
+    return sum(record.kind == "workflow_created" for record in repository.records())
+
+
+@dataclass
+class Replicas:
+    """Two replicas of the service on one 2-partition log: ``a`` owns partition 0, ``b``
+    partition 1 (placed by hand, as a consumer group would); ``http`` reaches both."""
+
+    repository: MemRepository
+    placements: dict[str, ManualPlacement]
+    apps: dict[str, Any]
+    http: httpx.AsyncClient
+
+    def kapbit(self, replica: str) -> Kapbit:
+        found: Kapbit = self.apps[replica].state.orders.kapbit
+        return found
+
+
+@asynccontextmanager
+async def replicas(
+    tmp_path: Path, requests: MemRequestLog | None = None
+) -> AsyncIterator[Replicas]:
+    repository = MemRepository(partitions=2)
+    placements = {A: ManualPlacement(A), B: ManualPlacement(B)}
+    placements[A].change(assign=[0], owners={1: B})
+    placements[B].change(assign=[1], owners={0: A})
+    apps = {
+        url: example.create_app(
+            repository, tmp_path / f"{n}.db", FAST, group=placements[url], requests=requests
+        )
+        for n, url in enumerate((A, B))
+    }
+    mounts: dict[str, httpx.AsyncBaseTransport] = {
+        url: httpx.ASGITransport(app=app) for url, app in apps.items()
+    }
+    async with lifespan(apps[A]), lifespan(apps[B]), httpx.AsyncClient(mounts=mounts) as http:
+        yield Replicas(repository, placements, apps, http)
+
+
+async def test_a_key_owned_by_the_other_replica_is_redirected_there(tmp_path: Path) -> None:
+    async with replicas(tmp_path) as group:
+        http, key = group.http, _id_in(1)  # b's
+        body = {"sku": "book", "qty": 2}
+        moved = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert moved.status_code == 307
+        assert moved.headers["location"] == f"{B}/orders"
+        assert _created(group.repository) == 0  # a wrote nothing
+
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key), follow_redirects=True)
+        assert [r.status_code for r in placed.history] == [307]
+        assert (placed.status_code, str(placed.url)) == (201, f"{B}/orders")
+        assert placed.json()["result"] == {
+            "order": key,
+            "status": "shipped",
+            "tracking": f"TRK-{key}",
+        }
+        assert (group.kapbit(A).stats.started, group.kapbit(B).stats.started) == (0, 1)
+
+        # a client retrying its POST, through either replica, attaches to the order
+        for replica in (A, B):
+            again = await http.post(
+                f"{replica}/orders", json=body, headers=_key(key), follow_redirects=True
+            )
+            assert (again.status_code, again.json()) == (201, placed.json())
+        assert _created(group.repository) == 1
+
+        shown = await http.get(f"{A}/orders/{key}")
+        assert (shown.status_code, shown.headers["location"]) == (307, f"{B}/orders/{key}")
+        followed = await http.get(f"{A}/orders/{key}", follow_redirects=True)
+        assert (followed.status_code, followed.json()["status"]) == (200, "succeeded")
+
+        mine = _id_in(0)  # a's own keys are answered where they arrive
+        local = await http.post(f"{A}/orders", json=body, headers=_key(mine))
+        assert (local.status_code, group.kapbit(A).stats.started) == (201, 1)
+        assert (await http.get(f"{A}/orders/{mine}")).status_code == 200
+
+
+async def test_during_a_rebalance_a_key_without_owner_gets_503(tmp_path: Path) -> None:
+    async with replicas(tmp_path) as group:
+        http, key, body = group.http, _id_in(1), {"sku": "pen", "qty": 1}
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key), follow_redirects=True)
+        assert placed.status_code == 201
+
+        # b gives partition 1 up; nobody owns it yet, and a knows it
+        group.placements[B].change(revoke=[1], owners={1: None})
+        group.placements[A].change(owners={1: None})
+        await group.placements[B].applied()
+        await group.placements[A].applied()
+        for replica in (A, B):
+            refused = await http.post(f"{replica}/orders", json=body, headers=_key(_id_in(1)))
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert "owner" in refused.json()["detail"]
+        assert _created(group.repository) == 1  # nothing written
+        # a read needs no owner: the read model answers
+        shown = await http.get(f"{A}/orders/{key}")
+        assert (shown.status_code, shown.json()["status"]) == (200, "succeeded")
+
+        # a takes partition 1 over; b learns the new owner
+        group.placements[A].change(assign=[1])
+        group.placements[B].change(owners={1: A})
+        await group.placements[A].applied()
+        await group.placements[B].applied()
+        moved = await http.post(f"{B}/orders", json=body, headers=_key(key))
+        assert (moved.status_code, moved.headers["location"]) == (307, f"{A}/orders")
+        again = await http.post(f"{B}/orders", json=body, headers=_key(key), follow_redirects=True)
+        assert (again.status_code, again.json()) == (201, placed.json())  # attached on a
+        assert _created(group.repository) == 1
+
+
+async def test_a_replica_taking_a_key_over_answers_503_not_a_redirect_to_itself() -> None:
+    request = Request(
+        {"type": "http", "method": "POST", "path": "/orders", "query_string": b"", "headers": []}
+    )
+    recovering = example.to_owner(request, A, A)
+    assert (recovering.status_code, recovering.headers["retry-after"]) == (503, "1")
+    unknown = example.to_owner(request, None, A)
+    assert unknown.status_code == 503
+    moved = example.to_owner(request, f"{B}/", A)
+    assert (moved.status_code, moved.headers["location"]) == (307, f"{B}/orders")
+
+
+async def test_with_a_request_log_kapbit_forwards_instead_of_redirecting(tmp_path: Path) -> None:
+    async with replicas(tmp_path, MemRequestLog(partitions=2)) as group:
+        http, key, body = group.http, _id_in(1), {"sku": "cup", "qty": 3}
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert placed.status_code == 201  # answered by a, run by b
+        assert placed.json()["result"]["tracking"] == f"TRK-{key}"
+        assert (group.kapbit(A).stats.started, group.kapbit(B).stats.started) == (0, 1)
+        again = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert (again.status_code, again.json()) == (201, placed.json())
+        shown = await http.get(f"{A}/orders/{key}")  # a's read model: no redirect
+        assert (shown.status_code, shown.json()["status"]) == (200, "succeeded")
+        assert _created(group.repository) == 1
+
+
+async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
+    kafka_bootstrap: str, topic: str, tmp_path: Path
+) -> None:
+    """Two replicas in one consumer group on the real broker: each learns from the group
+    which partitions the other owns and at which endpoint."""
+
+    def replica(url: str, db: str) -> Any:
+        return example.create_app(
+            KafkaRepository(kafka_bootstrap, topic, partitions=2),
+            tmp_path / db,
+            Options(close_timeout=2.0, start_timeout=30.0),
+            group=GroupOptions(
+                f"{topic}-web", endpoint=url, session_timeout=2.0, heartbeat_interval=0.1
+            ),
+        )
+
+    apps = {A: replica(A, "a.db"), B: replica(B, "b.db")}
+    mounts: dict[str, httpx.AsyncBaseTransport] = {
+        url: httpx.ASGITransport(app=app) for url, app in apps.items()
+    }
+    async with lifespan(apps[A]), lifespan(apps[B]), httpx.AsyncClient(mounts=mounts) as http:
+        a: Kapbit = apps[A].state.orders.kapbit
+        b: Kapbit = apps[B].state.orders.kapbit
+
+        def settled() -> bool:  # one partition each, and each knows where the other is
+            mine, theirs = a.owned_partitions, b.owned_partitions
+            return (
+                len(mine) == len(theirs) == 1
+                and mine != theirs
+                and a.owner_of(_id_in(min(theirs))).endpoint == B
+                and b.owner_of(_id_in(min(mine))).endpoint == A
+            )
+
+        await wait_until(settled, timeout=30)
+        key = _id_in(min(b.owned_partitions))
+        body = {"sku": "book", "qty": 1}
+        moved = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert (moved.status_code, moved.headers["location"]) == (307, f"{B}/orders")
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key), follow_redirects=True)
+        assert (placed.status_code, str(placed.url)) == (201, f"{B}/orders")
+        assert placed.json()["result"]["tracking"] == f"TRK-{key}"
+        again = await http.post(f"{A}/orders", json=body, headers=_key(key), follow_redirects=True)
+        assert (again.status_code, again.json()) == (201, placed.json())
+        assert (a.stats.started, b.stats.started) == (0, 1)
+        shown = await http.get(f"{A}/orders/{key}", follow_redirects=True)
+        assert (str(shown.url), shown.json()["status"]) == (f"{B}/orders/{key}", "succeeded")
