@@ -11,8 +11,8 @@ acknowledged. So every rule of reading the log (zombie writes, second copies of 
 which lie at or above ``O``) holds by construction: recovery from the snapshot reaches the
 state recovery from the log's start would. The records this instance appended it takes
 from a :class:`Journal` (an acknowledged append is the log's record at its offset) rather
-than reading them back, and reads from the log only the offsets the journal lacks (claims,
-first copies whose acknowledgement was lost, other writers' records). In group mode a
+than reading them back, and reads from the log only the offsets the journal lacks (first
+copies whose acknowledgement was lost, other writers' records). In group mode a
 partition is followed from its recovery on, and no longer once given up.
 
 Writing is crash-safe: the snapshot is encoded with the log's codec, cut into chunks of
@@ -93,21 +93,24 @@ class Journal:
     An acknowledged append is the log's record at its offset (kind, key, writer and value
     as written), so a follower takes it from here instead of reading it back: reading a
     partition it writes costs the process a second consumer decoding every record.
-    Whatever is not here (claims, a first copy whose acknowledgement was lost, another
-    writer's records) the follower reads from the log, so it still reads exactly the log.
-    Only followed partitions are kept, from the offset the follower starts at.
+    Whatever is not here (a first copy whose acknowledgement was lost, another writer's
+    records) the follower reads from the log, so it still reads exactly the log. Only
+    followed partitions are kept, and each partition's latest claim by this instance (a
+    follower starts at its claim, which comes before following).
     """
 
-    __slots__ = ("_held", "_inner")
+    __slots__ = ("_claims", "_held", "_inner")
 
     def __init__(self, inner: Repository) -> None:
         self._inner = inner
         self._held: dict[int, dict[int, Record]] = {}
+        self._claims: dict[int, Record] = {}
 
     def follow(self, partition: int) -> dict[int, Record]:
         """Keep ``partition``'s acknowledged appends from now on, in the returned dict (by
         offset; its reader pops them); what an earlier follower was handed is dropped."""
-        held: dict[int, Record] = {}
+        claim = self._claims.get(partition)
+        held = {} if claim is None else {claim.offset: claim}
         self._held[partition] = held
         return held
 
@@ -135,7 +138,13 @@ class Journal:
         return offset
 
     async def claim(self, partition: int, node: str, value: bytes) -> int:
-        return await self._inner.claim(partition, node, value)
+        offset = await self._inner.claim(partition, node, value)
+        record = Record(partition, offset, EventKind.ACTIVE_WRITER, node, node, value)
+        self._claims[partition] = record
+        held = self._held.get(partition)
+        if held is not None:
+            held[offset] = record
+        return offset
 
     def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
         return self._inner.read(partition, start, stop)
