@@ -5,12 +5,15 @@
                           201 done (succeeded or compensated), with the receipt; a POST
                               repeating a key answers with the order placed under it
                               (kapbit's attach: it is not placed twice)
-                          202 a service was down: kapbit retries it; poll ``status_url``
+                          202 a service was down (kapbit retries it), or the order
+                              did not end within ``ANSWER_WITHIN`` seconds: poll
+                              ``status_url``
                           307 group mode: another instance owns the key (``Location``)
                           409 the key names a workflow of another type
                           422 invalid body or key (FastAPI's validation)
                           503 gate closed, too many in flight, instance stopping or
-                              replaced, no owner of the key known (a rebalance);
+                              replaced, no owner of the key known (a rebalance), the
+                              owner did not take a forwarded call in time;
                               ``Retry-After`` says when to try again
     GET  /orders/{key}    the order's status, from the status read model; 404; in group
                           mode 307 to the key's owner when another instance owns it
@@ -45,7 +48,8 @@ Run it::
     curl -i -X POST localhost:8000/orders -H 'Idempotency-Key: order-1' \\
          -H 'content-type: application/json' -d '{"sku": "book", "qty": 1}'
     # two replicas in group mode, each advertising its own base URL:
-    export KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders KAPBIT_GROUP=orders-web
+    export KAPBIT_BOOTSTRAP=localhost:9092 KAPBIT_TOPIC=orders-web KAPBIT_PARTITIONS=4 \\
+        KAPBIT_GROUP=orders-web
     KAPBIT_ENDPOINT=http://localhost:8001 uvicorn --app-dir examples --port 8001 \\
         fastapi_orders:app &
     KAPBIT_ENDPOINT=http://localhost:8002 uvicorn --app-dir examples --port 8002 \\
@@ -54,8 +58,8 @@ Run it::
          -H 'content-type: application/json' -d '{"sku": "book", "qty": 1}'
 
 On Kafka an existing topic is used with the partitions it has; ``KAPBIT_PARTITIONS``
-creates a missing one. ``KAPBIT_STATUS_DB`` keeps the status database at a path instead
-of a temporary one.
+creates a missing one (and its request topic). ``KAPBIT_STATUS_DB`` keeps the status
+database at a path instead of a temporary one.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ from kapbit import (
     Options,
     PayloadTooLarge,
     Placement,
+    RequestTimedOut,
     TooManyWorkflows,
     WillRetryLater,
     WorkflowRejected,
@@ -124,7 +129,30 @@ RETRY_AFTER: dict[type[KapbitError], int] = {
     InstanceClosed: 5,  # stopping: another instance (or this one, restarted) takes over
     Fenced: 5,  # replaced by another instance
     NotOwner: 1,  # a rebalance: the group settles in seconds
+    RequestTimedOut: 1,  # forwarded, unanswered: the request may still be served (attach)
 }
+#: Seconds a POST waits for the order's end before answering 202 (it runs on regardless).
+ANSWER_WITHIN = 10.0
+
+
+def unavailable(error: KapbitError) -> JSONResponse:
+    """``503`` with the ``Retry-After`` of ``error``'s class (or of a class it derives from:
+    ``LogLost`` is a ``Fenced``)."""
+    seconds = next(s for cls, s in RETRY_AFTER.items() if isinstance(error, cls))
+    return JSONResponse(
+        {"detail": str(error)}, status_code=503, headers={"Retry-After": str(seconds)}
+    )
+
+
+def accepted(key: str, status: str) -> JSONResponse:
+    """``202``: the order is placed and not done yet; its status URL says when it is."""
+    url = f"/orders/{key}"
+    return JSONResponse(
+        {"id": key, "status": status, "status_url": url},
+        status_code=202,
+        headers={"Location": url},
+    )
+
 
 # --- the app -----------------------------------------------------------------------------------
 
@@ -139,12 +167,16 @@ class Orders:
     redirect: bool  # group mode without a request log: 307 to the owner of a key
 
     async def status_after(self, order_id: str) -> str:
-        """The order's status once the projector has seen what this request did."""
+        """The status of an order this request created once the projector has seen it."""
+        # Not projected within the timeout: it was created and has not terminated.
+        return await self.projected(order_id) or WorkflowStatus.RUNNING.value
+
+    async def projected(self, order_id: str) -> str | None:
+        """The order's status once the projector has caught up (``None``: not in the log)."""
         with contextlib.suppress(TimeoutError):
             await self.projector.wait_caught_up(timeout=5.0)
         row = await self.model.get(order_id)
-        # Not projected within the timeout: it was created and has not terminated.
-        return row.status.value if row is not None else WorkflowStatus.RUNNING.value
+        return row.status.value if row is not None else None
 
 
 def repository_from_env() -> Repository:
@@ -154,8 +186,13 @@ def repository_from_env() -> Repository:
         return MemRepository(partitions=4)
     from kapbit.repository.kafka import KafkaRepository
 
+    return KafkaRepository(bootstrap, topic, partitions=partitions_from_env())
+
+
+def partitions_from_env() -> int | None:
+    """``KAPBIT_PARTITIONS``: the partition count a missing topic is created with."""
     partitions = os.environ.get("KAPBIT_PARTITIONS")
-    return KafkaRepository(bootstrap, topic, partitions=int(partitions) if partitions else None)
+    return int(partitions) if partitions else None
 
 
 def group_from_env() -> GroupOptions | None:
@@ -176,20 +213,21 @@ def requests_from_env() -> RequestLog | None:
         return None
     from kapbit.repository.kafka import KafkaRequestLog
 
-    return KafkaRequestLog(bootstrap, topic)
+    return KafkaRequestLog(bootstrap, topic, partitions=partitions_from_env())
 
 
-def to_owner(request: Request, owner: str | None, here: str | None) -> Response:
+def to_owner(request: Request, refused: NotOwner, here: str | None) -> Response:
     """The answer to a request for a key another replica owns: ``307`` to the same path
     on the owner's endpoint, or ``503`` while no other replica is known to own the key (a
     rebalance is under way, or this replica is still taking the key's partition over)."""
-    if owner is None or owner == here:
-        return JSONResponse(
-            {"detail": "the order's owner is changing; try again"},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER[NotOwner])},
-        )
-    url = owner.rstrip("/") + request.url.path
+    if refused.endpoint is None or refused.endpoint == here:
+        return unavailable(refused)
+    return redirect(request, refused.endpoint)
+
+
+def redirect(request: Request, endpoint: str) -> RedirectResponse:
+    """``307``: the client repeats the request (method, body, headers) at ``endpoint``."""
+    url = endpoint.rstrip("/") + request.url.path
     if request.url.query:
         url += f"?{request.url.query}"
     return RedirectResponse(url, status_code=307)
@@ -244,28 +282,31 @@ def create_app(
         url = f"/orders/{key}"
         order = Order(key, body.sku, body.qty, body.card)
         try:
-            # a client retrying its POST gets the order placed under the key: attach
-            result = await service.kapbit.exec_workflow(ORDER, key, order, on_duplicate="attach")
+            async with asyncio.timeout(ANSWER_WITHIN):
+                # a client retrying its POST gets the order placed under the key: attach
+                result = await service.kapbit.exec_workflow(
+                    ORDER, key, order, on_duplicate="attach"
+                )
         except NotOwner as elsewhere:  # group mode, no request log: the client goes there
-            return to_owner(request, elsewhere.endpoint, service.kapbit.endpoint)
+            return to_owner(request, elsewhere, service.kapbit.endpoint)
         except WillRetryLater:
-            status = await service.status_after(key)
-            return JSONResponse(
-                {"id": key, "status": status, "status_url": url},
-                status_code=202,
-                headers={"Location": url},
-            )
+            return accepted(key, await service.status_after(key))
+        except TimeoutError:  # no end within ANSWER_WITHIN: running on, or not answered yet
+            status = await service.projected(key)
+            if status is None:  # not in the log: a forwarded call its owner has not taken yet
+                return JSONResponse(
+                    {"detail": f"no answer within {ANSWER_WITHIN:g} s; ask again (it attaches)"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+            return accepted(key, status)
         except DuplicateWorkflow:  # the key names a workflow of another type
             return JSONResponse(
                 {"detail": f"key {key!r} is taken by another workflow", "status_url": url},
                 status_code=409,
             )
-        except (GateClosed, TooManyWorkflows, InstanceClosed, Fenced) as exc:
-            return JSONResponse(
-                {"detail": str(exc)},
-                status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER[type(exc)])},
-            )
+        except (GateClosed, TooManyWorkflows, InstanceClosed, Fenced, RequestTimedOut) as exc:
+            return unavailable(exc)
         except PayloadTooLarge as exc:
             return JSONResponse({"detail": str(exc)}, status_code=413)
         except WorkflowRejected as exc:
@@ -282,8 +323,8 @@ def create_app(
         service = orders(request)
         if service.redirect:  # ask the owner, whose POST waited for its read model
             owner, here = service.kapbit.owner_of(key), service.kapbit.endpoint
-            if not owner.local and owner.endpoint not in (None, here):
-                return to_owner(request, owner.endpoint, here)
+            if not owner.local and owner.endpoint is not None and owner.endpoint != here:
+                return redirect(request, owner.endpoint)
         row = await service.model.get(key)
         if row is None:
             raise HTTPException(status_code=404, detail=f"no order {key!r}")

@@ -19,6 +19,8 @@ from kapbit import (
     Definition,
     GroupOptions,
     Kapbit,
+    LogLost,
+    NotOwner,
     Options,
     RetryPolicy,
     Step,
@@ -174,6 +176,21 @@ async def test_post_and_get_agree_on_the_status(tmp_path: Path) -> None:
         assert placed.json()["status"] == shown.json()["status"] == "running"
 
 
+async def test_a_repeated_post_answers_202_within_its_bound_while_the_order_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attaching waits through retries; the POST answers 202 after ANSWER_WITHIN instead
+    of holding the client until the retry (30 s away here)."""
+    monkeypatch.setattr(example, "ANSWER_WITHIN", 0.2)
+    async with serve(MemRepository(), tmp_path / "s.db", SLOW) as (app, http):
+        body = {"sku": "cup", "qty": 1, "card": "flaky"}
+        first = await http.post("/orders", json=body, headers=_key("b-1"))
+        assert first.status_code == 202
+        again = await http.post("/orders", json=body, headers=_key("b-1"))
+        assert (again.status_code, again.json()) == (202, first.json())
+        assert app.state.orders.kapbit.stats.started == 1
+
+
 async def test_invalid_requests_get_422(shop: tuple[Any, httpx.AsyncClient]) -> None:
     _, http = shop
     for body, headers in (
@@ -239,6 +256,22 @@ async def test_a_stopped_instance_gets_503(tmp_path: Path) -> None:
         assert refused.headers["retry-after"] == "5"
 
 
+async def test_a_subclass_of_a_refusal_gets_its_503_too(
+    shop: tuple[Any, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LogLost`` is a ``Fenced``: the Retry-After table is looked up by class hierarchy
+    (it was looked up by exact class, and LogLost failed the request with a KeyError)."""
+    app, http = shop
+
+    async def lost(*_args: Any, **_kwargs: Any) -> Any:
+        raise LogLost("the log no longer holds records this instance had confirmed")
+
+    monkeypatch.setattr(app.state.orders.kapbit, "exec_workflow", lost)
+    refused = await http.post("/orders", json={"sku": "a", "qty": 1}, headers=_key("x-1"))
+    assert (refused.status_code, refused.headers["retry-after"]) == (503, "5")
+    assert "no longer holds" in refused.json()["detail"]
+
+
 async def test_listing_by_status(shop: tuple[Any, httpx.AsyncClient]) -> None:
     _, http = shop
     for key, card in (("l-1", "ok"), ("l-2", "declined"), ("l-3", "ok")):
@@ -280,7 +313,7 @@ class Replicas:
 
 @asynccontextmanager
 async def replicas(
-    tmp_path: Path, requests: MemRequestLog | None = None
+    tmp_path: Path, requests: MemRequestLog | None = None, options: Options = FAST
 ) -> AsyncIterator[Replicas]:
     repository = MemRepository(partitions=2)
     placements = {A: ManualPlacement(A), B: ManualPlacement(B)}
@@ -288,7 +321,7 @@ async def replicas(
     placements[B].change(assign=[1], owners={0: A})
     apps = {
         url: example.create_app(
-            repository, tmp_path / f"{n}.db", FAST, group=placements[url], requests=requests
+            repository, tmp_path / f"{n}.db", options, group=placements[url], requests=requests
         )
         for n, url in enumerate((A, B))
     }
@@ -352,7 +385,7 @@ async def test_during_a_rebalance_a_key_without_owner_gets_503(tmp_path: Path) -
             refused = await http.post(f"{replica}/orders", json=body, headers=_key(_id_in(1)))
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
-            assert "owner" in refused.json()["detail"]
+            assert "partition 1" in refused.json()["detail"]
         assert _created(group.repository) == 1  # nothing written
         # a read needs no owner: the read model answers
         shown = await http.get(f"{A}/orders/{key}")
@@ -371,14 +404,16 @@ async def test_during_a_rebalance_a_key_without_owner_gets_503(tmp_path: Path) -
 
 
 async def test_a_replica_taking_a_key_over_answers_503_not_a_redirect_to_itself() -> None:
+    """The group already names this replica as the owner, which is still recovering the
+    partition (so kapbit refuses): 503, never a redirect to itself."""
     request = Request(
         {"type": "http", "method": "POST", "path": "/orders", "query_string": b"", "headers": []}
     )
-    recovering = example.to_owner(request, A, A)
+    recovering = example.to_owner(request, NotOwner("k", 1, A), A)
     assert (recovering.status_code, recovering.headers["retry-after"]) == (503, "1")
-    unknown = example.to_owner(request, None, A)
+    unknown = example.to_owner(request, NotOwner("k", 1, None), A)
     assert unknown.status_code == 503
-    moved = example.to_owner(request, f"{B}/", A)
+    moved = example.to_owner(request, NotOwner("k", 1, f"{B}/"), A)
     assert (moved.status_code, moved.headers["location"]) == (307, f"{B}/orders")
 
 
@@ -442,3 +477,45 @@ async def test_on_kafka_a_replica_redirects_to_the_owner_the_group_chose(
         assert (a.stats.started, b.stats.started) == (0, 1)
         shown = await http.get(f"{A}/orders/{key}", follow_redirects=True)
         assert (str(shown.url), shown.json()["status"]) == (f"{B}/orders/{key}", "succeeded")
+
+
+async def test_a_forwarded_call_nobody_answers_gets_503_and_a_retry_places_it_once(
+    tmp_path: Path,
+) -> None:
+    options = Options(retry=FAST.retry, forward_timeout=0.3)
+    async with replicas(tmp_path, MemRequestLog(partitions=2), options) as group:
+        http, key, body = group.http, _id_in(1), {"sku": "cup", "qty": 1}
+        group.placements[B].change(revoke=[1], owners={1: None})  # nobody serves 1 now
+        await group.placements[B].applied()
+        unanswered = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert (unanswered.status_code, unanswered.headers["retry-after"]) == (503, "1")
+        assert "no owner of partition 1 answered" in unanswered.json()["detail"]
+
+        group.placements[A].change(assign=[1])  # a takes 1 over; the client retries
+        await group.placements[A].applied()
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert placed.status_code == 201
+        assert _created(group.repository) == 1
+
+
+async def test_a_forwarded_call_not_taken_within_the_bound_is_503_not_a_202(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ANSWER_WITHIN elapses before the owner has taken the forwarded request: nothing is
+    in the log, so the answer is "ask again", never "accepted" (a 202 here said "running"
+    for an order that might never be placed)."""
+    monkeypatch.setattr(example, "ANSWER_WITHIN", 0.2)
+    async with replicas(tmp_path, MemRequestLog(partitions=2)) as group:
+        http, key, body = group.http, _id_in(1), {"sku": "cup", "qty": 1}
+        group.placements[B].change(revoke=[1], owners={1: None})  # nobody serves 1 now
+        await group.placements[B].applied()
+        waiting = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert (waiting.status_code, waiting.headers["retry-after"]) == (503, "1")
+        assert "ask again" in waiting.json()["detail"]
+        assert _created(group.repository) == 0
+
+        group.placements[A].change(assign=[1])  # a takes 1 over and serves what waits
+        await group.placements[A].applied()
+        placed = await http.post(f"{A}/orders", json=body, headers=_key(key))
+        assert placed.status_code == 201  # created by the waiting request or this one
+        assert _created(group.repository) == 1
