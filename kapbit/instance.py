@@ -412,9 +412,6 @@ class Kapbit(AsyncResource):
         """Set the parts to work on what recovery found."""
         self._partitions = len(recovered.windows)
         self._windows = recovered.windows
-        self._workflow_log = WorkflowLog(
-            self._repository, self._codec, self._definitions, recovered.windows
-        )
         checkpointer = self._checkpointer = Checkpointer(
             self._repository,
             self.options.checkpoints,
@@ -438,6 +435,13 @@ class Kapbit(AsyncResource):
             checkpointer,
             self._stats,
             self._actions,
+        )
+        self._workflow_log = WorkflowLog(
+            self._repository,
+            self._codec,
+            self._definitions,
+            recovered.windows,
+            running=supervisor.created_offset,
         )
         await self._background.start()
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
