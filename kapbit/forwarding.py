@@ -114,7 +114,8 @@ class Request(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``id`` is the request's unique id; ``input`` the input encoded with the log's codec
     (``start`` and ``exec``); ``deadline`` the caller's wall clock after which it no longer
-    waits for the first answer (an owner that reads the request later ignores it).
+    waits for the first answer (an owner that reads the request later ignores it, unless a
+    counting ``created`` answer acknowledged it: then the caller waits for the end).
     """
 
     id: str
@@ -612,6 +613,9 @@ class _Session:
         self._rule = AnswerRule()
         self._claim = -1
         self._open: dict[str, tuple[int, Request | None]] = {}  # read, not finished
+        #: Open requests a counting non-final answer acknowledged (``created`` of an
+        #: ``exec``): their callers wait for the end without a deadline.
+        self._acknowledged: set[str] = set()
         self._finished = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._saved = resume
@@ -659,10 +663,13 @@ class _Session:
                 self._spawn(request.id, request)
         elif kind == ANSWER:
             answer = self._decode(record, Answer)
-            if answer is None or not answer.final or answer.request not in self._open:
+            if answer is None or answer.request not in self._open:
                 return
             if self._rule.counts(answer, offset):
-                self._finish(answer.request)
+                if answer.final:
+                    self._finish(answer.request)
+                else:
+                    self._acknowledged.add(answer.request)
 
     def _decode(self, record: RequestRecord, cls: type[Any]) -> Any:
         try:
@@ -678,6 +685,7 @@ class _Session:
 
     def _finish(self, request_id: str) -> None:
         self._open.pop(request_id, None)
+        self._acknowledged.discard(request_id)
         self._rule.forget(request_id)
         self._finished += 1
         task = self._tasks.pop(request_id, None)
@@ -686,7 +694,8 @@ class _Session:
 
     def _spawn(self, request_id: str, request: Request) -> None:
         offset, _ = self._open[request_id]
-        if request.deadline and request.deadline < time.time():
+        expired = request.deadline and request.deadline < time.time()
+        if expired and request_id not in self._acknowledged:  # its caller gave up waiting
             logger.info(
                 "request %s (%s %r) expired before it was served; skipped",
                 request_id,

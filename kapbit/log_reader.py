@@ -80,6 +80,19 @@ def decode_event(codec: Codec, record: Record) -> Any:
     return event
 
 
+def decode_claim(codec: Codec, record: Record) -> ActiveWriter:
+    """A claim's event. A claim that does not decode with ``codec`` (its writer used
+    another codec: two instances configured differently that started at once on an empty
+    log) still switches the owner, as the repositories' fencing decides by the record's
+    kind and writer alone; it reads as a claim by that writer with nothing else known.
+    Starting refuses a log whose newest claim is such a one (:func:`check_codec`)."""
+    try:
+        claim: ActiveWriter = decode_event(codec, record)
+    except CorruptRecord:
+        return ActiveWriter(record.node, 0.0)
+    return claim
+
+
 def decode_value(
     codec: Codec, definition: Definition | None, event: Event, partition: int, offset: int
 ) -> Any:
@@ -384,7 +397,7 @@ class PartitionReader:
         terminal event, the workflow it ended)."""
         owners = self.owners
         if is_claim(record):
-            claim: ActiveWriter = decode_event(self._codec, record)
+            claim = decode_claim(self._codec, record)
             # Writer ids are unique per start: the owner's claim read again is a copy.
             verdict = Verdict.COPY if record.node == owners.owner else Verdict.NEW
             owners.admit(record)

@@ -100,7 +100,8 @@ async def check_codec(repository: Repository, codec: Codec, partition: int, end:
     read before this node writes anything.
 
     The newest record that decodes with ``codec`` must not be a claim naming another
-    codec; if none of the last ``_CODEC_PROBE`` decodes, the log is another codec's. (An
+    codec, and no newer claim may fail to decode (the newest owner wrote another codec);
+    if none of the last ``_CODEC_PROBE`` decodes, the log is another codec's. (An
     undecodable record alone may be a zombie write, which recovery never decodes; the
     last record is read first, the others only if it does not decode.)
     """
@@ -117,6 +118,13 @@ async def check_codec(repository: Repository, codec: Codec, partition: int, end:
             try:
                 event = decode_event(codec, record)
             except CorruptRecord as exc:
+                if is_claim(record):
+                    raise CodecMismatch(
+                        partition,
+                        record.offset,
+                        f"node {record.node!r} claimed the log last, and its claim does not "
+                        f"decode with this instance's {codec.name} codec ({exc.cause})",
+                    ) from exc
                 first_error = first_error or exc
                 continue
             if isinstance(event, ActiveWriter) and event.codec and event.codec != codec.name:

@@ -6,17 +6,26 @@ The worker starts a :class:`~kapbit.Kapbit` on the topic (a member of consumer g
 ``--group`` when given, else the single instance that claims every partition) and keeps
 ``--concurrency`` calls of ``exec_workflow`` in flight for fresh ids ``<label><run>-<n>`` of
 the ``crash`` saga (:mod:`tests.kafka_worker`), each step awaiting ``--step-delay`` seconds
-first (the I/O of a real step), until told to stop. It reports on stdout, one line each:
+first (the I/O of a real step), until told to stop. ``--base`` is the first ``n`` (distinct
+bases keep every saga number, hence every result, unique to one id); ``--mix`` makes the
+mixed load of :class:`Mixer` instead (start, exec, get, attach, duplicate and unknown ids,
+mostly owned by other instances); ``--forward`` gives the instance the request log, so calls
+for ids owned elsewhere are forwarded to their owner. It reports on stdout, one line each:
 
 - ``started <writer id> <recovered>`` once the instance runs;
 - ``owns <partitions>`` whenever the set of partitions it owns changes (``-`` for none);
+  ``busy <n>`` whenever the number of workflows it runs does;
 - ``call <t0> <t1> <id> result <json>`` / ``call <t0> <t1> <id> error <class> <refusal>
   <message>`` per call that returned (``refusal`` is 1 for a :class:`~kapbit.WorkflowRefused`:
   nothing was written), with wall-clock times; ``call ... crash <class> <message>`` for an
-  exception that is not a :class:`~kapbit.KapbitError` (always a defect);
+  exception that is not a :class:`~kapbit.KapbitError` (always a defect); the mixed load
+  prints ``op <t0> <t1> <op> <route> <id> ...`` with the same tail;
 - ``drained`` after SIGUSR1 (stop calling, wait for the calls in flight; the instance keeps
   running its partitions); after SIGTERM the same, then ``closing <time>`` as it closes the
-  instance (which hands its partitions over), ``closed`` and exit status 0.
+  instance (which hands its partitions over), ``closed`` and exit status 0. With
+  ``--close-now`` SIGTERM closes the instance at once, under the calls and workflows in
+  flight (``--close-timeout`` bounds how long it lets them run before handing over);
+- ``hung <task>`` for a call still unanswered two minutes after the stop (a defect).
 
 Every step action appends ``<time> <id> <step> <phase> <pid> <seen>`` to the shared
 execution journal (``--journal``) before it returns; ``seen`` is how many outcomes its
@@ -31,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -55,10 +65,11 @@ from kapbit import (
     Success,
     WorkflowRefused,
 )
-from kapbit.repository.kafka import KafkaRepository
+from kapbit.repository.kafka import KafkaRepository, KafkaRequestLog
 from tests.kafka_worker import (
     STEPS,
     WORKFLOW,
+    Entry,
     Log,
     expected_path,
     expected_result,
@@ -142,6 +153,8 @@ def _instance(args: argparse.Namespace, definition: Definition) -> Kapbit:
         max_workflows=10 * args.concurrency + 1_000,
         # Checkpoints move often, so every takeover recovers from one.
         checkpoints=CheckpointPolicy(every=50, interval=0.5),
+        close_timeout=args.close_timeout,
+        forward_timeout=args.forward_timeout,
     )
     if args.group is None:
         return Kapbit([definition], repository, options=options)
@@ -151,14 +164,20 @@ def _instance(args: argparse.Namespace, definition: Definition) -> Kapbit:
 def group_instance(
     args: argparse.Namespace, definition: Definition, repository: KafkaRepository, options: Options
 ) -> Kapbit:
-    """A member of consumer group ``args.group`` (the engine's group mode)."""
+    """A member of consumer group ``args.group`` (the engine's group mode); with
+    ``--forward`` it serves and forwards calls through the request log."""
     group = GroupOptions(
         name=args.group,
         endpoint=f"{args.label}{args.run}:{os.getpid()}",
         session_timeout=args.session,
         heartbeat_interval=args.heartbeat,
     )
-    return Kapbit([definition], repository, options=options, group=group)
+    requests = (
+        KafkaRequestLog(args.bootstrap, args.topic, partitions=args.partitions)
+        if args.forward
+        else None
+    )
+    return Kapbit([definition], repository, options=options, group=group, requests=requests)
 
 
 def owned_partitions(kbit: Kapbit) -> frozenset[int]:
@@ -187,33 +206,25 @@ async def _run(args: argparse.Namespace) -> int:
     watcher = asyncio.create_task(_report_ownership(kbit, closing))
     slots = asyncio.Semaphore(args.concurrency)
     calls: set[asyncio.Task[None]] = set()
+    mixer = Mixer(kbit, f"{args.label}{args.run}", args.base)
 
-    async def one(n: int) -> None:
-        workflow_id = f"{args.label}{args.run}-{n}"
-        started = time.time()
+    async def one(k: int) -> None:
         try:
-            try:
-                result = await kbit.exec_workflow(
-                    workflow_id, WORKFLOW, {"n": n, "id": workflow_id}
-                )
-            except KapbitError as exc:
-                refusal = int(isinstance(exc, WorkflowRefused))
-                outcome = f"error {type(exc).__name__} {refusal} {_line(exc)}"
-                if refusal:
-                    await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
-                if isinstance(exc, Fenced | InstanceClosed) and not kbit.is_running:
-                    stop.set()  # this instance takes no more calls (in group mode a
-                    # Fenced may cost one partition only: the others go on)
-            except Exception as exc:  # reported, so that the audit fails on it
-                outcome = f"crash {type(exc).__name__} {_line(exc)}"
+            if args.mix:
+                line = await mixer.call(k)
             else:
-                outcome = f"result {json.dumps(result, separators=(',', ':'))}"
-            print(f"call {started:.6f} {time.time():.6f} {workflow_id} {outcome}", flush=True)
+                line = await _exec_call(kbit, f"{args.label}{args.run}-{args.base + k}")
+            print(line.text, flush=True)
+            if line.refused:
+                await asyncio.sleep(REFUSAL_BACKOFF)  # a client backs off; no busy loop
+            if line.stopped and not kbit.is_running:
+                stop.set()  # this instance takes no more calls (in group mode a
+                # Fenced may cost one partition only: the others go on)
         finally:
             slots.release()
 
-    n = 0
-    while not stop.is_set() and (args.count == 0 or n < args.count):
+    k = 0
+    while not stop.is_set() and (args.count == 0 or k < args.count):
         acquire = asyncio.ensure_future(slots.acquire())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -224,12 +235,19 @@ async def _run(args: argparse.Namespace) -> int:
         if stop.is_set():
             slots.release()
             break
-        task = asyncio.create_task(one(n))
+        task = asyncio.create_task(one(k))
         calls.add(task)
         task.add_done_callback(calls.discard)
-        n += 1
-    if calls:
-        await asyncio.wait(set(calls))
+        k += 1
+    if args.close_now and closing.is_set():
+        # Stop with calls and workflows in flight: the instance closes under them.
+        watcher.cancel()
+        print(f"closing {time.time():.6f}", flush=True)
+        await kbit.close()
+        await _wait_calls(calls)
+        print("closed", flush=True)
+        return 0
+    await _wait_calls(calls)
     print("drained", flush=True)
     await closing.wait()
     watcher.cancel()
@@ -239,15 +257,163 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _wait_calls(calls: set[asyncio.Task[None]], timeout: float = 120.0) -> None:
+    """Wait for the calls in flight; report any still hanging (the audit fails on them)."""
+    if not calls:
+        return
+    _, hanging = await asyncio.wait(set(calls), timeout=timeout)
+    for task in hanging:
+        print(f"hung {task.get_name()}", flush=True)
+        task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class CallLine:
+    """One returned call as the worker prints it, and how the worker reacts to it."""
+
+    text: str
+    refused: bool = False
+    stopped: bool = False
+
+
+def _call_line(
+    started: float, workflow_id: str, outcome: Any, op: str = "", route: str = ""
+) -> CallLine:
+    """The line reporting a call that returned ``outcome`` (a result or what it raised):
+    ``call <t0> <t1> <id> ...`` for the exec-only load, ``op <t0> <t1> <op> <route> <id>
+    ...`` for the mixed one."""
+    refused = stopped = False
+    if isinstance(outcome, KapbitError):
+        refused = isinstance(outcome, WorkflowRefused)
+        stopped = isinstance(outcome, Fenced | InstanceClosed)
+        text = f"error {type(outcome).__name__} {int(refused)} {_line(outcome)}"
+    elif isinstance(outcome, BaseException):  # reported, so that the audit fails on it
+        text = f"crash {type(outcome).__name__} {_line(outcome)}"
+    else:
+        text = f"result {json.dumps(outcome, separators=(',', ':'))}"
+    times = f"{started:.6f} {time.time():.6f}"
+    if op:
+        return CallLine(f"op {times} {op} {route} {workflow_id} {text}", refused, stopped)
+    return CallLine(f"call {times} {workflow_id} {text}", refused, stopped)
+
+
+async def _exec_call(kbit: Kapbit, workflow_id: str) -> CallLine:
+    """``exec_workflow`` of a fresh id, reported as a ``call`` line."""
+    started = time.time()
+    outcome: Any
+    try:
+        n = workflow_number(workflow_id)
+        outcome = await kbit.exec_workflow(workflow_id, WORKFLOW, {"n": n, "id": workflow_id})
+    except Exception as exc:
+        outcome = exc
+    return _call_line(started, workflow_id, outcome)
+
+
+#: What a mixed load does, in turn (see :class:`Mixer`).
+MIX = ("exec", "start", "exec", "get", "exec", "start", "attach", "exec", "dup", "unknown")
+#: Fresh ids a mixed load gives to partitions this instance owns: one in this many.
+LOCAL_SHARE = 4
+#: Numbers of the ids a mixed load asks for without ever creating them (above any fresh one).
+UNKNOWN_BASE = 500_000
+
+
+class Mixer:
+    """A mixed load of calls, mostly for ids owned by other instances (forwarded through
+    the request log when the instance has one): ``exec`` and ``start`` (then the handle's
+    ``result()``) of fresh ids; ``get_workflow(id).result()``, ``exec`` with
+    ``on_duplicate="attach"`` and with ``"raise"`` (``dup``) of ids whose creation was
+    acknowledged before the call; ``get_workflow`` of ids never created (``unknown``).
+
+    Each call is reported as ``op <t0> <t1> <op> <route> <id> <status> <detail>``:
+    ``route`` is ``local`` when this instance owned the id's partition as the call began,
+    else ``remote``; a ``start`` whose handle came back is reported as ``started``."""
+
+    def __init__(self, kbit: Kapbit, prefix: str, base: int) -> None:
+        self._kbit = kbit
+        self._prefix = prefix
+        self._next = base
+        self._unknown = base + UNKNOWN_BASE
+        self._known: list[str] = []  # ids whose creation was acknowledged
+        self._random = random.Random(os.getpid())
+
+    def _fresh(self) -> str:
+        """A new id; three in four on partitions another instance owns (while any does)."""
+        for _ in range(4 * LOCAL_SHARE):
+            workflow_id = f"{self._prefix}-{self._next}"
+            self._next += 1
+            if self._next % LOCAL_SHARE == 0 or not self._local(workflow_id):
+                return workflow_id
+        return workflow_id
+
+    def _local(self, workflow_id: str) -> bool:
+        try:
+            return self._kbit.owner_of(workflow_id).local
+        except KapbitError:
+            return False
+
+    def _pick_known(self) -> str | None:
+        recent = self._known[-64:]
+        return self._random.choice(recent) if recent else None
+
+    async def call(self, k: int) -> CallLine:
+        op = MIX[k % len(MIX)]
+        workflow_id = self._pick_known() if op in ("get", "attach", "dup") else None
+        if workflow_id is None:
+            op = op if op in ("exec", "start", "unknown") else "exec"
+            if op == "unknown":
+                workflow_id = f"{self._prefix}-{self._unknown}"
+                self._unknown += 1
+            else:
+                workflow_id = self._fresh()
+        route = "local" if self._local(workflow_id) else "remote"
+        started = time.time()
+        task = asyncio.current_task()
+        if task is not None:  # named for the report of a call that never returns
+            task.set_name(f"{op} {route} {workflow_id} since {started:.6f}")
+        op, outcome = await self._perform(op, workflow_id)
+        if op == "exec" and not isinstance(outcome, BaseException):
+            self._known.append(workflow_id)
+        return _call_line(started, workflow_id, outcome, op, route)
+
+    async def _perform(self, op: str, workflow_id: str) -> tuple[str, Any]:
+        """Make call ``op``: what it returned or raised, and ``started`` for a ``start``
+        whose handle came back (then the outcome is its ``result()``'s)."""
+        kbit = self._kbit
+        input = {"n": workflow_number(workflow_id), "id": workflow_id}
+        try:
+            if op == "exec":
+                return op, await kbit.exec_workflow(workflow_id, WORKFLOW, input)
+            if op in ("attach", "dup"):
+                duplicate: Any = "attach" if op == "attach" else "raise"
+                result = await kbit.exec_workflow(
+                    workflow_id, WORKFLOW, input, on_duplicate=duplicate
+                )
+                return op, result
+            if op == "start":
+                handle = await kbit.start_workflow(workflow_id, WORKFLOW, input)
+                op = "started"
+                self._known.append(workflow_id)  # acknowledged: later calls may ask for it
+                return op, await handle.result()
+            return op, await kbit.get_workflow(workflow_id).result()  # get, unknown
+        except Exception as exc:
+            return op, exc
+
+
 async def _report_ownership(kbit: Kapbit, closing: asyncio.Event) -> None:
-    """Print ``owns`` each time the set of owned partitions changes."""
+    """Print ``owns`` each time the set of owned partitions changes, ``busy <n>`` each time
+    the number of workflows the instance runs does."""
     last: frozenset[int] | None = None
+    busy = -1
     while not closing.is_set():
         owned = owned_partitions(kbit)
         if owned != last:
             last = owned
             print(f"owns {','.join(map(str, sorted(owned))) or '-'}", flush=True)
-        await asyncio.sleep(0.05)
+        running = len(kbit.in_flight())
+        if running != busy:
+            busy = running
+            print(f"busy {running}", flush=True)
+        await asyncio.sleep(0.05)  # sampling the instance's state, not synchronisation
 
 
 def _line(exc: BaseException) -> str:
@@ -268,6 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help="calls to make (0: until told)")
     parser.add_argument("--step-delay", type=float, default=0.01)
     parser.add_argument("--journal", default=None, help="the shared execution journal")
+    parser.add_argument("--base", type=int, default=0, help="the first saga number of its ids")
+    parser.add_argument("--mix", action="store_true", help="the mixed load (Mixer)")
+    parser.add_argument("--forward", action="store_true", help="serve and forward (request log)")
+    parser.add_argument("--forward-timeout", type=float, default=30.0)
+    parser.add_argument("--close-timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--close-now", action="store_true", help="SIGTERM closes with the calls in flight"
+    )
     return asyncio.run(_run(parser.parse_args(argv)))
 
 
@@ -276,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One ``exec_workflow`` call a worker made and how it returned."""
+    """One call a worker made and how it returned: ``exec_workflow`` of a fresh id, or an
+    ``op`` of the mixed load (see :class:`Mixer`) whose id's partition was owned here or
+    elsewhere (``route``) as it began."""
 
     worker: str
     pid: int
@@ -285,6 +461,8 @@ class Call:
     workflow_id: str
     status: str  # result, error or crash
     detail: str  # the result's JSON, or "<class> <refusal> <message>"
+    op: str = "exec"
+    route: str = ""
 
     @property
     def error(self) -> str:
@@ -306,6 +484,7 @@ class Worker:
         self.lines: list[str] = []
         self.calls: list[Call] = []
         self.owned: frozenset[int] = frozenset()
+        self.busy = 0  # workflows the instance runs, as last reported
         self.ownership: list[tuple[float, frozenset[int]]] = []
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
@@ -339,7 +518,14 @@ class Worker:
                 self.calls.append(
                     Call(self.name, self.pid, float(t0), float(t1), wid, status, detail)
                 )
+            elif line.startswith("op "):
+                _, t0, t1, op, route, wid, status, detail = [*line.split(" ", 7), ""][:8]
+                self.calls.append(
+                    Call(self.name, self.pid, float(t0), float(t1), wid, status, detail, op, route)
+                )
             else:
+                if line.startswith("busy "):
+                    self.busy = int(line.split()[1])
                 self.lines.append(line)
                 if line.startswith("owns "):
                     owned = line.split()[1]
@@ -430,6 +616,8 @@ class Cluster:
     concurrency: int = 8
     step_delay: float = 0.01
     session: float = 2.0
+    #: Further worker options (e.g. ``--mix``, ``--forward``), given to every start.
+    options: tuple[str, ...] = ()
     workers: dict[str, Worker] = field(default_factory=dict)
     retired: list[Worker] = field(default_factory=list)
     killed: dict[int, float] = field(default_factory=dict)  # pid -> time of the SIGKILL
@@ -455,6 +643,9 @@ class Cluster:
             str(self.step_delay),
             "--journal",
             str(self.journal),
+            "--base",  # each start its own saga numbers: a result names its one id
+            str(sum(self.runs.values(), len(self.runs)) * 1_000_000),
+            *self.options,
         ]
         if self.group is not None:
             args += ["--group", self.group, "--session", str(self.session)]
@@ -613,21 +804,26 @@ class ScenarioReport:
     handovers: list[Handover]
     settled: list[float]
     during_rebalance: list[Call]
+    answers: AnswerAudit
 
     def summary(self) -> str:
         def times(takes: list[Handover]) -> str:
             return ", ".join(
-                f"{t.claimed:.2f} s claimed / {t.resumed:.2f} s resumed ({t.workflows} in flight)"
+                f"{t.claimed:.2f} s claimed / {t.resumed:.2f} s resumed ({t.workflows} in "
+                f"flight resumed by others; of {t.open} open, {t.finished} ended by it, all "
+                f"ended after {t.ended:.2f} s)"
                 for t in takes
             )
 
         refusals = sum(call.refused for call in self.during_rebalance)
+        answers = self.answers
+        mixed = f"; {answers.summary()}" if answers.count() > answers.count(op="exec") else ""
         return (
             f"{self.audit.summary()}; failover (kill -> claimed / in-flight resumed): "
             f"{times(self.failovers)}; graceful hand-over (close -> claimed / resumed): "
             f"{times(self.handovers)}; group settled after each change in "
             f"{', '.join(f'{t:.2f}' for t in self.settled)} s; {len(self.during_rebalance)} "
-            f"calls during rebalances ({refusals} refused)"
+            f"calls during rebalances ({refusals} refused){mixed}"
         )
 
 
@@ -672,6 +868,32 @@ async def rolling_restart(cluster: Cluster, load: int, settle: float) -> Scenari
     return await finish(cluster, settled)
 
 
+async def forward_under_rebalance(
+    cluster: Cluster, load: int, settle: float, busy: int
+) -> ScenarioReport:
+    """Three workers making the mixed load, mostly for ids owned by the others (forwarded):
+    SIGKILL B, start it again, then stop C gracefully while it runs at least ``busy``
+    workflows (its workers close under them: ``--close-now``); each time the survivors own
+    every partition and make progress."""
+    settled = []
+    for label in "ABC":
+        await cluster.start(label)
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    await cluster.kill("B")
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    await cluster.start("B")
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    stopping = cluster.workers["C"]
+    await stopping.until(lambda: stopping.busy >= busy, f"{busy} workflows in flight", settle)
+    await cluster.stop("C")
+    settled.append(await cluster.owned_by_live(settle))
+    await cluster.progress(load)
+    return await finish(cluster, settled)
+
+
 async def finish(cluster: Cluster, settled: list[float]) -> ScenarioReport:
     """Drain the calls, wait until the log has ended every workflow, stop the workers and
     audit; measure the takeovers of the run's kills and stops."""
@@ -680,12 +902,14 @@ async def finish(cluster: Cluster, settled: list[float]) -> ScenarioReport:
     during = dict(cluster.stopped)
     await cluster.close()
     executions = read_executions(cluster.journal)
+    calls = cluster.calls()
     return ScenarioReport(
-        audit_run(log, cluster.calls(), executions),
+        audit_run(log, calls, executions),
         [handover(log, executions, pid, at) for pid, at in cluster.killed.items()],
         [handover(log, executions, pid, at) for pid, at in during.items()],
         settled,
         cluster.during_rebalances(),
+        audit_answers(log, calls),
     )
 
 
@@ -794,6 +1018,8 @@ def audit_run(log: Log, calls: Iterable[Call], executions: list[Execution]) -> G
             report.doubled.append(f"{wid}: outcome path {path}")
 
     for call in calls:
+        if call.op != "exec":
+            continue  # the mixed load's other calls: audit_answers
         report.calls += 1
         in_log = call.workflow_id in created
         if call.status == "result":
@@ -845,7 +1071,10 @@ class Handover:
 
     ``claimed``: until the last of its partitions was claimed by another writer.
     ``resumed``: until the last of its in-flight workflows ran a step (or wrote a record)
-    on another process. ``workflows``: how many it had in flight.
+    on another process. ``workflows``: how many of them the others resumed. ``open``: the
+    workflows of its partitions it had written to and not ended at ``since``; ``finished``:
+    how many of those it ended itself after ``since`` (a graceful close drains); ``ended``:
+    until the last of the ``open`` ones ended.
     """
 
     pid: int
@@ -853,6 +1082,12 @@ class Handover:
     workflows: int
     claimed: float
     resumed: float
+    open: int = 0
+    finished: int = 0
+    ended: float = 0.0
+
+
+_TERMINAL = ("workflow_result", "dead_letter", "rejected")
 
 
 def handover(log: Log, executions: list[Execution], pid: int, since: float) -> Handover:
@@ -875,24 +1110,114 @@ def handover(log: Log, executions: list[Execution], pid: int, since: float) -> H
     for execution in executions:
         if execution.pid != pid and execution.time >= since:
             first_other.setdefault(execution.workflow_id, execution.time)
-    resumed = 0.0
-    workflows = 0
+    resumed = ended = 0.0
+    workflows = open_ = finished = 0
     for wid, entries in by_workflow.items():
         if entries[0].partition not in mine or not any(pid_of(e.node) == pid for e in entries):
             continue
-        ended_before = any(
-            e.kind in ("workflow_result", "dead_letter", "rejected") and e.event.at < since
-            for e in entries
-        )
-        if ended_before:
+        ends = [e for e in entries if e.kind in _TERMINAL]
+        if any(e.event.at < since for e in ends):
             continue
+        open_ += 1
+        if ends:
+            ended = max(ended, ends[0].event.at - since)
+            finished += pid_of(ends[0].node) == pid
         later = [e.event.at for e in entries if pid_of(e.node) != pid and e.event.at >= since]
         if wid in first_other:
             later.append(first_other[wid])
         if later:
             workflows += 1
             resumed = max(resumed, min(later) - since)
-    return Handover(pid, len(mine), workflows, claimed, resumed)
+    return Handover(pid, len(mine), workflows, claimed, resumed, open_, finished, ended)
+
+
+# --- the audit of answers (the mixed load) ---------------------------------------------------
+
+
+@dataclass
+class AnswerAudit:
+    """Every answer of the mixed load against the log.
+
+    ``counts``: answers by ``"<op> <route> <kind>"`` (kind: ``result`` or the error class).
+    ``wrong``: answers the log contradicts: a result other than the log's result for that
+    id (or before the log had it, or none in the log), a result where only a refusal is
+    right (``dup``, ``unknown``), a refusal of a workflow the log has (or whose creation
+    was acknowledged), ``WorkflowNotFound`` for an acknowledged one, ``DuplicateWorkflow``
+    for a fresh id, an id never created found in the log, an untyped exception.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    wrong: list[str] = field(default_factory=list)
+
+    def count(self, *, op: str | None = None, route: str | None = None, kind: str = "") -> int:
+        """How many answers match ``op``, ``route`` and ``kind`` (``""``: any)."""
+        total = 0
+        for key, number in self.counts.items():
+            op_, route_, kind_ = key.split(" ")
+            if op not in (None, op_) or route not in (None, route_) or kind not in ("", kind_):
+                continue
+            total += number
+        return total
+
+    def summary(self) -> str:
+        rows = ", ".join(f"{key}: {number}" for key, number in sorted(self.counts.items()))
+        return f"{sum(self.counts.values())} answers ({rows}); {len(self.wrong)} wrong"
+
+
+#: Ops whose id's creation was acknowledged before the call began.
+_ACKNOWLEDGED = ("started", "get", "attach", "dup")
+
+
+def audit_answers(log: Log, calls: Iterable[Call]) -> AnswerAudit:
+    """Check every answer of the calls against the log read back (see :class:`AnswerAudit`)."""
+    report = AnswerAudit()
+    created = log.created()
+    results = log.results()
+    terminals = log.terminals()
+    for call in calls:
+        kind = "result" if call.status == "result" else call.error or call.status
+        key = f"{call.op} {call.route or '-'} {kind}"
+        report.counts[key] = report.counts.get(key, 0) + 1
+        problem = _wrong_answer(call, call.workflow_id in created, results, terminals)
+        if problem is not None:
+            report.wrong.append(
+                f"{call.worker} {call.op} ({call.route}) {call.workflow_id}: {problem}"
+            )
+    return report
+
+
+def _wrong_answer(
+    call: Call, in_log: bool, results: dict[str, list[Any]], terminals: dict[str, list[Entry]]
+) -> str | None:
+    """Why the log contradicts ``call``'s answer (``None``: it does not)."""
+    op, wid = call.op, call.workflow_id
+    if call.status == "crash":
+        return f"untyped {call.detail}"
+    if op == "unknown" and in_log:
+        return "an id never asked to be created is in the log"
+    if op in _ACKNOWLEDGED and not in_log:
+        return "its creation was acknowledged, the log has no such workflow"
+    if call.status == "result":
+        answer = json.loads(call.detail)
+        logged = results.get(wid, [])
+        if op in ("dup", "unknown"):
+            return f"answered {answer} where only a refusal is right"
+        if not logged:
+            return f"answered {answer}; the log has no result"
+        if answer != logged[0] or answer != expected_result(workflow_number(wid)):
+            return f"answered {answer}; the log says {logged[0]}"
+        end = terminals[wid][0].event.at
+        if end > call.ended:
+            return f"answered {end - call.ended:.3f} s before the log ended the workflow"
+        return None
+    error = call.error
+    if error == "WorkflowNotFound" and op != "unknown":
+        return "WorkflowNotFound for an id asked to be created" + (" (it is)" if in_log else "")
+    if error == "DuplicateWorkflow" and op != "dup":
+        return "DuplicateWorkflow for a fresh id" if op != "attach" else "attach refused"
+    if call.refused and in_log and op != "dup":
+        return f"refused ({error}) yet the workflow is in the log"
+    return None
 
 
 if __name__ == "__main__":

@@ -5,18 +5,44 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
+import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kapbit import Definition, Failure, JsonCodec, MsgpackCodec, Progress, Step, Success
+import pybreaker
+
+from kapbit import (
+    Backoff,
+    BreakerPolicy,
+    Definition,
+    Failure,
+    JsonCodec,
+    MsgpackCodec,
+    Options,
+    Progress,
+    RetryPolicy,
+    Step,
+    Success,
+)
 from kapbit.codecs import Codec
-from kapbit.events import Event, EventKind
+from kapbit.events import (
+    TERMINAL_KINDS,
+    DeadLetter,
+    Event,
+    EventKind,
+    Rejected,
+    StepOutcome,
+    WorkflowCreated,
+    WorkflowResult,
+    WorkflowRetry,
+)
 from kapbit.log_reader import PartitionReader
-from kapbit.repository import MemRepository
+from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.restore import decode_event
 from kapbit.snapshots import load_snapshot
 
@@ -90,13 +116,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 
 # --- resilience helpers (emitter, breaker, retry worker, faults) ------------------------------
-
-import logging  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
-
-import pybreaker  # noqa: E402
-
-from kapbit import Backoff, BreakerPolicy, Options, RetryPolicy  # noqa: E402
 
 
 class Clock:
@@ -188,19 +207,6 @@ def fast_options(
 
 
 # --- recovery, checkpoint and fencing helpers -------------------------------------------------
-
-from collections.abc import AsyncIterator, Collection, Sequence  # noqa: E402
-
-from kapbit.events import (  # noqa: E402
-    TERMINAL_KINDS,
-    DeadLetter,
-    Rejected,
-    StepOutcome,
-    WorkflowCreated,
-    WorkflowResult,
-    WorkflowRetry,
-)
-from kapbit.repository import Checkpoint, Record  # noqa: E402
 
 
 class CrashRepository(MemRepository):
@@ -662,3 +668,17 @@ def load_example(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class TailWatched(MemRepository):
+    """A log that tells when a tail has started on each partition (``tailing``): a test
+    appends what the tail must see as new only after that."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.tailing = [asyncio.Event() for _ in range(partitions)]
+
+    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        self.tailing[partition].set()
+        async for batch in super().tail(partition, start):
+            yield batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from kapbit import (
     WillRetryLater,
     WorkflowRejected,
 )
+from kapbit.cli import execute
 from kapbit.events import (
     KIND_OF,
     ActiveWriter,
@@ -44,7 +46,7 @@ from kapbit.events import (
     WorkflowResult,
     WorkflowRetry,
 )
-from kapbit.repository import MemRepository
+from kapbit.repository import MemRepository, Repository
 
 TYPE = "order"
 STEPS = 3
@@ -263,3 +265,10 @@ def rejected(wid: str) -> Event:
 
 def writer(node: str) -> Event:
     return ActiveWriter(node, 1.0)
+
+
+async def cli(*argv: str, repo: Repository | None = None) -> tuple[int, str, str]:
+    """Run the ``kapbit`` command line on ``repo``: exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await execute(list(argv), repository=repo, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 import kapbit
 from kapbit import Definition, Kapbit, MsgpackCodec, Step, Success
-from kapbit.cli import build_parser, execute
-from kapbit.repository import MemRepository, Record, Repository
+from kapbit.cli import build_parser
+from kapbit.repository import MemRepository
+from tests.helpers import TailWatched
 from tests.projection_logs import (
     EXPECTED,
     MixedLog,
     append,
     build_mixed_log,
+    cli,
     created,
     outcome,
     writer,
@@ -29,12 +29,6 @@ from tests.projection_logs import (
 @pytest.fixture
 async def mixed() -> MixedLog:
     return await build_mixed_log()
-
-
-async def cli(*argv: str, repo: Repository | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await execute(list(argv), repository=repo, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _one_error_line(err: str) -> str:
@@ -197,21 +191,8 @@ async def test_tail_stops_after_max_events(mixed: MixedLog) -> None:
     assert len(out.splitlines()) == 3
 
 
-class _Watched(MemRepository):
-    """Tells when a tail has started on each partition."""
-
-    def __init__(self, partitions: int) -> None:
-        super().__init__(partitions)
-        self.tailing = [asyncio.Event() for _ in range(partitions)]
-
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        self.tailing[partition].set()
-        async for batch in super().tail(partition, start):
-            yield batch
-
-
 async def test_tail_follows_only_new_events() -> None:
-    repo = _Watched(partitions=2)
+    repo = TailWatched(partitions=2)
     for p in range(2):
         await append(repo, p, "n", writer("n"))
     await append(repo, 0, "n", created("old"))

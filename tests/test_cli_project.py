@@ -4,21 +4,20 @@ and the time order of ``tail``."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from kapbit import Kapbit
-from kapbit.cli import execute
 from kapbit.events import EventKind
 from kapbit.projection import StatusModel
-from kapbit.repository import MemRepository, Record, Repository
+from kapbit.repository import MemRepository
+from tests.helpers import TailWatched
 from tests.projection_logs import (
     EXPECTED,
     TYPE,
@@ -26,6 +25,7 @@ from tests.projection_logs import (
     MixedLog,
     append,
     build_mixed_log,
+    cli,
     created,
     options,
     order,
@@ -38,12 +38,6 @@ from tests.projection_logs import (
 @pytest.fixture
 async def mixed() -> MixedLog:
     return await build_mixed_log()
-
-
-async def cli(*argv: str, repo: Repository | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await execute(list(argv), repository=repo, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _closed_port() -> int:
@@ -279,19 +273,6 @@ async def test_tail_names_steps(mixed: MixedLog, definitions_module: str) -> Non
 # --- tail in time order -----------------------------------------------------------------
 
 
-class _Watched(MemRepository):
-    """Tells when a tail has started on each partition (the history's end is known)."""
-
-    def __init__(self, partitions: int) -> None:
-        super().__init__(partitions)
-        self.tailing = [asyncio.Event() for _ in range(partitions)]
-
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        self.tailing[partition].set()
-        async for batch in super().tail(partition, start):
-            yield batch
-
-
 async def test_tail_from_the_beginning_merges_partitions_by_time() -> None:
     repo = MemRepository(partitions=3)
     for p in range(3):
@@ -326,7 +307,7 @@ async def test_tail_of_a_real_log_interleaves_partitions(mixed: MixedLog) -> Non
 
 
 async def test_tail_prints_new_events_after_the_history() -> None:
-    repo = _Watched(partitions=2)
+    repo = TailWatched(partitions=2)
     await append(repo, 0, "n", writer("n"))
     await append(repo, 1, "n", writer("n"))
     await append(repo, 1, "n", created("old", at=50.0))

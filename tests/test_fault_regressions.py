@@ -386,6 +386,42 @@ async def test_item6_other_codec_is_refused_before_writing(written: Any, restart
             await kbit.exec_workflow("w", "gated", {"id": "w"})
 
 
+async def test_two_codecs_starting_at_once_on_an_empty_log_leave_one_owner() -> None:
+    """Two instances configured with different codecs start at the same moment on an
+    empty log: both claim before either reads the other's claim. The later claim wins and
+    its instance runs (the loser's claim, undecodable to it, is still a claim); the loser
+    is fenced. Afterwards the loser's codec is refused with CodecMismatch, writing nothing,
+    and the winner's codec starts. (Before: the winner failed with CorruptRecord on the
+    loser's claim, and no codec could start on the log again.)"""
+    repo = MemRepository()
+    codecs = {"json": JsonCodec(), "msgpack": MsgpackCodec()}
+    instances = {
+        name: Kapbit([gated_saga(None, [])], repo, codec, options=_quiet(node_id=name))
+        for name, codec in codecs.items()
+    }
+    started = await asyncio.gather(
+        *(kbit.start() for kbit in instances.values()), return_exceptions=True
+    )
+    outcomes = dict(zip(instances, started, strict=True))
+    winners = [name for name, outcome in outcomes.items() if outcome is None]
+    assert len(winners) == 1, outcomes
+    (winner,) = winners
+    (loser,) = set(instances) - {winner}
+    assert isinstance(outcomes[loser], Fenced), outcomes
+    try:
+        assert await instances[winner].exec_workflow("w", "gated", {"id": "w"}) is not None
+    finally:
+        await instances[winner].close()
+    before = repo.records(0)
+    with pytest.raises(CodecMismatch) as refused:
+        await Kapbit([gated_saga(None, [])], repo, codecs[loser], options=_quiet()).start()
+    assert codecs[loser].name in str(refused.value) and winner in str(refused.value)
+    assert repo.records(0) == before
+    async with Kapbit([gated_saga(None, [])], repo, codecs[winner], options=_quiet()) as kbit:
+        with pytest.raises(DuplicateWorkflow):
+            await kbit.exec_workflow("w", "gated", {"id": "w"})
+
+
 # --- 7. NaN and infinity --------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ that lost the partition never count; a request served twice is answered the same
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -25,8 +26,8 @@ from kapbit import (
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
+    forwarding,
 )
-from kapbit.codecs import JsonCodec
 from kapbit.events import WorkflowCreated
 from kapbit.forwarding import (
     Answer,
@@ -41,35 +42,8 @@ from kapbit.log_reader import decode_event
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog, RequestRecord
+from tests.forwarding_workflows import BROKEN, CODEC, ENTERED, GREET, HELD, greet
 from tests.helpers import fast_options, wait_until
-
-CODEC = JsonCodec()
-HELD: dict[str, asyncio.Event] = {}
-ENTERED: dict[str, asyncio.Event] = {}
-
-
-async def greet(name: str, _progress: Progress) -> Success[str]:
-    if name in HELD:
-        ENTERED[name].set()
-        await HELD[name].wait()
-    return Success(f"hello {name}")
-
-
-GREET = Definition(
-    "greet",
-    steps=[Step(greet)],
-    result=lambda _name, progress: progress.value(0),
-    input_type=str,
-    outcome_type=str,
-    result_type=str,
-)
-
-
-def broken(_name: str, _progress: Progress) -> Any:
-    return 42
-
-
-BROKEN = Definition("broken", steps=[Step(broken)], input_type=str)
 
 
 def down(_name: str, _progress: Progress) -> None:
@@ -238,6 +212,42 @@ async def test_a_request_served_again_after_a_takeover_is_answered_the_same_way(
         assert await asyncio.wait_for(call, 5) == "hello t"
     created = [r for r in log.records() if r.kind == "workflow_created" and r.key == "g-5"]
     assert len(created) == 1  # served twice, created once
+
+
+class _AheadClock:
+    """Stands in for the ``time`` module of :mod:`kapbit.forwarding`: the wall clock moved
+    ``ahead`` seconds, so deadlines pass without waiting for them."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+
+async def test_an_exec_created_before_its_owner_died_is_finished_past_its_deadline(
+    log: MemRepository,
+    requests: MemRequestLog,
+    caller: Caller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``created`` answer lifted the caller's timeout: it waits for the end, so the next
+    owner must serve the request even once its deadline has passed (it used to skip it as
+    expired, and the caller waited forever)."""
+    clock = _AheadClock()
+    monkeypatch.setattr(forwarding, "time", clock)
+    first = _owner(log, requests, OWNED)
+    await first.start()
+    HELD["late"], ENTERED["late"] = asyncio.Event(), asyncio.Event()
+    call = asyncio.create_task(caller.exec("greet", "g-10", "late"))
+    await asyncio.wait_for(ENTERED["late"].wait(), 5)
+    await _wait_for_records(requests, _partition("g-10"), ANSWER)  # "created"
+    first.abort()
+    HELD.pop("late").set()
+    clock.ahead = 3_600.0  # the request's deadline passes before the next owner reads it
+    async with _owner(log, requests, OWNED) as second:
+        assert await asyncio.wait_for(call, 5) == "hello late"
+        assert second.stats.recovered == 1 and second.stats.started == 0
 
 
 async def test_an_answer_given_after_a_newer_claim_never_counts() -> None:

@@ -17,46 +17,17 @@ from kapbit import (
     InvalidReturnValue,
     Kapbit,
     KapbitError,
-    Progress,
     Step,
-    Success,
     UnknownWorkflowType,
     WorkflowNotFound,
 )
-from kapbit.codecs import JsonCodec
 from kapbit.forwarding import Forwarder, RemoteWorkflows
 from kapbit.projection import WorkflowStatus
 from kapbit.repository.kafka import KafkaRepository, KafkaRequestLog
+from tests.forwarding_workflows import BROKEN, CODEC, ENTERED, GREET, HELD, greet
 from tests.helpers import fast_options
 
-CODEC = JsonCodec()
 PARTITIONS = 3
-HELD: dict[str, asyncio.Event] = {}
-ENTERED: dict[str, asyncio.Event] = {}
-
-
-async def greet(name: str, _progress: Progress) -> Success[str]:
-    if name in HELD:
-        ENTERED[name].set()
-        await HELD[name].wait()
-    return Success(f"hello {name}")
-
-
-GREET = Definition(
-    "greet",
-    steps=[Step(greet)],
-    result=lambda _name, progress: progress.value(0),
-    input_type=str,
-    outcome_type=str,
-    result_type=str,
-)
-
-
-def broken(_name: str, _progress: Progress) -> Any:
-    return 42
-
-
-BROKEN = Definition("broken", steps=[Step(broken)], input_type=str)
 OTHER = Definition("other", steps=[Step(greet)], input_type=str)
 
 

@@ -20,9 +20,10 @@ transactions, so it works on any Kafka-protocol broker. The package's parts, by 
 - :mod:`.repository`: :class:`KafkaRepository`, the front putting them together.
 """
 
+from kapbit.repository.kafka.clients import CLIENT_DEFAULTS
 from kapbit.repository.kafka.group import GroupMembership, OwnershipChange
 from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
-from kapbit.repository.kafka.repository import CLIENT_DEFAULTS, KafkaRepository
+from kapbit.repository.kafka.repository import KafkaRepository
 from kapbit.repository.kafka.requests import KafkaRequestLog
 
 __all__ = [

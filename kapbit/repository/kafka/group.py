@@ -51,8 +51,8 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from kapbit._lifecycle import CANCEL_GRACE, AsyncResource, TaskHost
 from kapbit.errors import InstanceClosed, StartupError
+from kapbit.repository.kafka.clients import with_defaults
 from kapbit.repository.kafka.errors import BROKER_ERRORS
-from kapbit.repository.kafka.repository import CLIENT_DEFAULTS
 
 logger = logging.getLogger("kapbit.kafka.group")
 
@@ -380,7 +380,7 @@ class GroupMembership(AsyncResource):
         self.session_timeout = session_timeout
         self.heartbeat_interval = heartbeat
         self.rebalance_timeout = rebalance
-        options = {**CLIENT_DEFAULTS, **(client_options or {})}
+        options = with_defaults(client_options)
         options["request_timeout_ms"] = max(
             int(options["request_timeout_ms"]), int(rebalance * 1000) + _JOIN_MARGIN_MS
         )

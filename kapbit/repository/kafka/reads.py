@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -25,6 +25,8 @@ from kapbit.repository.kafka.records import to_record
 logger = logging.getLogger("kapbit.kafka")
 
 READ_BATCH = 10_000
+
+_R = TypeVar("_R")
 
 
 class Lane:
@@ -140,6 +142,32 @@ async def fetch(
         finally:
             lane.consumer.pause(tp)
             _drop_prefetched(lane.consumer, tp, start)
+
+
+async def follow(
+    new_consumer: Callable[[], AIOKafkaConsumer],
+    tp: TopicPartition,
+    start: int,
+    convert: Callable[[int, Any], _R],
+    what: str,
+) -> AsyncIterator[Sequence[_R]]:
+    """Yield the records of ``tp`` from ``start`` on as ``convert(partition, message)``
+    makes them, waiting for new ones, until cancelled, with a consumer of its own made by
+    ``new_consumer`` when the first batch is asked for. Broker errors are transient
+    (``what`` failed)."""
+    consumer = new_consumer()
+    try:
+        with transient(what):
+            await consumer.start()
+            consumer.assign([tp])
+            consumer.seek(tp, max(start, 0))
+            while True:
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
+                batch = [convert(tp.partition, message) for message in fetched.get(tp, ())]
+                if batch:
+                    yield batch
+    finally:
+        await consumer.stop()
 
 
 async def end_offset(lane: Lane, tp: TopicPartition) -> int:

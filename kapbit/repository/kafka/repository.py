@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -22,24 +21,21 @@ from kapbit.placement import GroupOptions, Placement
 from kapbit.repository.base import Checkpoint, Record
 from kapbit.repository.kafka.admin import check_records, ensure_topics
 from kapbit.repository.kafka.checkpoints import CheckpointStore
-from kapbit.repository.kafka.errors import BROKER_ERRORS, transient
+from kapbit.repository.kafka.clients import (
+    new_consumer,
+    new_producer,
+    start_clients,
+    stop_clients,
+    with_defaults,
+)
+from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.fencing import Confirmer, PartitionFence
 from kapbit.repository.kafka.outbox import Outboxes
-from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset, fetch_records
+from kapbit.repository.kafka.reads import Lane, end_offset, fetch_records, follow
 from kapbit.repository.kafka.records import to_record
 
 #: Room for the record's key, headers and batch framing above ``max_payload``.
 _RECORD_OVERHEAD = 16 * 1024
-#: Defaults of every aiokafka client (``client_options`` override them). They decide how
-#: fast an unreachable broker is noticed: a request fails after ``request_timeout_ms``
-#: (aiokafka's own default, 40 s, would keep callers waiting long after the storage
-#: breaker should have opened), a failed connection is retried after ``retry_backoff_ms``,
-#: and a moved partition leader is looked up again after ``metadata_max_age_ms``.
-CLIENT_DEFAULTS: dict[str, Any] = {
-    "request_timeout_ms": 5_000,
-    "retry_backoff_ms": 100,
-    "metadata_max_age_ms": 60_000,
-}
 
 
 class _Started:
@@ -100,7 +96,7 @@ class KafkaRepository:
         self._requested_partitions = partitions
         self._replication_factor = replication_factor
         self._create_topic = create_topic
-        self._client_options = {**CLIENT_DEFAULTS, **(client_options or {})}
+        self._client_options = with_defaults(client_options)
         self._producer_options = dict(producer_options or {})
         self._consumer_options = dict(consumer_options or {})
         self._partitions = partitions or 0
@@ -148,17 +144,11 @@ class KafkaRepository:
             create=self._create_topic,
             replication_factor=self._replication_factor,
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            acks="all",
-            enable_idempotence=False,
+        producer = new_producer(
+            self.bootstrap_servers,
+            {**self._client_options, **self._producer_options},
             max_request_size=self.max_payload + _RECORD_OVERHEAD,
-            **{
-                "linger_ms": 0,
-                "max_batch_size": 1_048_576,
-                **self._client_options,
-                **self._producer_options,
-            },
+            max_batch_size=1_048_576,
         )
         log_partitions = [TopicPartition(self.topic, p) for p in range(self._partitions)]
         max_wait_ms = min(1_000, int(self._client_options["request_timeout_ms"]) // 2)
@@ -171,24 +161,16 @@ class KafkaRepository:
         # The confirmer reads small gaps near the end: tansu holds a fetch for its whole
         # max wait while it finds more records, so it starts at 1 ms.
         confirmer_lane = Lane(self._new_consumer, 1, max_wait_ms, log_partitions)
-        clients = [producer, reader, confirmer_lane]
-        try:
-            for client in clients:
-                await client.start()
-            await check_records(
+        await start_clients(
+            self.bootstrap_servers,
+            [producer, reader, confirmer_lane],
+            lambda: check_records(
                 reader,
                 log_partitions,
                 TopicPartition(self.checkpoint_topic, 0),
                 self.read_timeout,
-            )
-        except (*BROKER_ERRORS, TransientStorageError) as exc:
-            await _stop_all(clients)
-            raise StartupError(
-                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
-            ) from exc
-        except BaseException:
-            await _stop_all(clients)
-            raise
+            ),
+        )
         fences = [PartitionFence() for _ in range(self._partitions)]
         self._fences = fences
         self._parts = _Started(
@@ -221,19 +203,16 @@ class KafkaRepository:
             return
         parts.outboxes.close()
         parts.confirmer.close()
-        await _stop_all([parts.producer, parts.reader, parts.confirmer_lane])
+        await stop_clients([parts.producer, parts.reader, parts.confirmer_lane])
 
     def _new_consumer(self, fetch_max_wait_ms: int = 20) -> AIOKafkaConsumer:
         options: dict[str, Any] = {
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
             "max_partition_fetch_bytes": max(1_048_576, self.max_payload + _RECORD_OVERHEAD),
             "fetch_max_bytes": 64 * 1_048_576,
             **self._client_options,
             **self._consumer_options,
-            "fetch_max_wait_ms": fetch_max_wait_ms,
         }
-        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None, **options)
+        return new_consumer(self.bootstrap_servers, options, fetch_max_wait_ms)
 
     def _started(self, partition: int | None = None) -> _Started:
         """The started parts; raises StorageError for a partition the topic does not have."""
@@ -287,21 +266,11 @@ class KafkaRepository:
             async for batch in fetch_records(reader, tp, start, stop, self.read_timeout):
                 yield batch
 
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
-        consumer = self._new_consumer()
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
         tp = TopicPartition(self.topic, partition)
-        try:
-            with transient(f"following partition {partition} failed"):
-                await consumer.start()
-                consumer.assign([tp])
-                consumer.seek(tp, max(start, 0))
-                while True:
-                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
-                    batch = [to_record(partition, message) for message in fetched.get(tp, ())]
-                    if batch:
-                        yield batch
-        finally:
-            await consumer.stop()
+        return follow(
+            self._new_consumer, tp, start, to_record, f"following partition {partition} failed"
+        )
 
     async def end_offset(self, partition: int) -> int:
         reader = self._started(partition).reader
@@ -365,9 +334,3 @@ class KafkaRepository:
 
     async def snapshot_slots(self, partition: int) -> dict[str, list[int]]:
         return await self._started().checkpoints.slots(partition)
-
-
-async def _stop_all(clients: Sequence[AIOKafkaProducer | Lane]) -> None:
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.stop()

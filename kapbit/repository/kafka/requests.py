@@ -20,10 +20,16 @@ from kapbit.errors import StartupError, StorageError, TransientStorageError
 from kapbit.repository.base import Checkpoint
 from kapbit.repository.kafka.admin import ensure_topics
 from kapbit.repository.kafka.checkpoints import CheckpointStore
-from kapbit.repository.kafka.errors import BROKER_ERRORS, append_error, transient
-from kapbit.repository.kafka.reads import READ_BATCH, Lane, end_offset
+from kapbit.repository.kafka.clients import (
+    new_consumer,
+    new_producer,
+    start_clients,
+    stop_clients,
+    with_defaults,
+)
+from kapbit.repository.kafka.errors import BROKER_ERRORS, append_error
+from kapbit.repository.kafka.reads import Lane, end_offset, follow
 from kapbit.repository.kafka.records import KIND_HEADER, NODE_HEADER
-from kapbit.repository.kafka.repository import CLIENT_DEFAULTS
 from kapbit.request_log import REQUEST_KINDS, RequestRecord
 
 #: How long a follower's fetch waits for new records: the latency a forwarded call pays
@@ -56,7 +62,7 @@ class KafkaRequestLog:
         self._requested = partitions
         self._replication_factor = replication_factor
         self._create_topic = create_topic
-        self._client_options = {**CLIENT_DEFAULTS, **(client_options or {})}
+        self._client_options = with_defaults(client_options)
         self._partitions = partitions or 0
         self._producer: AIOKafkaProducer | None = None
         self._lane: Lane | None = None
@@ -83,26 +89,12 @@ class KafkaRequestLog:
             create=self._create_topic,
             replication_factor=self._replication_factor,
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            acks="all",
-            enable_idempotence=False,
-            linger_ms=0,
-            **self._client_options,
-        )
+        producer = new_producer(self.bootstrap_servers, self._client_options)
         partitions = [TopicPartition(self.topic, p) for p in range(self._partitions)]
         lane = Lane(
             self._consumer, 20, 1_000, [*partitions, TopicPartition(self.checkpoint_topic, 0)]
         )
-        try:
-            await producer.start()
-            await lane.start()
-        except BROKER_ERRORS as exc:
-            await producer.stop()
-            await lane.stop()
-            raise StartupError(
-                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc}"
-            ) from exc
+        await start_clients(self.bootstrap_servers, [producer, lane])
         self._producer, self._lane = producer, lane
         self._progress = CheckpointStore(
             self.topic, self._partitions, self.checkpoint_topic, producer, lane, self.read_timeout
@@ -115,22 +107,12 @@ class KafkaRequestLog:
             self._users -= 1
             return
         self._users = 0
-        producer, self._producer = self._producer, None
-        lane, self._lane = self._lane, None
-        if producer is not None:
-            await producer.stop()
-        if lane is not None:
-            await lane.stop()
+        clients = [client for client in (self._producer, self._lane) if client is not None]
+        self._producer = self._lane = None
+        await stop_clients(clients)
 
     def _consumer(self, fetch_max_wait_ms: int = 20) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            **self._client_options,
-            fetch_max_wait_ms=fetch_max_wait_ms,
-        )
+        return new_consumer(self.bootstrap_servers, self._client_options, fetch_max_wait_ms)
 
     def _started(self, partition: int) -> tuple[AIOKafkaProducer, Lane]:
         if self._producer is None or self._lane is None:
@@ -154,22 +136,16 @@ class KafkaRequestLog:
         offset: int = metadata.offset
         return offset
 
-    async def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[RequestRecord]]:
         self._started(partition)
-        consumer = self._consumer(_TAIL_WAIT_MS)
         tp = TopicPartition(self.topic, partition)
-        try:
-            with transient(f"following request partition {partition} failed"):
-                await consumer.start()
-                consumer.assign([tp])
-                consumer.seek(tp, max(start, 0))
-                while True:
-                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
-                    batch = [_record(partition, message) for message in fetched.get(tp, ())]
-                    if batch:
-                        yield batch
-        finally:
-            await consumer.stop()
+        return follow(
+            lambda: self._consumer(_TAIL_WAIT_MS),
+            tp,
+            start,
+            _record,
+            f"following request partition {partition} failed",
+        )
 
     async def end_offset(self, partition: int) -> int:
         _, lane = self._started(partition)
