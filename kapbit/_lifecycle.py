@@ -2,8 +2,8 @@
 
 Every long-lived kapbit object (the instance, repositories, the projector, read models,
 test brokers) derives from :class:`AsyncResource`. The tasks an object owns run in a
-:class:`TaskHost`: an :class:`asyncio.TaskGroup` that lives from the owner's start to its
-close. See docs/ARCHITECTURE.md, "Lifecycle and ownership".
+:class:`TaskHost` that lives from the owner's start to its close. See
+docs/ARCHITECTURE.md, "Lifecycle and ownership".
 """
 
 from __future__ import annotations
@@ -65,18 +65,20 @@ class AsyncResource(Closing):
 
 
 class TaskHost:
-    """The tasks one owner runs, in one :class:`asyncio.TaskGroup` held by a host task.
+    """The tasks one owner runs, from its start to its close.
 
     :meth:`spawn` adds a task from anywhere (also from plain functions) while the host
     runs; :meth:`close` cancels what is left and waits for it, up to a grace period: a
     task that ignores cancellation (a step swallowing it) is abandoned, as a crash would
-    leave it, so closing stays bounded.
+    leave it, so closing stays bounded. Plain tasks, not an :class:`asyncio.TaskGroup`: a
+    group costs a done callback per task (one a workflow) and lets one failed task cancel
+    all others. A task reports its outcome as its result; one that raised anyway is
+    logged as an error once the host drops it (in a sweep, or at close).
     """
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._group: asyncio.TaskGroup | None = None
-        self._host: asyncio.Task[None] | None = None
+        self._open = False
         self._tasks: set[asyncio.Task[Any]] = set()  # running ones, and some finished
         self._sweep_at = _SWEEP_AT
 
@@ -92,30 +94,38 @@ class TaskHost:
         return [task for task in self._tasks if not task.done()]
 
     async def start(self) -> None:
-        """Start the host task and wait until the group accepts tasks."""
-        ready = asyncio.Event()
-        self._host = asyncio.create_task(self._run(ready), name=self._name)
-        await ready.wait()
-
-    async def _run(self, ready: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            ready.set()
-            await asyncio.Event().wait()  # until cancelled by close() or abort()
+        """Accept tasks from now on."""
+        self._open = True
 
     def spawn(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
-        """Run ``coro`` in the group. It must not raise (but for cancellation): an error
-        would cancel its siblings, so a task reports its outcome as its result."""
-        if self._group is None:
+        """Run ``coro`` as a task of the host. It should not raise (but for cancellation):
+        a task reports its outcome as its result."""
+        if not self._open:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
-        task = self._group.create_task(coro, name=name)
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         tasks = self._tasks
         tasks.add(task)
         if len(tasks) >= self._sweep_at:
-            self._tasks = tasks = set(self._running())
-            self._sweep_at = max(_SWEEP_AT, 2 * len(tasks))
+            self._tasks = self._drop_finished(tasks)
+            self._sweep_at = max(_SWEEP_AT, 2 * len(self._tasks))
         return task
+
+    def _drop_finished(self, tasks: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+        """The running ones of ``tasks``; a finished one that raised is logged."""
+        running: set[asyncio.Task[Any]] = set()
+        for task in tasks:
+            if not task.done():
+                running.add(task)
+            elif not task.cancelled() and task.exception() is not None:
+                logger.error(
+                    "%s: task %s failed",
+                    self._name,
+                    task.get_name(),
+                    exc_info=task.exception(),
+                    extra=fields(),
+                )
+        return running
 
     async def wait(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for the running tasks to end by themselves."""
@@ -126,20 +136,19 @@ class TaskHost:
     async def close(self, grace: float) -> bool:
         """Cancel every task and wait up to ``grace`` seconds; ``False`` when some ignored
         cancellation and were abandoned."""
-        host = self._host
-        if host is None:
-            return True
-        self._group = None
-        host.cancel()
-        done, _ = await asyncio.wait([host], timeout=grace)
-        if done:
-            if not host.cancelled() and host.exception() is not None:
-                logger.error("%s failed", self._name, exc_info=host.exception(), extra=fields())
+        self._open = False
+        running = self._running()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        self._tasks = self._drop_finished(self._tasks)
+        if not self._tasks:
             return True
         logger.error(
             "%s abandons %d tasks that ignored cancellation for %.1f s",
             self._name,
-            len(self._running()),
+            len(self._tasks),
             grace,
             extra=fields(),
         )
@@ -147,8 +156,6 @@ class TaskHost:
 
     def abort(self) -> None:
         """Cancel every task at once without waiting (a crash)."""
-        self._group = None
+        self._open = False
         for task in self._tasks:
             task.cancel()
-        if self._host is not None:
-            self._host.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 
 import pytest
@@ -29,9 +30,10 @@ async def test_a_task_aborted_before_it_ran_is_cancelled_and_the_host_ends() -> 
 async def test_close_cancels_the_rest_and_abandons_a_task_that_ignores_cancellation() -> None:
     host = TaskHost("test")
     await host.start()
-    release = asyncio.Event()
+    release, running = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         while not release.is_set():
             try:
                 await release.wait()
@@ -40,6 +42,7 @@ async def test_close_cancels_the_rest_and_abandons_a_task_that_ignores_cancellat
 
     polite = host.spawn(asyncio.sleep(10))
     host.spawn(stubborn())
+    await asyncio.wait_for(running.wait(), 1)  # cancelled before its first step, it would end
     assert await host.close(0.05) is False
     assert polite.cancelled()
     release.set()
@@ -116,3 +119,25 @@ async def test_task_host_counts_running_tasks_and_sweeps_finished_ones() -> None
         assert len(host) == 0
     finally:
         assert await host.close(1.0)
+
+
+async def test_a_task_that_raises_is_logged_and_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tasks report by their result; one that raises anyway leaves its siblings running
+    and its error is logged once the host drops it (here: at close)."""
+    host = TaskHost("test")
+    await host.start()
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a task")
+
+    failed = host.spawn(broken(), name="broken")
+    sibling = host.spawn(asyncio.sleep(10, "still running"))
+    await asyncio.wait([failed], timeout=1)
+    assert failed.done() and not sibling.done()
+    with caplog.at_level(logging.ERROR, logger="kapbit"):
+        assert await host.close(1.0)
+    assert sibling.cancelled()
+    assert [r.getMessage() for r in caplog.records] == ["test: task broken failed"]
+    assert "a bug in a task" in caplog.text
