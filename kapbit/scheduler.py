@@ -152,7 +152,7 @@ class Scheduler:
             except (Fenced, InstanceClosed):
                 return
             except Exception:  # a schedule that cannot compute its times: stop, loudly
-                # (a task of the instance's TaskHost reports by result and log, it does not raise)
+                # (a task of the instance's TaskHost must not raise: it would stop them all)
                 logger.exception("the scheduler stops: a schedule failed", extra=fields())
                 return
             assert wake is not None

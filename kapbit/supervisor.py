@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from kapbit._lifecycle import CANCEL_GRACE, TaskHost
+from kapbit._lifecycle import CANCEL_GRACE, TaskHost, TaskSet
 from kapbit._log import execution_fields, raised_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
@@ -77,7 +77,7 @@ class Supervisor:
         self._actions = actions
         self._in_flight: dict[str, WorkflowExecution] = {}
         self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
-        self._tasks = TaskHost("kapbit-workflows")
+        self._tasks = TaskSet("kapbit-workflows")
         self._task_of: dict[str, asyncio.Task[Any]] = {}  # the task driving each workflow
         self._retry_worker = RetryWorker(options.retry, gate, self)
         self._clock = options.clock
@@ -250,7 +250,7 @@ class Supervisor:
         """Create (when ``created`` holds the encoded event) and run an execution.
 
         The workflow's end is returned, an error included, never raised: the task's result
-        is how its caller learns it (see :class:`~kapbit._lifecycle.TaskHost`)."""
+        is how its caller learns it (see :class:`~kapbit._lifecycle.TaskSet`)."""
         try:
             if created is not None:
                 try:
