@@ -79,6 +79,7 @@ from kapbit.repository import Checkpoint, Repository
 from kapbit.request_log import RequestLog
 from kapbit.scheduler import Scheduler, check_schedules
 from kapbit.schedules import Schedule
+from kapbit.snapshots import Journal, snapshot_store
 from kapbit.stats import Stats
 from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
@@ -165,8 +166,15 @@ class Kapbit(AsyncResource):
         self._ownership: Ownership | None = None
         self._windows: list[IdempotencyWindow] = []
         self._placement_closing: asyncio.Task[None] | None = None
+        # With snapshots, the emitter writes through a journal that keeps what it appends
+        # for the snapshots' readers, which then need not read it back from the log.
+        self._journal = (
+            Journal(repository)
+            if self.options.checkpoints.snapshots and snapshot_store(repository) is not None
+            else None
+        )
         self._emitter = Emitter(
-            repository,
+            self._journal or repository,
             self._codec,
             self.writer_id,
             self._breaker,
@@ -386,7 +394,7 @@ class Kapbit(AsyncResource):
         self._fence.regain(partition)
         part = await recovery.recover_partition(partition, self.writer_id, ownership.claim)
         self._windows[partition] = part.window
-        self._checkpointer.adopt(partition, part.owners, part.checkpoint)
+        self._checkpointer.adopt(partition, part.owners, part.checkpoint, part.state)
         self._supervisor.adopt(part.executions)
         owned.add(partition)
         if self._request_server is not None:
@@ -404,9 +412,6 @@ class Kapbit(AsyncResource):
         """Set the parts to work on what recovery found."""
         self._partitions = len(recovered.windows)
         self._windows = recovered.windows
-        self._workflow_log = WorkflowLog(
-            self._repository, self._codec, self._definitions, recovered.windows
-        )
         checkpointer = self._checkpointer = Checkpointer(
             self._repository,
             self.options.checkpoints,
@@ -417,9 +422,9 @@ class Kapbit(AsyncResource):
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
             codec=self._codec,
-            # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
-            states=None if self._placement is not None else recovered.states,
+            states=recovered.states,  # none in group mode: each is adopted when assigned
             clock=self._clock,
+            journal=self._journal,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -430,6 +435,13 @@ class Kapbit(AsyncResource):
             checkpointer,
             self._stats,
             self._actions,
+        )
+        self._workflow_log = WorkflowLog(
+            self._repository,
+            self._codec,
+            self._definitions,
+            recovered.windows,
+            running=supervisor.created_offset,
         )
         await self._background.start()
         self._background.spawn(self._save_checkpoints(checkpointer), name="kapbit-checkpoints")
