@@ -12,7 +12,7 @@ after the process died can learn what happened to it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -190,17 +190,21 @@ class WorkflowLog:
         codec: Codec,
         definitions: Mapping[str, Definition],
         windows: Sequence[IdempotencyWindow],
+        running: Callable[[str], int | None] = lambda workflow_id: None,
     ) -> None:
         self._repository = repository
         self._codec = codec
         self._definitions = definitions
         self._windows = windows
+        self._running = running
 
     def locate(self, workflow_id: str) -> tuple[int, int | None]:
-        """``workflow_id``'s partition and the offset of its ``WorkflowCreated`` (``None``
-        when the window does not hold the id)."""
+        """``workflow_id``'s partition and the offset of its ``WorkflowCreated``: from the
+        window, else from ``running`` (a workflow open here, e.g. sleeping for longer than
+        its id stays in the window); ``None`` when neither knows it."""
         partition = partition_for(workflow_id, len(self._windows))
-        return partition, self._windows[partition].offset_of(workflow_id)
+        offset = self._windows[partition].offset_of(workflow_id)
+        return partition, self._running(workflow_id) if offset is None else offset
 
     async def read(self, workflow_id: str) -> WorkflowState:
         """The state of ``workflow_id`` as the log shows it now."""

@@ -101,6 +101,14 @@ class Supervisor:
         entry = self._timers.get(workflow_id)
         return None if entry is None else entry.fire_at
 
+    def created_offset(self, workflow_id: str) -> int | None:
+        """Where ``workflow_id``'s ``WorkflowCreated`` is, if it runs or sleeps here and the
+        append was acknowledged (its id may have left the idempotency window meanwhile)."""
+        execution = self._in_flight.get(workflow_id) or self._sleeping.get(workflow_id)
+        if execution is None or execution.created_offset < 0:
+            return None
+        return execution.created_offset
+
     def ids(self) -> list[str]:
         """The ids of the workflows in flight."""
         return list(self._in_flight)

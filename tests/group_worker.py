@@ -63,6 +63,7 @@ from kapbit import (
     Progress,
     Step,
     Success,
+    WorkflowHandle,
     WorkflowRefused,
 )
 from kapbit.repository.kafka import KafkaRepository, KafkaRequestLog
@@ -310,7 +311,7 @@ async def _exec_call(kbit: Kapbit, workflow_id: str) -> CallLine:
 
 
 #: What a mixed load does, in turn (see :class:`Mixer`).
-MIX = ("exec", "start", "exec", "get", "exec", "start", "attach", "exec", "dup", "unknown")
+MIX = ("exec", "start", "exec", "get", "handle", "start", "attach", "exec", "dup", "unknown")
 #: Fresh ids a mixed load gives to partitions this instance owns: one in this many.
 LOCAL_SHARE = 4
 #: Numbers of the ids a mixed load asks for without ever creating them (above any fresh one).
@@ -322,7 +323,9 @@ class Mixer:
     the request log when the instance has one): ``exec`` and ``start`` (then the handle's
     ``result()``) of fresh ids; ``get_workflow(id).result()``, ``exec`` with
     ``on_duplicate="attach"`` and with ``"raise"`` (``dup``) of ids whose creation was
-    acknowledged before the call; ``get_workflow`` of ids never created (``unknown``).
+    acknowledged before the call; ``result()`` of a handle an earlier ``start`` returned,
+    kept meanwhile (``handle``: its partition may have moved since); ``get_workflow`` of
+    ids never created (``unknown``).
 
     Each call is reported as ``op <t0> <t1> <op> <route> <id> <status> <detail>``:
     ``route`` is ``local`` when this instance owned the id's partition as the call began,
@@ -334,6 +337,7 @@ class Mixer:
         self._next = base
         self._unknown = base + UNKNOWN_BASE
         self._known: list[str] = []  # ids whose creation was acknowledged
+        self._handles: list[WorkflowHandle[Any]] = []  # handles start_workflow returned
         self._random = random.Random(os.getpid())
 
     def _fresh(self) -> str:
@@ -357,7 +361,12 @@ class Mixer:
 
     async def call(self, k: int) -> CallLine:
         op = MIX[k % len(MIX)]
-        workflow_id = self._pick_known() if op in ("get", "attach", "dup") else None
+        held = self._random.choice(self._handles[-64:]) if self._handles else None
+        if op == "handle" and held is not None:
+            workflow_id: str | None = held.id
+        else:
+            op = "get" if op == "handle" else op
+            workflow_id = self._pick_known() if op in ("get", "attach", "dup") else None
         if workflow_id is None:
             op = op if op in ("exec", "start", "unknown") else "exec"
             if op == "unknown":
@@ -370,7 +379,11 @@ class Mixer:
         task = asyncio.current_task()
         if task is not None:  # named for the report of a call that never returns
             task.set_name(f"{op} {route} {workflow_id} since {started:.6f}")
-        op, outcome = await self._perform(op, workflow_id)
+        if op == "handle":
+            assert held is not None
+            op, outcome = await self._held(held)
+        else:
+            op, outcome = await self._perform(op, workflow_id)
         if op == "exec" and not isinstance(outcome, BaseException):
             self._known.append(workflow_id)
         return _call_line(started, workflow_id, outcome, op, route)
@@ -393,10 +406,17 @@ class Mixer:
                 handle = await kbit.start_workflow(workflow_id, WORKFLOW, input)
                 op = "started"
                 self._known.append(workflow_id)  # acknowledged: later calls may ask for it
+                self._handles.append(handle)
                 return op, await handle.result()
             return op, await kbit.get_workflow(workflow_id).result()  # get, unknown
         except Exception as exc:
             return op, exc
+
+    async def _held(self, handle: WorkflowHandle[Any]) -> tuple[str, Any]:
+        try:
+            return "handle", await handle.result()
+        except Exception as exc:
+            return "handle", exc
 
 
 async def _report_ownership(kbit: Kapbit, closing: asyncio.Event) -> None:
@@ -1165,7 +1185,7 @@ class AnswerAudit:
 
 
 #: Ops whose id's creation was acknowledged before the call began.
-_ACKNOWLEDGED = ("started", "get", "attach", "dup")
+_ACKNOWLEDGED = ("started", "get", "handle", "attach", "dup")
 
 
 def audit_answers(log: Log, calls: Iterable[Call]) -> AnswerAudit:

@@ -628,17 +628,20 @@ def incarnations(
     ``WorkflowCreated`` while the id's workflow is open (the id was accepted twice)."""
     codec = codec or JsonCodec()
     by_id: dict[str, list[Incarnation]] = {}
-    seen: set[tuple[int, str, str, bytes]] = set()
+    seen: set[tuple[int, str, str, bytes, int]] = set()
     problems: list[str] = []
     for record in live_records(repo):
         if record.kind == "active_writer":
             continue
-        copy = (record.partition, record.key, record.kind, record.value)
+        ids = by_id.setdefault(record.key, [])
+        # A copy repeats a record of the same workflow: two workflows of one id may write
+        # byte-identical events (same values, same clock reading), which are no copies.
+        workflow = -1 if record.kind == "workflow_created" else len(ids)
+        copy = (record.partition, record.key, record.kind, record.value, workflow)
         if copy in seen:
             continue
         seen.add(copy)
         event = decode_event(codec, record)
-        ids = by_id.setdefault(record.key, [])
         current = ids[-1] if ids else None
         where = f"{record.kind} of {record.key!r} at {record.partition}/{record.offset}"
         if isinstance(event, WorkflowCreated):

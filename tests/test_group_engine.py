@@ -27,7 +27,9 @@ from kapbit import (
     partition_for,
 )
 from kapbit.events import ActiveWriter, WorkflowResult
+from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
+from kapbit.request_log import MemRequestLog
 from kapbit.testing import ManualPlacement
 from tests.helpers import check_history, gated_saga, histories, wait_until
 
@@ -171,6 +173,55 @@ async def test_revoke_during_a_running_step_hands_the_workflow_over_exactly_once
         check_history(wid, histories(repo)[wid], steps=3, compensable=range(3))
         assert _results(repo) == {wid: 1}
         assert _claims(repo, 1) == [a.writer_id, b.writer_id]
+    finally:
+        await b.close()
+        await a.close()
+
+
+@pytest.mark.parametrize("forwarding", [True, False], ids=["request-log", "no-request-log"])
+async def test_a_handle_kept_while_its_partition_moved_follows_the_workflow(
+    forwarding: bool,
+) -> None:
+    """A's handles of a workflow of partition 0 (from start_workflow and get_workflow) are
+    asked for the result after partition 0 moved to B, which finished the workflow: with a
+    request log they return B's result, without one they refuse with NotOwner. They used
+    to raise WorkflowNotFound, as if the workflow did not exist."""
+    repo = MemRepository(PARTITIONS)
+    requests = MemRequestLog(PARTITIONS) if forwarding else None
+    a_place, b_place = ManualPlacement("a:1"), ManualPlacement("b:1")
+    a_place.change(assign=range(PARTITIONS))
+    calls: list[tuple[str, int]] = []
+    hold = asyncio.Event()
+    members = []
+    for node, placement in (("A", a_place), ("B", b_place)):
+        kbit = Kapbit(
+            [gated_saga(hold, calls)],
+            repo,
+            options=Options(node_id=node, close_timeout=0.5),
+            group=placement,
+            requests=requests,
+        )
+        members.append(kbit)
+    a, b = members
+    await a.start()
+    try:
+        wid = _ids(0)[0]
+        started = await a.start_workflow(wid, "gated", {"id": wid})
+        got = a.get_workflow(wid)
+        a_place.change(revoke=[0], owners={0: "b:1"})
+        await a_place.applied()
+        b_place.change(assign=[0], owners={p: "a:1" for p in range(1, PARTITIONS)})
+        await b.start()
+        hold.set()
+        expected = await b.get_workflow(wid).result(timeout=5)
+        for handle in (started, got):
+            if forwarding:
+                assert await asyncio.wait_for(handle.result(), 5) == expected
+                assert await handle.status() is WorkflowStatus.SUCCEEDED
+            else:
+                with pytest.raises(NotOwner, match="b:1"):
+                    await handle.result()
+        assert _results(repo) == {wid: 1}
     finally:
         await b.close()
         await a.close()

@@ -88,7 +88,7 @@ def _check(report: ScenarioReport, cluster: Cluster) -> None:
     assert answers.wrong == [], f"{answers.wrong[:20]}: {answers.summary()}"
     report.audit.assert_clean()
     # The load was what it claims: forwarded calls of every kind were answered with results.
-    for op in ("exec", "started", "get", "attach"):
+    for op in ("exec", "started", "get", "handle", "attach"):
         assert answers.count(op=op, route="remote", kind="result") > 0, answers.summary()
     assert answers.count(op="dup", route="remote", kind="DuplicateWorkflow") > 0
     assert answers.count(op="unknown", route="remote", kind="WorkflowNotFound") > 0

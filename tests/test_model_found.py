@@ -4,6 +4,7 @@ issue 10 lists, each as a plain reproduction. They fail until the defect is fixe
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from kapbit import (
     Options,
     Progress,
     RecordRejected,
+    Sleep,
     Step,
     Success,
     WorkflowRejected,
@@ -21,7 +23,7 @@ from kapbit import (
 from kapbit.events import TERMINAL_KINDS
 from kapbit.projection import Projector, StatusModel, WorkflowStatus
 from kapbit.repository import MemRepository
-from kapbit.testing import FaultyRepository
+from kapbit.testing import FaultyRepository, ManualClock
 from tests.helpers import fast_options, kinds, wait_until
 
 
@@ -131,3 +133,34 @@ async def test_rejected_refused_twice_caller_and_log_agree() -> None:
             answer = error
     assert isinstance(answer, WorkflowRejected), answer
     assert set(kinds(repo, "a")) & TERMINAL_KINDS, kinds(repo, "a")
+
+
+async def test_a_sleeping_workflow_out_of_the_window_is_still_sleeping_to_its_handle() -> None:
+    """T1: with an idempotency window of 1, a newer workflow pushes a sleeping one's id out
+    of the window; its handle must still read it from the log (sleeping, its step done),
+    before and after a restart, not answer "running" with nothing done."""
+    clock = ManualClock()
+
+    async def nap(input: str, progress: Progress) -> Sleep[str]:
+        return Sleep(timedelta(hours=1), f"{input} napped")
+
+    async def wake(input: str, progress: Progress) -> Success[str]:
+        return Success(f"{input} woke")
+
+    saga = Definition("saga", [Step(nap), Step(wake)], input_type=str, outcome_type=str)
+    repo = MemRepository(partitions=1)
+    options = fast_options(clock=clock, idempotency_window=1, node_id="a")
+    async with Kapbit([saga], repo, options=options) as kbit:
+        first = await kbit.start_workflow(saga, "first", "first")
+        await kbit.start_workflow(saga, "second", "second")  # "first" leaves the window
+        await wait_until(lambda: kbit.stats.sleeping == 2)
+        state = await first.describe()
+        assert (state.status, state.steps_done) == (WorkflowStatus.SLEEPING, 1), state
+        assert state.created_offset >= 0
+    options = fast_options(clock=clock, idempotency_window=1, node_id="b")
+    async with Kapbit([saga], repo, options=options) as kbit:
+        assert kbit.stats.sleeping == 2
+        handle = kbit.get_workflow("first")
+        assert await handle.status() == WorkflowStatus.SLEEPING
+        clock.advance(3600)
+        assert await handle.result(timeout=5) == ["first napped", "first woke"]
