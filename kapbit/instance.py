@@ -793,14 +793,19 @@ class Kapbit(AsyncResource):
         owner's advertised endpoint (group mode; as last known, so it may be stale during
         a rebalance: the instance there refuses what it does not own). Outside group mode
         this instance owns every id."""
-        _check_workflow_id(workflow_id)
-        if self._partitions == 0:
-            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
-        partition = partition_for(workflow_id, self._partitions)
+        partition = self._partition_of(workflow_id)
         if self._owns(partition):
             return Owner(partition, True, self.endpoint)
         assert self._placement is not None
         return Owner(partition, False, self._placement.owner_endpoint(partition))
+
+    def _partition_of(self, workflow_id: str) -> int:
+        """The partition of ``workflow_id`` (InvalidWorkflowId, or InstanceClosed before
+        the partitions are known)."""
+        _check_workflow_id(workflow_id)
+        if self._partitions == 0:
+            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
+        return partition_for(workflow_id, self._partitions)
 
     def _definition(
         self, workflow_type: Any, given: Definition[Any, Any, Any] | None
@@ -820,11 +825,13 @@ class Kapbit(AsyncResource):
 
     def _refuse_unless_owned(self, workflow_id: str) -> int:
         """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
-        one place that decides whether a call is taken here)."""
-        owner = self.owner_of(workflow_id)
-        if not owner.local:
+        one place that decides whether a call is taken here; no :class:`Owner` is built for
+        the common local case)."""
+        partition = self._partition_of(workflow_id)
+        if not self._owns(partition):
+            owner = self.owner_of(workflow_id)
             raise NotOwner(workflow_id, owner.partition, owner.endpoint)
-        return owner.partition
+        return partition
 
     def _handle(self, supervisor: Supervisor, workflow_id: str) -> WorkflowHandle[Any]:
         assert self._workflow_log is not None
