@@ -336,7 +336,7 @@ class Supervisor:
                 execution = self._sleeping.pop(entry.workflow_id)
                 execution.fire_at = None
                 self._in_flight[execution.id] = execution
-                self._tasks.spawn(self._resume(execution))
+                self._track(execution.id, self._tasks.spawn(self._resume(execution)))
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING

@@ -10,10 +10,12 @@ NotOwner, writing nothing.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from kapbit import (
+    Definition,
     DuplicateWorkflow,
     Fenced,
     GroupNotSupported,
@@ -23,6 +25,10 @@ from kapbit import (
     Kapbit,
     NotOwner,
     Options,
+    Progress,
+    Sleep,
+    Step,
+    Success,
     WorkflowRefused,
     partition_for,
 )
@@ -30,7 +36,7 @@ from kapbit.events import ActiveWriter, WorkflowResult
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.request_log import MemRequestLog
-from kapbit.testing import ManualPlacement
+from kapbit.testing import ManualClock, ManualPlacement, fast_options
 from tests.helpers import check_history, gated_saga, histories, wait_until
 
 PARTITIONS = 4
@@ -343,3 +349,51 @@ async def test_owned_partitions_follows_the_placement_and_is_empty_once_closed()
     assert single.owned_partitions == frozenset()
     async with single:
         assert single.owned_partitions == frozenset(range(PARTITIONS))
+
+
+async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revoked() -> None:
+    """A workflow sleeps on A, its timer fires and its next step runs; A then loses the
+    partition: the step's task is cancelled (as for any running workflow), not left to
+    run on beside the new owner."""
+    repo = MemRepository(PARTITIONS)
+    clock = ManualClock(datetime(2026, 11, 21, tzinfo=UTC))
+    placement = ManualPlacement("a:1")
+    placement.change(assign=list(range(PARTITIONS)))
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def nap(_: str, __: Progress) -> Sleep[str]:
+        return Sleep(timedelta(hours=1), value="napped")
+
+    async def after(_: str, __: Progress) -> Success[str]:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Success("never")
+
+    definition = Definition(
+        "napper", steps=[Step(nap), Step(after)], input_type=str, outcome_type=str
+    )
+    kbit = Kapbit(
+        [definition],
+        repo,
+        options=fast_options(clock=clock, node_id="A", close_timeout=0.5),
+        group=placement,
+    )
+    await kbit.start()
+    try:
+        wid = _ids(1)[0]
+        handle = await kbit.start_workflow(definition, wid, wid)
+        await wait_until(lambda: kbit.stats.sleeping == 1)
+        clock.advance(3600)
+        await asyncio.wait_for(entered.wait(), 5)
+        placement.change(revoke=[1], owners={1: "b:1"})
+        await placement.applied()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        with pytest.raises(NotOwner, match="b:1"):  # the handle follows the workflow there
+            await asyncio.wait_for(handle.result(), 5)
+        assert kbit.in_flight() == []
+    finally:
+        await kbit.close()
