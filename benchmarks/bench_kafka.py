@@ -4,6 +4,7 @@ Starts a local broker (or uses ``--bootstrap`` / ``KAPBIT_TEST_BOOTSTRAP``), the
 raw producer's events/s (pipelined ``send()``, acks=all: the baseline) and kapbit's
 workflows/s for the 3-step order saga (5 events each) sequentially and with 1,000 in
 flight, p50/p99 latency, and kapbit's event rate as a share of the raw producer's.
+``--snapshots off`` runs kapbit with offset-only checkpoints (snapshots are on by default).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TypeVar
 from _common import EVENTS_PER_WORKFLOW, SAGA, RunStats, drive, machine, machine_line, order
 from aiokafka import AIOKafkaProducer
 
-from kapbit import Kapbit, Options
+from kapbit import CheckpointPolicy, Kapbit, Options
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import LocalBroker
 
@@ -55,9 +56,14 @@ async def raw_producer(bootstrap: str, partitions: int, events: int) -> float:
         await producer.stop()
 
 
-async def kapbit_run(bootstrap: str, partitions: int, count: int, in_flight: int) -> RunStats:
+async def kapbit_run(
+    bootstrap: str, partitions: int, count: int, in_flight: int, snapshots: bool
+) -> RunStats:
     repo = KafkaRepository(bootstrap, f"bench-kapbit-{uuid.uuid4().hex[:8]}", partitions=partitions)
-    async with Kapbit([SAGA], repo, options=Options(max_workflows=in_flight + 10)) as kbit:
+    options = Options(
+        max_workflows=in_flight + 10, checkpoints=CheckpointPolicy(snapshots=snapshots)
+    )
+    async with Kapbit([SAGA], repo, options=options) as kbit:
         return await drive(
             lambda i: kbit.exec_workflow(f"w{i}", "order", order(i, "ok")), count, in_flight
         )
@@ -72,13 +78,20 @@ async def on_broker(bootstrap: str | None, measure: Callable[[str], Awaitable[T]
         return await measure(broker.bootstrap_servers)
 
 
-async def main(bootstrap: str | None, partitions: int, workflows: int, sequential: int) -> None:
+async def main(
+    bootstrap: str | None, partitions: int, workflows: int, sequential: int, snapshots: bool
+) -> None:
     raw = await on_broker(bootstrap, lambda b: raw_producer(b, partitions, workflows * EVENTS))
-    seq = await on_broker(bootstrap, lambda b: kapbit_run(b, partitions, sequential, 1))
-    par = await on_broker(bootstrap, lambda b: kapbit_run(b, partitions, workflows, 1_000))
+    seq = await on_broker(bootstrap, lambda b: kapbit_run(b, partitions, sequential, 1, snapshots))
+    par = await on_broker(
+        bootstrap, lambda b: kapbit_run(b, partitions, workflows, 1_000, snapshots)
+    )
     print(machine_line(machine()))
     where = bootstrap or "a fresh local tansu broker per run"
-    print(f"broker: {where}; {partitions} partitions; order saga, 5 events per workflow")
+    print(
+        f"broker: {where}; {partitions} partitions; order saga, 5 events per workflow; "
+        f"snapshots {'on' if snapshots else 'off'}"
+    )
     print(f"{'run':28} {'workflows/s':>12} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'raw aiokafka producer':28} {'':>12} {raw:10,.0f} {'':>8} {'':>8}")
     for name, stats in (("kapbit sequential", seq), ("kapbit 1,000 in flight", par)):
@@ -94,5 +107,14 @@ if __name__ == "__main__":
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--workflows", type=int, default=20_000)
     parser.add_argument("--sequential", type=int, default=2_000)
+    parser.add_argument("--snapshots", choices=("on", "off"), default="on")
     args = parser.parse_args()
-    asyncio.run(main(args.bootstrap, args.partitions, args.workflows, args.sequential))
+    asyncio.run(
+        main(
+            args.bootstrap,
+            args.partitions,
+            args.workflows,
+            args.sequential,
+            args.snapshots == "on",
+        )
+    )

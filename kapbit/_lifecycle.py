@@ -2,8 +2,9 @@
 
 Every long-lived kapbit object (the instance, repositories, the projector, read models,
 test brokers) derives from :class:`AsyncResource`. The tasks an object owns run in a
-:class:`TaskHost`: an :class:`asyncio.TaskGroup` that lives from the owner's start to its
-close. See docs/ARCHITECTURE.md, "Lifecycle and ownership".
+:class:`TaskHost` (an :class:`asyncio.TaskGroup`) that lives from the owner's start to its
+close; the supervisor's workflows, many and independent, in a :class:`TaskSet`. See
+docs/ARCHITECTURE.md, "Lifecycle and ownership".
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _T = TypeVar("_T")
 #: How long a close waits for cancelled tasks before abandoning them.
 CANCEL_GRACE = 1.0
 
-#: A :class:`TaskHost` drops its finished tasks once it holds this many (or twice as many as
+#: A task host drops its finished tasks once it holds this many (or twice as many as
 #: were running at the last drop): a sweep now and then instead of a done callback per task.
 _SWEEP_AT = 256
 
@@ -64,19 +65,11 @@ class AsyncResource(Closing):
         return self
 
 
-class TaskHost:
-    """The tasks one owner runs, in one :class:`asyncio.TaskGroup` held by a host task.
-
-    :meth:`spawn` adds a task from anywhere (also from plain functions) while the host
-    runs; :meth:`close` cancels what is left and waits for it, up to a grace period: a
-    task that ignores cancellation (a step swallowing it) is abandoned, as a crash would
-    leave it, so closing stays bounded.
-    """
+class _Tasks:
+    """What both hosts of tasks share: the set of tasks (swept now and then) and waiting."""
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._group: asyncio.TaskGroup | None = None
-        self._host: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # running ones, and some finished
         self._sweep_at = _SWEEP_AT
 
@@ -90,6 +83,61 @@ class TaskHost:
 
     def _running(self) -> list[asyncio.Task[Any]]:
         return [task for task in self._tasks if not task.done()]
+
+    def _add(self, task: asyncio.Task[Any]) -> None:
+        tasks = self._tasks
+        tasks.add(task)
+        if len(tasks) >= self._sweep_at:
+            self._tasks = self._drop_finished(tasks)
+            self._sweep_at = max(_SWEEP_AT, 2 * len(self._tasks))
+
+    def _drop_finished(self, tasks: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+        """The running ones of ``tasks``; a finished one that raised is logged."""
+        running: set[asyncio.Task[Any]] = set()
+        for task in tasks:
+            if not task.done():
+                running.add(task)
+            elif not task.cancelled() and task.exception() is not None:
+                logger.error(
+                    "%s: task %s failed",
+                    self._name,
+                    task.get_name(),
+                    exc_info=task.exception(),
+                    extra=fields(),
+                )
+        return running
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for the running tasks to end by themselves."""
+        running = self._running()
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    def _abandons(self, count: int, grace: float) -> bool:
+        logger.error(
+            "%s abandons %d tasks that ignored cancellation for %.1f s",
+            self._name,
+            count,
+            grace,
+            extra=fields(),
+        )
+        return False
+
+
+class TaskHost(_Tasks):
+    """The tasks one owner runs, in one :class:`asyncio.TaskGroup` held by a host task
+    that lives from the owner's start to its close.
+
+    :meth:`spawn` adds a task from anywhere (also from plain functions) while the host
+    runs; :meth:`close` cancels what is left and waits for it, up to a grace period: a
+    task that ignores cancellation (a step swallowing it) is abandoned, as a crash would
+    leave it, so closing stays bounded.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._group: asyncio.TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the host task and wait until the group accepts tasks."""
@@ -110,18 +158,8 @@ class TaskHost:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
         task = self._group.create_task(coro, name=name)
-        tasks = self._tasks
-        tasks.add(task)
-        if len(tasks) >= self._sweep_at:
-            self._tasks = tasks = set(self._running())
-            self._sweep_at = max(_SWEEP_AT, 2 * len(tasks))
+        self._add(task)
         return task
-
-    async def wait(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` for the running tasks to end by themselves."""
-        running = self._running()
-        if running:
-            await asyncio.wait(running, timeout=timeout)
 
     async def close(self, grace: float) -> bool:
         """Cancel every task and wait up to ``grace`` seconds; ``False`` when some ignored
@@ -136,14 +174,7 @@ class TaskHost:
             if not host.cancelled() and host.exception() is not None:
                 logger.error("%s failed", self._name, exc_info=host.exception(), extra=fields())
             return True
-        logger.error(
-            "%s abandons %d tasks that ignored cancellation for %.1f s",
-            self._name,
-            len(self._running()),
-            grace,
-            extra=fields(),
-        )
-        return False
+        return self._abandons(len(self._running()), grace)
 
     def abort(self) -> None:
         """Cancel every task at once without waiting (a crash)."""
@@ -152,3 +183,48 @@ class TaskHost:
             task.cancel()
         if self._host is not None:
             self._host.cancel()
+
+
+class TaskSet(_Tasks):
+    """Many independent short tasks one owner runs (a task per workflow): plain tasks the
+    owner cancels and waits for at its close, as :class:`TaskHost` does, but without a
+    :class:`asyncio.TaskGroup`. A group adds a done callback to every task (a loop callback
+    per workflow, measurable on the hot path) and would cancel every workflow when one
+    task failed. A task reports its outcome as its result; one that raised anyway is
+    logged once the set drops it (in a sweep, or at close).
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._open = False
+
+    async def start(self) -> None:
+        """Accept tasks from now on."""
+        self._open = True
+
+    def spawn(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
+        """Run ``coro`` as a task of the set."""
+        if not self._open:
+            coro.close()
+            raise RuntimeError(f"{self._name} is not running")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._add(task)
+        return task
+
+    async def close(self, grace: float) -> bool:
+        """Cancel every task and wait up to ``grace`` seconds; ``False`` when some ignored
+        cancellation and were abandoned."""
+        self._open = False
+        running = self._running()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        self._tasks = self._drop_finished(self._tasks)
+        return not self._tasks or self._abandons(len(self._tasks), grace)
+
+    def abort(self) -> None:
+        """Cancel every task at once without waiting (a crash)."""
+        self._open = False
+        for task in self._tasks:
+            task.cancel()

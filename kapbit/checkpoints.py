@@ -28,9 +28,18 @@ from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import ReaderState
 from kapbit.options import CheckpointPolicy
 from kapbit.repository import Checkpoint, Repository
-from kapbit.snapshots import Snapshotter, snapshot_store, with_snapshot, with_snapshot_of
+from kapbit.snapshots import (
+    Journal,
+    Snapshotter,
+    snapshot_store,
+    with_snapshot,
+    with_snapshot_of,
+)
 
 logger = logging.getLogger("kapbit.checkpoints")
+
+#: Terminations between two reads of what the journal holds for the snapshots.
+_ADVANCE_EVERY = 256
 
 
 class Checkpointer:
@@ -39,7 +48,8 @@ class Checkpointer:
     ``acked(p)`` is the highest offset this node has had acknowledged in partition ``p``
     (the emitter's); a checkpoint never moves past it. With ``codec`` and ``states``
     (where recovery left each partition), ``policy.snapshots`` on and a repository that
-    keeps snapshots, checkpoints carry snapshots.
+    keeps snapshots, checkpoints carry snapshots; ``journal`` is the emitter's repository
+    when it keeps the acknowledged appends for them (:class:`~kapbit.snapshots.Journal`).
     """
 
     def __init__(
@@ -55,6 +65,7 @@ class Checkpointer:
         codec: Codec | None = None,
         states: list[ReaderState] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        journal: Journal | None = None,
     ) -> None:
         # Each checkpoint names the latest record ``writer`` (this node) had acknowledged
         # in its partition, so a start can tell it belongs to this log.
@@ -70,14 +81,19 @@ class Checkpointer:
         #: The partitions to save (all of them, but in group mode only those owned).
         self.owned: set[int] = set(range(len(windows)))
         self._terminated_since_save = 0
+        # Bumped when a partition is adopted or dropped: a save begun before does not
+        # store anything for it after (group mode: another owner may have it by then).
+        self._epochs = [0] * len(windows)
         self._clock = clock
         self._due = asyncio.Event()
         store = snapshot_store(repository)
         self.snapshots: Snapshotter | None = None
-        if policy.snapshots and store is not None and codec is not None and states is not None:
+        if policy.snapshots and store is not None and codec is not None:
             self.snapshots = Snapshotter(
-                repository, store, codec, policy, states, window_size, writer
+                repository, store, codec, policy, len(windows), window_size, writer, journal
             )
+            for partition, state in enumerate(states or ()):
+                self.snapshots.follow(partition, state)
 
     def opening(self, partition: int, workflow_id: str) -> None:
         """A ``WorkflowCreated`` is about to be appended: hold the checkpoint below it."""
@@ -105,18 +121,37 @@ class Checkpointer:
         self._terminated_since_save += 1
         if self._terminated_since_save >= self._policy.every:
             self._due.set()
+        elif self._terminated_since_save % _ADVANCE_EVERY == 0 and self.snapshots is not None:
+            self.snapshots.advance()
 
-    def adopt(self, partition: int, owners: OwnerTracker, saved: Checkpoint) -> None:
-        """Group mode: ``partition`` was claimed and recovered (its window is in place)."""
+    def adopt(
+        self,
+        partition: int,
+        owners: OwnerTracker,
+        saved: Checkpoint,
+        state: ReaderState | None = None,
+    ) -> None:
+        """Group mode: ``partition`` was claimed and recovered (its window is in place);
+        ``state`` is where recovery left it, from which its snapshots follow the log."""
+        self._epochs[partition] += 1
         self._owners[partition] = owners
         self._saved[partition] = saved
         self._open[partition] = {}
         self.owned.add(partition)
+        if self.snapshots is not None:
+            if state is None:
+                self.snapshots.unfollow(partition)
+            else:
+                self.snapshots.follow(partition, state)
 
     def drop(self, partition: int) -> None:
-        """Group mode: ``partition`` was given up; nothing more is saved for it."""
+        """Group mode: ``partition`` was given up; nothing more is saved for it, not even
+        by a save under way, and its snapshots stop following it."""
+        self._epochs[partition] += 1
         self.owned.discard(partition)
         self._open[partition] = {}
+        if self.snapshots is not None:
+            self.snapshots.unfollow(partition)
 
     def checkpoint(self, partition: int) -> Checkpoint:
         """The checkpoint that is true for ``partition`` right now."""
@@ -140,13 +175,17 @@ class Checkpointer:
         self._terminated_since_save = 0
         self._due.clear()
         snapshots = self.snapshots
-        for partition, saved in enumerate(self._saved):
+        epochs = self._epochs
+        for partition in range(len(self._saved)):
             if partition not in self.owned:
                 continue
+            epoch, saved = epochs[partition], self._saved[partition]
             stop = self._acked(partition) + 1  # before the anchor: the snapshot ends below it
             checkpoint = self.checkpoint(partition)
-            if snapshots is not None:
+            if snapshots is not None and snapshots.following(partition):
                 checkpoint = await self._snapshot(snapshots, partition, stop, checkpoint, saved)
+                if epochs[partition] != epoch:
+                    continue  # given up meanwhile: its chunks are left to the next owner
             if (
                 checkpoint.offset <= saved.offset
                 and checkpoint.window_offset <= saved.window_offset
@@ -154,6 +193,8 @@ class Checkpointer:
             ):
                 continue
             await self._repository.save_checkpoint(partition, checkpoint)
+            if epochs[partition] != epoch:
+                continue
             self._saved[partition] = checkpoint
             if snapshots is not None:
                 await snapshots.replaced(partition, checkpoint)

@@ -249,7 +249,7 @@ class WorkflowExecution:
             step = steps[index]
             if step.retry is None and self.telemetry is None:
                 # the common case, inline: no frames of kapbit's own
-                fn, is_async = step.action(phase)
+                fn, is_async = step.actions[phase]
                 context = self._context(actions, step, index, phase)
                 token = CURRENT_STEP.set(context)
                 try:
@@ -283,7 +283,7 @@ class WorkflowExecution:
             if not isinstance(outcome, _OUTCOMES):
                 await self._invalid_return(emitter, index, phase, returned)
             try:
-                data, value = encode_checked(codec, outcome.value, definition.outcome_check(index))
+                data, value = encode_checked(codec, outcome.value, definition.outcome_checks[index])
             except EncodeError as exc:
                 await self.reject(emitter, "step_outcome", str(exc))
             except TypeMismatch as mismatch:
@@ -416,7 +416,7 @@ class WorkflowExecution:
     ) -> Any:
         """Run the action once, in its context and (with telemetry) its span: what it
         returned, or :class:`_ActionRaised` if it raised."""
-        fn, is_async = step.action(phase)
+        fn, is_async = step.actions[phase]
         context = self._context(actions, step, index, phase)
         token = CURRENT_STEP.set(context)
         telemetry = self.telemetry

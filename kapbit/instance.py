@@ -60,7 +60,14 @@ from kapbit.forwarding import (
     RequestServer,
 )
 from kapbit.gate import EntryGate
-from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
+from kapbit.handles import (
+    OnDuplicate,
+    RunningWorkflows,
+    WorkflowHandle,
+    WorkflowLog,
+    WorkflowLookup,
+    WorkflowState,
+)
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.log_reader import decode_event, decode_input
 from kapbit.options import Options
@@ -72,6 +79,7 @@ from kapbit.repository import Checkpoint, Repository
 from kapbit.request_log import RequestLog
 from kapbit.scheduler import Scheduler, check_schedules
 from kapbit.schedules import Schedule
+from kapbit.snapshots import Journal, snapshot_store
 from kapbit.stats import Stats
 from kapbit.supervisor import Ended, Supervisor
 from kapbit.workflow import Definition, parse_call
@@ -158,8 +166,15 @@ class Kapbit(AsyncResource):
         self._ownership: Ownership | None = None
         self._windows: list[IdempotencyWindow] = []
         self._placement_closing: asyncio.Task[None] | None = None
+        # With snapshots, the emitter writes through a journal that keeps what it appends
+        # for the snapshots' readers, which then need not read it back from the log.
+        self._journal = (
+            Journal(repository)
+            if self.options.checkpoints.snapshots and snapshot_store(repository) is not None
+            else None
+        )
         self._emitter = Emitter(
-            repository,
+            self._journal or repository,
             self._codec,
             self.writer_id,
             self._breaker,
@@ -379,7 +394,7 @@ class Kapbit(AsyncResource):
         self._fence.regain(partition)
         part = await recovery.recover_partition(partition, self.writer_id, ownership.claim)
         self._windows[partition] = part.window
-        self._checkpointer.adopt(partition, part.owners, part.checkpoint)
+        self._checkpointer.adopt(partition, part.owners, part.checkpoint, part.state)
         self._supervisor.adopt(part.executions)
         owned.add(partition)
         if self._request_server is not None:
@@ -407,9 +422,9 @@ class Kapbit(AsyncResource):
             writer=self.writer_id,
             window_size=self.options.idempotency_window,
             codec=self._codec,
-            # Group mode keeps no snapshots yet: its partitions come and go (offsets only).
-            states=None if self._placement is not None else recovered.states,
+            states=recovered.states,  # none in group mode: each is adopted when assigned
             clock=self._clock,
+            journal=self._journal,
         )
         supervisor = self._supervisor = Supervisor(
             self._emitter,
@@ -575,6 +590,10 @@ class Kapbit(AsyncResource):
             if not await supervisor.close(drain):
                 # A task ignored cancellation: whatever it does later is not written.
                 self._fence.stop(f"instance {self.node_id} closed")
+            # Nothing runs here any more: whoever waits for a workflow the drain did not end
+            # (a caller, a forwarded request being served) learns it now, not after the
+            # grace periods below; the next owner finishes it.
+            supervisor.fail_all(self._closed_error())
         if self._request_server is not None and self._fence.error is None:
             await self._request_server.drain(CANCEL_GRACE)  # answer what drained
         await self._stop_requests()
@@ -591,15 +610,17 @@ class Kapbit(AsyncResource):
             # Written and saved all it will: now leave, so the others take over at once.
             await self._placement.close()
         if supervisor is not None:
-            supervisor.fail_all(
-                self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
-            )
+            supervisor.fail_all(self._closed_error())
         if self._state != "fenced":
             self._state = "closed"
         self._stop_watching()
         self._actions.close()
         await self._repository.close()
         logger.info("kapbit node %s closed", self.node_id, extra=fields())
+
+    def _closed_error(self) -> KapbitError:
+        """What callers of workflows this instance stopped driving get when it closes."""
+        return self._fence.error or InstanceClosed(f"instance {self.node_id} closed")
 
     def abort(self) -> None:
         """Abandon the instance as a crash (SIGKILL) would: every task is cancelled at
@@ -772,14 +793,19 @@ class Kapbit(AsyncResource):
         owner's advertised endpoint (group mode; as last known, so it may be stale during
         a rebalance: the instance there refuses what it does not own). Outside group mode
         this instance owns every id."""
-        _check_workflow_id(workflow_id)
-        if self._partitions == 0:
-            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
-        partition = partition_for(workflow_id, self._partitions)
+        partition = self._partition_of(workflow_id)
         if self._owns(partition):
             return Owner(partition, True, self.endpoint)
         assert self._placement is not None
         return Owner(partition, False, self._placement.owner_endpoint(partition))
+
+    def _partition_of(self, workflow_id: str) -> int:
+        """The partition of ``workflow_id`` (InvalidWorkflowId, or InstanceClosed before
+        the partitions are known)."""
+        _check_workflow_id(workflow_id)
+        if self._partitions == 0:
+            raise InstanceClosed(f"instance {self.node_id} is {self._state}")
+        return partition_for(workflow_id, self._partitions)
 
     def _definition(
         self, workflow_type: Any, given: Definition[Any, Any, Any] | None
@@ -799,15 +825,33 @@ class Kapbit(AsyncResource):
 
     def _refuse_unless_owned(self, workflow_id: str) -> int:
         """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
-        one place that decides whether a call is taken here)."""
-        owner = self.owner_of(workflow_id)
-        if not owner.local:
+        one place that decides whether a call is taken here; no :class:`Owner` is built for
+        the common local case)."""
+        partition = self._partition_of(workflow_id)
+        if not self._owns(partition):
+            owner = self.owner_of(workflow_id)
             raise NotOwner(workflow_id, owner.partition, owner.endpoint)
-        return owner.partition
+        return partition
 
     def _handle(self, supervisor: Supervisor, workflow_id: str) -> WorkflowHandle[Any]:
         assert self._workflow_log is not None
-        return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
+        if self._owned is None:  # every partition is this instance's
+            return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
+        routed = _Routed(self)  # the id's partition may move while the handle is kept
+        return WorkflowHandle(workflow_id, routed, routed)
+
+    def _handled_by(self, workflow_id: str) -> tuple[RunningWorkflows, WorkflowLookup]:
+        """Where a group-mode handle's call for ``workflow_id`` goes: here while this
+        instance owns the id's partition (or no longer runs); else to the owner through the
+        request log, or NotOwner without one."""
+        supervisor, log = self._supervisor, self._workflow_log
+        assert supervisor is not None and log is not None
+        if self._state != "running" or self._owns(partition_for(workflow_id, self._partitions)):
+            return supervisor, log
+        if self._remote is not None:
+            return self._remote, self._remote
+        self._refuse_unless_owned(workflow_id)  # raises NotOwner
+        return supervisor, log
 
     async def _submit(
         self,
@@ -1125,6 +1169,30 @@ class _Forward(NamedTuple):
     workflow_type: str
     input: bytes
     on_duplicate: str
+
+
+class _Routed:
+    """What a group-mode handle asks (:class:`~kapbit.handles.RunningWorkflows`,
+    :class:`~kapbit.handles.WorkflowLookup`), sent per call to whoever owns the id's
+    partition then: a handle kept while the partition moved follows the workflow."""
+
+    __slots__ = ("_kbit",)
+
+    def __init__(self, kbit: Kapbit) -> None:
+        self._kbit = kbit
+
+    def running_type(self, workflow_id: str) -> str | None:
+        return self._kbit._handled_by(workflow_id)[0].running_type(workflow_id)
+
+    async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
+        running, _ = self._kbit._handled_by(workflow_id)
+        return await running.wait_result(workflow_id, timeout)
+
+    def locate(self, workflow_id: str) -> tuple[int, int | None]:
+        return self._kbit._handled_by(workflow_id)[1].locate(workflow_id)
+
+    async def read(self, workflow_id: str) -> WorkflowState:
+        return await self._kbit._handled_by(workflow_id)[1].read(workflow_id)
 
 
 class _Served:

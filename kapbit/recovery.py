@@ -59,6 +59,8 @@ class RecoveredPartition:
     checkpoint: Checkpoint
     executions: list[WorkflowExecution]
     records_read: int
+    #: The partition's state at this node's claim, for its snapshots.
+    state: ReaderState
 
 
 class Recovery:
@@ -137,6 +139,7 @@ class Recovery:
             f"recovering partition {partition}",
             functools.partial(restorer.read_to, claim_offset),
         )
+        state = restorer.state()
         part = restorer.result(claim_offset)
         part.owners.claimed(claim_offset, writer_id)
         return RecoveredPartition(
@@ -145,6 +148,7 @@ class Recovery:
             restorer.checkpoint,
             [self.rebuild(partition, w) for w in part.in_flight],
             part.records_read,
+            state,
         )
 
     async def _read_before_claiming(

@@ -4,12 +4,16 @@ A snapshot of a partition at offset ``O`` is the state of the log reader after r
 every record below ``O`` (:class:`~kapbit.log_reader.ReaderState`: open workflows with
 their encoded input and outcomes, attempts, the idempotency window's ids and offsets, the
 owners), so recovery loads it and reads the log only from ``O``. It is taken by reading the
-log, not from the engine's memory: a :class:`Snapshotter` follows each partition with the
+log, not from the engine's state: a :class:`Snapshotter` follows each partition with the
 same :class:`~kapbit.log_reader.PartitionReader` recovery uses, up to what this node had
 acknowledged. So every rule of reading the log (zombie writes, second copies of a
 ``WorkflowCreated`` on both sides of ``O``, late acknowledgements, appends still in flight,
 which lie at or above ``O``) holds by construction: recovery from the snapshot reaches the
-state recovery from the log's start would.
+state recovery from the log's start would. The records this instance appended it takes
+from a :class:`Journal` (an acknowledged append is the log's record at its offset) rather
+than reading them back, and reads from the log only the offsets the journal lacks (first
+copies whose acknowledgement was lost, other writers' records). In group mode a
+partition is followed from its recovery on, and no longer once given up.
 
 Writing is crash-safe: the snapshot is encoded with the log's codec, cut into chunks of
 ``CheckpointPolicy.snapshot_chunk`` bytes and stored in the one of this start's two slots
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -36,9 +41,10 @@ import msgspec
 from kapbit._log import fields
 from kapbit.codecs import Codec
 from kapbit.errors import DecodeError
+from kapbit.events import EventKind
 from kapbit.log_reader import PartitionReader, ReaderState
 from kapbit.options import CheckpointPolicy
-from kapbit.repository import Checkpoint, Repository, SnapshotStore
+from kapbit.repository import Checkpoint, Record, Repository, SnapshotStore
 
 logger = logging.getLogger("kapbit.snapshots")
 
@@ -80,11 +86,153 @@ def chunked(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
 
 
+class Journal:
+    """The repository as this instance's emitter writes through it: every append it has
+    acknowledged is kept, by offset, for the snapshotter following that partition.
+
+    An acknowledged append is the log's record at its offset (kind, key, writer and value
+    as written), so a follower takes it from here instead of reading it back: reading a
+    partition it writes costs the process a second consumer decoding every record.
+    Whatever is not here (a first copy whose acknowledgement was lost, another writer's
+    records) the follower reads from the log, so it still reads exactly the log. Only
+    followed partitions are kept, and each partition's latest claim by this instance (a
+    follower starts at its claim, which comes before following).
+    """
+
+    __slots__ = ("_claims", "_held", "_inner")
+
+    def __init__(self, inner: Repository) -> None:
+        self._inner = inner
+        self._held: dict[int, dict[int, Record]] = {}
+        self._claims: dict[int, Record] = {}
+
+    def follow(self, partition: int) -> dict[int, Record]:
+        """Keep ``partition``'s acknowledged appends from now on, in the returned dict (by
+        offset; its reader pops them); what an earlier follower was handed is dropped."""
+        claim = self._claims.get(partition)
+        held = {} if claim is None else {claim.offset: claim}
+        self._held[partition] = held
+        return held
+
+    def forget(self, partition: int) -> None:
+        """Stop keeping ``partition``'s appends (no longer followed)."""
+        self._held.pop(partition, None)
+
+    @property
+    def partitions(self) -> int:
+        return self._inner.partitions
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def append(
+        self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> int:
+        offset = await self._inner.append(partition, kind, key, node, value)
+        held = self._held.get(partition)
+        if held is not None:
+            held[offset] = Record(partition, offset, kind, key, node, value)
+        return offset
+
+    async def claim(self, partition: int, node: str, value: bytes) -> int:
+        offset = await self._inner.claim(partition, node, value)
+        record = Record(partition, offset, EventKind.ACTIVE_WRITER, node, node, value)
+        self._claims[partition] = record
+        held = self._held.get(partition)
+        if held is not None:
+            held[offset] = record
+        return offset
+
+    def read(self, partition: int, start: int, stop: int) -> AsyncIterator[Sequence[Record]]:
+        return self._inner.read(partition, start, stop)
+
+    def tail(self, partition: int, start: int) -> AsyncIterator[Sequence[Record]]:
+        return self._inner.tail(partition, start)
+
+    async def end_offset(self, partition: int) -> int:
+        return await self._inner.end_offset(partition)
+
+    async def current_owner(self, partition: int) -> str:
+        return await self._inner.current_owner(partition)
+
+    async def save_checkpoint(self, partition: int, checkpoint: Checkpoint) -> None:
+        await self._inner.save_checkpoint(partition, checkpoint)
+
+    async def load_checkpoints(self) -> dict[int, Checkpoint]:
+        return await self._inner.load_checkpoints()
+
+
+class _Follower:
+    """One followed partition: a reader fed the log in offset order from ``position``
+    (built from ``start``, the state where following began, when first needed), and the
+    acknowledged appends ``held`` for it by the :class:`Journal`."""
+
+    __slots__ = ("_codec", "_partition", "_reader", "_start", "_window_size", "held", "position")
+
+    def __init__(
+        self,
+        codec: Codec,
+        partition: int,
+        state: ReaderState,
+        window_size: int,
+        held: dict[int, Record],
+    ) -> None:
+        self._codec = codec
+        self._partition = partition
+        self._start: ReaderState | None = state
+        self._window_size = window_size
+        self._reader: PartitionReader | None = None
+        self.position = state.offset
+        self.held = held
+
+    @property
+    def reader(self) -> PartitionReader:
+        reader = self._reader
+        if reader is None:
+            assert self._start is not None
+            reader = PartitionReader.resume(
+                self._codec, self._partition, self._start, self._window_size
+            )
+            self._reader, self._start = reader, None
+        return reader
+
+    def advance(self) -> None:
+        """Read the held appends that continue the log from :attr:`position`."""
+        held, position = self.held, self.position
+        batch: list[Record] = []
+        while (record := held.pop(position, None)) is not None:
+            batch.append(record)
+            position += 1
+        if batch:
+            self.reader.skim(batch)
+            self.position = position
+
+    def skim(self, records: Sequence[Record]) -> None:
+        """Read ``records`` (read from the log), those below :attr:`position` excepted."""
+        position = self.position
+        fresh = [record for record in records if record.offset >= position]
+        if fresh:
+            self.reader.skim(fresh)
+            self.position = fresh[-1].offset + 1
+
+    def gap(self, stop: int) -> int:
+        """Where the stretch from :attr:`position` that is not held ends (``stop`` at
+        most): the log is read up to there."""
+        held, position = self.held, self.position
+        for offset in [offset for offset in held if offset < position]:
+            del held[offset]  # acknowledged after the log was read past it
+        return min((offset for offset in held if offset < stop), default=stop)
+
+
 class Snapshotter:
     """Takes and writes the snapshots of a start's partitions.
 
-    ``states`` are where recovery left each partition (the state at this node's claim);
-    each partition's reader goes on from there as the log grows.
+    Each followed partition's reader goes on from where recovery left it (:meth:`follow`:
+    the state at this node's claim) as the log grows: with a ``journal``, from this
+    instance's acknowledged appends, reading the log only where they leave a gap.
     """
 
     def __init__(
@@ -93,9 +241,10 @@ class Snapshotter:
         store: SnapshotStore,
         codec: Codec,
         policy: CheckpointPolicy,
-        states: list[ReaderState],
+        partitions: int,
         window_size: int,
         writer: str,
+        journal: Journal | None = None,
     ) -> None:
         self._repository = repository
         self._store = store
@@ -103,40 +252,68 @@ class Snapshotter:
         self._policy = policy
         self._window_size = window_size
         self._writer = writer
-        self._states = states
-        self._readers: list[PartitionReader | None] = [None] * len(states)
-        self._positions = [state.offset for state in states]
+        self._journal = journal
+        self._followers: list[_Follower | None] = [None] * partitions
         # Two slots of this start's own (writer ids are unique per start): another
         # instance writing at the same time (a zombie) never overwrites these chunks.
         tag = hashlib.blake2b(writer.encode(), digest_size=8).hexdigest()
         self._slots = (f"{tag}-0", f"{tag}-1")
         self._cleaned: set[int] = set()
-        self._logged: list[int] = [0] * len(states)
+        self._logged: list[int] = [0] * partitions
         #: Bytes of the latest snapshot per partition (``0``: none written).
-        self.sizes: list[int] = [0] * len(states)
+        self.sizes: list[int] = [0] * partitions
         #: Snapshots not written because they were over the limit.
         self.too_large = 0
 
+    def follow(self, partition: int, state: ReaderState) -> None:
+        """Follow ``partition`` from ``state`` (where recovery left it, at this node's
+        claim), replacing any earlier follower of it."""
+        journal = self._journal
+        held: dict[int, Record] = {} if journal is None else journal.follow(partition)
+        self._followers[partition] = _Follower(
+            self._codec, partition, state, self._window_size, held
+        )
+
+    def unfollow(self, partition: int) -> None:
+        """Stop following ``partition`` (given up) and forget its state."""
+        self._followers[partition] = None
+        self.sizes[partition] = 0
+        if self._journal is not None:
+            self._journal.forget(partition)
+
+    def following(self, partition: int) -> bool:
+        """Whether ``partition`` is followed."""
+        return self._followers[partition] is not None
+
     def position(self, partition: int) -> int:
-        """The offset the partition has been read up to."""
-        return self._positions[partition]
+        """The offset the partition has been read up to (``-1``: not followed)."""
+        follower = self._followers[partition]
+        return -1 if follower is None else follower.position
+
+    def advance(self) -> None:
+        """Read what the journal holds that continues each followed partition (keeps
+        what it holds small between snapshots)."""
+        for follower in self._followers:
+            if follower is not None:
+                follower.advance()
 
     async def take(self, partition: int, stop: int, since: int) -> ReaderState:
         """The partition's state after reading every record below ``stop`` (all of which
         exist); claims before ``since`` are left out of it."""
-        reader = self._readers[partition]
-        if reader is None:
-            state = self._states[partition]
-            reader = PartitionReader.resume(self._codec, partition, state, self._window_size)
-            self._readers[partition] = reader
-        position = self._positions[partition]
-        async for batch in self._repository.read(partition, position, stop):
-            fresh = [record for record in batch if record.offset >= position]
-            if fresh:
-                reader.skim(fresh)
-                position = self._positions[partition] = fresh[-1].offset + 1
+        follower = self._followers[partition]
+        if follower is None:
+            raise ValueError(f"partition {partition} is not followed")
+        follower.advance()
+        while follower.position < stop:
+            start, end = follower.position, follower.gap(stop)
+            async for batch in self._repository.read(partition, start, end):
+                follower.skim(batch)
+            # Every record below ``end`` was read (offsets without a record have none).
+            follower.position = max(follower.position, end)
+            follower.advance()
+        reader = follower.reader
         reader.settle()
-        return reader.state(position, since)
+        return reader.state(follower.position, since)
 
     def encode(self, partition: int, state: ReaderState) -> bytes | None:
         """The snapshot's bytes, or ``None`` when they exceed the limit (logged)."""

@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from kapbit._lifecycle import CANCEL_GRACE, TaskHost
+from kapbit._lifecycle import CANCEL_GRACE, TaskHost, TaskSet
 from kapbit._log import execution_fields, raised_fields, step_fields
 from kapbit.actions import ActionRunner
 from kapbit.checkpoints import Checkpointer
@@ -77,7 +77,7 @@ class Supervisor:
         self._actions = actions
         self._in_flight: dict[str, WorkflowExecution] = {}
         self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
-        self._tasks = TaskHost("kapbit-workflows")
+        self._tasks = TaskSet("kapbit-workflows")
         self._task_of: dict[str, asyncio.Task[Any]] = {}  # the task driving each workflow
         self._retry_worker = RetryWorker(options.retry, gate, self)
         self._clock = options.clock
@@ -166,13 +166,9 @@ class Supervisor:
         self._open_gate_if_idle()
 
     def _track(self, workflow_id: str, task: asyncio.Task[Any]) -> None:
+        """``task`` drives ``workflow_id`` (for :meth:`drop_partition`); the task forgets
+        itself when it ends (:meth:`_drive`): no done callback per workflow."""
         self._task_of[workflow_id] = task
-
-        def done(finished: asyncio.Task[Any]) -> None:
-            if self._task_of.get(workflow_id) is finished:
-                del self._task_of[workflow_id]
-
-        task.add_done_callback(done)
 
     def drop_partition(self, partition: int, error: BaseException) -> int:
         """Stop driving the workflows of ``partition`` (given up in group mode): cancel
@@ -253,8 +249,8 @@ class Supervisor:
     async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Ended:
         """Create (when ``created`` holds the encoded event) and run an execution.
 
-        The workflow's end is returned, an error included, never raised: a task of the
-        group that raised would cancel every other workflow."""
+        The workflow's end is returned, an error included, never raised: the task's result
+        is how its caller learns it (see :class:`~kapbit._lifecycle.TaskSet`)."""
         try:
             if created is not None:
                 try:
@@ -298,6 +294,10 @@ class Supervisor:
                 return None, sleeps  # the caller waits for the end on the execution
         except Exception as error:  # handed to the caller, who raises it
             return None, error
+        finally:
+            task_of = self._task_of
+            if task_of.get(execution.id) is asyncio.current_task():
+                del task_of[execution.id]
         self._finish(execution, result=result, compensated=compensated)
         return result, None
 
@@ -336,7 +336,7 @@ class Supervisor:
                 execution = self._sleeping.pop(entry.workflow_id)
                 execution.fire_at = None
                 self._in_flight[execution.id] = execution
-                self._tasks.spawn(self._resume(execution))
+                self._track(execution.id, self._tasks.spawn(self._resume(execution)))
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import UnionType
+from types import MappingProxyType, UnionType
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeAlias, TypeVar, overload
 
 from kapbit.codecs.checked import Declared, type_name, unsupported
@@ -204,10 +204,12 @@ class Step(Generic[I, O]):
     outcome_type: TypeForm[O] | None = None
     retry: StepRetry | None = field(default=None, kw_only=True)
     timeout: float | None = field(default=None, kw_only=True)
-    _execute_async: bool = field(init=False, repr=False, compare=False, default=False)
-    _compensate_async: bool = field(init=False, repr=False, compare=False, default=False)
     #: The step's name, or its execute action's name when it has none.
     label: str = field(init=False, repr=False, compare=False, default="")
+    #: What each phase runs: the function and whether it is a coroutine function.
+    actions: Mapping[Phase, tuple[Callable[..., Any], bool]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         label = self.name or str(getattr(self.execute, "__name__", "step"))
@@ -230,16 +232,12 @@ class Step(Generic[I, O]):
             )
         if self.outcome_type is not None:
             _check_type(f"step {label!r}: outcome_type", self.outcome_type)
-        object.__setattr__(self, "_execute_async", _is_async(self.execute))
+        actions: dict[Phase, tuple[Callable[..., Any], bool]] = {
+            "execute": (self.execute, _is_async(self.execute))
+        }
         if self.compensate is not None:
-            object.__setattr__(self, "_compensate_async", _is_async(self.compensate))
-
-    def action(self, phase: Phase) -> tuple[Callable[..., Any], bool]:
-        """The function ``phase`` runs, and whether it is a coroutine function."""
-        if phase == "execute":
-            return self.execute, self._execute_async
-        assert self.compensate is not None, f"step {self.label!r} has no compensation"
-        return self.compensate, self._compensate_async
+            actions["compensate"] = (self.compensate, _is_async(self.compensate))
+        object.__setattr__(self, "actions", MappingProxyType(actions))
 
 
 def _default_result(_input: Any, progress: Progress) -> list[Any]:
@@ -286,7 +284,8 @@ class Definition(Generic[I, O, R]):
     input_check: Declared = field(repr=False, compare=False)
     #: The declared result type, prepared for checks.
     result_check: Declared = field(repr=False, compare=False)
-    _outcome_checks: tuple[Declared, ...] = field(repr=False, compare=False)
+    #: Each step's outcome type (:meth:`outcome_type_of`), prepared for checks.
+    outcome_checks: tuple[Declared, ...] = field(repr=False, compare=False)
     _result_async: bool = field(repr=False, compare=False)
 
     @overload
@@ -382,7 +381,7 @@ class Definition(Generic[I, O, R]):
             ("_step_names", names),
             ("input_check", Declared(input_type)),
             ("result_check", Declared(result_type)),
-            ("_outcome_checks", outcome_checks),
+            ("outcome_checks", outcome_checks),
             ("_result_async", _is_async(result)),
         ):
             object.__setattr__(self, name, value)
@@ -390,11 +389,7 @@ class Definition(Generic[I, O, R]):
     def outcome_type_of(self, step: int) -> Any:
         """The type the outcome values of ``step`` are checked against and decoded with:
         its declared outcome type (or the definition's) or ``None``."""
-        return self._outcome_checks[step].type
-
-    def outcome_check(self, step: int) -> Declared:
-        """:meth:`outcome_type_of` ``step``, prepared for checks."""
-        return self._outcome_checks[step]
+        return self.outcome_checks[step].type
 
     def new_progress(self) -> Progress:
         """An empty progress that resolves this definition's step names."""

@@ -63,6 +63,7 @@ from kapbit import (
     Progress,
     Step,
     Success,
+    WorkflowHandle,
     WorkflowRefused,
 )
 from kapbit.repository.kafka import KafkaRepository, KafkaRequestLog
@@ -310,7 +311,10 @@ async def _exec_call(kbit: Kapbit, workflow_id: str) -> CallLine:
 
 
 #: What a mixed load does, in turn (see :class:`Mixer`).
-MIX = ("exec", "start", "exec", "get", "exec", "start", "attach", "exec", "dup", "unknown")
+MIX = (
+    *("exec", "start", "exec", "get", "handle", "start", "attach"),
+    *("exec", "dup", "status", "unknown"),
+)
 #: Fresh ids a mixed load gives to partitions this instance owns: one in this many.
 LOCAL_SHARE = 4
 #: Numbers of the ids a mixed load asks for without ever creating them (above any fresh one).
@@ -322,7 +326,10 @@ class Mixer:
     the request log when the instance has one): ``exec`` and ``start`` (then the handle's
     ``result()``) of fresh ids; ``get_workflow(id).result()``, ``exec`` with
     ``on_duplicate="attach"`` and with ``"raise"`` (``dup``) of ids whose creation was
-    acknowledged before the call; ``get_workflow`` of ids never created (``unknown``).
+    acknowledged before the call; ``result()`` of a handle an earlier ``start`` returned,
+    kept meanwhile (``handle``: its partition may have moved since); ``status()`` of an id
+    whose result this caller was given (``status``: the log must say it ended);
+    ``get_workflow`` of ids never created (``unknown``).
 
     Each call is reported as ``op <t0> <t1> <op> <route> <id> <status> <detail>``:
     ``route`` is ``local`` when this instance owned the id's partition as the call began,
@@ -334,6 +341,8 @@ class Mixer:
         self._next = base
         self._unknown = base + UNKNOWN_BASE
         self._known: list[str] = []  # ids whose creation was acknowledged
+        self._handles: list[WorkflowHandle[Any]] = []  # handles start_workflow returned
+        self._ended: list[str] = []  # ids whose result this caller was given
         self._random = random.Random(os.getpid())
 
     def _fresh(self) -> str:
@@ -357,7 +366,14 @@ class Mixer:
 
     async def call(self, k: int) -> CallLine:
         op = MIX[k % len(MIX)]
-        workflow_id = self._pick_known() if op in ("get", "attach", "dup") else None
+        held = self._random.choice(self._handles[-64:]) if self._handles else None
+        if op == "handle" and held is not None:
+            workflow_id: str | None = held.id
+        elif op == "status" and self._ended:
+            workflow_id = self._random.choice(self._ended[-64:])
+        else:
+            op = "get" if op in ("handle", "status") else op
+            workflow_id = self._pick_known() if op in ("get", "attach", "dup") else None
         if workflow_id is None:
             op = op if op in ("exec", "start", "unknown") else "exec"
             if op == "unknown":
@@ -370,9 +386,15 @@ class Mixer:
         task = asyncio.current_task()
         if task is not None:  # named for the report of a call that never returns
             task.set_name(f"{op} {route} {workflow_id} since {started:.6f}")
-        op, outcome = await self._perform(op, workflow_id)
-        if op == "exec" and not isinstance(outcome, BaseException):
-            self._known.append(workflow_id)
+        if op == "handle":
+            assert held is not None
+            op, outcome = await self._held(held)
+        else:
+            op, outcome = await self._perform(op, workflow_id)
+        if not isinstance(outcome, BaseException) and op != "status":
+            if op == "exec":
+                self._known.append(workflow_id)
+            self._ended.append(workflow_id)
         return _call_line(started, workflow_id, outcome, op, route)
 
     async def _perform(self, op: str, workflow_id: str) -> tuple[str, Any]:
@@ -393,10 +415,19 @@ class Mixer:
                 handle = await kbit.start_workflow(workflow_id, WORKFLOW, input)
                 op = "started"
                 self._known.append(workflow_id)  # acknowledged: later calls may ask for it
+                self._handles.append(handle)
                 return op, await handle.result()
+            if op == "status":
+                return op, str(await kbit.get_workflow(workflow_id).status())
             return op, await kbit.get_workflow(workflow_id).result()  # get, unknown
         except Exception as exc:
             return op, exc
+
+    async def _held(self, handle: WorkflowHandle[Any]) -> tuple[str, Any]:
+        try:
+            return "handle", await handle.result()
+        except Exception as exc:
+            return "handle", exc
 
 
 async def _report_ownership(kbit: Kapbit, closing: asyncio.Event) -> None:
@@ -683,6 +714,11 @@ class Cluster:
         self.retired.append(worker)
         return worker
 
+    async def busy(self, label: str, workflows: int, timeout: float) -> None:
+        """Wait until worker ``label`` runs at least ``workflows`` workflows."""
+        worker = self.workers[label]
+        await worker.until(lambda: worker.busy >= workflows, f"{workflows} in flight", timeout)
+
     async def owned_by_live(self, timeout: float) -> float:
         """Wait until the live workers own every partition between them, each once, and
         each of them some; how long it took since the last start, kill or stop."""
@@ -869,28 +905,32 @@ async def rolling_restart(cluster: Cluster, load: int, settle: float) -> Scenari
 
 
 async def forward_under_rebalance(
-    cluster: Cluster, load: int, settle: float, busy: int
+    cluster: Cluster, rounds: int, load: int, settle: float, busy: int
 ) -> ScenarioReport:
-    """Three workers making the mixed load, mostly for ids owned by the others (forwarded):
-    SIGKILL B, start it again, then stop C gracefully while it runs at least ``busy``
-    workflows (its workers close under them: ``--close-now``); each time the survivors own
-    every partition and make progress."""
+    """Three workers making the mixed load, mostly for ids owned by the others (forwarded);
+    per round: SIGKILL B, start it again, then stop C gracefully while it runs at least
+    ``busy`` workflows (it closes under them: ``--close-now``), and start C again but after
+    the last round; each time the survivors own every partition and make progress."""
     settled = []
     for label in "ABC":
         await cluster.start(label)
     settled.append(await cluster.owned_by_live(settle))
     await cluster.progress(load)
-    await cluster.kill("B")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
-    await cluster.start("B")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
-    stopping = cluster.workers["C"]
-    await stopping.until(lambda: stopping.busy >= busy, f"{busy} workflows in flight", settle)
-    await cluster.stop("C")
-    settled.append(await cluster.owned_by_live(settle))
-    await cluster.progress(load)
+    for round_ in range(rounds):
+        await cluster.kill("B")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.start("B")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        await cluster.busy("C", busy, settle)
+        await cluster.stop("C")
+        settled.append(await cluster.owned_by_live(settle))
+        await cluster.progress(load)
+        if round_ < rounds - 1:
+            await cluster.start("C")
+            settled.append(await cluster.owned_by_live(settle))
+            await cluster.progress(load)
     return await finish(cluster, settled)
 
 
@@ -1143,7 +1183,8 @@ class AnswerAudit:
     id (or before the log had it, or none in the log), a result where only a refusal is
     right (``dup``, ``unknown``), a refusal of a workflow the log has (or whose creation
     was acknowledged), ``WorkflowNotFound`` for an acknowledged one, ``DuplicateWorkflow``
-    for a fresh id, an id never created found in the log, an untyped exception.
+    for a fresh id, an id never created found in the log, a status other than the end of
+    a workflow whose result the caller was given, an untyped exception.
     """
 
     counts: dict[str, int] = field(default_factory=dict)
@@ -1165,7 +1206,7 @@ class AnswerAudit:
 
 
 #: Ops whose id's creation was acknowledged before the call began.
-_ACKNOWLEDGED = ("started", "get", "attach", "dup")
+_ACKNOWLEDGED = ("started", "get", "handle", "attach", "dup", "status")
 
 
 def audit_answers(log: Log, calls: Iterable[Call]) -> AnswerAudit:
@@ -1197,6 +1238,10 @@ def _wrong_answer(
         return "an id never asked to be created is in the log"
     if op in _ACKNOWLEDGED and not in_log:
         return "its creation was acknowledged, the log has no such workflow"
+    if call.status == "result" and op == "status":
+        ended = "compensated" if fails(workflow_number(wid)) else "succeeded"
+        status = json.loads(call.detail)
+        return None if status == ended else f"status {status} of a workflow that {ended}"
     if call.status == "result":
         answer = json.loads(call.detail)
         logged = results.get(wid, [])

@@ -27,6 +27,7 @@ from kapbit import (
     WorkflowNotFound,
     WorkflowRejected,
     forwarding,
+    instance,
 )
 from kapbit.events import WorkflowCreated
 from kapbit.forwarding import (
@@ -332,6 +333,32 @@ async def test_a_graceful_close_answers_the_forwarded_calls_it_drains(
     HELD.pop("drain").set()
     assert await asyncio.wait_for(call, 5) == "hello drain"  # no next owner needed
     await closing
+
+
+async def test_a_graceful_close_leaves_the_forwarded_calls_it_cut_to_the_next_owner_at_once(
+    log: MemRepository,
+    requests: MemRequestLog,
+    caller: Caller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forwarded ``result()`` of a workflow the close cut (close timeout 0) can only be
+    answered by the next owner: the close hands over without waiting for it (it used to
+    wait out a grace period, set to an hour here, before leaving)."""
+    monkeypatch.setattr(instance, "CANCEL_GRACE", 3_600.0)
+    owner = _owner(log, requests, OWNED)
+    await owner.start()
+    HELD["cut"], ENTERED["cut"] = asyncio.Event(), asyncio.Event()
+    await owner.start_workflow("g-11", "greet", "cut")
+    await asyncio.wait_for(ENTERED["cut"].wait(), 5)
+    waiting = asyncio.create_task(caller.remote.handle("g-11").result(timeout=30))
+    # Served in order: once a later describe is answered, the result() is being served.
+    assert await caller.remote.handle("g-11").status() is WorkflowStatus.RUNNING
+    await asyncio.wait_for(owner.close(timeout=0), 10)
+    assert not waiting.done()
+    HELD.pop("cut").set()
+    async with _owner(log, requests, OWNED) as second:
+        assert await asyncio.wait_for(waiting, 5) == "hello cut"
+        assert second.stats.recovered == 1
 
 
 class _FlakyRequestLog(MemRequestLog):

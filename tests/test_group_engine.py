@@ -10,10 +10,12 @@ NotOwner, writing nothing.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from kapbit import (
+    Definition,
     DuplicateWorkflow,
     Fenced,
     GroupNotSupported,
@@ -23,12 +25,18 @@ from kapbit import (
     Kapbit,
     NotOwner,
     Options,
+    Progress,
+    Sleep,
+    Step,
+    Success,
     WorkflowRefused,
     partition_for,
 )
 from kapbit.events import ActiveWriter, WorkflowResult
+from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
-from kapbit.testing import ManualPlacement
+from kapbit.request_log import MemRequestLog
+from kapbit.testing import ManualClock, ManualPlacement, fast_options
 from tests.helpers import check_history, gated_saga, histories, wait_until
 
 PARTITIONS = 4
@@ -176,6 +184,55 @@ async def test_revoke_during_a_running_step_hands_the_workflow_over_exactly_once
         await a.close()
 
 
+@pytest.mark.parametrize("forwarding", [True, False], ids=["request-log", "no-request-log"])
+async def test_a_handle_kept_while_its_partition_moved_follows_the_workflow(
+    forwarding: bool,
+) -> None:
+    """A's handles of a workflow of partition 0 (from start_workflow and get_workflow) are
+    asked for the result after partition 0 moved to B, which finished the workflow: with a
+    request log they return B's result, without one they refuse with NotOwner. They used
+    to raise WorkflowNotFound, as if the workflow did not exist."""
+    repo = MemRepository(PARTITIONS)
+    requests = MemRequestLog(PARTITIONS) if forwarding else None
+    a_place, b_place = ManualPlacement("a:1"), ManualPlacement("b:1")
+    a_place.change(assign=range(PARTITIONS))
+    calls: list[tuple[str, int]] = []
+    hold = asyncio.Event()
+    members = []
+    for node, placement in (("A", a_place), ("B", b_place)):
+        kbit = Kapbit(
+            [gated_saga(hold, calls)],
+            repo,
+            options=Options(node_id=node, close_timeout=0.5),
+            group=placement,
+            requests=requests,
+        )
+        members.append(kbit)
+    a, b = members
+    await a.start()
+    try:
+        wid = _ids(0)[0]
+        started = await a.start_workflow(wid, "gated", {"id": wid})
+        got = a.get_workflow(wid)
+        a_place.change(revoke=[0], owners={0: "b:1"})
+        await a_place.applied()
+        b_place.change(assign=[0], owners={p: "a:1" for p in range(1, PARTITIONS)})
+        await b.start()
+        hold.set()
+        expected = await b.get_workflow(wid).result(timeout=5)
+        for handle in (started, got):
+            if forwarding:
+                assert await asyncio.wait_for(handle.result(), 5) == expected
+                assert await handle.status() is WorkflowStatus.SUCCEEDED
+            else:
+                with pytest.raises(NotOwner, match="b:1"):
+                    await handle.result()
+        assert _results(repo) == {wid: 1}
+    finally:
+        await b.close()
+        await a.close()
+
+
 async def test_a_foreign_claim_fences_one_partition_only() -> None:
     """Another writer claims partition 0 behind the group's back: A's next write there is
     fenced and A gives up partition 0 alone; partition 1 keeps working."""
@@ -292,3 +349,51 @@ async def test_owned_partitions_follows_the_placement_and_is_empty_once_closed()
     assert single.owned_partitions == frozenset()
     async with single:
         assert single.owned_partitions == frozenset(range(PARTITIONS))
+
+
+async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revoked() -> None:
+    """A workflow sleeps on A, its timer fires and its next step runs; A then loses the
+    partition: the step's task is cancelled (as for any running workflow), not left to
+    run on beside the new owner."""
+    repo = MemRepository(PARTITIONS)
+    clock = ManualClock(datetime(2026, 11, 21, tzinfo=UTC))
+    placement = ManualPlacement("a:1")
+    placement.change(assign=list(range(PARTITIONS)))
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def nap(_: str, __: Progress) -> Sleep[str]:
+        return Sleep(timedelta(hours=1), value="napped")
+
+    async def after(_: str, __: Progress) -> Success[str]:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Success("never")
+
+    definition = Definition(
+        "napper", steps=[Step(nap), Step(after)], input_type=str, outcome_type=str
+    )
+    kbit = Kapbit(
+        [definition],
+        repo,
+        options=fast_options(clock=clock, node_id="A", close_timeout=0.5),
+        group=placement,
+    )
+    await kbit.start()
+    try:
+        wid = _ids(1)[0]
+        handle = await kbit.start_workflow(definition, wid, wid)
+        await wait_until(lambda: kbit.stats.sleeping == 1)
+        clock.advance(3600)
+        await asyncio.wait_for(entered.wait(), 5)
+        placement.change(revoke=[1], owners={1: "b:1"})
+        await placement.applied()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        with pytest.raises(NotOwner, match="b:1"):  # the handle follows the workflow there
+            await asyncio.wait_for(handle.result(), 5)
+        assert kbit.in_flight() == []
+    finally:
+        await kbit.close()

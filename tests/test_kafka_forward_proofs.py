@@ -5,9 +5,10 @@ flight.
 Three worker processes (:mod:`tests.group_worker`, ``--mix --forward``) share one topic and
 keep a mixed load of calls in flight, three in four for ids whose partition another
 instance owns: ``exec_workflow`` and ``start_workflow`` (then the handle's ``result()``) of
-fresh ids, ``get_workflow(id).result()``, ``exec_workflow`` with ``on_duplicate="attach"``
-and ``"raise"`` of ids whose creation was acknowledged, and ``get_workflow`` of ids never
-created. Meanwhile B is SIGKILLed and started again, then C is stopped gracefully while it
+fresh ids, ``get_workflow(id).result()``, a kept handle's ``result()``, ``status()``,
+``exec_workflow`` with ``on_duplicate="attach"`` and ``"raise"`` of ids whose creation was
+acknowledged, and ``get_workflow`` of ids never created (:class:`tests.group_worker.Mixer`).
+Meanwhile B is SIGKILLed and started again, then C is stopped gracefully while it
 runs workflows mid-step (its instance closes under them, with a close timeout shorter than
 a workflow). Every answer is checked against the log read back
 (:func:`tests.group_worker.audit_answers`): the right result for its id, or a typed kapbit
@@ -17,7 +18,9 @@ written; and the log and the step journal against each other
 on twice. The failover and hand-over times and the answers by kind are printed
 (``pytest -s``).
 
-``KAPBIT_FORWARD_PROOF_LOAD`` scales the results each live worker gets between two faults.
+The CI run makes one round; ``KAPBIT_FORWARD_PROOF_ROUNDS=5`` (or more) repeats the kill,
+restart and stop cycle that many times, ``KAPBIT_FORWARD_PROOF_LOAD`` scales the results
+each live worker gets between two faults.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pytest
 
 from tests.group_worker import Cluster, ScenarioReport, forward_under_rebalance
 
+ROUNDS = int(os.environ.get("KAPBIT_FORWARD_PROOF_ROUNDS", "1"))
 LOAD = int(os.environ.get("KAPBIT_FORWARD_PROOF_LOAD", "30"))
 PARTITIONS = 6
 #: Group session timeout: a SIGKILLed member's partitions move after about 1.5 x this.
@@ -76,7 +80,7 @@ async def cluster(kafka_bootstrap: str, topic: str, tmp_path: Path) -> AsyncIter
 async def test_forwarded_calls_during_rebalances_and_a_graceful_handover_in_flight(
     cluster: Cluster,
 ) -> None:
-    report = await forward_under_rebalance(cluster, LOAD, SETTLE, BUSY)
+    report = await forward_under_rebalance(cluster, ROUNDS, LOAD, SETTLE, BUSY)
     print(f"forwarded calls under rebalances: {report.summary()}")
     _check(report, cluster)
 
@@ -88,16 +92,18 @@ def _check(report: ScenarioReport, cluster: Cluster) -> None:
     assert answers.wrong == [], f"{answers.wrong[:20]}: {answers.summary()}"
     report.audit.assert_clean()
     # The load was what it claims: forwarded calls of every kind were answered with results.
-    for op in ("exec", "started", "get", "attach"):
+    for op in ("exec", "started", "get", "handle", "attach", "status"):
         assert answers.count(op=op, route="remote", kind="result") > 0, answers.summary()
     assert answers.count(op="dup", route="remote", kind="DuplicateWorkflow") > 0
     assert answers.count(op="unknown", route="remote", kind="WorkflowNotFound") > 0
     assert answers.count(route="local", kind="result") > 0, answers.summary()
-    # The SIGKILL fell on B's partitions with workflows in flight; the others resumed them.
-    (failover,) = report.failovers
-    assert failover.partitions > 0 and failover.claimed > 0 and failover.workflows > 0, failover
-    # C was stopped mid-run: its close timeout cut workflows the new owners resumed, and
-    # every workflow open on its partitions at the stop ended.
-    (graceful,) = report.handovers
-    assert graceful.partitions > 0 and graceful.claimed > 0, graceful
-    assert graceful.workflows > 0 and graceful.open >= graceful.workflows, graceful
+    assert len(report.failovers) == len(report.handovers) == ROUNDS, report.summary()
+    # Each SIGKILL fell on B's partitions with workflows in flight; the others resumed them.
+    for failover in report.failovers:
+        assert failover.partitions > 0 and failover.claimed > 0, failover
+        assert failover.workflows > 0, failover
+    # C was stopped mid-run: its close timeout cut workflows the new owners resumed (every
+    # workflow open on its partitions at the stop ended: the audit found none lost).
+    for graceful in report.handovers:
+        assert graceful.partitions > 0 and graceful.claimed > 0, graceful
+        assert graceful.workflows > 0 and graceful.open >= graceful.workflows, graceful

@@ -29,8 +29,10 @@ class JsonCodec(MsgspecCodec):
             data: bytes = self._encode(value)
         except ENCODE_ERRORS as exc:
             raise self._encode_error(value, exc) from exc
-        # A non-finite float is written as null: only then is the value walked.
-        if b"null" in data and _has_non_finite(value):
+        # A non-finite float is written as null: only then is the value walked. A scalar
+        # holding no float (a str outcome) needs no search. (find, not `in`:
+        # bytes.__contains__ first tries the operand as an int and raises inside.)
+        if type(value) not in _NO_FLOAT and data.find(b"null") >= 0 and _has_non_finite(value):
             raise EncodeError(
                 f"{self.name} codec cannot encode {type(value).__name__}: "
                 "NaN or infinity has no JSON form (use MsgpackCodec to store them)"

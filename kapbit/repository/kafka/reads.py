@@ -117,7 +117,10 @@ async def fetch(
         deadline = loop.time() + read_timeout
         try:
             while (position := await consumer.position(tp)) < stop:
-                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=READ_BATCH)
+                # No more than asked for: aiokafka decodes every record it hands out, and a
+                # fetch holds many more past a short read's stop.
+                wanted = min(READ_BATCH, stop - position)
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=wanted)
                 messages = fetched.get(tp, ())
                 if messages and messages[0].offset < start:
                     # Offset ``start`` was out of range and the consumer started over.
