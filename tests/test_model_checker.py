@@ -10,8 +10,9 @@ outcomes), crash the instance (``abort``) or close it (then no instance runs for
 the clock), start a second instance while the first still runs, and move the instances'
 one :class:`~kapbit.testing.ManualClock` (small and large jumps, exactly to the next fire
 time or just before it, the wall clock stepped back). A third of the examples run with
-tight limits (one workflow running, two running or sleeping). After every rule, and at quiescence at the end of each example
-(where the clock moves on until every workflow has ended), it checks:
+tight limits (one workflow running, two running or sleeping). After every rule, and at
+quiescence at the end of each example (where the clock moves on until every workflow has
+ended), it checks:
 
 * every workflow whose ``WorkflowCreated`` is in the live log (zombie writes excluded)
   reaches exactly one terminal event, and the live instance knows it (``wait_result``);
