@@ -42,6 +42,7 @@ from kapbit.events import (
     WorkflowRetry,
 )
 from kapbit.log_reader import PartitionReader
+from kapbit.partitioner import partition_for
 from kapbit.repository import Checkpoint, MemRepository, Record
 from kapbit.restore import decode_event
 from kapbit.snapshots import load_snapshot
@@ -685,3 +686,15 @@ class TailWatched(MemRepository):
         self.tailing[partition].set()
         async for batch in super().tail(partition, start):
             yield batch
+
+
+def ids_in_partition(partition: int, count: int, partitions: int, prefix: str = "w") -> list[str]:
+    """The first ``count`` ids ``<prefix><n>`` that hash to ``partition`` of ``partitions``."""
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        candidate = f"{prefix}{n}"
+        if partition_for(candidate, partitions) == partition:
+            found.append(candidate)
+        n += 1
+    return found

@@ -30,28 +30,20 @@ from kapbit import (
     Step,
     Success,
     WorkflowRefused,
-    partition_for,
 )
 from kapbit.events import ActiveWriter, WorkflowResult
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.request_log import MemRequestLog
 from kapbit.testing import ManualClock, ManualPlacement, fast_options
-from tests.helpers import check_history, gated_saga, histories, wait_until
+from tests.helpers import check_history, gated_saga, histories, ids_in_partition, wait_until
 
 PARTITIONS = 4
 
 
 def _ids(partition: int, count: int = 2) -> list[str]:
     """``count`` workflow ids that hash to ``partition``."""
-    found: list[str] = []
-    n = 0
-    while len(found) < count:
-        candidate = f"w{n}"
-        if partition_for(candidate, PARTITIONS) == partition:
-            found.append(candidate)
-        n += 1
-    return found
+    return ids_in_partition(partition, count, PARTITIONS)
 
 
 def _claims(repo: MemRepository, partition: int) -> list[str]:

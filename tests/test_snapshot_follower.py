@@ -16,13 +16,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapbit import CheckpointPolicy, Fenced, JsonCodec, Kapbit, Options, partition_for
+from kapbit import CheckpointPolicy, Fenced, JsonCodec, Kapbit, Options
 from kapbit.events import EventKind, StepOutcome
 from kapbit.log_reader import PartitionReader, ReaderState
 from kapbit.repository import Checkpoint, MemRepository
 from kapbit.snapshots import load_snapshot
 from kapbit.testing import FaultyRepository, ManualPlacement
-from tests.helpers import CrashRepository, gated_saga, wait_until
+from tests.helpers import CrashRepository, gated_saga, ids_in_partition, wait_until
 
 NEVER = 3600.0
 WINDOW = 5
@@ -43,14 +43,7 @@ def _options(node: str, **policy: Any) -> Options:
 
 def _ids(partition: int, count: int, prefix: str = "w") -> list[str]:
     """``count`` workflow ids that hash to ``partition`` of ``PARTITIONS``."""
-    found: list[str] = []
-    n = 0
-    while len(found) < count:
-        candidate = f"{prefix}{n}"
-        if partition_for(candidate, PARTITIONS) == partition:
-            found.append(candidate)
-        n += 1
-    return found
+    return ids_in_partition(partition, count, PARTITIONS, prefix)
 
 
 async def _snapshot_state(repo: MemRepository, partition: int) -> tuple[Checkpoint, ReaderState]:
