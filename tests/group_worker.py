@@ -61,7 +61,6 @@ from kapbit import (
     KapbitError,
     Options,
     Progress,
-    Step,
     Success,
     WorkflowHandle,
     WorkflowRefused,
@@ -76,6 +75,7 @@ from tests.kafka_worker import (
     expected_result,
     fails,
     read_log,
+    saga_of,
 )
 
 _ROOT = Path(__file__).resolve().parent.parent  # where ``python -m tests.group_worker`` runs
@@ -117,20 +117,7 @@ def group_saga(executions: Journal, step_delay: float) -> Definition:
 
         return act
 
-    def result(input: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return {
-            "n": input["n"],
-            "values": progress.values(),
-            "compensated": [i for i, _ in progress.compensations],
-        }
-
-    return Definition(
-        WORKFLOW,
-        steps=[Step(action(i, "execute"), action(i, "compensate")) for i in range(STEPS)],
-        result=result,
-        input_type=dict[str, Any],
-        outcome_type=str,
-    )
+    return saga_of(action)
 
 
 def workflow_number(workflow_id: str) -> int:

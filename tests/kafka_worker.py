@@ -26,6 +26,7 @@ import os
 import sys
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,17 +112,24 @@ def crash_saga(executions: Journal, hold_every: int = 0) -> Definition:
 
         return act
 
-    def result(input: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return {
-            "n": input["n"],
-            "values": progress.values(),
-            "compensated": [i for i, _ in progress.compensations],
-        }
+    return saga_of(action)
 
+
+def saga_result(input: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """The result of the ``crash`` saga (:func:`expected_result` says what it must be)."""
+    return {
+        "n": input["n"],
+        "values": progress.values(),
+        "compensated": [i for i, _ in progress.compensations],
+    }
+
+
+def saga_of(action: Callable[[int, str], Any]) -> Definition:
+    """The ``crash`` saga whose step ``i`` runs ``action(i, phase)`` in either phase."""
     return Definition(
         WORKFLOW,
         steps=[Step(action(i, "execute"), action(i, "compensate")) for i in range(STEPS)],
-        result=result,
+        result=saga_result,
         input_type=dict[str, Any],
         outcome_type=str,
     )
