@@ -85,6 +85,9 @@ class Emitter:
         self._fence = fence
         self._sleep = sleep
         self._probing = False
+        # The breaker is closed with no failure counted: the emitter is the breaker's only
+        # user, so this stays true until one of its own calls fails.
+        self._healthy = breaker.current_state == pybreaker.STATE_CLOSED and not breaker.fail_counter
         self._acked: list[int] = []  # grows with the partitions written to
 
     def acked(self, partition: int) -> int:
@@ -100,9 +103,7 @@ class Emitter:
 
         ``workflow_type`` goes into log records about the append (with ``key``)."""
         value = self._codec.encode(event)
-        return await self.append(
-            partition, KIND_OF[type(event)], key, value, workflow_type=workflow_type
-        )
+        return await self._write(partition, KIND_OF[type(event)], key, value, workflow_type)
 
     async def claim(self, partition: int, claim: ActiveWriter) -> int:
         """Append this node's claim of ``partition`` (``Repository.claim``, never fenced),
@@ -140,7 +141,18 @@ class Emitter:
         # Every try of this append lands above what was acknowledged before it began.
         floor = acked[partition] + 1 if partition < len(acked) else 0
         try:
-            offset = await self._append_once(partition, kind, key, value)
+            if self._healthy and kind is not _CLAIM:
+                # The common case: the breaker is closed with no failure counted, and a
+                # success changes nothing in it, so the storage is called directly.
+                try:
+                    offset = await self._repository.append(partition, kind, key, self._node, value)
+                except Exception as error:
+                    self._healthy = False
+                    if self._breaker.is_system_error(error):
+                        _record_failure(self._breaker, error)
+                    raise
+            else:
+                offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:
             offset = await self._append_retrying(
                 partition, kind, key, value, error, floor, workflow_type
@@ -161,20 +173,17 @@ class Emitter:
         return self._repository.append(partition, kind, key, self._node, value)
 
     async def _append_once(self, partition: int, kind: EventKind, key: str, value: bytes) -> int:
+        """One try through the breaker (the careful path, taken after any failure until the
+        breaker is closed again with no failure counted)."""
         breaker = self._breaker
-        state = breaker.current_state
-        if state == pybreaker.STATE_CLOSED:
-            if breaker.fail_counter == 0:
-                # The common case skips the breaker's bookkeeping: a success while closed
-                # with no failures counted changes nothing. A failure is handed over.
-                try:
+        if breaker.current_state == pybreaker.STATE_CLOSED:
+            try:
+                with breaker.calling():
                     return await self._store(partition, kind, key, value)
-                except Exception as error:
-                    if breaker.is_system_error(error):
-                        _record_failure(breaker, error)
-                    raise
-            with breaker.calling():
-                return await self._store(partition, kind, key, value)
+            finally:
+                self._healthy = (
+                    breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
+                )
         # Open or half-open: the storage is suspect. Open and before reset_timeout, the
         # breaker refuses without calling the storage; otherwise this call is the probe,
         # and only one probe may be in flight.
@@ -186,6 +195,9 @@ class Emitter:
                 return await self._store(partition, kind, key, value)
         finally:
             self._probing = False
+            self._healthy = (
+                breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
+            )
 
     async def _append_retrying(
         self,

@@ -38,7 +38,7 @@ from kapbit.errors import (
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
 from kapbit.instrumentation import WorkflowObserver
 from kapbit.options import Backoff
-from kapbit.step_context import CURRENT_STEP, StepContext
+from kapbit.step_context import CURRENT_STEP, StepFields
 from kapbit.timers import Sleep, SleepUntil, Timer
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
@@ -250,7 +250,15 @@ class WorkflowExecution:
             if step.retry is None and self.telemetry is None:
                 # the common case, inline: no frames of kapbit's own
                 fn, is_async = step.actions[phase]
-                context = self._context(actions, step, index, phase)
+                context: StepFields = (
+                    self.id,
+                    definition.type,
+                    step.label,
+                    index,
+                    phase,
+                    self.attempts - self.step_base + 1,
+                    actions.node_id,
+                )
                 token = CURRENT_STEP.set(context)
                 try:
                     returned = await actions.start(
@@ -334,8 +342,10 @@ class WorkflowExecution:
 
     def _context(
         self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
-    ) -> StepContext:
-        return StepContext(
+    ) -> StepFields:
+        """What :func:`kapbit.context` tells the action (its fields; the common path in
+        :meth:`run` builds the same tuple inline)."""
+        return (
             self.id,
             self.definition.type,
             step.label,
@@ -422,7 +432,7 @@ class WorkflowExecution:
         telemetry = self.telemetry
         observed = None
         if telemetry is not None:
-            observed = telemetry.step(step.label, index, phase, context.attempt)
+            observed = telemetry.step(step.label, index, phase, context[5])
         try:
             returned = await actions.start(
                 fn, is_async, (self.input, self.progress), context, step.timeout
