@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pybreaker
@@ -96,21 +96,23 @@ class Emitter:
         acked = self._acked
         return acked[partition] if partition < len(acked) else -1
 
-    async def emit(
+    def emit(
         self, partition: int, key: str, event: Event, *, workflow_type: str | None = None
-    ) -> int:
-        """Encode and append ``event``; return its offset once it is durable and fenced.
+    ) -> Coroutine[Any, Any, int]:
+        """Encode and append ``event``; the awaitable returns its offset once it is durable
+        and fenced. An event that does not encode raises here, before anything is written.
 
-        ``workflow_type`` goes into log records about the append (with ``key``)."""
+        ``workflow_type`` goes into log records about the append (with ``key``). (A plain
+        function returning the append: no frame of its own per event.)"""
         value = self._codec.encode(event)
-        return await self._write(partition, KIND_OF[type(event)], key, value, workflow_type)
+        return self._write(partition, KIND_OF[type(event)], key, value, workflow_type)
 
     async def claim(self, partition: int, claim: ActiveWriter) -> int:
         """Append this node's claim of ``partition`` (``Repository.claim``, never fenced),
         retrying as :meth:`append` does; return its offset."""
         return await self._write(partition, _CLAIM, self._node, self._codec.encode(claim), None)
 
-    async def append(
+    def append(
         self,
         partition: int,
         kind: EventKind,
@@ -118,10 +120,10 @@ class Emitter:
         value: bytes,
         *,
         workflow_type: str | None = None,
-    ) -> int:
+    ) -> Coroutine[Any, Any, int]:
         """Append an encoded event (any kind but a claim), retrying transient failures
-        forever."""
-        return await self._write(partition, kind, key, value, workflow_type)
+        forever; the awaitable returns its offset."""
+        return self._write(partition, kind, key, value, workflow_type)
 
     async def _write(
         self,

@@ -133,6 +133,7 @@ class WorkflowExecution:
         "partition",
         "progress",
         "step_base",
+        "task",
         "telemetry",
         "trace",
     )
@@ -165,6 +166,8 @@ class WorkflowExecution:
         self.telemetry: WorkflowObserver | None = None
         #: Stamps this workflow's events and times its timers.
         self.clock = clock
+        #: The task driving it now, if any (the supervisor's, to cancel it).
+        self.task: asyncio.Task[Any] | None = None
         #: While the workflow sleeps on a durable timer: when it wakes (wall time).
         self.fire_at: float | None = None
         self._waiter: asyncio.Future[Any] | None = None
@@ -300,7 +303,10 @@ class WorkflowExecution:
             now = self.clock.now()
             fire_at = None if timer is None else timer.fire_at(now)
             event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), now, fire_at)
-            await self._persist(emitter, codec, event)
+            try:
+                await emitter.emit(self.partition, self.id, event, workflow_type=definition.type)
+            except (RecordRejected, EncodeError) as exc:
+                await self.reject(emitter, "step_outcome", str(exc))
             if value is not outcome.value:  # keep what was read back, as after a restart
                 outcome = Success(value) if success else Failure(value)
             progress.record(phase, index, outcome)
@@ -333,11 +339,11 @@ class WorkflowExecution:
             await self.reject(emitter, "workflow_result", str(exc))
         except TypeMismatch as mismatch:
             await self._wrong_type(emitter, RESULT_BUILDER, "execute", mismatch)
-        await self._persist(
-            emitter,
-            codec,
-            WorkflowResult(self.id, msgspec.Raw(data), compensated, self.clock.now()),
-        )
+        ended = WorkflowResult(self.id, msgspec.Raw(data), compensated, self.clock.now())
+        try:
+            await emitter.emit(self.partition, self.id, ended, workflow_type=definition.type)
+        except (RecordRejected, EncodeError) as exc:
+            await self.reject(emitter, "workflow_result", str(exc))
         return result, compensated
 
     def _context(
@@ -473,15 +479,6 @@ class WorkflowExecution:
             await self.reject(emitter, "workflow_retry", str(exc))
         if self.telemetry is not None:
             self.telemetry.retried(self.attempts, self.last_error, in_place)
-
-    async def _persist(
-        self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult
-    ) -> None:
-        try:
-            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
-        except (RecordRejected, EncodeError) as exc:
-            kind = "step_outcome" if isinstance(event, StepOutcome) else "workflow_result"
-            await self.reject(emitter, kind, str(exc))
 
     async def reject(self, emitter: Emitter, kind: str, reason: str) -> NoReturn:
         """Terminate the workflow with a Rejected event and raise WorkflowRejected.
