@@ -264,9 +264,12 @@ class WorkflowExecution:
                 )
                 token = CURRENT_STEP.set(context)
                 try:
-                    returned = await actions.start(
-                        fn, is_async, (self.input, progress), context, step.timeout
-                    )
+                    if is_async and step.timeout is None:  # as ActionRunner.start, inlined
+                        returned = await fn(self.input, progress)
+                    else:
+                        returned = await actions.start(
+                            fn, is_async, (self.input, progress), context, step.timeout
+                        )
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():
                         raise
