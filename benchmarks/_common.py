@@ -1,9 +1,12 @@
-"""What the benchmarks share: the saga workload, the load driver, and machine facts.
+"""What the benchmarks share: the saga workload, the load driver, the set-up of the
+restart benchmarks, and machine facts.
 
 The workload is an order saga of three steps with a small payload: reserve stock, charge
 the card, ship. In the ``compensate`` scenario the third step fails for a business reason
 and the two steps before it are compensated (refund, then release), so the same saga
-writes 7 events instead of 5.
+writes 7 events instead of 5. The restart benchmarks (``bench_recovery``,
+``bench_snapshots``) share a 3-step saga that can be held inside step 1, the records of
+finished workflows written straight into a log, and the crash that leaves workflows open.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kapbit import Definition, Failure, Progress, Step, Success
+import msgspec
+
+from kapbit import Definition, Failure, JsonCodec, Kapbit, Progress, Step, Success
+from kapbit.events import StepOutcome, WorkflowCreated, WorkflowResult
 
 #: Scenarios: every step succeeds, or step 3 fails and steps 2 and 1 are compensated.
 SCENARIOS = ("ok", "compensate")
@@ -160,6 +166,73 @@ async def drive(
     await asyncio.gather(*(worker() for _ in range(max(1, min(in_flight, count)))))
     elapsed, cpu = clock() - started, time.process_time() - cpu
     return RunStats(count, in_flight, elapsed, latencies, errors, cpu)
+
+
+# --- the set-up of the restart benchmarks ----------------------------------------------------
+
+#: Steps of the restart benchmarks' saga (the records of a finished one: created, one outcome
+#: per step, result).
+RESTART_STEPS = 3
+
+
+def held_saga(
+    hold: asyncio.Event | None, held: int = 0, all_inside: asyncio.Event | None = None
+) -> Definition[dict[str, int], int, int]:
+    """The restart benchmarks' 3-step saga (type ``saga``); with ``hold``, step 1 waits for
+    it, and ``all_inside`` is set once ``held`` workflows wait there."""
+    inside = 0
+
+    async def step(input: Any, progress: Progress) -> Success[int]:
+        nonlocal inside
+        if len(progress) == 1 and hold is not None:
+            inside += 1
+            if inside == held and all_inside is not None:
+                all_inside.set()
+            await hold.wait()
+        return Success(len(progress))
+
+    return Definition(
+        "saga",
+        [Step(step, step) for _ in range(RESTART_STEPS)],
+        result=lambda input, progress: sum(progress.values()),
+        input_type=dict[str, int],
+        outcome_type=int,
+        result_type=int,
+    )
+
+
+def finished_records(count: int, now: float) -> Iterator[tuple[str, str, bytes]]:
+    """The records of ``count`` finished workflows of :func:`held_saga` (ids
+    ``done-0000000`` on), JSON-encoded as the engine writes them: ``(kind, key, value)``."""
+    encode = JsonCodec().encode
+    outcomes = [msgspec.Raw(encode(step)) for step in range(RESTART_STEPS)]
+    result = msgspec.Raw(encode(sum(range(RESTART_STEPS))))
+    for i in range(count):
+        wid = f"done-{i:07d}"
+        created = WorkflowCreated(wid, "saga", msgspec.Raw(encode({"n": i})), now)
+        yield "workflow_created", wid, encode(created)
+        for step in range(RESTART_STEPS):
+            outcome = StepOutcome(wid, step, "execute", True, outcomes[step])
+            yield "step_outcome", wid, encode(outcome)
+        yield "workflow_result", wid, encode(WorkflowResult(wid, result, False, now))
+
+
+async def crash_with_open(new: Callable[[Definition], Kapbit], count: int) -> Kapbit:
+    """Start the instance ``new`` makes for a :func:`held_saga`, run ``count`` workflows of
+    it (ids ``open-0000`` on) until each waits inside step 1, then crash it
+    (``Kapbit.abort``: nothing more is written; they stay open in the log). Returns the
+    crashed instance, whose repository its ``close()`` closes."""
+    hold, all_inside = asyncio.Event(), asyncio.Event()
+    kbit = new(held_saga(hold, count, all_inside))
+    await kbit.start()
+    calls = [
+        asyncio.create_task(kbit.exec_workflow(f"open-{i:04d}", "saga", {"n": i}))
+        for i in range(count)
+    ]
+    await all_inside.wait()
+    kbit.abort()
+    await asyncio.gather(*calls, return_exceptions=True)
+    return kbit
 
 
 # --- facts about the machine -----------------------------------------------------------------

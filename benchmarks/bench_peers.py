@@ -119,37 +119,37 @@ async def _measure(
     return await drive(checked, count, in_flight)
 
 
-async def kapbit_mem(args: argparse.Namespace, scenario: str) -> tuple[RunStats, Measured]:
-    from kapbit import Kapbit, Options, __version__
-    from kapbit.repository import MemRepository
+async def _kapbit_run(args: argparse.Namespace, scenario: str, repository: Any) -> RunStats:
+    """The saga's runs on an instance of ``repository``, as every kapbit row measures them."""
+    from kapbit import Kapbit, Options
 
     options = Options(max_workflows=args.in_flight + 10)
-    async with Kapbit([SAGA], MemRepository(partitions=args.partitions), options=options) as kbit:
-        stats = await _measure(
+    async with Kapbit([SAGA], repository, options=options) as kbit:
+        return await _measure(
             lambda i: kbit.exec_workflow(f"w-{i}", "order", order(i, scenario)),
             scenario,
             args.count,
             args.in_flight_run,
         )
+
+
+async def kapbit_mem(args: argparse.Namespace, scenario: str) -> tuple[RunStats, Measured]:
+    from kapbit import __version__
+    from kapbit.repository import MemRepository
+
+    stats = await _kapbit_run(args, scenario, MemRepository(partitions=args.partitions))
     return stats, Measured(
         f"kapbit {__version__}", "in-memory log: nothing durable (process memory only)"
     )
 
 
 async def kapbit_kafka(args: argparse.Namespace, scenario: str) -> tuple[RunStats, Measured]:
-    from kapbit import Kapbit, Options, __version__
+    from kapbit import __version__
     from kapbit.repository.kafka import KafkaRepository
 
     topic = f"bench-peers-{uuid.uuid4().hex[:10]}"
     repository = KafkaRepository(args.bootstrap, topic, partitions=args.partitions)
-    options = Options(max_workflows=args.in_flight + 10)
-    async with Kapbit([SAGA], repository, options=options) as kbit:
-        stats = await _measure(
-            lambda i: kbit.exec_workflow(f"w-{i}", "order", order(i, scenario)),
-            scenario,
-            args.count,
-            args.in_flight_run,
-        )
+    stats = await _kapbit_run(args, scenario, repository)
     return stats, Measured(
         f"kapbit {__version__}, aiokafka {_version('aiokafka')}",
         f"every event acked by the broker (acks=all) before the workflow goes on; {args.broker}",

@@ -27,30 +27,18 @@ import gc
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
 
-import msgspec
+from _common import RESTART_STEPS, crash_with_open, finished_records, held_saga
 
-from kapbit import (
-    CheckpointPolicy,
-    Definition,
-    JsonCodec,
-    Kapbit,
-    Options,
-    Progress,
-    Step,
-    Success,
-    partition_for,
-)
+from kapbit import CheckpointPolicy, JsonCodec, Kapbit, Options, partition_for
 from kapbit.checkpoints import Checkpointer
-from kapbit.events import ActiveWriter, StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit.events import ActiveWriter
 from kapbit.fencing import OwnerTracker
 from kapbit.idempotency import IdempotencyWindow
 from kapbit.repository import Checkpoint, MemRepository, Record
 
 IN_FLIGHT = 1_000
-STEPS = 3
 
 
 class CountingRepository(MemRepository):
@@ -64,54 +52,21 @@ class CountingRepository(MemRepository):
             yield batch
 
 
-def _saga(hold: asyncio.Event | None, all_inside: asyncio.Event | None = None) -> Definition:
-    """A 3-step saga; with ``hold``, step 1 waits for it (``all_inside`` is set once
-    ``IN_FLIGHT`` workflows wait there)."""
-    inside = 0
-
-    async def step(input: Any, progress: Progress) -> Success[int]:
-        nonlocal inside
-        if len(progress) == 1 and hold is not None:
-            inside += 1
-            if inside == IN_FLIGHT and all_inside is not None:
-                all_inside.set()
-            await hold.wait()
-        return Success(len(progress))
-
-    return Definition(
-        "saga",
-        [Step(step, step) for _ in range(STEPS)],
-        result=lambda input, progress: sum(progress.values()),
-        input_type=dict[str, int],
-        outcome_type=int,
-        result_type=int,
-    )
-
-
 async def _append_finished(repo: MemRepository, count: int, window: int) -> None:
     """``count`` finished workflows of node ``writer``, and its engine's checkpoint."""
     codec = JsonCodec()
-    encode = codec.encode
     node, now = "writer", time.time()
     partitions = repo.partitions
     windows = [IdempotencyWindow(window) for _ in range(partitions)]
     for p in range(partitions):
         claim = ActiveWriter(node, now, codec=codec.name, window=window)
-        await repo.claim(p, node, encode(claim))
-    outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
-    result = msgspec.Raw(encode(sum(range(STEPS))))
+        await repo.claim(p, node, codec.encode(claim))
     append = repo.append
-    for i in range(count):
-        wid = f"done-{i:07d}"
+    for kind, wid, value in finished_records(count, now):
         p = partition_for(wid, partitions)
-        created = WorkflowCreated(wid, "saga", msgspec.Raw(encode({"n": i})), now)
-        windows[p].add(wid, await append(p, "workflow_created", wid, node, encode(created)))
-        for step in range(STEPS):
-            event = StepOutcome(wid, step, "execute", True, outcomes[step])
-            await append(p, "step_outcome", wid, node, encode(event))
-        await append(
-            p, "workflow_result", wid, node, encode(WorkflowResult(wid, result, False, now))
-        )
+        offset = await append(p, kind, wid, node, value)
+        if kind == "workflow_created":
+            windows[p].add(wid, offset)
     # What the writer's checkpointer saves with nothing open: everything up to its last
     # acknowledged offset has terminated; the window's ids start further back.
     acked = [await repo.end_offset(p) - 1 for p in range(partitions)]
@@ -135,32 +90,22 @@ async def _measure(finished: int, partitions: int, window: int) -> dict[str, flo
     await _append_finished(repo, finished, window)
     built = time.perf_counter() - started
 
-    hold, all_inside = asyncio.Event(), asyncio.Event()
-    first = Kapbit([_saga(hold, all_inside)], repo, options=options)
-    await first.start()
-    calls = [
-        asyncio.create_task(first.exec_workflow(f"open-{i}", "saga", {"n": i}))
-        for i in range(IN_FLIGHT)
-    ]
-    await all_inside.wait()  # every workflow is inside step 1
-    first.abort()
-    await asyncio.gather(*calls, return_exceptions=True)
-
+    await crash_with_open(lambda saga: Kapbit([saga], repo, options=options), IN_FLIGHT)
     records = sum([await repo.end_offset(p) for p in range(partitions)])
     gc.collect()
     gc.freeze()  # the big log is not garbage: keep collections out of the timing
     repo.records_read = 0
-    second = Kapbit([_saga(None)], repo, options=options)
+    second = Kapbit([held_saga(None)], repo, options=options)
     t0 = time.perf_counter()
     await second.start()
     restart = time.perf_counter() - t0
     read = repo.records_read
     assert second.stats.recovered == IN_FLIGHT, second.stats
     results = await asyncio.gather(
-        *(second.wait_result(f"open-{i}", timeout=60) for i in range(IN_FLIGHT))
+        *(second.wait_result(f"open-{i:04d}", timeout=60) for i in range(IN_FLIGHT))
     )
     resumed = time.perf_counter() - t0
-    assert results == [sum(range(STEPS))] * IN_FLIGHT
+    assert results == [sum(range(RESTART_STEPS))] * IN_FLIGHT
     await second.close()
     gc.unfreeze()
     return {
@@ -175,24 +120,31 @@ async def _measure(finished: int, partitions: int, window: int) -> dict[str, flo
 def _window_entry_bytes(count: int = 100_000) -> tuple[float, float]:
     """Bytes per idempotency-window entry: the window's own share, and with its id."""
     ids = [f"order-{i:012d}" for i in range(count)]  # a typical id, made before measuring
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    window = IdempotencyWindow(count)
-    for offset, workflow_id in enumerate(ids):
-        window.add(workflow_id, offset * 5 + 1_000_000)  # realistic (non-cached) offsets
-    own = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    del window, ids
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    window = IdempotencyWindow(count)
-    for i in range(count):  # ids decoded from the log are new strings, as with Kafka
-        window.add(f"order-{i:012d}", i * 5 + 1_000_000)
-    total = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+
+    def given_ids(window: IdempotencyWindow) -> None:
+        for offset, workflow_id in enumerate(ids):
+            window.add(workflow_id, offset * 5 + 1_000_000)  # realistic (non-cached) offsets
+
+    def fresh_ids(window: IdempotencyWindow) -> None:
+        for i in range(count):  # ids decoded from the log are new strings, as with Kafka
+            window.add(f"order-{i:012d}", i * 5 + 1_000_000)
+
+    own = _traced_window(count, given_ids)
+    total = _traced_window(count, fresh_ids)
     return own / count, total / count
+
+
+def _traced_window(size: int, fill: Callable[[IdempotencyWindow], None]) -> int:
+    """The bytes allocated by a window of ``size`` ids that ``fill`` fills."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    window = IdempotencyWindow(size)
+    fill(window)
+    allocated = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del window
+    return allocated
 
 
 def main() -> None:
@@ -209,7 +161,7 @@ def main() -> None:
     )
     print(
         f"kapbit recovery on MemRepository: {IN_FLIGHT:,} in-flight workflows behind N "
-        f"finished ones ({STEPS}-step saga), {args.partitions} partition(s), window "
+        f"finished ones ({RESTART_STEPS}-step saga), {args.partitions} partition(s), window "
         f"{args.window:,} ids per partition, Python {sys.version.split()[0]}"
     )
     print(

@@ -33,52 +33,17 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
+from _common import crash_with_open, finished_records, held_saga
 from aiokafka import AIOKafkaProducer
 
-from kapbit import (
-    CheckpointPolicy,
-    Definition,
-    JsonCodec,
-    Kapbit,
-    Options,
-    Progress,
-    Step,
-    Success,
-)
-from kapbit.events import StepOutcome, WorkflowCreated, WorkflowResult
+from kapbit import CheckpointPolicy, Kapbit, Options
 from kapbit.repository import MemRepository, Repository
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.repository.kafka.records import headers
 from kapbit.testing import LocalBroker
 
 OPEN = 1_000
-STEPS = 3
 WINDOW = 10_000
-
-
-def _saga(hold: asyncio.Event, all_inside: asyncio.Event | None = None) -> Definition:
-    """A 3-step saga whose step 1 waits for ``hold`` (``all_inside`` is set once ``OPEN``
-    workflows wait there)."""
-    inside = 0
-
-    async def step(input: Any, progress: Progress) -> Success[int]:
-        nonlocal inside
-        if len(progress) == 1:
-            inside += 1
-            if inside == OPEN and all_inside is not None:
-                all_inside.set()
-            await hold.wait()
-        return Success(len(progress))
-
-    return Definition(
-        "saga",
-        [Step(step, step) for _ in range(STEPS)],
-        result=lambda input, progress: sum(progress.values()),
-        input_type=dict[str, int],
-        outcome_type=int,
-        result_type=int,
-    )
 
 
 def _options(snapshots: bool) -> Options:
@@ -90,28 +55,8 @@ def _options(snapshots: bool) -> Options:
     )
 
 
-def _finished(count: int) -> Any:
-    """The records of ``count`` finished workflows: (kind, key, value)."""
-    codec = JsonCodec()
-    encode = codec.encode
-    now = time.time()
-    outcomes = [msgspec.Raw(encode(step)) for step in range(STEPS)]
-    result = msgspec.Raw(encode(sum(range(STEPS))))
-    for i in range(count):
-        wid = f"done-{i:07d}"
-        yield (
-            "workflow_created",
-            wid,
-            encode(WorkflowCreated(wid, "saga", msgspec.Raw(encode({"n": i})), now)),
-        )
-        for step in range(STEPS):
-            value = encode(StepOutcome(wid, step, "execute", True, outcomes[step]))
-            yield "step_outcome", wid, value
-        yield "workflow_result", wid, encode(WorkflowResult(wid, result, False, now))
-
-
 async def _append_mem(repo: MemRepository, count: int, node: str) -> None:
-    for kind, key, value in _finished(count):
+    for kind, key, value in finished_records(count, time.time()):
         await repo.append(0, kind, key, node, value)
 
 
@@ -120,7 +65,7 @@ async def _append_kafka(bootstrap: str, topic: str, count: int, node: str) -> No
     await producer.start()
     try:
         pending = []
-        for kind, key, value in _finished(count):
+        for kind, key, value in finished_records(count, time.time()):
             pending.append(
                 await producer.send(
                     topic, value, key=key.encode(), partition=0, headers=headers(kind, node)
@@ -151,22 +96,16 @@ async def _run(
     new_repo: Any, append: Any, finished: int
 ) -> list[tuple[str, float, int, int, int, int]]:
     """Build the log, then per mode: B saves its checkpoint, C's restart is measured."""
-    hold, all_inside = asyncio.Event(), asyncio.Event()
+    hold = asyncio.Event()
     opened: list[Repository] = []
 
     def repository() -> Repository:
         opened.append(new_repo())
         return opened[-1]
 
-    first = Kapbit([_saga(hold, all_inside)], repository(), options=_options(False))
-    await first.start()
-    calls = [
-        asyncio.create_task(first.exec_workflow(f"open-{i:04d}", "saga", {"n": i}))
-        for i in range(OPEN)
-    ]
-    await all_inside.wait()
-    first.abort()
-    await asyncio.gather(*calls, return_exceptions=True)
+    first = await crash_with_open(
+        lambda saga: Kapbit([saga], repository(), options=_options(False)), OPEN
+    )
     started = time.perf_counter()
     await append(first.writer_id)
     print(
@@ -183,14 +122,14 @@ async def _run(
     try:
         for mode in ("offsets", "snapshot"):
             snapshots = mode == "snapshot"
-            saver = Kapbit([_saga(hold)], repository(), options=_options(snapshots))
+            saver = Kapbit([held_saga(hold)], repository(), options=_options(snapshots))
             await saver.start()
             await saver.close(timeout=0)
             size = saver.stats.snapshot_bytes
             repo = repository()
             checkpoint = (await _loaded(repo))[0]
             gc.collect()
-            restarted = Kapbit([_saga(hold)], repo, options=_options(snapshots))
+            restarted = Kapbit([held_saga(hold)], repo, options=_options(snapshots))
             t0 = time.perf_counter()
             await restarted.start()
             restart = time.perf_counter() - t0

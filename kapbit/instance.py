@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import msgspec
@@ -687,7 +687,8 @@ class Kapbit(AsyncResource):
         (:class:`~kapbit.errors.TooManyWorkflows`) and the input encodes and is of the
         declared ``input_type`` (:class:`~kapbit.errors.InvalidInput`). Once
         ``WorkflowCreated`` is durable the workflow finishes even if this call is cancelled
-        or the process dies. A step that raises makes this call raise
+        or the process dies. A step that raises, also one after a durable timer's wake
+        (the call waits through timers), makes this call raise
         :class:`~kapbit.errors.WillRetryLater`; an action returning a wrong value or type
         :class:`~kapbit.errors.InvalidReturnValue`, and storage refusing one of the
         workflow's events :class:`~kapbit.errors.WorkflowRejected` (both terminal).
@@ -704,15 +705,7 @@ class Kapbit(AsyncResource):
         if isinstance(submitted, _Forward):
             assert self._remote is not None
             return await self._remote.exec(*submitted)
-        execution, outcome = submitted
-        try:
-            result, error = await asyncio.shield(outcome)
-        except asyncio.CancelledError:
-            if outcome.cancelled():
-                raise self._stopped_before(execution, "finished") from None
-            raise
-        if isinstance(error, WorkflowSleeps):  # resumes on its timer; wait for the end
-            return await self._running().wait_result(execution.id, None)
+        result, error = await self._answer(*submitted)
         if error is not None:
             raise error
         return result
@@ -757,6 +750,36 @@ class Kapbit(AsyncResource):
         execution, outcome = submitted
         await self._until_created(execution, outcome)
         return self._handle(self._running(), execution.id)
+
+    def _answer(
+        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+    ) -> Coroutine[Any, Any, Ended]:
+        """What ``exec_workflow`` answers for ``execution``, which the call created
+        (``outcome`` is its first run): how that run stops, or if it ended asleep, how the
+        runs after its wakes do (:meth:`Supervisor.after_wake`), as an error its result
+        or ``WillRetryLater`` when a step raised. The supervisor follows the workflow from
+        here, before its first run could sleep."""
+        supervisor = self._supervisor
+        assert supervisor is not None
+        supervisor.follow(execution.id)
+        return self._answered(supervisor, execution, outcome)
+
+    async def _answered(
+        self, supervisor: Supervisor, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+    ) -> Ended:
+        try:
+            try:
+                ended = await asyncio.shield(outcome)
+            except asyncio.CancelledError:
+                if outcome.cancelled():
+                    return None, self._stopped_before(execution, "finished")
+                raise
+            if isinstance(ended[1], WorkflowSleeps):  # resumes on its timer
+                woken = await supervisor.after_wake(execution.id)
+                return woken or (None, self._stopped_before(execution, "finished"))
+            return ended
+        finally:
+            supervisor.unfollow(execution.id)
 
     async def _until_created(
         self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
@@ -972,8 +995,13 @@ class Kapbit(AsyncResource):
             known = self._locate(request.workflow_id)
             return Accepted(False, -1 if known is None else known[0], request.workflow_type)
         execution, outcome = submitted
+        answer = (
+            asyncio.ensure_future(self._answer(execution, outcome))
+            if request.op == "exec"
+            else outcome
+        )
         await self._until_created(execution, outcome)
-        return Accepted(True, execution.created_offset, request.workflow_type, outcome)
+        return Accepted(True, execution.created_offset, request.workflow_type, answer)
 
     async def _created_by(self, request: Request) -> int | None:
         """The offset of the workflow ``request`` created, if the id's workflow in the

@@ -26,6 +26,7 @@ from kapbit import (
     Options,
     Progress,
     RetryPolicy,
+    Sleep,
     Step,
     Success,
 )
@@ -686,6 +687,31 @@ class TailWatched(MemRepository):
         self.tailing[partition].set()
         async for batch in super().tail(partition, start):
             yield batch
+
+
+def napper(naps: int, raises: int) -> tuple[Definition[str, str, list[str]], list[int]]:
+    """``naps`` steps that each sleep an hour, then a step that raises ConnectionError on its
+    first ``raises`` runs (the list counts its runs)."""
+    runs = [0]
+
+    async def nap(_: str, __: Progress) -> Sleep[str]:
+        return Sleep(timedelta(hours=1), value="napped")
+
+    async def flaky(_: str, __: Progress) -> Success[str]:
+        runs[0] += 1
+        if runs[0] <= raises:
+            raise ConnectionError(f"provider down (run {runs[0]})")
+        return Success("done")
+
+    definition = Definition(
+        "napper",
+        steps=[*(Step(nap, name=f"nap{n}") for n in range(naps)), Step(flaky, name="flaky")],
+        result=lambda _input, progress: progress.values(),
+        input_type=str,
+        outcome_type=str,
+        result_type=list[str],
+    )
+    return definition, runs
 
 
 def ids_in_partition(partition: int, count: int, partitions: int, prefix: str = "w") -> list[str]:

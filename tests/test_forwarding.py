@@ -43,8 +43,9 @@ from kapbit.log_reader import decode_event
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.request_log import ANSWER, REQUEST, REQUEST_CLAIM, MemRequestLog, RequestRecord
+from kapbit.testing import ManualClock
 from tests.forwarding_workflows import BROKEN, CODEC, ENTERED, GREET, HELD, greet
-from tests.helpers import fast_options, wait_until
+from tests.helpers import fast_options, napper, wait_until
 
 
 def down(_name: str, _progress: Progress) -> None:
@@ -156,6 +157,39 @@ async def test_duplicates_attach_and_refusals_keep_local_semantics(
         with pytest.raises(WillRetryLater):
             await caller.exec("flaky", "f-1", "x")
         assert owner.stats.rejected == 1
+
+
+async def test_a_forwarded_exec_of_a_workflow_that_sleeps_answers_as_a_local_one(
+    log: MemRepository, requests: MemRequestLog
+) -> None:
+    """Through a timer: a step raising after the wake answers WillRetryLater (with the
+    cause's text), a forwarded attach waits for the end through the retries, and a
+    workflow that wakes and succeeds answers its result."""
+    clock = ManualClock()
+    definition, runs = napper(1, raises=1)
+    forwarder = Forwarder(requests, log, CODEC, {definition.type: definition}, "caller/1", 5.0)
+    await forwarder.start()
+    caller = Caller(forwarder, 2)
+    owner = Kapbit(
+        [definition], log, options=fast_options(max_attempts=5, clock=clock), requests=requests
+    )
+    try:
+        async with owner:
+            call = asyncio.create_task(caller.exec("napper", "n-1", "x"))
+            await wait_until(lambda: owner.stats.sleeping == 1)
+            attached = asyncio.create_task(caller.exec("napper", "n-1", "x", dup="attach"))
+            clock.advance(3600)
+            with pytest.raises(WillRetryLater, match="provider down"):
+                await asyncio.wait_for(call, 5)
+            assert await asyncio.wait_for(attached, 5) == ["napped", "done"]
+            assert runs == [2]
+
+            again = asyncio.create_task(caller.exec("napper", "n-2", "x"))
+            await wait_until(lambda: owner.stats.sleeping == 1)
+            clock.advance(3600)
+            assert await asyncio.wait_for(again, 5) == ["napped", "done"]
+    finally:
+        await forwarder.close()
 
 
 async def test_a_refusal_writes_nothing_to_the_log(

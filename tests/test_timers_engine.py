@@ -17,6 +17,7 @@ from kapbit import (
     Definition,
     Failure,
     Fenced,
+    InstanceClosed,
     InvalidReturnValue,
     Kapbit,
     Progress,
@@ -25,13 +26,14 @@ from kapbit import (
     Step,
     Success,
     TooManyWorkflows,
+    WillRetryLater,
 )
 from kapbit.errors import InvalidTimer
 from kapbit.events import StepOutcome
 from kapbit.projection import WorkflowStatus
 from kapbit.repository import MemRepository
 from kapbit.testing import FaultyRepository, ManualClock, fast_options
-from tests.helpers import load_example, wait_until
+from tests.helpers import load_example, napper, wait_until
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 DAY = 86_400.0
@@ -118,6 +120,96 @@ async def test_exec_workflow_waits_through_the_sleep() -> None:
         assert not call.done()
         clock.advance(14 * DAY)
         assert await asyncio.wait_for(call, 5) == ["welcomed", "reminded", "ended"]
+
+
+@pytest.mark.parametrize("naps", [1, 2])
+async def test_exec_workflow_raises_will_retry_later_when_a_step_after_the_wake_raises(
+    naps: int,
+) -> None:
+    """As without a timer: the step after the wake raises, the caller hears WillRetryLater
+    (with the cause) at once; the retry worker finishes the workflow and the handle's
+    result() waits for that end."""
+    clock, repo = ManualClock(T0), MemRepository(1)
+    definition, runs = napper(naps, raises=1)
+    async with Kapbit([definition], repo, options=options(clock, "a")) as kbit:
+        call = asyncio.create_task(kbit.exec_workflow(definition, "n1", "n1"))
+        for nap in range(naps):  # each nap's outcome is written, then its timer fires
+
+            def asleep(written: int = nap + 1) -> bool:
+                return kbit.stats.sleeping == 1 and len(outcomes(repo, "n1")) == written
+
+            await wait_until(asleep)
+            clock.advance(3600)
+        with pytest.raises(WillRetryLater) as later:
+            await asyncio.wait_for(call, 5)
+        assert later.value.workflow_id == "n1"
+        assert isinstance(later.value.__cause__, ConnectionError)
+        assert "run 1" in str(later.value.__cause__)
+        handle = kbit.get_workflow("n1")
+        assert await asyncio.wait_for(handle.result(), 5) == ["napped"] * naps + ["done"]
+        assert runs == [2]
+
+
+async def test_a_zero_sleep_wakes_at_once_and_the_caller_still_hears_will_retry_later() -> None:
+    """The timer fires before the caller has heard that the first run ended asleep: the run
+    after the wake is not missed."""
+    clock, repo = ManualClock(T0), MemRepository(1)
+
+    async def nap(_: str, __: Progress) -> Sleep[str]:
+        return Sleep(timedelta(0), value="napped")
+
+    async def down(_: str, __: Progress) -> Success[str]:
+        raise ConnectionError("provider down")
+
+    definition = Definition("zero", steps=[Step(nap), Step(down)], input_type=str)
+    async with Kapbit([definition], repo, options=options(clock, "a", max_attempts=1)) as kbit:
+        with pytest.raises(WillRetryLater, match="provider down"):
+            await asyncio.wait_for(kbit.exec_workflow(definition, "z", "z"), 5)
+
+
+@pytest.mark.parametrize("how", ["close", "abort", "takeover"])
+async def test_a_caller_waiting_through_a_sleep_hears_when_the_instance_stops(how: str) -> None:
+    """Closed, crashed or replaced while the workflow sleeps: the waiting exec_workflow
+    raises (InstanceClosed, or Fenced for a takeover) instead of waiting for ever."""
+    clock, repo = ManualClock(T0), MemRepository(1)
+    definition, _ = napper(1, raises=0)
+    kbit = Kapbit([definition], repo, options=options(clock, "a"))
+    await kbit.start()
+    call = asyncio.create_task(kbit.exec_workflow(definition, "n1", "n1"))
+    await wait_until(lambda: kbit.stats.sleeping == 1)
+    second = None
+    if how == "close":
+        await kbit.close()
+    elif how == "abort":
+        kbit.abort()
+    else:
+        second = Kapbit([definition], repo, options=options(clock, "b"))
+        await second.start()
+        clock.advance(3600)  # the first instance's queue fires too: its write is refused
+    expected = Fenced if how == "takeover" else InstanceClosed
+    with pytest.raises(expected):
+        await asyncio.wait_for(call, 5)
+    await kbit.close()
+    if second is not None:
+        assert await asyncio.wait_for(second.wait_result("n1", None), 5) == ["napped", "done"]
+        await second.close()
+
+
+async def test_attach_to_a_sleeping_workflow_waits_for_its_end_through_retries() -> None:
+    """``on_duplicate="attach"`` answers as the handle does, timer or not: it waits for the
+    end through the retries of a step that raised after the wake."""
+    clock, repo = ManualClock(T0), MemRepository(1)
+    definition, runs = napper(1, raises=2)
+    async with Kapbit([definition], repo, options=options(clock, "a")) as kbit:
+        await kbit.start_workflow(definition, "n1", "n1")
+        await wait_until(lambda: kbit.stats.sleeping == 1)
+        attached = asyncio.create_task(
+            kbit.exec_workflow(definition, "n1", "n1", on_duplicate="attach")
+        )
+        clock.advance(3600)
+        assert await asyncio.wait_for(attached, 5) == ["napped", "done"]
+        assert runs == [3]
+        assert kbit.stats.retried == 2
 
 
 async def test_a_crash_while_sleeping_and_a_restart_after_the_fire_time_resume_at_once() -> None:
