@@ -120,6 +120,9 @@ class Checkpointer:
         self._open[partition].pop(workflow_id, None)
         self._terminated_since_save += 1
         if self._terminated_since_save >= self._policy.every:
+            # Counted from here, not from when the save starts: terminations before it
+            # starts must not be lost from the count of the next one.
+            self._terminated_since_save = 0
             self._due.set()
         elif self._terminated_since_save % _ADVANCE_EVERY == 0 and self.snapshots is not None:
             self.snapshots.advance()
@@ -172,7 +175,6 @@ class Checkpointer:
 
     async def save(self) -> None:
         """Save every partition's checkpoint that moved forward since the last save."""
-        self._terminated_since_save = 0
         self._due.clear()
         snapshots = self.snapshots
         epochs = self._epochs

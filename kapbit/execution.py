@@ -127,11 +127,13 @@ class WorkflowExecution:
         "created_offset",
         "definition",
         "fire_at",
+        "followed",
         "id",
         "input",
         "last_error",
         "partition",
         "progress",
+        "run_stopped",
         "step_base",
         "task",
         "telemetry",
@@ -168,6 +170,12 @@ class WorkflowExecution:
         self.clock = clock
         #: The task driving it now, if any (the supervisor's, to cancel it).
         self.task: asyncio.Task[Any] | None = None
+        #: How the run under way stops, ``(result, error)``, for the caller waiting on it
+        #: (``None``: nobody waits); the supervisor settles it.
+        self.run_stopped: asyncio.Future[tuple[Any, BaseException | None]] | None = None
+        #: The ``exec_workflow`` call that created it still waits: each time it sleeps, the
+        #: run after its wake gets a :attr:`run_stopped` too.
+        self.followed = False
         #: While the workflow sleeps on a durable timer: when it wakes (wall time).
         self.fire_at: float | None = None
         self._waiter: asyncio.Future[Any] | None = None
@@ -271,7 +279,7 @@ class WorkflowExecution:
                             fn, is_async, (self.input, progress), context, step.timeout
                         )
                 except asyncio.CancelledError as exc:
-                    if _being_cancelled():
+                    if being_cancelled():
                         raise
                     returned = self._step_failed(step, index, phase, exc)  # raised by the step
                 except Exception as exc:  # any error means "retry later", unless told otherwise
@@ -330,7 +338,7 @@ class WorkflowExecution:
         try:
             result = await _call(definition.result, definition._result_async, self.input, progress)
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if being_cancelled():
                 raise
             raise StepRaised(self.id, None, "execute", exc, attempt=self.step_attempt) from exc
         except Exception as exc:
@@ -447,7 +455,7 @@ class WorkflowExecution:
                 fn, is_async, (self.input, self.progress), context, step.timeout
             )
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if being_cancelled():
                 if observed is not None:
                     observed.cancelled()
                 raise
@@ -580,7 +588,7 @@ class WorkflowExecution:
         await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
 
 
-def _being_cancelled() -> bool:
+def being_cancelled() -> bool:
     """Whether the running task was asked to stop (a CancelledError a step raises on its
     own, without that, is an error of the step)."""
     task = asyncio.current_task()

@@ -49,7 +49,7 @@ from kapbit.errors import (
     WorkflowNotFound,
 )
 from kapbit.events import WorkflowCreated
-from kapbit.execution import WorkflowExecution, WorkflowSleeps
+from kapbit.execution import WorkflowExecution, WorkflowSleeps, being_cancelled
 from kapbit.fencing import Fence, OwnerTracker
 from kapbit.forwarding import (
     Accepted,
@@ -752,37 +752,37 @@ class Kapbit(AsyncResource):
         return self._handle(self._running(), execution.id)
 
     def _answer(
-        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+        self, execution: WorkflowExecution, first_run: asyncio.Future[Ended]
     ) -> Coroutine[Any, Any, Ended]:
         """What ``exec_workflow`` answers for ``execution``, which the call created
-        (``outcome`` is its first run): how that run stops, or if it ended asleep, how the
-        runs after its wakes do (:meth:`Supervisor.after_wake`), as an error its result
-        or ``WillRetryLater`` when a step raised. The supervisor follows the workflow from
-        here, before its first run could sleep."""
-        supervisor = self._supervisor
-        assert supervisor is not None
-        supervisor.follow(execution.id)
-        return self._answered(supervisor, execution, outcome)
+        (``first_run``: how its first run stops): how that run stops or, if it ended
+        asleep, how the runs after its wakes do (:meth:`Supervisor.after_wake`), as an
+        error its result or ``WillRetryLater`` when a step raised. The execution is
+        followed from here, before its first run can sleep, so no wake is missed."""
+        execution.followed = True
+        return self._answered(execution, first_run)
 
     async def _answered(
-        self, supervisor: Supervisor, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+        self, execution: WorkflowExecution, first_run: asyncio.Future[Ended]
     ) -> Ended:
         try:
-            try:
-                ended = await asyncio.shield(outcome)
-            except asyncio.CancelledError:
-                if outcome.cancelled():
-                    return None, self._stopped_before(execution, "finished")
+            ended = await first_run
+        except asyncio.CancelledError:
+            execution.followed = False
+            if being_cancelled():  # the caller stops waiting; the workflow goes on
                 raise
-            if isinstance(ended[1], WorkflowSleeps):  # resumes on its timer
-                woken = await supervisor.after_wake(execution.id)
-                return woken or (None, self._stopped_before(execution, "finished"))
-            return ended
-        finally:
-            supervisor.unfollow(execution.id)
+            return None, self._stopped_before(execution, "finished")
+        if isinstance(ended[1], WorkflowSleeps):  # resumes on its timer
+            try:
+                woken = await self._running().after_wake(execution)
+            finally:
+                execution.followed = False
+            return woken or (None, self._stopped_before(execution, "finished"))
+        execution.followed = False
+        return ended
 
     async def _until_created(
-        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+        self, execution: WorkflowExecution, outcome: asyncio.Future[Ended]
     ) -> None:
         """Return once ``execution``'s WorkflowCreated is durable; raise the refusal if it
         ended before (nothing was written), or why it was stopped first."""
@@ -881,7 +881,7 @@ class Kapbit(AsyncResource):
         kwargs: dict[str, Any],
         on_duplicate: OnDuplicate,
         request: str | None = None,
-    ) -> tuple[WorkflowExecution, asyncio.Task[Ended]] | WorkflowHandle[Any] | _Forward:
+    ) -> tuple[WorkflowExecution, asyncio.Future[Ended]] | WorkflowHandle[Any] | _Forward:
         """Check a call of either form, then create and run its workflow (the execution
         and the future of its outcome), or, attaching, the handle of the workflow already
         using the id; for an id another instance owns, what to forward (checked here as

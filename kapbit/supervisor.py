@@ -87,9 +87,6 @@ class Supervisor:
         self._sleeping: dict[str, WorkflowExecution] = {}
         self._timer_task = TaskHost("kapbit-timers")
         self._slot_freed = asyncio.Event()
-        #: The workflows an exec_workflow caller waits for (:meth:`follow`): each time one
-        #: sleeps, the future of how the run after its wake stops (``None`` before).
-        self._followed: dict[str, asyncio.Future[Ended] | None] = {}
 
     def __len__(self) -> int:
         """The workflows in flight (running, not sleeping)."""
@@ -195,24 +192,27 @@ class Supervisor:
                 execution.task.cancel()  # a task that has ended ignores it
             self._retry_worker.cancel(execution.id)
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            _stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
         sleeping = [e for e in self._sleeping.values() if e.partition == partition]
         for execution in sleeping:
             del self._sleeping[execution.id]
             self._timers.cancel(execution.id)
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            _stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
         return len(dropped) + len(sleeping)
 
-    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Task[Ended]:
+    def submit(self, execution: WorkflowExecution, created: bytes) -> asyncio.Future[Ended]:
         """Create ``execution`` (``created`` is its encoded ``WorkflowCreated``) and run it;
-        the task ends with its result or error (also after the caller stops waiting)."""
+        the future is how this first run stops: its result or error, or cancelled when
+        it was stopped first (close, abort). The run goes on when the caller stops
+        waiting (cancelling the future cancels nothing else)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        task = execution.task = self._tasks.spawn(self._drive(execution, created))
-        return task
+        stopped = execution.run_stopped = asyncio.get_running_loop().create_future()
+        execution.task = self._tasks.spawn(self._drive(execution, created))
+        return stopped
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
         """The result of a workflow running or recently finished here."""
@@ -235,13 +235,15 @@ class Supervisor:
         await self._timer_task.close(CANCEL_GRACE)
         retries_ended = await self._retry_worker.close(CANCEL_GRACE)
         await self._tasks.wait(timeout)
-        return await self._tasks.close(CANCEL_GRACE) and retries_ended
+        closed = await self._tasks.close(CANCEL_GRACE)
+        self._stop_following_all()  # tasks cancelled before they ran settled nothing
+        return closed and retries_ended
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every caller still waiting for a workflow of this instance."""
         for execution in [*self._in_flight.values(), *self._sleeping.values()]:
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            _stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
 
     @staticmethod
@@ -257,16 +259,22 @@ class Supervisor:
         self._timer_task.abort()
         self._tasks.abort()
         self._retry_worker.abort()
-        for workflow_id in list(self._followed):  # asleep: no task ends for them
-            self._stop_following(workflow_id, None)
+        self._stop_following_all()
+
+    def _stop_following_all(self) -> None:
+        """Every run still awaited was cancelled (its task may never have started, so it
+        settled nothing): cancel what its caller waits on."""
+        for execution in [*self._in_flight.values(), *self._sleeping.values()]:
+            _stop_following(execution, None)
 
     # --- driving --------------------------------------------------------------------------
 
     async def _drive(self, execution: WorkflowExecution, created: bytes | None) -> Ended:
         """Create (when ``created`` holds the encoded event) and run an execution.
 
-        The workflow's end is returned, an error included, never raised: the task's result
-        is how its caller learns it (see :class:`~kapbit._lifecycle.TaskSet`)."""
+        How the run stops (an error included, never raised) settles the execution's
+        :attr:`~kapbit.execution.WorkflowExecution.run_stopped`, if a caller waits on it,
+        and is the task's result."""
         try:
             if created is not None:
                 try:
@@ -301,55 +309,36 @@ class Supervisor:
                 self._retry_worker.schedule(execution)
                 later = WillRetryLater(execution.id, raised.cause)
                 later.__cause__ = raised.cause
-                return None, later
+                return _settled(execution, (None, later))
             except (WorkflowRejected, InvalidReturnValue) as ended:
                 self._finish(execution, error=ended)
-                return None, ended
+                return _settled(execution, (None, ended))
             except WorkflowSleeps as sleeps:
+                stopped = _settled(execution, (None, sleeps))
                 self._sleep(execution, sleeps.fire_at)
-                return None, sleeps  # the caller waits for the end on the execution
+                return stopped
+        except asyncio.CancelledError:
+            _stop_following(execution, None)
+            raise
         except Exception as error:  # handed to the caller, who raises it
-            return None, error
+            return _settled(execution, (None, error))
         self._finish(execution, result=result, compensated=compensated)
-        return result, None
+        return _settled(execution, (result, None))
 
     async def _resume(self, execution: WorkflowExecution) -> None:
-        """Run a recovered or woken workflow; its waiters (handles) learn the end, and a
-        caller following it (:meth:`follow`) how this run stopped."""
-        run = self._followed.get(execution.id)  # the run after a wake it waits for
-        ended: Ended | None = None
-        try:
-            ended = await self._drive(execution, None)
-        finally:
-            if run is not None and not run.done():
-                if ended is None:  # the task was cancelled (close, abort, partition lost)
-                    run.cancel()
-                else:
-                    run.set_result(ended)
+        await self._drive(execution, None)  # its waiters (handles) learn the end
 
-    # --- following a workflow for its exec_workflow caller -------------------------------
-
-    def follow(self, workflow_id: str) -> None:
-        """The ``exec_workflow`` call that created ``workflow_id`` waits for it: from now
-        on, each time it sleeps, how the run after its wake stops is kept for
-        :meth:`after_wake` (until :meth:`unfollow`). Called before the workflow's first
-        run can sleep, so that no wake is missed."""
-        self._followed[workflow_id] = None
-
-    def unfollow(self, workflow_id: str) -> None:
-        """Its caller stopped waiting."""
-        self._followed.pop(workflow_id, None)
-
-    async def after_wake(self, workflow_id: str) -> Ended | None:
-        """How the followed ``workflow_id``, whose run ended asleep, stops after its
-        timers, as its first run would have: its end, ``WillRetryLater`` of the first run
-        after a wake whose step raised (the retry worker resumes it), or the error that
-        stopped it here (fenced, closed, partition lost); ``None`` when the task driving
-        it was cancelled first."""
+    async def after_wake(self, execution: WorkflowExecution) -> Ended | None:
+        """How ``execution``, whose run ended asleep while its caller followed it
+        (:attr:`~kapbit.execution.WorkflowExecution.followed`), stops after its timers,
+        as its first run would have: its end, ``WillRetryLater`` of the first run after a
+        wake whose step raised (the retry worker resumes it), or the error that stopped it
+        here (fenced, closed, partition lost); ``None`` when the task driving it was
+        cancelled first."""
         while True:
-            run = self._followed.get(workflow_id)
+            run = execution.run_stopped
             if run is None:
-                raise RuntimeError(f"workflow {workflow_id!r} is not followed asleep")
+                raise RuntimeError(f"workflow {execution.id!r} is not followed asleep")
             try:
                 ended = await asyncio.shield(run)
             except asyncio.CancelledError:
@@ -358,16 +347,6 @@ class Supervisor:
                 raise
             if not isinstance(ended[1], WorkflowSleeps):
                 return ended
-
-    def _stop_following(self, workflow_id: str, error: BaseException | None) -> None:
-        """``workflow_id`` is no longer driven here: its follower learns ``error`` (or that
-        it was cancelled, for ``None``)."""
-        run = self._followed.get(workflow_id)
-        if run is not None and not run.done():
-            if error is None:
-                run.cancel()
-            else:
-                run.set_result((None, error))
 
     # --- durable timers -------------------------------------------------------------------
 
@@ -378,8 +357,8 @@ class Supervisor:
         execution.fire_at = fire_at
         execution.task = None
         self._sleeping[execution.id] = execution
-        if execution.id in self._followed:  # its caller waits for the run after the wake
-            self._followed[execution.id] = asyncio.get_running_loop().create_future()
+        if execution.followed:  # its caller waits for how the run after the wake stops
+            execution.run_stopped = asyncio.get_running_loop().create_future()
         self._timers.add(
             SleepingWorkflow(
                 fire_at,
@@ -523,3 +502,26 @@ class Supervisor:
         finished[execution.id] = (result, error)
         if len(finished) > self._options.result_cache:
             finished.popitem(last=False)
+
+
+def _settled(execution: WorkflowExecution, ended: Ended) -> Ended:
+    """``ended``, how ``execution``'s run stopped, given to the caller waiting on it."""
+    waiting = execution.run_stopped
+    if waiting is not None:
+        execution.run_stopped = None
+        if not waiting.done():
+            waiting.set_result(ended)
+    return ended
+
+
+def _stop_following(execution: WorkflowExecution, error: BaseException | None) -> None:
+    """``execution`` is no longer driven here: the caller waiting on its run learns
+    ``error`` (or that the run was cancelled, for ``None``)."""
+    waiting = execution.run_stopped
+    if waiting is not None:
+        execution.run_stopped = None
+        if not waiting.done():
+            if error is None:
+                waiting.cancel()
+            else:
+                waiting.set_result((None, error))
