@@ -333,8 +333,11 @@ class Supervisor:
         """The ``exec_workflow`` call that created ``workflow_id`` waits for it: from now
         on, each time it sleeps, how the run after its wake stops is kept for
         :meth:`after_wake` (until :meth:`unfollow`). Called before the workflow's first
-        run can sleep, so that no wake is missed."""
-        self._followed[workflow_id] = None
+        run can wake (its task runs on the loop; one that already slept is followed from
+        its sleep), so that no wake is missed."""
+        self._followed[workflow_id] = (
+            asyncio.get_running_loop().create_future() if workflow_id in self._sleeping else None
+        )
 
     def unfollow(self, workflow_id: str) -> None:
         """Its caller stopped waiting."""
