@@ -14,9 +14,13 @@ For each backend (MemRepository; with ``--kafka`` also a local Kafka-protocol br
    checkpoint; instance C starts on it: **restart** is the time of C's ``start()``, ``read``
    the records it read. Both modes run on the same log, one after the other.
 
-The snapshot's size (bytes, chunks) is the one B wrote.
+The snapshot's size (bytes, chunks) is the one B wrote. With ``--saves S``, B first
+writes S snapshots, one after each of S one-step workflows, as a running instance does
+every ``CheckpointPolicy.interval``: on Kafka the checkpoint topic then holds S snapshots'
+chunks, as it does until the broker compacts it (``ckpt records`` counts what it holds).
 
-Usage: ``python benchmarks/bench_snapshots.py [--finished N] [--kafka] [--kafka-finished N]``
+Usage: ``python benchmarks/bench_snapshots.py [--finished N] [--kafka] [--kafka-finished N]
+[--saves S]``
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from _common import crash_with_open, finished_records, held_saga
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from kapbit import CheckpointPolicy, Kapbit, Options
+from kapbit import CheckpointPolicy, Definition, Kapbit, Options, Progress, Step, Success
 from kapbit.repository import MemRepository, Repository
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.repository.kafka.records import headers
@@ -46,12 +50,20 @@ OPEN = 1_000
 WINDOW = 10_000
 
 
-def _options(snapshots: bool) -> Options:
+async def _tick(_input: int, _progress: Progress) -> Success[int]:
+    return Success(0)
+
+
+#: One step: what B runs between two of the S saves.
+TICK = Definition("tick", steps=[Step(_tick)], input_type=int, outcome_type=int)
+
+
+def _options(snapshots: bool, every: int = 10**9) -> Options:
     return Options(
         idempotency_window=WINDOW,
         max_workflows=OPEN + 100,
         close_timeout=0,
-        checkpoints=CheckpointPolicy(every=10**9, interval=3600.0, snapshots=snapshots),
+        checkpoints=CheckpointPolicy(every=every, interval=3600.0, snapshots=snapshots),
     )
 
 
@@ -80,21 +92,35 @@ async def _append_kafka(bootstrap: str, topic: str, count: int, node: str) -> No
 
 
 class _ReadCounter(logging.Handler):
-    """Picks the records read out of the instance's start log line."""
+    """Picks the records read out of the instance's start log line, and counts the
+    snapshots written."""
 
     def __init__(self) -> None:
         super().__init__()
         self.read = 0
+        self.written = asyncio.Event()  # set at each snapshot written
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = re.search(r"(\d+) records read", record.getMessage())
+        message = record.getMessage()
+        found = re.search(r"(\d+) records read", message)
         if found:
             self.read = int(found.group(1))
+        elif re.search(r"snapshot at offset \d+", message):
+            self.written.set()
+
+
+async def _save_snapshots(saver: Kapbit, counter: _ReadCounter, saves: int) -> None:
+    """Make ``saver`` (saving after every termination) write ``saves`` snapshots, one after
+    each tick workflow."""
+    for n in range(saves):
+        counter.written.clear()
+        await saver.exec_workflow(TICK, f"tick-{n}", n)
+        await counter.written.wait()  # the save runs in the background
 
 
 async def _run(
-    new_repo: Any, append: Any, finished: int
-) -> list[tuple[str, float, int, int, int, int]]:
+    new_repo: Any, append: Any, finished: int, saves: int = 0, topic_records: Any = None
+) -> list[tuple[str, float, int, int, int, int, int]]:
     """Build the log, then per mode: B saves its checkpoint, C's restart is measured."""
     hold = asyncio.Event()
     opened: list[Repository] = []
@@ -117,19 +143,26 @@ async def _run(
     logger.addHandler(counter)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    logging.getLogger("kapbit.snapshots").setLevel(logging.DEBUG)  # every snapshot written
     rows = []
     restarted = first
     try:
         for mode in ("offsets", "snapshot"):
             snapshots = mode == "snapshot"
-            saver = Kapbit([held_saga(hold)], repository(), options=_options(snapshots))
+            every = 1 if snapshots and saves else 10**9
+            saver = Kapbit(
+                [held_saga(hold), TICK], repository(), options=_options(snapshots, every)
+            )
             await saver.start()
+            if snapshots:
+                await _save_snapshots(saver, counter, saves)
             await saver.close(timeout=0)
             size = saver.stats.snapshot_bytes
             repo = repository()
             checkpoint = (await _loaded(repo))[0]
             gc.collect()
-            restarted = Kapbit([held_saga(hold)], repo, options=_options(snapshots))
+            held = topic_records and await topic_records()
+            restarted = Kapbit([held_saga(hold), TICK], repo, options=_options(snapshots))
             t0 = time.perf_counter()
             await restarted.start()
             restart = time.perf_counter() - t0
@@ -140,7 +173,8 @@ async def _run(
                 if snapshots
                 else min(checkpoint.offset, checkpoint.window_offset)
             )
-            rows.append((mode, restart, counter.read, size, checkpoint.snapshot_chunks, start))
+            chunks = checkpoint.snapshot_chunks
+            rows.append((mode, restart, counter.read, size, chunks, start, held or 0))
     finally:
         logger.removeHandler(counter)
         for aborted in (first, restarted):  # an aborted instance leaves its repository open
@@ -159,40 +193,55 @@ async def _loaded(repo: Repository) -> dict[int, Any]:
 
 
 def _print(
-    where: str, finished: int, rows: Sequence[tuple[str, float, int, int, int, int]]
+    where: str, finished: int, rows: Sequence[tuple[str, float, int, int, int, int, int]]
 ) -> None:
     print(
         f"{'backend':>8} {'finished':>10} {'checkpoint':>10} {'from offset':>11} "
-        f"{'records read':>13} {'restart ms':>11} {'snapshot B':>11} {'chunks':>6}"
+        f"{'records read':>13} {'restart ms':>11} {'snapshot B':>11} {'chunks':>6} "
+        f"{'ckpt records':>12}"
     )
-    for mode, restart, read, size, chunks, offset in rows:
+    for mode, restart, read, size, chunks, offset, held in rows:
         print(
             f"{where:>8} {finished:>10,} {mode:>10} {offset:>11,} {read:>13,} "
             f"{restart * 1e3:>11.1f} {size if mode == 'snapshot' else '-':>11} "
-            f"{chunks if mode == 'snapshot' else '-':>6}"
+            f"{chunks if mode == 'snapshot' else '-':>6} {held or '-':>12}"
         )
 
 
-async def _mem(finished: int) -> None:
+async def _mem(finished: int, saves: int) -> None:
     repo = MemRepository()
-    rows = await _run(lambda: repo, lambda node: _append_mem(repo, finished, node), finished)
+    rows = await _run(lambda: repo, lambda node: _append_mem(repo, finished, node), finished, saves)
     _print("memory", finished, rows)
 
 
-async def _kafka(bootstrap: str | None, finished: int) -> None:
+async def _kafka(bootstrap: str | None, finished: int, saves: int) -> None:
     if bootstrap is None:
         async with LocalBroker() as broker:
-            await _kafka_on(broker.bootstrap_servers, finished)
+            await _kafka_on(broker.bootstrap_servers, finished, saves)
     else:
-        await _kafka_on(bootstrap, finished)
+        await _kafka_on(bootstrap, finished, saves)
 
 
-async def _kafka_on(bootstrap: str, finished: int) -> None:
+async def _kafka_on(bootstrap: str, finished: int, saves: int) -> None:
     topic = f"bench-snapshots-{uuid.uuid4().hex[:8]}"
+
+    async def checkpoint_records() -> int:
+        """The records the checkpoint topic holds (its end offset minus its start)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            tp = TopicPartition(f"{topic}-checkpoints", 0)
+            end = (await consumer.end_offsets([tp]))[tp]
+            return int(end - (await consumer.beginning_offsets([tp]))[tp])
+        finally:
+            await consumer.stop()
+
     rows = await _run(
         lambda: KafkaRepository(bootstrap, topic, partitions=1),
         lambda node: _append_kafka(bootstrap, topic, finished, node),
         finished,
+        saves,
+        checkpoint_records,
     )
     _print("kafka", finished, rows)
 
@@ -203,14 +252,15 @@ def main() -> None:
     parser.add_argument("--kafka", action="store_true", help="also on a Kafka-protocol broker")
     parser.add_argument("--kafka-finished", type=int, default=100_000)
     parser.add_argument("--bootstrap", default=os.environ.get("KAPBIT_TEST_BOOTSTRAP"))
+    parser.add_argument("--saves", type=int, default=0, help="snapshots B writes first")
     args = parser.parse_args()
     print(
         f"kapbit restart with {OPEN:,} workflows open at the log's start, 1 partition, window "
         f"{WINDOW:,} ids, Python {sys.version.split()[0]}"
     )
-    asyncio.run(_mem(args.finished))
+    asyncio.run(_mem(args.finished, args.saves))
     if args.kafka:
-        asyncio.run(_kafka(args.bootstrap, args.kafka_finished))
+        asyncio.run(_kafka(args.bootstrap, args.kafka_finished, args.saves))
 
 
 if __name__ == "__main__":

@@ -338,7 +338,11 @@ class Supervisor:
         while True:
             run = execution.run_stopped
             if run is None:
-                raise RuntimeError(f"workflow {execution.id!r} is not followed asleep")
+                if execution.fire_at is None:
+                    raise RuntimeError(f"workflow {execution.id!r} is not followed asleep")
+                # Asleep before its caller followed it (its first run ran before the call
+                # could, as with an eager task factory): followed from this sleep.
+                run = execution.run_stopped = asyncio.get_running_loop().create_future()
             try:
                 ended = await asyncio.shield(run)
             except asyncio.CancelledError:

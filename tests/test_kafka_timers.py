@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from kapbit import Fenced, Kapbit
+import pytest
+
+from kapbit import Fenced, Kapbit, WillRetryLater
 from kapbit.repository.kafka import KafkaRepository
 from kapbit.testing import ManualClock
-from tests.helpers import wait_until
+from tests.helpers import napper, wait_until
 from tests.test_timers_engine import DAY, T0, Journal, options, trial
 
 
@@ -96,3 +98,22 @@ async def test_workflows_sleeping_through_a_live_takeover_wake_once_on_the_new_o
             "remind",
             "end",
         ]
+
+
+async def test_exec_workflow_on_kafka_hears_will_retry_later_from_a_step_after_the_wake(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    """As without a timer: the caller waits through the sleep, then hears WillRetryLater
+    when the step after the wake raises; the handle waits for the end the retry reaches."""
+    clock = ManualClock(T0)
+    definition, runs = napper(1, raises=1)
+    repo = KafkaRepository(kafka_bootstrap, topic, partitions=2)
+    async with Kapbit([definition], repo, options=options(clock, "a")) as kbit:
+        call = asyncio.create_task(kbit.exec_workflow(definition, "n1", "n1"))
+        await wait_until(lambda: kbit.stats.sleeping == 1, timeout=30)
+        clock.advance(3600)
+        with pytest.raises(WillRetryLater, match="n1"):
+            await asyncio.wait_for(call, 30)
+        result = await asyncio.wait_for(kbit.get_workflow("n1").result(), 30)
+        assert result == ["napped", "done"]
+        assert runs == [2]
