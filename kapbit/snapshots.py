@@ -352,7 +352,7 @@ class Snapshotter:
         )
         logger.info(
             "partition %d: its oldest open workflow lies %d records or more behind its end; "
-            "snapshots follow it from offset %d (%d records read)",
+            "snapshots follow it from offset %d, after reading %d records",
             partition,
             self._policy.snapshot_after,
             stop,
