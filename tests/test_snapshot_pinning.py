@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 
 from kapbit import CheckpointPolicy, DuplicateWorkflow, Fenced, Kapbit, Options
@@ -376,3 +377,41 @@ async def test_group_mode_follows_only_pinned_owned_partitions() -> None:
         await b.stop(crash=False)
         await a.stop(crash=False)
     assert inner.checkpoint_errors == []
+
+
+async def test_a_snapshot_below_its_checkpoints_offset_is_not_loaded() -> None:
+    """A checkpoint of an earlier version could name a snapshot its offsets had passed (the
+    last one that fitted under the limit): recovery reads from the offsets (ids only below
+    them) instead of decoding everything from the old snapshot on."""
+    repo = CrashRepository()
+    node = Node(repo, "first", every=10**6)
+    await node.kbit.start()
+    await node.open("s0")
+    await node.finished(30, "a")
+    await node.kbit.close(timeout=0)  # a snapshot past s0
+    await asyncio.gather(*node.stuck, return_exceptions=True)
+    pinned = _latest(repo)
+    assert 0 < pinned.offset < pinned.snapshot_offset
+
+    node = Node(repo, "second", every=10**6)
+    await node.kbit.start()
+    node.release.set()
+    await node.kbit.wait_result("s0", timeout=5)
+    await node.finished(30, "b")
+    await node.stop(crash=True)  # nothing open below the end, no save since the snapshot
+    end = len(repo.records(0))
+    passed = msgspec.structs.replace(pinned, offset=end, owner=node.kbit.writer_id)
+    await repo.save_checkpoint(0, passed)  # offsets past the snapshot it still names
+
+    repo.reset_counters()
+    repo.garble_below[0] = end - 1  # decoding a record below the end fails
+    after = Node(repo, "third")
+    await after.kbit.start()
+    try:
+        assert after.kbit.stats.recovered == 0
+        assert repo.lowest_read[0] == pinned.window_offset < pinned.snapshot_offset
+        with pytest.raises(DuplicateWorkflow):
+            await after.kbit.exec_workflow("b29", "gated", {"id": "b29"})
+    finally:
+        await after.stop(crash=False)
+    assert repo.checkpoint_errors == []
