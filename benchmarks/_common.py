@@ -176,9 +176,12 @@ RESTART_STEPS = 3
 
 
 def held_saga(
-    hold: asyncio.Event | None, held: int = 0, all_inside: asyncio.Event | None = None
+    hold: asyncio.Event | None,
+    held: int = 0,
+    all_inside: asyncio.Event | None = None,
+    name: str = "saga",
 ) -> Definition[dict[str, int], int, int]:
-    """The restart benchmarks' 3-step saga (type ``saga``); with ``hold``, step 1 waits for
+    """The restart benchmarks' 3-step saga (type ``name``); with ``hold``, step 1 waits for
     it, and ``all_inside`` is set once ``held`` workflows wait there."""
     inside = 0
 
@@ -192,7 +195,7 @@ def held_saga(
         return Success(len(progress))
 
     return Definition(
-        "saga",
+        name,
         [Step(step, step) for _ in range(RESTART_STEPS)],
         result=lambda input, progress: sum(progress.values()),
         input_type=dict[str, int],

@@ -18,9 +18,19 @@ The snapshot's size (bytes, chunks) is the one B wrote. With ``--saves S``, B fi
 writes S snapshots, one after each of S one-step workflows, as a running instance does
 every ``CheckpointPolicy.interval``: on Kafka the checkpoint topic then holds S snapshots'
 chunks, as it does until the broker compacts it (``ckpt records`` counts what it holds).
+B's recovered partition is pinned
+(its oldest open workflow lies more than ``CheckpointPolicy.snapshot_after``, 10,000
+records, behind its end: N is 2,000 or more), so B follows it from its start.
+
+With ``--live N`` (MemRepository) the snapshot is taken while running instead: instance A
+opens the 1,000 workflows, then runs N short ones through the engine (1,000 in flight,
+default ``CheckpointPolicy``: a save every 10,000 terminations or 5 s), so its partition
+rests until the log passes the open ones by ``snapshot_after`` records and a save wakes its
+reader; A then crashes (no save at close) and C's restart is measured, against the same run
+with ``snapshots=False``. ``wakes`` counts A's readers woken; ``wf/s`` is A's throughput.
 
 Usage: ``python benchmarks/bench_snapshots.py [--finished N] [--kafka] [--kafka-finished N]
-[--saves S]``
+[--saves S] [--live N]``
 """
 
 from __future__ import annotations
@@ -246,6 +256,73 @@ async def _kafka_on(bootstrap: str, finished: int, saves: int) -> None:
     _print("kafka", finished, rows)
 
 
+async def _live_run(mode: str, finished: int, counter: _ReadCounter) -> tuple[Any, ...]:
+    """One ``--live`` run: A opens ``OPEN`` workflows, runs ``finished`` short ones and
+    crashes; C restarts."""
+    repo = MemRepository()
+    options = Options(
+        idempotency_window=WINDOW,
+        max_workflows=OPEN + 1_100,
+        close_timeout=0,
+        checkpoints=CheckpointPolicy(snapshots=mode == "snapshot"),
+    )
+    hold, all_inside = asyncio.Event(), asyncio.Event()
+    first = Kapbit(
+        [held_saga(hold, OPEN, all_inside), held_saga(None, name="short")], repo, options=options
+    )
+    await first.start()
+    stuck = [
+        asyncio.create_task(first.exec_workflow(f"open-{i:04d}", "saga", {"n": i}))
+        for i in range(OPEN)
+    ]
+    await all_inside.wait()
+    slots = asyncio.Semaphore(1_000)
+
+    async def one(i: int) -> None:
+        async with slots:
+            await first.exec_workflow(f"short-{i:07d}", "short", {"n": i})
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(finished)))
+    rate = finished / (time.perf_counter() - t0)
+    wakes = first.stats.snapshot_wakes
+    first.abort()
+    await asyncio.gather(*stuck, return_exceptions=True)
+    await first.close()
+    checkpoint = (await repo.load_checkpoints())[0]
+    gc.collect()
+    restarted = Kapbit([held_saga(hold), held_saga(None, name="short")], repo, options=options)
+    t0 = time.perf_counter()
+    await restarted.start()
+    restart = time.perf_counter() - t0
+    assert restarted.stats.recovered == OPEN, restarted.stats
+    restarted.abort()
+    await restarted.close()
+    length = await repo.end_offset(0)
+    return mode, rate, wakes, checkpoint.snapshot_offset, length, counter.read, restart
+
+
+async def _live(finished: int) -> None:
+    counter = _ReadCounter()
+    logger = logging.getLogger("kapbit")
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        rows = [await _live_run(mode, finished, counter) for mode in ("offsets", "snapshot")]
+    finally:
+        logger.removeHandler(counter)
+    print(
+        f"{'backend':>8} {'finished':>10} {'checkpoint':>10} {'wf/s':>8} {'wakes':>5} "
+        f"{'snapshot at':>11} {'log end':>10} {'records read':>13} {'restart ms':>11}"
+    )
+    for mode, rate, wakes, at, length, read, restart in rows:
+        print(
+            f"{'memory':>8} {finished:>10,} {mode:>10} {rate:>8,.0f} {wakes:>5} "
+            f"{at if at >= 0 else '-':>11} {length:>10,} {read:>13,} {restart * 1e3:>11.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--finished", type=int, default=1_000_000, help="on MemRepository")
@@ -253,11 +330,15 @@ def main() -> None:
     parser.add_argument("--kafka-finished", type=int, default=100_000)
     parser.add_argument("--bootstrap", default=os.environ.get("KAPBIT_TEST_BOOTSTRAP"))
     parser.add_argument("--saves", type=int, default=0, help="snapshots B writes first")
+    parser.add_argument("--live", type=int, default=0, help="snapshots taken while running")
     args = parser.parse_args()
     print(
         f"kapbit restart with {OPEN:,} workflows open at the log's start, 1 partition, window "
         f"{WINDOW:,} ids, Python {sys.version.split()[0]}"
     )
+    if args.live:
+        asyncio.run(_live(args.live))
+        return
     asyncio.run(_mem(args.finished, args.saves))
     if args.kafka:
         asyncio.run(_kafka(args.bootstrap, args.kafka_finished, args.saves))

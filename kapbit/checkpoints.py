@@ -8,9 +8,13 @@ after the append returns: a lost acknowledgement may have left a first copy belo
 acknowledged one. Other events of a workflow are written after its ``WorkflowCreated``,
 so every copy of them lies above the hold. See docs/ARCHITECTURE.md, "Checkpoints".
 
-With snapshots (:mod:`kapbit.snapshots`) a checkpoint also names a snapshot of the
-partition at the offset this node had acknowledged, so recovery need not read from the
-oldest open workflow; the offsets above are kept as the fallback.
+With snapshots (:mod:`kapbit.snapshots`) a checkpoint of a pinned partition (its oldest
+open workflow ``CheckpointPolicy.snapshot_after`` records or more behind) also names a
+snapshot of the partition at the offset this node had acknowledged, so recovery need not
+read from the oldest open workflow; the offsets above are kept as the fallback. A save
+that finds a partition pinned wakes its snapshot reader; one that finds it no longer
+pinned lets it rest, and the checkpoint keeps naming the last snapshot only while that
+lies at or past its offset.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kapbit.repository import Checkpoint, Repository
 from kapbit.snapshots import (
     Journal,
     Snapshotter,
+    ahead,
     snapshot_store,
     with_snapshot,
     with_snapshot_of,
@@ -184,7 +189,7 @@ class Checkpointer:
             epoch, saved = epochs[partition], self._saved[partition]
             stop = self._acked(partition) + 1  # before the anchor: the snapshot ends below it
             checkpoint = self.checkpoint(partition)
-            if snapshots is not None and snapshots.following(partition):
+            if snapshots is not None:
                 checkpoint = await self._snapshot(snapshots, partition, stop, checkpoint, saved)
                 if epochs[partition] != epoch:
                     continue  # given up meanwhile: its chunks are left to the next owner
@@ -209,19 +214,27 @@ class Checkpointer:
         checkpoint: Checkpoint,
         saved: Checkpoint,
     ) -> Checkpoint:
-        """``checkpoint`` naming a new snapshot of the log below ``stop``, or the saved
-        one when nothing was written since it or the new one is over the limit (a snapshot
-        stays true for its offset, whatever the checkpoint's offsets say)."""
-        if stop > saved.snapshot_offset:
-            since = min(checkpoint.offset, checkpoint.window_offset)
-            state = await snapshots.take(partition, stop, since)
-            data = snapshots.encode(partition, state)
-            if data is not None and state.offset > saved.snapshot_offset:
-                written = await snapshots.write(partition, data, state.offset, saved)
-                return with_snapshot(checkpoint, written)
+        """``checkpoint`` naming a new snapshot of the log below ``stop`` when the partition
+        is pinned (its reader woken first if it rested), else the saved one while that is
+        :func:`~kapbit.snapshots.ahead` of the checkpoint's offset (a snapshot stays true
+        for its offset, whatever the checkpoint's offsets say), else none."""
+        if snapshots.pinned(stop, checkpoint.offset):
+            following = snapshots.following(partition)
+            if not following and stop > saved.snapshot_offset:
+                following = await snapshots.wake(partition, saved, stop)
+            if following and stop > saved.snapshot_offset:
+                since = min(checkpoint.offset, checkpoint.window_offset)
+                state = await snapshots.take(partition, stop, since)
+                data = snapshots.encode(partition, state)
+                if data is not None and state.offset > saved.snapshot_offset:
+                    written = await snapshots.write(partition, data, state.offset, saved)
+                    return with_snapshot(checkpoint, written)
+        elif snapshots.following(partition):
+            snapshots.rest(partition)  # no longer pinned: until a save finds it pinned again
         if saved.snapshot_offset < 0:
             return checkpoint
-        return with_snapshot_of(checkpoint, saved)
+        named = with_snapshot_of(checkpoint, saved)
+        return named if ahead(named) else checkpoint
 
     async def _due_or_interval(self) -> None:
         """Return once a save is due by count or ``interval`` seconds of the clock passed."""

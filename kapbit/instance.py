@@ -1110,6 +1110,8 @@ class Kapbit(AsyncResource):
         return {
             "snapshot_bytes": sum(snapshots.sizes),
             "snapshots_too_large": snapshots.too_large,
+            "snapshots_following": snapshots.followed,
+            "snapshot_wakes": snapshots.wakes,
         }
 
     def in_flight(self) -> list[str]:

@@ -104,7 +104,12 @@ class CheckpointPolicy:
     idempotency window, so recovery reads the log only from where it was taken (see
     :mod:`kapbit.snapshots`); it is stored in chunks of ``snapshot_chunk`` bytes, and one
     over ``snapshot_limit`` bytes is not written (the checkpoint keeps the previous
-    snapshot, or its offsets only, and a warning is logged).
+    snapshot, or its offsets only, and a warning is logged). Snapshots are taken only of a
+    partition whose oldest open workflow lies ``snapshot_after`` records or more behind
+    its end (a workflow sleeping or stuck); below that the offsets bound recovery as well,
+    and the partition costs no snapshot work (``0``: always take them). The default,
+    10,000 records, is above what 1,000 workflows in flight on one partition span, and a
+    full read of it costs a restart less than refilling the default window of 10,000 ids.
     """
 
     every: int = 10_000
@@ -112,6 +117,7 @@ class CheckpointPolicy:
     snapshots: bool = True
     snapshot_limit: int = 64 * 1024 * 1024
     snapshot_chunk: int = 256 * 1024
+    snapshot_after: int = 10_000
 
     def __post_init__(self) -> None:
         if (
@@ -119,6 +125,7 @@ class CheckpointPolicy:
             or self.interval <= 0
             or self.snapshot_limit < 1
             or self.snapshot_chunk < 1
+            or self.snapshot_after < 0
         ):
             raise ValueError(f"invalid checkpoint policy {self!r}")
 

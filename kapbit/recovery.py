@@ -31,7 +31,7 @@ from kapbit.restore import (
     check_codec,
     trusted_checkpoint,
 )
-from kapbit.snapshots import load_snapshot, snapshot_store, without_snapshot
+from kapbit.snapshots import restorer_from
 from kapbit.workflow import Definition
 
 
@@ -164,24 +164,12 @@ class Recovery:
             return end, await trusted_checkpoint(repository, partition, checkpoint, end)
 
         end, trusted = await retries.run(f"checking partition {partition}", check)
-        snapshot: ReaderState | None = None
-        store = snapshot_store(repository)
-        if trusted.snapshot_offset >= 0:
-            if store is not None:
-                snapshot = await retries.run(
-                    f"loading the snapshot of partition {partition}",
-                    functools.partial(
-                        load_snapshot, store, self._codec, partition, trusted, self._window_size
-                    ),
-                )
-            if snapshot is None:
-                trusted = without_snapshot(trusted)
-        restorer = PartitionRestorer(
-            repository, self._codec, partition, trusted, self._window_size, snapshot
+        restorer = await restorer_from(
+            repository, self._codec, partition, trusted, self._window_size, retries.run
         )
-        what = f"recovering partition {partition}"
-        await retries.run(what, restorer.prepare)
-        await retries.run(what, functools.partial(restorer.read_to, end))
+        await retries.run(
+            f"recovering partition {partition}", functools.partial(restorer.read_to, end)
+        )
         return restorer
 
     def rebuild(self, partition: int, workflow: RestoredWorkflow) -> WorkflowExecution:

@@ -25,8 +25,9 @@ checkpoint's window start towards the log's beginning, in growing chunks; there 
 ``WorkflowCreated`` counts only if its writer is the node of the nearest ``ActiveWriter``
 below it (the exact zombie rule, applied backwards).
 
-A checkpoint with a snapshot (:mod:`kapbit.snapshots`) replaces step 1 and the part of
-step 2 below the snapshot's offset: the reader starts from the snapshot's state there.
+A checkpoint with a snapshot (:mod:`kapbit.snapshots`) at or past its offset replaces step 1
+and the part of step 2 below the snapshot's offset: the reader starts from the snapshot's
+state there (an older snapshot is not loaded: the offsets read less in full).
 
 Before a checkpoint is used it is checked against the log (:func:`trusted_checkpoint`),
 and the log's last record against this instance's codec (:func:`check_codec`).

@@ -12,8 +12,20 @@ which lie at or above ``O``) holds by construction: recovery from the snapshot r
 state recovery from the log's start would. The records this instance appended it takes
 from a :class:`Journal` (an acknowledged append is the log's record at its offset) rather
 than reading them back, and reads from the log only the offsets the journal lacks (first
-copies whose acknowledgement was lost, other writers' records). In group mode a
-partition is followed from its recovery on, and no longer once given up.
+copies whose acknowledgement was lost, other writers' records).
+
+A partition is followed only while a snapshot saves recovery real work: while it is
+*pinned*, its oldest open workflow ``CheckpointPolicy.snapshot_after`` records or more
+behind its end. Otherwise it rests: the journal passes its appends straight through and
+nothing is read, and its checkpoints carry offsets only, which bound recovery as well. A
+start whose recovered state is pinned follows from that state; a save that finds a resting
+partition pinned wakes its reader, rebuilt as recovery rebuilds a partition
+(:func:`restorer_from`) from the latest saved checkpoint, so the read is bounded by
+``snapshot_after``, the window and what was written since that save; a save that finds the
+pin lifted lets it rest again. A checkpoint names a snapshot only while it lies at or past
+the checkpoint's offset (:func:`ahead`; recovery loads no other). In group mode the same
+holds per owned partition from its recovery on, and a partition given up is no longer
+followed.
 
 Writing is crash-safe: the snapshot is encoded with the log's codec, cut into chunks of
 ``CheckpointPolicy.snapshot_chunk`` bytes and stored in the one of this start's two slots
@@ -30,11 +42,13 @@ instead. See docs/ARCHITECTURE.md, "Checkpoints".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -45,6 +59,7 @@ from kapbit.events import EventKind
 from kapbit.log_reader import PartitionReader, ReaderState
 from kapbit.options import CheckpointPolicy
 from kapbit.repository import Checkpoint, Record, Repository, SnapshotStore
+from kapbit.restore import PartitionRestorer
 
 logger = logging.getLogger("kapbit.snapshots")
 
@@ -96,7 +111,9 @@ class Journal:
     Whatever is not here (a first copy whose acknowledgement was lost, another writer's
     records) the follower reads from the log, so it still reads exactly the log. Only
     followed partitions are kept, and each partition's latest claim by this instance (a
-    follower starts at its claim, which comes before following).
+    follower starts at its claim, which comes before following). An append to a partition
+    not followed is the repository's own call, handed back unawaited: it costs one dict
+    lookup and no coroutine of the journal's.
     """
 
     __slots__ = ("_claims", "_held", "_inner")
@@ -128,14 +145,30 @@ class Journal:
     async def close(self) -> None:
         await self._inner.close()
 
-    async def append(
+    def append(
         self, partition: int, kind: EventKind, key: str, node: str, value: bytes
+    ) -> Coroutine[Any, Any, int]:
+        held = self._held.get(partition)
+        if held is None:
+            return self._inner.append(partition, kind, key, node, value)
+        return self._append_held(held, partition, kind, key, node, value)
+
+    async def _append_held(
+        self,
+        held: dict[int, Record],
+        partition: int,
+        kind: EventKind,
+        key: str,
+        node: str,
+        value: bytes,
     ) -> int:
         offset = await self._inner.append(partition, kind, key, node, value)
-        held = self._held.get(partition)
-        if held is not None:
-            held[offset] = Record(partition, offset, kind, key, node, value)
+        held[offset] = Record(partition, offset, kind, key, node, value)
         return offset
+
+    def holding(self, partition: int) -> bool:
+        """Whether ``partition``'s acknowledged appends are kept."""
+        return partition in self._held
 
     async def claim(self, partition: int, node: str, value: bytes) -> int:
         offset = await self._inner.claim(partition, node, value)
@@ -230,9 +263,11 @@ class _Follower:
 class Snapshotter:
     """Takes and writes the snapshots of a start's partitions.
 
-    Each followed partition's reader goes on from where recovery left it (:meth:`follow`:
-    the state at this node's claim) as the log grows: with a ``journal``, from this
-    instance's acknowledged appends, reading the log only where they leave a gap.
+    A partition is followed only while it is pinned (:meth:`pinned`): its reader goes on
+    from where recovery left it (:meth:`follow`: the state at this node's claim) or from
+    its latest checkpoint (:meth:`wake`) as the log grows: with a ``journal``, from this
+    instance's acknowledged appends, reading the log only where they leave a gap. A
+    partition not followed costs nothing per record.
     """
 
     def __init__(
@@ -254,6 +289,11 @@ class Snapshotter:
         self._writer = writer
         self._journal = journal
         self._followers: list[_Follower | None] = [None] * partitions
+        # Bumped whenever a partition's follower is replaced or dropped: a wake under way
+        # then installs nothing.
+        self._generations = [0] * partitions
+        #: Times a partition was woken: followed again from its checkpoint.
+        self.wakes = 0
         # Two slots of this start's own (writer ids are unique per start): another
         # instance writing at the same time (a zombie) never overwrites these chunks.
         tag = hashlib.blake2b(writer.encode(), digest_size=8).hexdigest()
@@ -265,21 +305,78 @@ class Snapshotter:
         #: Snapshots not written because they were over the limit.
         self.too_large = 0
 
+    def pinned(self, stop: int, oldest: int) -> bool:
+        """Whether a snapshot at ``stop`` saves recovery real work: the oldest open
+        workflow (its checkpoint offset ``oldest``) lies ``snapshot_after`` records or
+        more behind."""
+        return stop - oldest >= self._policy.snapshot_after
+
     def follow(self, partition: int, state: ReaderState) -> None:
         """Follow ``partition`` from ``state`` (where recovery left it, at this node's
-        claim), replacing any earlier follower of it."""
+        claim), replacing any earlier follower of it; only if ``state`` is pinned (else
+        the partition rests until a save finds it pinned)."""
+        oldest = min((w.created_offset for w in state.open), default=state.offset)
+        if not self.pinned(state.offset, oldest):
+            self.rest(partition)
+            return
+        self._generations[partition] += 1
         journal = self._journal
         held: dict[int, Record] = {} if journal is None else journal.follow(partition)
         self._followers[partition] = _Follower(
             self._codec, partition, state, self._window_size, held
         )
 
-    def unfollow(self, partition: int) -> None:
-        """Stop following ``partition`` (given up) and forget its state."""
+    async def wake(self, partition: int, checkpoint: Checkpoint, stop: int) -> bool:
+        """Follow ``partition`` again, from its latest saved ``checkpoint``: the log (or the
+        snapshot it names) is read as recovery reads it, up to ``stop``; from there on the
+        journal feeds the reader. ``False`` when the partition was followed or given up
+        meanwhile (nothing is installed then)."""
+        self._generations[partition] += 1
+        generation = self._generations[partition]
+        journal = self._journal
+        held: dict[int, Record] = {} if journal is None else journal.follow(partition)
+        try:
+            restorer = await restorer_from(
+                self._repository, self._codec, partition, checkpoint, self._window_size
+            )
+            await restorer.read_to(stop)
+        except BaseException:
+            if self._generations[partition] == generation:
+                self.rest(partition)
+            raise
+        if self._generations[partition] != generation:
+            return False
+        self.wakes += 1
+        self._followers[partition] = _Follower(
+            self._codec, partition, restorer.state(), self._window_size, held
+        )
+        logger.info(
+            "partition %d: its oldest open workflow lies %d records or more behind its end; "
+            "snapshots follow it from offset %d, after reading %d records",
+            partition,
+            self._policy.snapshot_after,
+            stop,
+            restorer.records_read,
+            extra=fields(partition=partition),
+        )
+        return True
+
+    def rest(self, partition: int) -> None:
+        """Stop following ``partition`` (no longer pinned) and forget its state."""
+        self._generations[partition] += 1
         self._followers[partition] = None
-        self.sizes[partition] = 0
         if self._journal is not None:
             self._journal.forget(partition)
+
+    def unfollow(self, partition: int) -> None:
+        """Stop following ``partition`` (given up) and forget its state and size."""
+        self.rest(partition)
+        self.sizes[partition] = 0
+
+    @property
+    def followed(self) -> int:
+        """How many partitions are followed now."""
+        return sum(follower is not None for follower in self._followers)
 
     def following(self, partition: int) -> bool:
         """Whether ``partition`` is followed."""
@@ -356,6 +453,7 @@ class Snapshotter:
         slot (what earlier starts left). Chunks another instance writes later are its own
         to delete."""
         live = current.snapshot_slot if current.snapshot_offset >= 0 else None
+        self.sizes[partition] = current.snapshot_size if live is not None else 0
         store = self._store
         first = partition not in self._cleaned
         for slot, indexes in (await store.snapshot_slots(partition)).items():
@@ -381,6 +479,52 @@ class Snapshotter:
             chunks,
             extra=fields(partition=partition),
         )
+
+
+_T = TypeVar("_T")
+
+
+class Attempt(Protocol):
+    """How a step of reading is run: recovery retries it (``StartRetries.run``)."""
+
+    def __call__(self, what: str, call: Callable[[], Awaitable[_T]], /) -> Awaitable[_T]: ...
+
+
+async def _once(what: str, call: Callable[[], Awaitable[_T]], /) -> _T:
+    return await call()
+
+
+def ahead(checkpoint: Checkpoint) -> bool:
+    """Whether ``checkpoint`` names a snapshot that saves reading: one at or past its
+    offset. An older one would make recovery read in full from there, which its offsets
+    (the full read from the oldest open workflow, ids only below) do better."""
+    return checkpoint.snapshot_offset >= checkpoint.offset >= 0
+
+
+async def restorer_from(
+    repository: Repository,
+    codec: Codec,
+    partition: int,
+    checkpoint: Checkpoint,
+    window_size: int,
+    attempt: Attempt = _once,
+) -> PartitionRestorer:
+    """A reader of ``partition`` prepared as recovery prepares it from ``checkpoint``: from
+    the snapshot it names when that is :func:`ahead` and loads, else from its offsets
+    (``restorer.checkpoint`` says which). Each step runs through ``attempt``."""
+    snapshot: ReaderState | None = None
+    store = snapshot_store(repository)
+    if checkpoint.snapshot_offset >= 0:
+        if store is not None and ahead(checkpoint):
+            snapshot = await attempt(
+                f"loading the snapshot of partition {partition}",
+                functools.partial(load_snapshot, store, codec, partition, checkpoint, window_size),
+            )
+        if snapshot is None:
+            checkpoint = without_snapshot(checkpoint)
+    restorer = PartitionRestorer(repository, codec, partition, checkpoint, window_size, snapshot)
+    await attempt(f"recovering partition {partition}", restorer.prepare)
+    return restorer
 
 
 async def load_snapshot(

@@ -12,7 +12,9 @@ class Stats:
 
     ``snapshot_bytes`` is the size of the latest snapshot checkpoint written, summed over
     partitions; ``snapshots_too_large`` counts snapshots not written for being over
-    ``CheckpointPolicy.snapshot_limit``.
+    ``CheckpointPolicy.snapshot_limit``. ``snapshots_following`` is how many partitions
+    are pinned now (their snapshot reader follows the log), ``snapshot_wakes`` how often a
+    save found a resting partition pinned and woke its reader.
     """
 
     started: int = 0
@@ -29,3 +31,5 @@ class Stats:
     gate_open: bool = True
     snapshot_bytes: int = 0
     snapshots_too_large: int = 0
+    snapshots_following: int = 0
+    snapshot_wakes: int = 0

@@ -61,7 +61,7 @@ def _member(
             node_id=name,
             close_timeout=0.2,
             start_timeout=30.0,
-            checkpoints=CheckpointPolicy(every=50, interval=3600.0),
+            checkpoints=CheckpointPolicy(every=50, interval=3600.0, snapshot_after=0),
         ),
         group=GroupOptions(
             name=f"{topic}-group",

@@ -97,7 +97,7 @@ def _options(node: str, **policy: Any) -> Options:
     return Options(
         node_id=node,
         idempotency_window=5,
-        checkpoints=CheckpointPolicy(interval=NEVER, **policy),
+        checkpoints=CheckpointPolicy(interval=NEVER, snapshot_after=0, **policy),
     )
 
 

@@ -397,6 +397,14 @@ class Totals:
     snapshot_starts: int = 0
     #: Starts whose stored snapshot held a sleeping workflow.
     snapshot_starts_with_timers: int = 0
+    #: Examples by ``snapshot_after`` (with snapshots on); starts whose recovered state was
+    #: pinned (followed from the start; ``snapshot_after`` 0 not counted); saves that woke a
+    #: resting partition's reader;
+    #: instances that woke a reader more than once (it rested in between).
+    snapshot_after: Counter[int] = field(default_factory=Counter)
+    pinned_starts: int = 0
+    snapshot_wakes: int = 0
+    woke_again: int = 0
     #: Durable timers returned where the saga honours them, by kind (sleep, until).
     sleeps: Counter[str] = field(default_factory=Counter)
     #: Timers returned by a last step or a compensation (ended with InvalidReturn).
@@ -433,6 +441,10 @@ class Totals:
             "reused_ids": self.reused_ids,
             "snapshot_modes": dict(self.snapshot_modes),
             "snapshot_starts": self.snapshot_starts,
+            "snapshot_after": dict(self.snapshot_after),
+            "pinned_starts": self.pinned_starts,
+            "snapshot_wakes": self.snapshot_wakes,
+            "instances_that_woke_again": self.woke_again,
             "crashes": self.crashes,
             "graceful_restarts": self.closes,
             "takeovers": self.takeovers,
@@ -499,6 +511,7 @@ class EngineModel(RuleBasedStateMachine):
         self.checkpoint_every = 1
         self.checkpoint_interval = 3600.0
         self.snapshots = "off"
+        self.snapshot_after = 0
         #: One clock for every instance of the example; it moves by the clock rule, across
         #: downtime, and with ``drift`` by a millisecond per poll while the test waits.
         self.clock = ManualClock(T0)
@@ -535,6 +548,7 @@ class EngineModel(RuleBasedStateMachine):
         checkpoint_every=st.sampled_from([1, 1, 2, 1000]),
         checkpoint_interval=st.sampled_from([3600.0, 3600.0, 0.002]),
         snapshots=st.sampled_from(["off", "on", "on", "chunks", "limit"]),
+        snapshot_after=st.sampled_from([0, 3, 8, 20]),
         tight=st.sampled_from([False, False, True]),
     )
     def set_up(
@@ -544,13 +558,16 @@ class EngineModel(RuleBasedStateMachine):
         checkpoint_every: int,
         checkpoint_interval: float,
         snapshots: str,
+        snapshot_after: int,
         tight: bool,
     ) -> None:
         """Checkpoints are saved after every (or every 2nd) termination, and with a short
         interval also by the clock, at moments the rules do not choose (the clock then
         drifts while the test waits, as real time would). They carry snapshots (in one
         chunk or many tiny ones), none, or only while the snapshot stays under a limit a
-        few workflows exceed (then the last one that fitted stays named). With ``tight``
+        few workflows exceed (then the last one that fitted stays named); taken at every
+        save (``snapshot_after`` 0) or only while the oldest open workflow lies that many
+        records behind, so readers rest, wake and rest again. With ``tight``
         limits, one workflow runs and two run or sleep at most: admission refuses more,
         and due timers wake only as running slots free up."""
         self.shapes = shapes
@@ -559,6 +576,9 @@ class EngineModel(RuleBasedStateMachine):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.snapshots = snapshots
+        self.snapshot_after = snapshot_after
+        if snapshots != "off":
+            TOTALS.snapshot_after[snapshot_after] += 1
         self.max_workflows, self.max_sleeping = (1, 2) if tight else (10_000, 1_000_000)
         TOTALS.tight_limits += tight
         TOTALS.snapshot_modes[snapshots] += 1
@@ -668,6 +688,7 @@ class EngineModel(RuleBasedStateMachine):
                     snapshots=self.snapshots != "off",
                     snapshot_chunk=48 if self.snapshots == "chunks" else 256 * 1024,
                     snapshot_limit=900 if self.snapshots == "limit" else 1 << 26,
+                    snapshot_after=self.snapshot_after,
                 ),
                 close_timeout=0.01,
             ),
@@ -682,6 +703,7 @@ class EngineModel(RuleBasedStateMachine):
                     TOTALS.snapshot_starts_with_timers += 1
                     break
         await kbit.start()
+        TOTALS.pinned_starts += self.snapshot_after > 0 and kbit.stats.snapshots_following > 0
         for earlier in self.nodes[:-1]:
             self.stopped.setdefault(earlier.node_id, len(self.journal))
         return kbit
@@ -1524,6 +1546,8 @@ class EngineModel(RuleBasedStateMachine):
 
     async def _stop_all(self) -> None:
         for kbit in self.nodes:
+            TOTALS.snapshot_wakes += kbit.stats.snapshot_wakes
+            TOTALS.woke_again += kbit.stats.snapshot_wakes > 1
             if kbit.is_running:
                 kbit.abort()
         tasks = [s.task for s in self.submissions]
@@ -1591,6 +1615,10 @@ def test_engine_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> Non
     except BaseException as error:
         TOTALS.defects.append(f"{type(error).__name__}: {str(error)[:2000]}")
         raise
+    else:
+        if TOTALS.examples >= 300:  # the runs reached every state of snapshot following
+            reached = (TOTALS.pinned_starts, TOTALS.snapshot_wakes, TOTALS.woke_again)
+            assert all(reached), reached
     finally:
         summary = TOTALS.as_dict()
         summary["seconds"] = round(time.monotonic() - started, 1)

@@ -321,7 +321,8 @@ async def test_metrics_histograms_counters_and_gauges(telemetry: Telemetry) -> N
     options = fast_options(
         instrumentation=telemetry.instrumentation,
         node_id="node-a",
-        checkpoints=CheckpointPolicy(every=1, interval=3600.0),
+        # snapshot_after=0: a snapshot at every save, so the size gauge has one to show
+        checkpoints=CheckpointPolicy(every=1, interval=3600.0, snapshot_after=0),
     )
     async with Kapbit([definition], MemRepository(), options=options) as kbit:
         call = asyncio.create_task(kbit.exec_workflow(definition, "o-6", {"amount": 10}))

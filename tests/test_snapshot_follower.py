@@ -33,6 +33,7 @@ CODEC = JsonCodec()
 def _options(node: str, **policy: Any) -> Options:
     policy.setdefault("every", 10**6)
     policy.setdefault("interval", NEVER)
+    policy.setdefault("snapshot_after", 0)  # followed all the time: the reader's rules
     return Options(
         node_id=node,
         idempotency_window=WINDOW,

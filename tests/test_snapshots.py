@@ -29,6 +29,7 @@ def other_slot(slot: str) -> str:
 def _options(node: str, window: int = 5, **policy: Any) -> Options:
     policy.setdefault("every", 10**6)
     policy.setdefault("interval", NEVER)
+    policy.setdefault("snapshot_after", 0)  # a snapshot at every save: its mechanics
     return Options(node_id=node, idempotency_window=window, checkpoints=CheckpointPolicy(**policy))
 
 

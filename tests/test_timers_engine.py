@@ -277,7 +277,8 @@ async def test_a_takeover_while_sleeping_wakes_the_workflow_once_on_the_new_owne
 async def test_a_snapshot_carries_sleeping_workflows() -> None:
     clock, journal, repo = ManualClock(T0), Journal(), MemRepository(1)
     definition = trial(journal)
-    policy = CheckpointPolicy(every=1, interval=3600.0)
+    # u1 sleeps at offset 1: once the log is 4 records past it, its partition is pinned
+    policy = CheckpointPolicy(every=1, interval=3600.0, snapshot_after=4)
     async with Kapbit([definition], repo, options=options(clock, "a", checkpoints=policy)) as a:
         await a.start_workflow(definition, "u1", "u1")
         await wait_until(lambda: a.stats.sleeping == 1)
