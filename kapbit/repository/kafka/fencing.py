@@ -169,6 +169,11 @@ class Confirmer:
         fence = self._fences[partition]
         if fence.confirmed(offset):
             return offset
+        if fence.fenced is not None:
+            # Above the frontier of a fenced partition means above the foreign claim (the
+            # frontier reaches just below it), or after a loss: void. No gap reader runs
+            # on a fenced partition, so waiting would last until close.
+            raise fence.fenced
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         fence.waiters[offset] = waiter
         if fence.gap_reader is None or fence.gap_reader.done():
