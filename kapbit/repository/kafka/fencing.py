@@ -63,6 +63,20 @@ class PartitionFence:
         self.fenced = None
         self.advance()
 
+    def confirmed(self, offset: int) -> bool:
+        """Take in this node's acknowledged ``offset``: whether every offset from the claim
+        up to it is judged harmless now (else :meth:`Confirmer.confirm` waits for that)."""
+        frontier = self.frontier
+        if offset <= frontier:
+            return True
+        if offset == frontier + 1 and not self.acked and not self.waiters:
+            # The usual case, own acks in order: nothing is held back, so nothing to release.
+            self.frontier = offset
+            return True
+        self.acked.add(offset)
+        self.advance()
+        return offset <= self.frontier
+
     def advance(self) -> None:
         """Move the frontier over contiguous known offsets and release their waiters."""
         acked = self.acked
@@ -150,14 +164,16 @@ class Confirmer:
 
     async def confirm(self, partition: int, offset: int) -> int:
         """Return ``offset`` once every offset from the claim up to it is judged harmless;
-        raise Fenced (or LogLost) otherwise."""
+        raise Fenced (or LogLost) otherwise. Appends call it only when
+        :meth:`PartitionFence.confirmed` said no: a gap must be read first."""
         fence = self._fences[partition]
-        if offset <= fence.frontier:
+        if fence.confirmed(offset):
             return offset
-        fence.acked.add(offset)
-        fence.advance()
-        if offset <= fence.frontier:
-            return offset
+        if fence.fenced is not None:
+            # Above the frontier of a fenced partition means above the foreign claim (the
+            # frontier reaches just below it), or after a loss: void. No gap reader runs
+            # on a fenced partition, so waiting would last until close.
+            raise fence.fenced
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         fence.waiters[offset] = waiter
         if fence.gap_reader is None or fence.gap_reader.done():

@@ -32,7 +32,7 @@ from kapbit.repository.kafka.errors import transient
 from kapbit.repository.kafka.fencing import Confirmer, PartitionFence
 from kapbit.repository.kafka.outbox import Outboxes
 from kapbit.repository.kafka.reads import Lane, end_offset, fetch_records, follow
-from kapbit.repository.kafka.records import to_record
+from kapbit.repository.kafka.records import headers, to_record
 
 #: Room for the record's key, headers and batch framing above ``max_payload``.
 _RECORD_OVERHEAD = 16 * 1024
@@ -103,6 +103,7 @@ class KafkaRepository:
         self._parts: _Started | None = None
         self._users = 0  # starts not yet closed: the last close releases the clients
         self._fences: list[PartitionFence] = []
+        self._headers: dict[tuple[EventKind, str], list[tuple[str, bytes]]] = {}
 
     def group_placement(self, options: GroupOptions) -> Placement:
         """The membership of one instance in the consumer group ``options.name`` on this
@@ -232,23 +233,41 @@ class KafkaRepository:
     async def append(
         self, partition: int, kind: EventKind, key: str, node: str, value: bytes
     ) -> int:
-        ordinary(kind)
+        record_headers = self._headers.get((kind, node))
+        if record_headers is None:
+            record_headers = self._headers_of(kind, node)
         if len(value) > self.max_payload:
             raise PayloadTooLarge(len(value), self.max_payload)
-        parts = self._started(partition)
+        parts = self._parts
+        if parts is None or type(partition) is not int or not 0 <= partition < self._partitions:
+            parts = self._started(partition)  # raises the error saying what is wrong
         fence = parts.fences[partition]
         if fence.fenced is not None:
             raise fence.fenced
         if fence.node != node:
             raise Fenced(f"node {node!r} has not claimed partition {partition}")
-        offset = await parts.outboxes.send(partition, kind, key, node, value)
+        offset = await parts.outboxes.send(partition, key.encode(), value, record_headers)
+        if fence.confirmed(offset):
+            return offset
         return await parts.confirmer.confirm(partition, offset)
+
+    def _headers_of(self, kind: EventKind, node: str) -> list[tuple[str, bytes]]:
+        """The headers of an append of ``kind`` by ``node`` (refused for a claim), kept for
+        the next append: one lookup per append instead of building them."""
+        ordinary(kind)
+        found = headers(kind, node)
+        if len(self._headers) >= 64:  # a few kinds times the nodes of this process
+            self._headers.clear()
+        self._headers[(kind, node)] = found
+        return found
 
     async def claim(self, partition: int, node: str, value: bytes) -> int:
         if len(value) > self.max_payload:
             raise PayloadTooLarge(len(value), self.max_payload)
         parts = self._started(partition)
-        offset = await parts.outboxes.send(partition, EventKind.ACTIVE_WRITER, node, node, value)
+        offset = await parts.outboxes.send(
+            partition, node.encode(), value, headers(EventKind.ACTIVE_WRITER, node)
+        )
         parts.fences[partition].claim(node, offset)
         return offset
 
