@@ -127,6 +127,7 @@ class WorkflowExecution:
         "created_offset",
         "definition",
         "fire_at",
+        "follower",
         "id",
         "input",
         "last_error",
@@ -170,6 +171,9 @@ class WorkflowExecution:
         self.task: asyncio.Task[Any] | None = None
         #: While the workflow sleeps on a durable timer: when it wakes (wall time).
         self.fire_at: float | None = None
+        #: ``True`` while the ``exec_workflow`` call that created it waits for it; once it
+        #: sleeps, the future of how the run after its wake stops (``Supervisor.after_wake``).
+        self.follower: asyncio.Future[Any] | bool = False
         self._waiter: asyncio.Future[Any] | None = None
         self._created: asyncio.Future[int] | None = None
 

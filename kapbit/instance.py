@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import msgspec
@@ -705,7 +705,16 @@ class Kapbit(AsyncResource):
         if isinstance(submitted, _Forward):
             assert self._remote is not None
             return await self._remote.exec(*submitted)
-        result, error = await self._answer(*submitted)
+        execution, outcome = submitted
+        execution.follower = True  # before its first run can sleep and wake
+        try:
+            result, error = await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            if outcome.cancelled():
+                raise self._stopped_before(execution, "finished") from None
+            raise
+        if isinstance(error, WorkflowSleeps):  # resumes on its timer: the runs after it
+            result, error = await self._after_sleep(execution)
         if error is not None:
             raise error
         return result
@@ -751,35 +760,27 @@ class Kapbit(AsyncResource):
         await self._until_created(execution, outcome)
         return self._handle(self._running(), execution.id)
 
-    def _answer(
-        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
-    ) -> Coroutine[Any, Any, Ended]:
-        """What ``exec_workflow`` answers for ``execution``, which the call created
-        (``outcome`` is its first run): how that run stops, or if it ended asleep, how the
-        runs after its wakes do (:meth:`Supervisor.after_wake`), as an error its result
-        or ``WillRetryLater`` when a step raised. The supervisor follows the workflow from
-        here, before its first run could sleep."""
+    async def _after_sleep(self, execution: WorkflowExecution) -> Ended:
+        """What ``exec_workflow`` answers for ``execution``, which it created and follows
+        (``execution.follower``), once its first run ended asleep: how the runs after its
+        wakes stop (:meth:`Supervisor.after_wake`), or why it was stopped first."""
         supervisor = self._supervisor
         assert supervisor is not None
-        supervisor.follow(execution.id)
-        return self._answered(supervisor, execution, outcome)
-
-    async def _answered(
-        self, supervisor: Supervisor, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
-    ) -> Ended:
         try:
-            try:
-                ended = await asyncio.shield(outcome)
-            except asyncio.CancelledError:
-                if outcome.cancelled():
-                    return None, self._stopped_before(execution, "finished")
-                raise
-            if isinstance(ended[1], WorkflowSleeps):  # resumes on its timer
-                woken = await supervisor.after_wake(execution.id)
-                return woken or (None, self._stopped_before(execution, "finished"))
-            return ended
+            woken = await supervisor.after_wake(execution)
         finally:
-            supervisor.unfollow(execution.id)
+            execution.follower = False
+        return woken or (None, self._stopped_before(execution, "finished"))
+
+    async def _exec_outcome(
+        self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
+    ) -> Ended:
+        """The end of a forwarded exec's workflow as the local ``exec_workflow`` answers it,
+        also through its timers (``outcome`` is its first run)."""
+        ended = await asyncio.shield(outcome)
+        if isinstance(ended[1], WorkflowSleeps):
+            return await self._after_sleep(execution)
+        return ended
 
     async def _until_created(
         self, execution: WorkflowExecution, outcome: asyncio.Task[Ended]
@@ -995,11 +996,10 @@ class Kapbit(AsyncResource):
             known = self._locate(request.workflow_id)
             return Accepted(False, -1 if known is None else known[0], request.workflow_type)
         execution, outcome = submitted
-        answer = (
-            asyncio.ensure_future(self._answer(execution, outcome))
-            if request.op == "exec"
-            else outcome
-        )
+        answer = outcome
+        if request.op == "exec":  # answered as a local exec, also through its timers
+            execution.follower = True
+            answer = asyncio.ensure_future(self._exec_outcome(execution, outcome))
         await self._until_created(execution, outcome)
         return Accepted(True, execution.created_offset, request.workflow_type, answer)
 

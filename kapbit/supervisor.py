@@ -87,9 +87,6 @@ class Supervisor:
         self._sleeping: dict[str, WorkflowExecution] = {}
         self._timer_task = TaskHost("kapbit-timers")
         self._slot_freed = asyncio.Event()
-        #: The workflows an exec_workflow caller waits for (:meth:`follow`): each time one
-        #: sleeps, the future of how the run after its wake stops (``None`` before).
-        self._followed: dict[str, asyncio.Future[Ended] | None] = {}
 
     def __len__(self) -> int:
         """The workflows in flight (running, not sleeping)."""
@@ -195,14 +192,14 @@ class Supervisor:
                 execution.task.cancel()  # a task that has ended ignores it
             self._retry_worker.cancel(execution.id)
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            self._stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
         sleeping = [e for e in self._sleeping.values() if e.partition == partition]
         for execution in sleeping:
             del self._sleeping[execution.id]
             self._timers.cancel(execution.id)
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            self._stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
         return len(dropped) + len(sleeping)
 
@@ -241,7 +238,7 @@ class Supervisor:
         """Fail every caller still waiting for a workflow of this instance."""
         for execution in [*self._in_flight.values(), *self._sleeping.values()]:
             execution.resolve(error=error)
-            self._stop_following(execution.id, error)
+            self._stop_following(execution, error)
             self._interrupted(execution, describe_error(error, str))
 
     @staticmethod
@@ -257,8 +254,8 @@ class Supervisor:
         self._timer_task.abort()
         self._tasks.abort()
         self._retry_worker.abort()
-        for workflow_id in list(self._followed):  # asleep: no task ends for them
-            self._stop_following(workflow_id, None)
+        for execution in self._sleeping.values():  # no task ends for them
+            self._stop_following(execution, None)
 
     # --- driving --------------------------------------------------------------------------
 
@@ -314,47 +311,37 @@ class Supervisor:
         return result, None
 
     async def _resume(self, execution: WorkflowExecution) -> None:
-        """Run a recovered or woken workflow; its waiters (handles) learn the end, and a
-        caller following it (:meth:`follow`) how this run stopped."""
-        run = self._followed.get(execution.id)  # the run after a wake it waits for
+        """Run a recovered or woken workflow; its waiters (handles) learn the end, and the
+        ``exec_workflow`` call following it (:meth:`after_wake`) how this run stopped."""
+        run = execution.follower  # the run after a wake its caller waits for, if any
         ended: Ended | None = None
         try:
             ended = await self._drive(execution, None)
         finally:
-            if run is not None and not run.done():
+            if isinstance(run, asyncio.Future) and not run.done():
                 if ended is None:  # the task was cancelled (close, abort, partition lost)
                     run.cancel()
                 else:
                     run.set_result(ended)
 
-    # --- following a workflow for its exec_workflow caller -------------------------------
+    # --- the exec_workflow call following a workflow through its timers -----------------
 
-    def follow(self, workflow_id: str) -> None:
-        """The ``exec_workflow`` call that created ``workflow_id`` waits for it: from now
-        on, each time it sleeps, how the run after its wake stops is kept for
-        :meth:`after_wake` (until :meth:`unfollow`). Called before the workflow's first
-        run can wake (its task runs on the loop; one that already slept is followed from
-        its sleep), so that no wake is missed."""
-        self._followed[workflow_id] = (
-            asyncio.get_running_loop().create_future() if workflow_id in self._sleeping else None
-        )
-
-    def unfollow(self, workflow_id: str) -> None:
-        """Its caller stopped waiting."""
-        self._followed.pop(workflow_id, None)
-
-    async def after_wake(self, workflow_id: str) -> Ended | None:
-        """How the followed ``workflow_id``, whose run ended asleep, stops after its
-        timers, as its first run would have: its end, ``WillRetryLater`` of the first run
-        after a wake whose step raised (the retry worker resumes it), or the error that
-        stopped it here (fenced, closed, partition lost); ``None`` when the task driving
-        it was cancelled first."""
+    async def after_wake(self, execution: WorkflowExecution) -> Ended | None:
+        """How ``execution``, whose first run ended asleep and whose ``exec_workflow`` call
+        follows it (``execution.follower``, set before that run could wake), stops after
+        its timers, as its first run would have: its end, ``WillRetryLater`` of the first
+        run after a wake whose step raised (the retry worker resumes it), or the error that
+        stopped it here (fenced, closed, partition lost); ``None`` when the task driving it
+        was cancelled first."""
         while True:
-            run = self._followed.get(workflow_id)
-            if run is None:
-                raise RuntimeError(f"workflow {workflow_id!r} is not followed asleep")
+            run = execution.follower
+            if not isinstance(run, asyncio.Future):
+                if execution.id not in self._sleeping:
+                    raise RuntimeError(f"workflow {execution.id!r} is not followed asleep")
+                # Its first run slept before the caller could follow it (an eager task).
+                run = execution.follower = asyncio.get_running_loop().create_future()
             try:
-                ended = await asyncio.shield(run)
+                ended: Ended = await asyncio.shield(run)
             except asyncio.CancelledError:
                 if run.cancelled():
                     return None
@@ -362,11 +349,12 @@ class Supervisor:
             if not isinstance(ended[1], WorkflowSleeps):
                 return ended
 
-    def _stop_following(self, workflow_id: str, error: BaseException | None) -> None:
-        """``workflow_id`` is no longer driven here: its follower learns ``error`` (or that
-        it was cancelled, for ``None``)."""
-        run = self._followed.get(workflow_id)
-        if run is not None and not run.done():
+    @staticmethod
+    def _stop_following(execution: WorkflowExecution, error: BaseException | None) -> None:
+        """``execution`` is no longer driven here: the call following it learns ``error``
+        (or that its task was cancelled, for ``None``)."""
+        run = execution.follower
+        if isinstance(run, asyncio.Future) and not run.done():
             if error is None:
                 run.cancel()
             else:
@@ -381,8 +369,8 @@ class Supervisor:
         execution.fire_at = fire_at
         execution.task = None
         self._sleeping[execution.id] = execution
-        if execution.id in self._followed:  # its caller waits for the run after the wake
-            self._followed[execution.id] = asyncio.get_running_loop().create_future()
+        if execution.follower is not False:  # its caller waits for the run after the wake
+            execution.follower = asyncio.get_running_loop().create_future()
         self._timers.add(
             SleepingWorkflow(
                 fire_at,
