@@ -389,3 +389,49 @@ async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revo
         assert kbit.in_flight() == []
     finally:
         await kbit.close()
+
+
+@pytest.mark.parametrize("when", ["asleep", "woken"])
+async def test_an_exec_waiting_through_a_sleep_hears_fenced_when_its_partition_is_revoked(
+    when: str,
+) -> None:
+    """The caller of exec_workflow waits through the timer; the partition is handed to
+    another instance while the workflow sleeps, or once its next step runs: the caller
+    raises Fenced (the new owner finishes it), it does not wait for ever."""
+    repo = MemRepository(PARTITIONS)
+    clock = ManualClock(datetime(2026, 11, 21, tzinfo=UTC))
+    placement = ManualPlacement("a:1")
+    placement.change(assign=list(range(PARTITIONS)))
+    entered = asyncio.Event()
+
+    async def nap(_: str, __: Progress) -> Sleep[str]:
+        return Sleep(timedelta(hours=1), value="napped")
+
+    async def after(_: str, __: Progress) -> Success[str]:
+        entered.set()
+        await asyncio.Event().wait()  # runs until cancelled
+        return Success("never")
+
+    definition = Definition(
+        "napper", steps=[Step(nap), Step(after)], input_type=str, outcome_type=str
+    )
+    kbit = Kapbit(
+        [definition],
+        repo,
+        options=fast_options(clock=clock, node_id="A", close_timeout=0.5),
+        group=placement,
+    )
+    await kbit.start()
+    try:
+        wid = _ids(1, 1)[0]
+        call = asyncio.create_task(kbit.exec_workflow(definition, wid, wid))
+        await wait_until(lambda: kbit.stats.sleeping == 1)
+        if when == "woken":
+            clock.advance(3600)
+            await asyncio.wait_for(entered.wait(), 5)
+        placement.change(revoke=[1], owners={1: "b:1"})
+        await placement.applied()
+        with pytest.raises(Fenced, match="handed to another instance"):
+            await asyncio.wait_for(call, 5)
+    finally:
+        await kbit.close()
