@@ -20,7 +20,7 @@ from typing import Any
 
 from kapbit.clock import SYSTEM_CLOCK, Clock
 from kapbit.errors import StepTimedOut
-from kapbit.step_context import StepContext
+from kapbit.step_context import StepFields
 
 
 class ActionRunner:
@@ -49,7 +49,7 @@ class ActionRunner:
         fn: Callable[..., Any],
         is_async: bool,
         args: tuple[Any, ...],
-        context: StepContext,
+        context: StepFields,
         timeout: float | None,
     ) -> Awaitable[Any]:
         """The awaitable that runs ``fn(*args)``; it raises StepTimedOut after ``timeout``.
@@ -64,7 +64,7 @@ class ActionRunner:
         call = self._call(fn, is_async, args)
         return call if timeout is None else self._timed(call, context, timeout)
 
-    async def _timed(self, call: Awaitable[Any], context: StepContext, timeout: float) -> Any:
+    async def _timed(self, call: Awaitable[Any], context: StepFields, timeout: float) -> Any:
         """Await ``call``, raising StepTimedOut once it has taken ``timeout`` seconds of the
         clock's time (the action is cancelled then, and awaited until it has stopped)."""
         action = asyncio.ensure_future(call)
@@ -78,7 +78,8 @@ class ActionRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await action
         if action.cancelled():
-            raise StepTimedOut(context.workflow_id, context.step_name, context.phase, timeout)
+            workflow_id, _, step_name, _, phase, _, _ = context
+            raise StepTimedOut(workflow_id, step_name, phase, timeout)
         return action.result()
 
     async def _call(self, fn: Callable[..., Any], is_async: bool, args: tuple[Any, ...]) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pybreaker
@@ -85,6 +85,9 @@ class Emitter:
         self._fence = fence
         self._sleep = sleep
         self._probing = False
+        # The breaker is closed with no failure counted: the emitter is the breaker's only
+        # user, so this stays true until one of its own calls fails.
+        self._healthy = breaker.current_state == pybreaker.STATE_CLOSED and not breaker.fail_counter
         self._acked: list[int] = []  # grows with the partitions written to
 
     def acked(self, partition: int) -> int:
@@ -93,23 +96,23 @@ class Emitter:
         acked = self._acked
         return acked[partition] if partition < len(acked) else -1
 
-    async def emit(
+    def emit(
         self, partition: int, key: str, event: Event, *, workflow_type: str | None = None
-    ) -> int:
-        """Encode and append ``event``; return its offset once it is durable and fenced.
+    ) -> Coroutine[Any, Any, int]:
+        """Encode and append ``event``; the awaitable returns its offset once it is durable
+        and fenced. An event that does not encode raises here, before anything is written.
 
-        ``workflow_type`` goes into log records about the append (with ``key``)."""
+        ``workflow_type`` goes into log records about the append (with ``key``). (A plain
+        function returning the append: no frame of its own per event.)"""
         value = self._codec.encode(event)
-        return await self.append(
-            partition, KIND_OF[type(event)], key, value, workflow_type=workflow_type
-        )
+        return self._write(partition, KIND_OF[type(event)], key, value, workflow_type)
 
     async def claim(self, partition: int, claim: ActiveWriter) -> int:
         """Append this node's claim of ``partition`` (``Repository.claim``, never fenced),
         retrying as :meth:`append` does; return its offset."""
         return await self._write(partition, _CLAIM, self._node, self._codec.encode(claim), None)
 
-    async def append(
+    def append(
         self,
         partition: int,
         kind: EventKind,
@@ -117,10 +120,10 @@ class Emitter:
         value: bytes,
         *,
         workflow_type: str | None = None,
-    ) -> int:
+    ) -> Coroutine[Any, Any, int]:
         """Append an encoded event (any kind but a claim), retrying transient failures
-        forever."""
-        return await self._write(partition, kind, key, value, workflow_type)
+        forever; the awaitable returns its offset."""
+        return self._write(partition, kind, key, value, workflow_type)
 
     async def _write(
         self,
@@ -140,7 +143,18 @@ class Emitter:
         # Every try of this append lands above what was acknowledged before it began.
         floor = acked[partition] + 1 if partition < len(acked) else 0
         try:
-            offset = await self._append_once(partition, kind, key, value)
+            if self._healthy and kind is not _CLAIM:
+                # The common case: the breaker is closed with no failure counted, and a
+                # success changes nothing in it, so the storage is called directly.
+                try:
+                    offset = await self._repository.append(partition, kind, key, self._node, value)
+                except Exception as error:
+                    self._healthy = False
+                    if self._breaker.is_system_error(error):
+                        _record_failure(self._breaker, error)
+                    raise
+            else:
+                offset = await self._append_once(partition, kind, key, value)
         except _RETRYABLE as error:
             offset = await self._append_retrying(
                 partition, kind, key, value, error, floor, workflow_type
@@ -161,20 +175,17 @@ class Emitter:
         return self._repository.append(partition, kind, key, self._node, value)
 
     async def _append_once(self, partition: int, kind: EventKind, key: str, value: bytes) -> int:
+        """One try through the breaker (the careful path, taken after any failure until the
+        breaker is closed again with no failure counted)."""
         breaker = self._breaker
-        state = breaker.current_state
-        if state == pybreaker.STATE_CLOSED:
-            if breaker.fail_counter == 0:
-                # The common case skips the breaker's bookkeeping: a success while closed
-                # with no failures counted changes nothing. A failure is handed over.
-                try:
+        if breaker.current_state == pybreaker.STATE_CLOSED:
+            try:
+                with breaker.calling():
                     return await self._store(partition, kind, key, value)
-                except Exception as error:
-                    if breaker.is_system_error(error):
-                        _record_failure(breaker, error)
-                    raise
-            with breaker.calling():
-                return await self._store(partition, kind, key, value)
+            finally:
+                self._healthy = (
+                    breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
+                )
         # Open or half-open: the storage is suspect. Open and before reset_timeout, the
         # breaker refuses without calling the storage; otherwise this call is the probe,
         # and only one probe may be in flight.
@@ -186,6 +197,9 @@ class Emitter:
                 return await self._store(partition, kind, key, value)
         finally:
             self._probing = False
+            self._healthy = (
+                breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
+            )
 
     async def _append_retrying(
         self,

@@ -44,10 +44,12 @@ class EventKind(StrEnum):
     INVALID_RETURN = "invalid_return"
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="kind", omit_defaults=True):
+class _Event(msgspec.Struct, frozen=True, tag_field="kind", omit_defaults=True, gc=False):
     """Base of every event: frozen, tagged with its kind under ``"kind"``; a field left at
     its default (no timer, no trace context) is not written, so records stay as small as
-    before the field existed."""
+    before the field existed. Not tracked by the garbage collector (``gc=False``): an
+    event holds strings, numbers, encoded values and a dict of strings, so it can be in no
+    reference cycle, and the collector need not walk the events of every open workflow."""
 
 
 class ActiveWriter(_Event, frozen=True, tag="active_writer", omit_defaults=True):

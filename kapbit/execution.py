@@ -38,7 +38,7 @@ from kapbit.errors import (
 from kapbit.events import InvalidReturn, Rejected, StepOutcome, WorkflowResult, WorkflowRetry
 from kapbit.instrumentation import WorkflowObserver
 from kapbit.options import Backoff
-from kapbit.step_context import CURRENT_STEP, StepContext
+from kapbit.step_context import CURRENT_STEP, StepFields
 from kapbit.timers import Sleep, SleepUntil, Timer
 from kapbit.workflow import Definition, Failure, Outcome, Phase, Progress, Step, Success, _call
 
@@ -133,6 +133,7 @@ class WorkflowExecution:
         "partition",
         "progress",
         "step_base",
+        "task",
         "telemetry",
         "trace",
     )
@@ -165,6 +166,8 @@ class WorkflowExecution:
         self.telemetry: WorkflowObserver | None = None
         #: Stamps this workflow's events and times its timers.
         self.clock = clock
+        #: The task driving it now, if any (the supervisor's, to cancel it).
+        self.task: asyncio.Task[Any] | None = None
         #: While the workflow sleeps on a durable timer: when it wakes (wall time).
         self.fire_at: float | None = None
         self._waiter: asyncio.Future[Any] | None = None
@@ -250,12 +253,23 @@ class WorkflowExecution:
             if step.retry is None and self.telemetry is None:
                 # the common case, inline: no frames of kapbit's own
                 fn, is_async = step.actions[phase]
-                context = self._context(actions, step, index, phase)
+                context: StepFields = (
+                    self.id,
+                    definition.type,
+                    step.label,
+                    index,
+                    phase,
+                    self.attempts - self.step_base + 1,
+                    actions.node_id,
+                )
                 token = CURRENT_STEP.set(context)
                 try:
-                    returned = await actions.start(
-                        fn, is_async, (self.input, progress), context, step.timeout
-                    )
+                    if is_async and step.timeout is None:  # as ActionRunner.start, inlined
+                        returned = await fn(self.input, progress)
+                    else:
+                        returned = await actions.start(
+                            fn, is_async, (self.input, progress), context, step.timeout
+                        )
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():
                         raise
@@ -292,7 +306,10 @@ class WorkflowExecution:
             now = self.clock.now()
             fire_at = None if timer is None else timer.fire_at(now)
             event = StepOutcome(self.id, index, phase, success, msgspec.Raw(data), now, fire_at)
-            await self._persist(emitter, codec, event)
+            try:
+                await emitter.emit(self.partition, self.id, event, workflow_type=definition.type)
+            except (RecordRejected, EncodeError) as exc:
+                await self.reject(emitter, "step_outcome", str(exc))
             if value is not outcome.value:  # keep what was read back, as after a restart
                 outcome = Success(value) if success else Failure(value)
             progress.record(phase, index, outcome)
@@ -325,17 +342,19 @@ class WorkflowExecution:
             await self.reject(emitter, "workflow_result", str(exc))
         except TypeMismatch as mismatch:
             await self._wrong_type(emitter, RESULT_BUILDER, "execute", mismatch)
-        await self._persist(
-            emitter,
-            codec,
-            WorkflowResult(self.id, msgspec.Raw(data), compensated, self.clock.now()),
-        )
+        ended = WorkflowResult(self.id, msgspec.Raw(data), compensated, self.clock.now())
+        try:
+            await emitter.emit(self.partition, self.id, ended, workflow_type=definition.type)
+        except (RecordRejected, EncodeError) as exc:
+            await self.reject(emitter, "workflow_result", str(exc))
         return result, compensated
 
     def _context(
         self, actions: ActionRunner, step: Step[Any, Any], index: int, phase: Phase
-    ) -> StepContext:
-        return StepContext(
+    ) -> StepFields:
+        """What :func:`kapbit.context` tells the action (its fields; the common path in
+        :meth:`run` builds the same tuple inline)."""
+        return (
             self.id,
             self.definition.type,
             step.label,
@@ -422,7 +441,7 @@ class WorkflowExecution:
         telemetry = self.telemetry
         observed = None
         if telemetry is not None:
-            observed = telemetry.step(step.label, index, phase, context.attempt)
+            observed = telemetry.step(step.label, index, phase, context[5])
         try:
             returned = await actions.start(
                 fn, is_async, (self.input, self.progress), context, step.timeout
@@ -463,15 +482,6 @@ class WorkflowExecution:
             await self.reject(emitter, "workflow_retry", str(exc))
         if self.telemetry is not None:
             self.telemetry.retried(self.attempts, self.last_error, in_place)
-
-    async def _persist(
-        self, emitter: Emitter, codec: Codec, event: StepOutcome | WorkflowResult
-    ) -> None:
-        try:
-            await emitter.emit(self.partition, self.id, event, workflow_type=self.definition.type)
-        except (RecordRejected, EncodeError) as exc:
-            kind = "step_outcome" if isinstance(event, StepOutcome) else "workflow_result"
-            await self.reject(emitter, kind, str(exc))
 
     async def reject(self, emitter: Emitter, kind: str, reason: str) -> NoReturn:
         """Terminate the workflow with a Rejected event and raise WorkflowRejected.

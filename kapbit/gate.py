@@ -17,37 +17,34 @@ class EntryGate:
 
     ``exec_workflow`` refuses new workflows while it is closed; the retry worker probes
     with already-failed workflows and reopens it by completing one. ``reason`` says why it
-    is closed (empty while open); ``closures`` counts how often it closed.
+    is closed (empty while open); ``closures`` counts how often it closed; ``is_open``
+    says whether it is open (read it, do not set it: :meth:`open` and :meth:`close` do).
     """
 
     def __init__(self) -> None:
-        self._open = True
+        self.is_open = True
         self.reason = ""
         self.closures = 0
         self._opened = asyncio.Event()
         self._opened.set()
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
 
     def close(self, reason: str, *, extra: Mapping[str, object] | None = None) -> None:
         """Close the gate (idempotent); ``reason`` says which breaker opened.
 
         ``extra`` names the workflow that saw the breaker open, for the log record.
         """
-        if self._open:
+        if self.is_open:
             self.closures += 1
             logger.warning("entry gate closed: %s", reason, extra={**fields(), **(extra or {})})
-        self._open = False
+        self.is_open = False
         self.reason = reason
         self._opened.clear()
 
     def open(self, reason: str = "a workflow completed") -> None:
         """Open the gate (idempotent); ``reason`` is logged when it was closed."""
-        if not self._open:
+        if not self.is_open:
             logger.info("entry gate reopened: %s", reason, extra=fields())
-        self._open = True
+        self.is_open = True
         self.reason = ""
         self._opened.set()
 

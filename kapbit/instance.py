@@ -45,7 +45,6 @@ from kapbit.errors import (
     KapbitError,
     NotOwner,
     StartupError,
-    TooManyWorkflows,
     UnknownWorkflowType,
     WorkflowNotFound,
 )
@@ -880,7 +879,7 @@ class Kapbit(AsyncResource):
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
         supervisor = self._running()
-        if self._forwards(workflow_id):
+        if self._remote is not None and self._forwards(workflow_id):
             return self._forward(workflow_type, workflow_id, input, given, on_duplicate)
         if on_duplicate != "raise":
             handle = await self._attach(supervisor, workflow_id, workflow_type, on_duplicate)
@@ -890,13 +889,7 @@ class Kapbit(AsyncResource):
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definition(workflow_type, given)
         partition = self._refuse_unless_owned(workflow_id)
-        if supervisor.knows(workflow_id, partition):
-            raise DuplicateWorkflow(workflow_id)
-        options = self.options
-        if len(supervisor) >= options.max_workflows:
-            raise TooManyWorkflows(options.max_workflows)
-        if len(supervisor) + supervisor.sleeping >= options.max_sleeping:
-            raise TooManyWorkflows(options.max_sleeping, "max_sleeping")
+        supervisor.admit(workflow_id, partition)
         codec = self._codec
         data, input = self._encode_input(definition, input)
         instrumentation = self.options.instrumentation

@@ -8,13 +8,14 @@ the same key on every attempt and after a restart, so the provider deduplicates 
 that kapbit runs again.
 
 The context lives in a :mod:`contextvars` variable; kapbit copies it into the thread a sync
-action runs in.
+action runs in. Around each action kapbit sets only the context's fields (a tuple), and
+:func:`context` builds the :class:`StepContext` when asked: most actions never ask.
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import msgspec
 
@@ -41,9 +42,12 @@ class StepContext(msgspec.Struct, frozen=True):
     node_id: str
 
 
-#: The context of the step action running in this task or thread; kapbit sets it around
-#: each action (read it with :func:`context`).
-CURRENT_STEP: ContextVar[StepContext] = ContextVar("kapbit_step_context")
+#: The fields of a :class:`StepContext`, in its order.
+StepFields: TypeAlias = tuple[str, str, str, int, Literal["execute", "compensate"], int, str]
+
+#: The context of the step action running in this task or thread, as its fields; kapbit
+#: sets it around each action (read it with :func:`context`).
+CURRENT_STEP: ContextVar[StepFields] = ContextVar("kapbit_step_context")
 
 
 def context() -> StepContext:
@@ -53,6 +57,7 @@ def context() -> StepContext:
     has none either).
     """
     try:
-        return CURRENT_STEP.get()
+        fields = CURRENT_STEP.get()
     except LookupError:
         raise NoStepContext("kapbit.context() is only available inside a step action") from None
+    return StepContext(*fields)

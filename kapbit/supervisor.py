@@ -22,9 +22,11 @@ from kapbit.codecs import Codec
 from kapbit.emitter import Emitter
 from kapbit.errors import (
     DeadLettered,
+    DuplicateWorkflow,
     EncodeError,
     InvalidReturnValue,
     RecordRejected,
+    TooManyWorkflows,
     WillRetryLater,
     WorkflowNotFound,
     WorkflowRejected,
@@ -78,7 +80,6 @@ class Supervisor:
         self._in_flight: dict[str, WorkflowExecution] = {}
         self._finished: OrderedDict[str, tuple[Any, BaseException | None]] = OrderedDict()
         self._tasks = TaskSet("kapbit-workflows")
-        self._task_of: dict[str, asyncio.Task[Any]] = {}  # the task driving each workflow
         self._retry_worker = RetryWorker(options.retry, gate, self)
         self._clock = options.clock
         #: Workflows waiting on a durable timer: an entry in the queue and their state.
@@ -131,6 +132,20 @@ class Supervisor:
             or workflow_id in self._windows[partition]
         )
 
+    def admit(self, workflow_id: str, partition: int) -> None:
+        """Refuse a new workflow ``workflow_id`` of ``partition`` unless it may start now:
+        :class:`~kapbit.errors.DuplicateWorkflow` for an id it knows (:meth:`knows`),
+        :class:`~kapbit.errors.TooManyWorkflows` when ``max_workflows`` run or
+        ``max_sleeping`` are reached by the running and sleeping ones."""
+        if self.knows(workflow_id, partition):
+            raise DuplicateWorkflow(workflow_id)
+        options = self._options
+        running = len(self._in_flight)
+        if running >= options.max_workflows:
+            raise TooManyWorkflows(options.max_workflows)
+        if running + len(self._sleeping) >= options.max_sleeping:
+            raise TooManyWorkflows(options.max_sleeping, "max_sleeping")
+
     async def start(self, executions: list[WorkflowExecution]) -> None:
         """Resume ``executions`` (found open by recovery) and accept new workflows."""
         await self._tasks.start()
@@ -162,13 +177,8 @@ class Supervisor:
             elif execution.attempts > 0:
                 self._retry_worker.schedule(execution)
             else:
-                self._track(execution.id, self._tasks.spawn(self._resume(execution)))
+                execution.task = self._tasks.spawn(self._resume(execution))
         self._open_gate_if_idle()
-
-    def _track(self, workflow_id: str, task: asyncio.Task[Any]) -> None:
-        """``task`` drives ``workflow_id`` (for :meth:`drop_partition`); the task forgets
-        itself when it ends (:meth:`_drive`): no done callback per workflow."""
-        self._task_of[workflow_id] = task
 
     def drop_partition(self, partition: int, error: BaseException) -> int:
         """Stop driving the workflows of ``partition`` (given up in group mode): cancel
@@ -178,9 +188,8 @@ class Supervisor:
         dropped = [e for e in self._in_flight.values() if e.partition == partition]
         for execution in dropped:
             del self._in_flight[execution.id]
-            task = self._task_of.pop(execution.id, None)
-            if task is not None:
-                task.cancel()
+            if execution.task is not None:
+                execution.task.cancel()  # a task that has ended ignores it
             self._retry_worker.cancel(execution.id)
             execution.resolve(error=error)
             self._interrupted(execution, describe_error(error, str))
@@ -197,8 +206,7 @@ class Supervisor:
         the task ends with its result or error (also after the caller stops waiting)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        task = self._tasks.spawn(self._drive(execution, created))
-        self._track(execution.id, task)
+        task = execution.task = self._tasks.spawn(self._drive(execution, created))
         return task
 
     async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
@@ -294,10 +302,6 @@ class Supervisor:
                 return None, sleeps  # the caller waits for the end on the execution
         except Exception as error:  # handed to the caller, who raises it
             return None, error
-        finally:
-            task_of = self._task_of
-            if task_of.get(execution.id) is asyncio.current_task():
-                del task_of[execution.id]
         self._finish(execution, result=result, compensated=compensated)
         return result, None
 
@@ -311,6 +315,7 @@ class Supervisor:
         slot is free) and waits in the timer queue, with no task of its own."""
         self._in_flight.pop(execution.id, None)
         execution.fire_at = fire_at
+        execution.task = None
         self._sleeping[execution.id] = execution
         self._timers.add(
             SleepingWorkflow(
@@ -336,7 +341,7 @@ class Supervisor:
                 execution = self._sleeping.pop(entry.workflow_id)
                 execution.fire_at = None
                 self._in_flight[execution.id] = execution
-                self._track(execution.id, self._tasks.spawn(self._resume(execution)))
+                execution.task = self._tasks.spawn(self._resume(execution))
 
     def _note_step_raised(
         self, execution: WorkflowExecution, raised: StepRaised, level: int = logging.WARNING
@@ -431,7 +436,8 @@ class Supervisor:
             else:
                 stats.succeeded += 1
                 outcome = "succeeded"
-            self._gate.open()
+            if not self._gate.is_open:
+                self._gate.open()
         elif isinstance(error, DeadLettered):
             stats.dead_lettered += 1
             outcome = "dead_lettered"
@@ -447,7 +453,8 @@ class Supervisor:
             logger.error("%s", error, extra=execution_fields(execution))
         if execution.telemetry is not None:
             execution.telemetry.ended(outcome, error)
-        self._open_gate_if_idle()
+        if not self._gate.is_open:
+            self._open_gate_if_idle()
         execution.resolve(result, error)
         finished = self._finished
         finished[execution.id] = (result, error)

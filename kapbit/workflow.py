@@ -86,12 +86,13 @@ class Progress:
     progress as it stands when they run.
     """
 
-    __slots__ = ("_compensations", "_executions", "_names")
+    __slots__ = ("_compensations", "_executions", "_failed", "_names")
 
     def __init__(self, names: dict[str, int] | None = None) -> None:
         self._names = names or {}
         self._executions: dict[int, Outcome] = {}
         self._compensations: dict[int, Outcome] = {}
+        self._failed: int | None = None  # the first step recorded as Failure
 
     def _index(self, step: int | str) -> int:
         if isinstance(step, str):
@@ -134,15 +135,12 @@ class Progress:
     @property
     def failed_step(self) -> int | None:
         """The index of the step that returned :class:`Failure`, if any."""
-        for index, outcome in self._executions.items():
-            if isinstance(outcome, Failure):
-                return index
-        return None
+        return self._failed
 
     @property
     def failed(self) -> bool:
         """Whether a step returned :class:`Failure` (the workflow is compensating)."""
-        return self.failed_step is not None
+        return self._failed is not None
 
     @property
     def compensation_failed_step(self) -> int | None:
@@ -166,8 +164,12 @@ class Progress:
 
     def record(self, phase: Phase, step: int, outcome: Outcome) -> None:
         """Add an outcome (the engine does, as it persists or recovers one)."""
-        target = self._executions if phase == "execute" else self._compensations
-        target[step] = outcome
+        if phase == "execute":
+            self._executions[step] = outcome
+            if self._failed is None and isinstance(outcome, Failure):
+                self._failed = step
+        else:
+            self._compensations[step] = outcome
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
