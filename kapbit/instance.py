@@ -4,9 +4,10 @@ The front owns the lifecycle (``await kbit.start()`` / ``await kbit.close()``, o
 ``async with Kapbit(...) as kbit``), admission (the checks of :meth:`Kapbit.exec_workflow`
 that write nothing) and the reaction to being fenced. Recovery
 (:mod:`kapbit.recovery`) reads the log and claims it through partition ownership
-(:mod:`kapbit.ownership`); the supervisor (:mod:`kapbit.supervisor`) runs the workflows.
-See docs/ARCHITECTURE.md.
-"""
+(:mod:`kapbit.ownership`); the supervisor (:mod:`kapbit.supervisor`) runs the workflows;
+:mod:`kapbit.group` decides which partitions (and so which ids) are this instance's and, in
+group mode, applies the group's changes; :mod:`kapbit.serving` serves forwarded requests
+and forwards calls for ids another instance owns. See docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Literal, NamedTuple, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import pybreaker
@@ -32,18 +33,14 @@ from kapbit.codecs import Codec, JsonCodec
 from kapbit.codecs.checked import TypeMismatch, encode_checked
 from kapbit.emitter import Emitter, new_storage_breaker
 from kapbit.errors import (
-    CorruptRecord,
     DuplicateWorkflow,
     EncodeError,
     Fenced,
     GateClosed,
-    GroupNotSupported,
     InstanceClosed,
     InvalidDefinition,
     InvalidInput,
-    InvalidWorkflowId,
     KapbitError,
-    NotOwner,
     StartupError,
     UnknownWorkflowType,
     WorkflowNotFound,
@@ -51,33 +48,20 @@ from kapbit.errors import (
 from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution, WorkflowSleeps, being_cancelled
 from kapbit.fencing import Fence, OwnerTracker
-from kapbit.forwarding import (
-    Accepted,
-    Forwarder,
-    RemoteWorkflows,
-    Request,
-    RequestServer,
-)
+from kapbit.forwarding import RemoteWorkflows
 from kapbit.gate import EntryGate
-from kapbit.handles import (
-    OnDuplicate,
-    RunningWorkflows,
-    WorkflowHandle,
-    WorkflowLog,
-    WorkflowLookup,
-    WorkflowState,
-)
+from kapbit.group import GroupMember, OwnedPartitions, Routed, check_workflow_id, placement_of
+from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
 from kapbit.idempotency import IdempotencyWindow
-from kapbit.log_reader import decode_event, decode_input
 from kapbit.options import Options
 from kapbit.ownership import Ownership
-from kapbit.partitioner import partition_for
-from kapbit.placement import GroupOptions, Owner, Placement, PlacementChange, SupportsGroups
+from kapbit.placement import GroupOptions, Owner, Placement
 from kapbit.recovery import Recovered, Recovery
 from kapbit.repository import Checkpoint, Repository
 from kapbit.request_log import RequestLog
 from kapbit.scheduler import Scheduler, check_schedules
 from kapbit.schedules import Schedule
+from kapbit.serving import Forward, Served, Serving, Submitted
 from kapbit.snapshots import Journal, snapshot_store
 from kapbit.stats import Stats
 from kapbit.supervisor import Ended, Supervisor
@@ -133,9 +117,11 @@ class Kapbit(AsyncResource):
         group: GroupOptions | Placement | None = None,
     ) -> None:
         self.options = options or Options()
-        self._placement = _placement_of(group, repository)
+        self._placement = placement_of(group, repository)
+        #: The partitions this instance owns (every one, unless a group shares them).
+        self._owned = OwnedPartitions(self._placement)
         #: The endpoint this instance advertises in group mode (``None`` outside it).
-        self.endpoint = None if self._placement is None else self._placement.endpoint
+        self.endpoint = self._owned.endpoint
         self._definitions = _index_definitions(definitions)
         self._repository = repository
         self._codec = codec or JsonCodec()
@@ -148,7 +134,6 @@ class Kapbit(AsyncResource):
         #: The unique identity of this start, written as the writer of every record:
         #: ``node_id`` plus a random start id. Fencing compares writer ids.
         self.writer_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
-        self._partitions = 0  # known once the repository has started
         self._state: _State = "new"
         self.gate = EntryGate()
         self._breaker = new_storage_breaker(
@@ -157,13 +142,6 @@ class Kapbit(AsyncResource):
             _StorageBreakerListener(self.gate),
         )
         self._fence = Fence(per_partition=self._placement is not None)
-        #: Group mode: the partitions this instance owns (claimed and recovered); ``None``
-        #: outside group mode, where it owns every partition.
-        self._owned: set[int] | None = None if self._placement is None else set()
-        self._placed: asyncio.Future[None] | None = None
-        self._recovery: Recovery | None = None
-        self._ownership: Ownership | None = None
-        self._windows: list[IdempotencyWindow] = []
         self._placement_closing: asyncio.Task[None] | None = None
         # With snapshots, the emitter writes through a journal that keeps what it appends
         # for the snapshots' readers, which then need not read it back from the log.
@@ -197,9 +175,10 @@ class Kapbit(AsyncResource):
         #: The request log (see :mod:`kapbit.forwarding`): this instance serves the
         #: requests of the partitions it owns and forwards calls for the others.
         self._requests = requests
-        self._request_server: RequestServer | None = None
-        self._forwarder: Forwarder | None = None
+        self._serving: Serving | None = None
         self._remote: RemoteWorkflows | None = None
+        #: Group mode: where a handle's calls go (the owner of its id's partition then).
+        self._routed: Routed | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -267,7 +246,7 @@ class Kapbit(AsyncResource):
             "resumed, %d records read",
             self.node_id,
             self.writer_id,
-            self._partitions,
+            self._owned.partitions,
             time.perf_counter() - started,
             len(recovered.executions),
             recovered.records_read,
@@ -279,7 +258,8 @@ class Kapbit(AsyncResource):
     ) -> Recovered:
         """Group mode's start: set the parts to work on no partition, join the group and
         wait until its first assignment is claimed and recovered."""
-        assert self._placement is not None
+        placement = self._placement
+        assert placement is not None
         await retries.run("starting the repository", self._repository.start)
         partitions = self._repository.partitions
         size = self.options.idempotency_window
@@ -291,126 +271,46 @@ class Kapbit(AsyncResource):
             0,
             [],
         )
-        self._recovery, self._ownership = recovery, ownership
         await self._run(nothing)
-        assert self._checkpointer is not None
+        assert self._supervisor is not None and self._checkpointer is not None
         self._checkpointer.owned.clear()
-        self._placed = asyncio.get_running_loop().create_future()
-        await self._placement.start()
-        self._background.spawn(self._place(self._placement), name="kapbit-placement")
-        await asyncio.shield(self._placed)
+        member = GroupMember(
+            placement,
+            self._owned,
+            self._fence,
+            recovery,
+            ownership,
+            self._supervisor,
+            self._checkpointer,
+            nothing.windows,
+            size,
+            self._serving,
+            self._background,
+            self.node_id,
+        )
+        placed = asyncio.get_running_loop().create_future()
+        await placement.start()
+        self._background.spawn(self._follow_group(member, placed), name="kapbit-placement")
+        await asyncio.shield(placed)
         return nothing
 
-    async def _place(self, placement: Placement) -> None:
-        """The placement task: apply each change of the group in order, and give up a
-        partition another writer claimed (the log fenced this instance there)."""
-        taken = self._fence.taken
+    async def _follow_group(self, member: GroupMember, placed: asyncio.Future[None]) -> None:
+        """The placement task; a group that cannot be used any more (or a partition not
+        recovered) fails the start, or stops the instance once it runs."""
         try:
-            while True:
-                change = asyncio.ensure_future(placement.next_change())
-                lost = asyncio.ensure_future(taken.get())
-                try:
-                    await asyncio.wait([change, lost], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for pending in (change, lost):
-                        if not pending.done():
-                            pending.cancel()
-                if lost.done() and not lost.cancelled():
-                    partition = lost.result()
-                    self._revoke(partition, self._fence.lost[partition])
-                if change.done() and not change.cancelled():
-                    await self._apply(change.result())
-        except InstanceClosed:
-            return
-        except Exception as error:  # the group cannot be used, or a partition not recovered
+            await member.run(placed)
+        except Exception as error:
             logger.error(
                 "kapbit node %s stops: group mode failed: %s", self.node_id, error, extra=fields()
             )
-            if self._placed is not None and not self._placed.done():
-                self._placed.set_exception(error)
+            if not placed.done():
+                placed.set_exception(error)
             elif self._close_task is None:
                 self._close_task = asyncio.create_task(self._close(0))
 
-    async def _apply(self, change: PlacementChange) -> None:
-        """Revoked first (stop writing, drop), then assigned (claim, recover, resume);
-        retained partitions are left alone (claimed again only if the log took them)."""
-        owned = self._owned
-        assert owned is not None
-        for partition in sorted(change.revoked):
-            self._revoke(
-                partition,
-                Fenced(
-                    f"partition {partition} was handed to another instance; it resumes the "
-                    "partition's workflows from the log"
-                ),
-            )
-        assigned = change.assigned | (change.retained - owned)
-        await asyncio.gather(*(self._assign(p) for p in sorted(assigned)))
-        logger.info(
-            "kapbit node %s owns partitions %s (assigned %s, revoked %s, retained %s)",
-            self.node_id,
-            sorted(owned),
-            sorted(assigned),
-            sorted(change.revoked),
-            sorted(change.retained & owned),
-            extra=fields(),
-        )
-        if self._placed is not None and not self._placed.done():
-            self._placed.set_result(None)
-
-    def _revoke(self, partition: int, error: Fenced) -> None:
-        """Give ``partition`` up: close its admission, stop writing to it, stop driving its
-        workflows (their callers get ``error``), drop its state."""
-        owned = self._owned
-        assert owned is not None
-        self._fence.lose(partition, error)
-        if partition not in owned:
-            return
-        owned.discard(partition)
-        if self._request_server is not None:  # its unanswered requests go to the new owner
-            self._background.spawn(
-                self._request_server.release(partition), name=f"kapbit-release-{partition}"
-            )
-        assert self._supervisor is not None and self._checkpointer is not None
-        dropped = self._supervisor.drop_partition(partition, error)
-        self._checkpointer.drop(partition)
-        self._windows[partition] = IdempotencyWindow(self.options.idempotency_window)
-        logger.info(
-            "kapbit node %s gave up partition %d (%d workflows left to the new owner): %s",
-            self.node_id,
-            partition,
-            dropped,
-            error,
-            extra=fields(partition=partition),
-        )
-
-    async def _assign(self, partition: int) -> None:
-        """Claim and recover ``partition``, resume its open workflows, then admit calls."""
-        owned = self._owned
-        recovery, ownership = self._recovery, self._ownership
-        assert owned is not None and recovery is not None and ownership is not None
-        assert self._supervisor is not None and self._checkpointer is not None
-        self._fence.regain(partition)
-        part = await recovery.recover_partition(partition, self.writer_id, ownership.claim)
-        self._windows[partition] = part.window
-        self._checkpointer.adopt(partition, part.owners, part.checkpoint, part.state)
-        self._supervisor.adopt(part.executions)
-        owned.add(partition)
-        if self._request_server is not None:
-            self._request_server.serve(partition)  # forwarded calls for it: answered here
-        logger.info(
-            "kapbit node %s claimed partition %d: %d workflows resumed, %d records read",
-            self.node_id,
-            partition,
-            len(part.executions),
-            part.records_read,
-            extra=fields(partition=partition),
-        )
-
     async def _run(self, recovered: Recovered) -> None:
         """Set the parts to work on what recovery found."""
-        self._partitions = len(recovered.windows)
-        self._windows = recovered.windows
+        self._owned.partitions = len(recovered.windows)
         checkpointer = self._checkpointer = Checkpointer(
             self._repository,
             self.options.checkpoints,
@@ -435,7 +335,7 @@ class Kapbit(AsyncResource):
             self._stats,
             self._actions,
         )
-        self._workflow_log = WorkflowLog(
+        log = self._workflow_log = WorkflowLog(
             self._repository,
             self._codec,
             self._definitions,
@@ -447,7 +347,9 @@ class Kapbit(AsyncResource):
         self._background.spawn(self._watch_fence(), name="kapbit-fence-watcher")
         await supervisor.start(recovered.executions)
         if self._requests is not None:
-            await self._start_requests(self._requests)
+            await self._start_requests(self._requests, supervisor, log)
+        if self._owned.grouped:  # the id's partition may move while a handle is kept
+            self._routed = Routed(self._owned, supervisor, log, self._remote, self)
         if self._schedules:
             known = [id_ for window in recovered.windows for id_, _ in window.entries()]
             self._scheduler = Scheduler(self._schedules, self._clock, known, self._starts_firing)
@@ -455,18 +357,11 @@ class Kapbit(AsyncResource):
         if instrumentation is not None:
             self._unwatch = instrumentation.watch(self.node_id, lambda: self.stats)
 
-    async def _start_requests(self, requests: RequestLog) -> None:
+    async def _start_requests(
+        self, requests: RequestLog, supervisor: Supervisor, log: WorkflowLog
+    ) -> None:
         """Serve the requests of every partition this instance owns; forward the others."""
-        await requests.start()
-        if requests.partitions != self._partitions:
-            await requests.close()
-            raise StartupError(
-                f"the request log has {requests.partitions} partitions, the log "
-                f"{self._partitions}: they must be co-partitioned"
-            )
-        server = self._request_server = RequestServer(requests, self._codec, _Served(self))
-        await server.start()
-        forwarder = self._forwarder = Forwarder(
+        serving = self._serving = Serving(
             requests,
             self._repository,
             self._codec,
@@ -474,37 +369,25 @@ class Kapbit(AsyncResource):
             self.writer_id,
             self.options.forward_timeout,
         )
-        await forwarder.start()
-        self._remote = RemoteWorkflows(forwarder, self._partitions)
-        for partition in range(self._partitions):
-            if self._owns(partition):
-                server.serve(partition)
+        served = Served(
+            self.writer_id,
+            self._codec,
+            self._definitions,
+            self._repository,
+            supervisor,
+            log,
+            submit=self._submit,
+            answer=self._answer,
+            until_created=self._until_created,
+            handle=self.get_workflow,
+        )
+        partitions = self._owned.partitions
+        self._remote = await serving.start(partitions, served, self._owned.current())
 
     async def _stop_requests(self) -> None:
         """Stop serving and forwarding (requests left unanswered go to the next owner)."""
-        server, self._request_server = self._request_server, None
-        forwarder, self._forwarder = self._forwarder, None
-        if server is not None:
-            await server.close()
-        if forwarder is not None:
-            await forwarder.close()
-        if self._requests is not None and server is not None:
-            await self._requests.close()
-
-    def _owns(self, partition: int) -> bool:
-        """Whether this instance owns ``partition`` (admission open): every partition,
-        unless a group shares them (then those claimed and recovered)."""
-        owned = self._owned
-        if owned is None:
-            return 0 <= partition < self._partitions
-        return partition in owned
-
-    def _forwards(self, workflow_id: str) -> bool:
-        """The one place that decides: a call for ``workflow_id`` runs here, or is
-        forwarded to the owner of its partition."""
-        if self._remote is None or not isinstance(workflow_id, str) or not workflow_id:
-            return False
-        return not self._owns(partition_for(workflow_id, self._partitions))
+        if self._serving is not None:
+            await self._serving.stop()
 
     def _schedule_problem(self, schedule: Schedule) -> str | None:
         """Why ``schedule``'s firings could not start here (``None``: they can): its
@@ -593,8 +476,8 @@ class Kapbit(AsyncResource):
             # (a caller, a forwarded request being served) learns it now, not after the
             # grace periods below; the next owner finishes it.
             supervisor.fail_all(self._closed_error())
-        if self._request_server is not None and self._fence.error is None:
-            await self._request_server.drain(CANCEL_GRACE)  # answer what drained
+        if self._serving is not None and self._fence.error is None:
+            await self._serving.drain(CANCEL_GRACE)  # answer what drained
         await self._stop_requests()
         await self._background.close(CANCEL_GRACE)
         if self._checkpointer is not None and self._fence.error is None:
@@ -631,10 +514,8 @@ class Kapbit(AsyncResource):
         if self._supervisor is not None:
             self._supervisor.abort()
         self._background.abort()
-        if self._request_server is not None:
-            self._request_server.abort()
-        if self._forwarder is not None:
-            self._forwarder.abort()
+        if self._serving is not None:
+            self._serving.abort()
         self._stop_watching()
         self._actions.close()
         if self._placement is not None and self._placement_closing is None:
@@ -702,7 +583,7 @@ class Kapbit(AsyncResource):
         submitted = await self._submit(args, kwargs, on_duplicate)
         if isinstance(submitted, WorkflowHandle):
             return await submitted.result()
-        if isinstance(submitted, _Forward):
+        if isinstance(submitted, Forward):
             assert self._remote is not None
             return await self._remote.exec(*submitted)
         result, error = await self._answer(*submitted)
@@ -744,7 +625,7 @@ class Kapbit(AsyncResource):
         submitted = await self._submit(args, kwargs, on_duplicate)
         if isinstance(submitted, WorkflowHandle):
             return submitted
-        if isinstance(submitted, _Forward):
+        if isinstance(submitted, Forward):
             assert self._remote is not None
             return await self._remote.start(*submitted)
         execution, outcome = submitted
@@ -802,10 +683,9 @@ class Kapbit(AsyncResource):
         took over from (its status and result are then read from the log).
         :class:`~kapbit.errors.WorkflowNotFound` for another id."""
         supervisor = self._running()
-        if self._forwards(workflow_id):
-            assert self._remote is not None
+        if self._remote is not None and self._owned.forwards(workflow_id):
             return self._remote.handle(workflow_id)
-        partition = self._refuse_unless_owned(workflow_id)
+        partition = self._owned.refuse_unless_owned(workflow_id)
         if not supervisor.knows(workflow_id, partition):
             raise WorkflowNotFound(workflow_id)
         return self._handle(supervisor, workflow_id)
@@ -815,19 +695,10 @@ class Kapbit(AsyncResource):
         owner's advertised endpoint (group mode; as last known, so it may be stale during
         a rebalance: the instance there refuses what it does not own). Outside group mode
         this instance owns every id."""
-        partition = self._partition_of(workflow_id)
-        if self._owns(partition):
-            return Owner(partition, True, self.endpoint)
-        assert self._placement is not None
-        return Owner(partition, False, self._placement.owner_endpoint(partition))
-
-    def _partition_of(self, workflow_id: str) -> int:
-        """The partition of ``workflow_id`` (InvalidWorkflowId, or InstanceClosed before
-        the partitions are known)."""
-        _check_workflow_id(workflow_id)
-        if self._partitions == 0:
+        if self._owned.partitions == 0:  # not known before the start
+            check_workflow_id(workflow_id)
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
-        return partition_for(workflow_id, self._partitions)
+        return self._owned.owner_of(workflow_id)
 
     def _definition(
         self, workflow_type: Any, given: Definition[Any, Any, Any] | None
@@ -845,35 +716,12 @@ class Kapbit(AsyncResource):
             )
         return definition
 
-    def _refuse_unless_owned(self, workflow_id: str) -> int:
-        """The partition of ``workflow_id`` if this instance owns it; else NotOwner (the
-        one place that decides whether a call is taken here; no :class:`Owner` is built for
-        the common local case)."""
-        partition = self._partition_of(workflow_id)
-        if not self._owns(partition):
-            owner = self.owner_of(workflow_id)
-            raise NotOwner(workflow_id, owner.partition, owner.endpoint)
-        return partition
-
     def _handle(self, supervisor: Supervisor, workflow_id: str) -> WorkflowHandle[Any]:
+        routed = self._routed
+        if routed is not None:  # group mode: the id's partition may move meanwhile
+            return WorkflowHandle(workflow_id, routed, routed)
         assert self._workflow_log is not None
-        if self._owned is None:  # every partition is this instance's
-            return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
-        routed = _Routed(self)  # the id's partition may move while the handle is kept
-        return WorkflowHandle(workflow_id, routed, routed)
-
-    def _handled_by(self, workflow_id: str) -> tuple[RunningWorkflows, WorkflowLookup]:
-        """Where a group-mode handle's call for ``workflow_id`` goes: here while this
-        instance owns the id's partition (or no longer runs); else to the owner through the
-        request log, or NotOwner without one."""
-        supervisor, log = self._supervisor, self._workflow_log
-        assert supervisor is not None and log is not None
-        if self._state != "running" or self._owns(partition_for(workflow_id, self._partitions)):
-            return supervisor, log
-        if self._remote is not None:
-            return self._remote, self._remote
-        self._refuse_unless_owned(workflow_id)  # raises NotOwner
-        return supervisor, log
+        return WorkflowHandle(workflow_id, supervisor, self._workflow_log)
 
     async def _submit(
         self,
@@ -881,7 +729,7 @@ class Kapbit(AsyncResource):
         kwargs: dict[str, Any],
         on_duplicate: OnDuplicate,
         request: str | None = None,
-    ) -> tuple[WorkflowExecution, asyncio.Future[Ended]] | WorkflowHandle[Any] | _Forward:
+    ) -> Submitted:
         """Check a call of either form, then create and run its workflow (the execution
         and the future of its outcome), or, attaching, the handle of the workflow already
         using the id; for an id another instance owns, what to forward (checked here as
@@ -902,7 +750,7 @@ class Kapbit(AsyncResource):
                 " given second: the definition goes first, exec_workflow(definition, id, input)",
             )
         supervisor = self._running()
-        if self._remote is not None and self._forwards(workflow_id):
+        if self._remote is not None and self._owned.forwards(workflow_id):
             return self._forward(workflow_type, workflow_id, input, given, on_duplicate)
         if on_duplicate != "raise":
             handle = await self._attach(supervisor, workflow_id, workflow_type, on_duplicate)
@@ -911,7 +759,7 @@ class Kapbit(AsyncResource):
         if not self.gate.is_open:
             raise GateClosed(f"entry gate closed: {self.gate.reason}")
         definition = self._definition(workflow_type, given)
-        partition = self._refuse_unless_owned(workflow_id)
+        partition = self._owned.refuse_unless_owned(workflow_id)
         supervisor.admit(workflow_id, partition)
         codec = self._codec
         data, input = self._encode_input(definition, input)
@@ -939,15 +787,15 @@ class Kapbit(AsyncResource):
         input: Any,
         given: Definition | None,
         on_duplicate: str,
-    ) -> _Forward:
+    ) -> Forward:
         """Check what can be checked here of a call to forward (the type is registered, the
         input is of its input type) and encode its input."""
         if on_duplicate not in ("raise", "attach"):
             raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
         definition = self._definition(workflow_type, given)
-        _check_workflow_id(workflow_id)
+        check_workflow_id(workflow_id)
         data, _ = self._encode_input(definition, input)
-        return _Forward(workflow_id, workflow_type, data, on_duplicate)
+        return Forward(workflow_id, workflow_type, data, on_duplicate)
 
     def _encode_input(self, definition: Definition, input: Any) -> tuple[bytes, Any]:
         """The input encoded and checked against the input type, and the value read back
@@ -964,78 +812,6 @@ class Kapbit(AsyncResource):
                 workflow_type, mismatch.declared, mismatch.actual, mismatch.detail
             ) from mismatch
 
-    # --- serving forwarded requests (kapbit.forwarding.Owner) ---------------------------------
-
-    async def _accept(self, request: Request) -> Accepted:
-        """Admit a forwarded start or exec exactly as a local call with its arguments."""
-        definition = self._definitions.get(request.workflow_type)
-        input: Any = None
-        if definition is not None:
-            try:
-                input = decode_input(self._codec, definition, request.input, -1, -1)
-            except CorruptRecord as exc:
-                raise InvalidInput(
-                    request.workflow_type, definition.input_check.name, "undecodable", str(exc)
-                ) from exc
-        on_duplicate: OnDuplicate = "attach" if request.on_duplicate == "attach" else "raise"
-        call = (request.workflow_id, request.workflow_type, input)
-        try:
-            submitted = await self._submit(call, {}, on_duplicate, request.id)
-        except DuplicateWorkflow:
-            offset = await self._created_by(request)
-            if offset is None:
-                raise
-            return Accepted(True, offset, request.workflow_type)
-        if isinstance(submitted, _Forward):  # the partition moved meanwhile
-            raise InstanceClosed(f"partition of {request.workflow_id!r} is no longer owned here")
-        if isinstance(submitted, WorkflowHandle):
-            offset = await self._created_by(request)
-            if offset is not None:
-                return Accepted(True, offset, request.workflow_type)
-            known = self._locate(request.workflow_id)
-            return Accepted(False, -1 if known is None else known[0], request.workflow_type)
-        execution, outcome = submitted
-        answer = (
-            asyncio.ensure_future(self._answer(execution, outcome))
-            if request.op == "exec"
-            else outcome
-        )
-        await self._until_created(execution, outcome)
-        return Accepted(True, execution.created_offset, request.workflow_type, answer)
-
-    async def _created_by(self, request: Request) -> int | None:
-        """The offset of the workflow ``request`` created, if the id's workflow in the
-        window is that one (the request was served before, its answer did not count)."""
-        assert self._workflow_log is not None
-        partition, offset = self._workflow_log.locate(request.workflow_id)
-        if offset is None:
-            return None
-        async for batch in self._repository.read(partition, offset, offset + 1):
-            for record in batch:
-                event = decode_event(self._codec, record)
-                if isinstance(event, WorkflowCreated) and event.request == request.id:
-                    return offset
-        return None
-
-    def _locate(self, workflow_id: str) -> tuple[int, str] | None:
-        """``(created offset, type)`` of a workflow this instance knows (``-1``: not
-        acknowledged yet; the type is ``""`` once it no longer runs here)."""
-        if self._workflow_log is None or self._supervisor is None:
-            return None
-        _, offset = self._workflow_log.locate(workflow_id)
-        running = self._supervisor.running_type(workflow_id)
-        if offset is None:
-            return None if running is None else (-1, running)
-        return offset, running or ""
-
-    async def _wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
-        """Wait for the end of a workflow this instance knows: its created offset, type and
-        result (its error raised)."""
-        handle = self.get_workflow(workflow_id)
-        result = await handle.result()
-        state = await handle.describe()
-        return state.created_offset, state.type, result
-
     async def _attach(
         self, supervisor: Supervisor, workflow_id: Any, workflow_type: Any, on_duplicate: str
     ) -> WorkflowHandle[Any] | None:
@@ -1045,7 +821,7 @@ class Kapbit(AsyncResource):
             raise ValueError(f"on_duplicate must be 'raise' or 'attach', got {on_duplicate!r}")
         if workflow_type not in self._definitions:
             raise UnknownWorkflowType(workflow_type, sorted(self._definitions))
-        if not supervisor.knows(workflow_id, self._refuse_unless_owned(workflow_id)):
+        if not supervisor.knows(workflow_id, self._owned.refuse_unless_owned(workflow_id)):
             return None
         handle = self._handle(supervisor, workflow_id)
         if (await handle.describe()).type != workflow_type:
@@ -1130,8 +906,7 @@ class Kapbit(AsyncResource):
         outside group mode every partition. Empty unless the instance is running."""
         if self._state != "running":
             return frozenset()
-        owned = self._owned
-        return frozenset(range(self._partitions)) if owned is None else frozenset(owned)
+        return self._owned.current()
 
     def _running(self) -> Supervisor:
         """The supervisor, if the instance accepts workflows; else why it does not."""
@@ -1140,36 +915,6 @@ class Kapbit(AsyncResource):
                 raise self._fence.error
             raise InstanceClosed(f"instance {self.node_id} is {self._state}")
         return self._supervisor
-
-
-def _placement_of(
-    group: GroupOptions | Placement | None, repository: Repository
-) -> Placement | None:
-    """The placement group mode uses: built by the repository from ``GroupOptions``, or
-    given; GroupNotSupported when the repository cannot share its log."""
-    if group is None or isinstance(group, Placement):
-        return group
-    if not isinstance(group, GroupOptions):
-        raise TypeError(f"group must be GroupOptions or a Placement, got {group!r}")
-    if not isinstance(repository, SupportsGroups):
-        raise GroupNotSupported(
-            f"{type(repository).__name__} cannot share its log through a group: group mode "
-            "needs a repository with group_placement() (KafkaRepository)"
-        )
-    return repository.group_placement(group)
-
-
-def _check_workflow_id(workflow_id: object) -> None:
-    """Refuse an id that is not a non-empty string of valid UTF-8 text (a lone surrogate
-    cannot be a record key) with InvalidWorkflowId."""
-    if not isinstance(workflow_id, str) or not workflow_id:
-        raise InvalidWorkflowId(f"workflow id must be a non-empty string, got {workflow_id!r}")
-    try:
-        workflow_id.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidWorkflowId(
-            f"workflow id {workflow_id!r} is not valid UTF-8 text: {exc.reason} at {exc.start}"
-        ) from None
 
 
 def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definition]:
@@ -1183,58 +928,3 @@ def _index_definitions(definitions: Iterable[Definition]) -> dict[str, Definitio
     if not index:
         raise InvalidDefinition("no workflow definitions given")
     return index
-
-
-class _Forward(NamedTuple):
-    """A call to forward to the owner of its id's partition."""
-
-    workflow_id: str
-    workflow_type: str
-    input: bytes
-    on_duplicate: str
-
-
-class _Routed:
-    """What a group-mode handle asks (:class:`~kapbit.handles.RunningWorkflows`,
-    :class:`~kapbit.handles.WorkflowLookup`), sent per call to whoever owns the id's
-    partition then: a handle kept while the partition moved follows the workflow."""
-
-    __slots__ = ("_kbit",)
-
-    def __init__(self, kbit: Kapbit) -> None:
-        self._kbit = kbit
-
-    def running_type(self, workflow_id: str) -> str | None:
-        return self._kbit._handled_by(workflow_id)[0].running_type(workflow_id)
-
-    async def wait_result(self, workflow_id: str, timeout: float | None) -> Any:
-        running, _ = self._kbit._handled_by(workflow_id)
-        return await running.wait_result(workflow_id, timeout)
-
-    def locate(self, workflow_id: str) -> tuple[int, int | None]:
-        return self._kbit._handled_by(workflow_id)[1].locate(workflow_id)
-
-    async def read(self, workflow_id: str) -> WorkflowState:
-        return await self._kbit._handled_by(workflow_id)[1].read(workflow_id)
-
-
-class _Served:
-    """The instance as a serving session sees it (:class:`kapbit.forwarding.Owner`)."""
-
-    __slots__ = ("_kbit",)
-
-    def __init__(self, kbit: Kapbit) -> None:
-        self._kbit = kbit
-
-    @property
-    def writer_id(self) -> str:
-        return self._kbit.writer_id
-
-    async def accept(self, request: Request) -> Accepted:
-        return await self._kbit._accept(request)
-
-    def locate(self, workflow_id: str) -> tuple[int, str] | None:
-        return self._kbit._locate(workflow_id)
-
-    async def wait_end(self, workflow_id: str) -> tuple[int, str, Any]:
-        return await self._kbit._wait_end(workflow_id)

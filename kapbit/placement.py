@@ -2,7 +2,7 @@
 
 A :class:`Placement` yields one :class:`PlacementChange` per rebalance: the partitions to
 give up (``revoked``), to claim and recover (``assigned``) and to keep untouched
-(``retained``). The instance applies them in order (see :mod:`kapbit.instance`); the log's
+(``retained``). The instance applies them in order (see :mod:`kapbit.group`); the log's
 ``ActiveWriter`` records stay the authority on who *may* write. In production the placement
 is Kafka's consumer group (:class:`kapbit.repository.kafka.GroupMembership`, built by the
 repository from :class:`GroupOptions`); unit tests and the model checker drive
