@@ -48,7 +48,7 @@ from kapbit.errors import (
 from kapbit.events import WorkflowCreated
 from kapbit.execution import WorkflowExecution, WorkflowSleeps, being_cancelled
 from kapbit.fencing import Fence, OwnerTracker
-from kapbit.forwarding import RemoteWorkflows
+from kapbit.forwarding import Forwarder, RemoteWorkflows
 from kapbit.gate import EntryGate
 from kapbit.group import GroupMember, OwnedPartitions, Routed, check_workflow_id, placement_of
 from kapbit.handles import OnDuplicate, WorkflowHandle, WorkflowLog
@@ -361,7 +361,7 @@ class Kapbit(AsyncResource):
         self, requests: RequestLog, supervisor: Supervisor, log: WorkflowLog
     ) -> None:
         """Serve the requests of every partition this instance owns; forward the others."""
-        serving = self._serving = Serving(
+        forwarder = Forwarder(
             requests,
             self._repository,
             self._codec,
@@ -369,6 +369,7 @@ class Kapbit(AsyncResource):
             self.writer_id,
             self.options.forward_timeout,
         )
+        serving = self._serving = Serving(requests, self._codec, forwarder)
         served = Served(
             self.writer_id,
             self._codec,

@@ -51,25 +51,13 @@ Submitted = tuple[WorkflowExecution, asyncio.Future[Ended]] | WorkflowHandle[Any
 
 class Serving:
     """Serves the requests of the partitions this instance owns, and forwards calls for
-    the others, through ``requests`` (co-partitioned with the log)."""
+    the others through ``forwarder``, on ``requests`` (co-partitioned with the log)."""
 
-    def __init__(
-        self,
-        requests: RequestLog,
-        repository: Repository,
-        codec: Codec,
-        definitions: Mapping[str, Definition],
-        writer_id: str,
-        forward_timeout: float,
-    ) -> None:
+    def __init__(self, requests: RequestLog, codec: Codec, forwarder: Forwarder) -> None:
         self._requests = requests
-        self._repository = repository
         self._codec = codec
-        self._definitions = definitions
-        self._writer_id = writer_id
-        self._forward_timeout = forward_timeout
+        self._forwarder: Forwarder | None = forwarder
         self._server: RequestServer | None = None
-        self._forwarder: Forwarder | None = None
 
     async def start(self, partitions: int, owner: Owner, owned: Iterable[int]) -> RemoteWorkflows:
         """Serve ``owned`` partitions' requests for ``owner``; the handles of workflows
@@ -84,14 +72,8 @@ class Serving:
             )
         server = self._server = RequestServer(requests, self._codec, owner)
         await server.start()
-        forwarder = self._forwarder = Forwarder(
-            requests,
-            self._repository,
-            self._codec,
-            self._definitions,
-            self._writer_id,
-            self._forward_timeout,
-        )
+        forwarder = self._forwarder
+        assert forwarder is not None
         await forwarder.start()
         remote = RemoteWorkflows(forwarder, partitions)
         for partition in owned:
