@@ -93,7 +93,6 @@ async def _resumes_once(repo: Any, workflow_ids: list[str], node: str = "next") 
     return after
 
 
-
 async def _pinned(repo: CrashRepository) -> Node:
     """A started node "first" with s0 open and 30 workflows finished after it: its
     partition pinned, and a snapshot past s0 saved."""
@@ -103,6 +102,7 @@ async def _pinned(repo: CrashRepository) -> Node:
     await node.finished(30, "a")
     await wait_until(lambda: _latest(repo).snapshot_offset > AFTER)
     return node
+
 
 async def test_an_unfollowed_partition_passes_appends_straight_through() -> None:
     """No coroutine of the journal's and nothing kept for a partition not followed; a
