@@ -21,7 +21,8 @@
 
 Statuses are the read model's (:class:`~kapbit.projection.WorkflowStatus`): ``running``,
 ``retrying``, ``succeeded``, ``compensated``, ... A ``POST`` waits until the projector has
-seen what it did, so its answer and the next ``GET`` agree.
+seen what it did, and a ``GET`` until its projector has caught up with the log, so the
+answer of a ``POST`` and the next ``GET`` agree, also on another replica.
 
 The app's lifespan starts the kapbit instance, the SQLite status model and a projector that
 follows the log into it, and stops them in reverse order. ``card`` picks how the payment
@@ -173,10 +174,20 @@ class Orders:
 
     async def projected(self, order_id: str) -> str | None:
         """The order's status once the projector has caught up (``None``: not in the log)."""
+        row = await self.row(order_id)
+        return row.status.value if row is not None else None
+
+    async def row(self, order_id: str) -> WorkflowRow | None:
+        """The order's row once the projector has caught up with the log as it is now."""
+        await self.caught_up()
+        return await self.model.get(order_id)
+
+    async def caught_up(self) -> None:
+        """Wait (at most 5 s) until the projector has applied the log as it is now: what
+        any replica answered before is then in this replica's read model, whose projector
+        may lag behind a POST another replica served."""
         with contextlib.suppress(TimeoutError):
             await self.projector.wait_caught_up(timeout=5.0)
-        row = await self.model.get(order_id)
-        return row.status.value if row is not None else None
 
 
 def repository_from_env() -> Repository:
@@ -334,7 +345,7 @@ def create_app(
             owner, here = service.kapbit.owner_of(key), service.kapbit.endpoint
             if not owner.local and owner.endpoint is not None and owner.endpoint != here:
                 return redirect(request, owner.endpoint)
-        row = await service.model.get(key)
+        row = await service.row(key)  # may be a key another replica ran: catch up first
         if row is None:
             raise HTTPException(status_code=404, detail=f"no order {key!r}")
         return _document(row)
@@ -343,7 +354,9 @@ def create_app(
     async def list_orders(
         request: Request, status: WorkflowStatus | None = None
     ) -> list[dict[str, Any]]:
-        rows = await orders(request).model.find(status=status, type=ORDER.type)
+        service = orders(request)
+        await service.caught_up()
+        rows = await service.model.find(status=status, type=ORDER.type)
         return [_document(row) for row in rows]
 
     return app

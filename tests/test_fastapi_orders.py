@@ -404,6 +404,53 @@ async def test_during_a_rebalance_a_key_without_owner_gets_503(tmp_path: Path) -
         assert _created(group.repository) == 1
 
 
+async def test_a_get_answered_where_it_arrives_waits_for_that_replicas_projector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET that no owner is known for is answered from the read model of the replica it
+    reached, whose projector may lag behind a POST another replica answered: it first
+    waits until that projector has caught up with the log, so it agrees with the POST.
+    (The projector of a is held here until the GET asks it to catch up.)"""
+    lagging, release, asked = str(tmp_path / "0.db"), asyncio.Event(), asyncio.Event()
+
+    class HeldModel(example.StatusModel):  # type: ignore[misc,name-defined]
+        async def apply(self, partition: int, events: Any, position: Any) -> None:
+            if self.path == lagging:
+                await release.wait()
+            await super().apply(partition, events, position)
+
+    class WatchedProjector(example.Projector):  # type: ignore[misc,name-defined]
+        async def wait_caught_up(self, timeout: float | None = None) -> None:
+            asked.set()
+            await super().wait_caught_up(timeout)
+
+    monkeypatch.setattr(example, "StatusModel", HeldModel)
+    monkeypatch.setattr(example, "Projector", WatchedProjector)
+    async with replicas(tmp_path) as group:
+        try:
+            http, key, body = group.http, _id_in(1), {"sku": "pen", "qty": 1}
+            placed = await http.post(
+                f"{A}/orders", json=body, headers=_key(key), follow_redirects=True
+            )
+            assert (placed.status_code, placed.json()["status"]) == (201, "succeeded")  # by b
+            group.placements[B].change(revoke=[1], owners={1: None})
+            group.placements[A].change(owners={1: None})
+            await group.placements[B].applied()
+            await group.placements[A].applied()
+
+            asked.clear()
+            shown = asyncio.create_task(http.get(f"{A}/orders/{key}"))
+            waiting = asyncio.create_task(asked.wait())
+            await asyncio.wait([shown, waiting], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            release.set()  # a's projector catches up now
+            answer = await shown
+            assert (answer.status_code, answer.json().get("status")) == (200, "succeeded")
+            assert asked.is_set()
+        finally:
+            release.set()  # closing a's projector waits for a commit in progress
+
+
 async def test_a_replica_taking_a_key_over_answers_503_not_a_redirect_to_itself() -> None:
     """The group already names this replica as the owner, which is still recovering the
     partition (so kapbit refuses): 503, never a redirect to itself."""

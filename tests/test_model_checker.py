@@ -122,6 +122,10 @@ MAX_PAYLOAD = 1024
 BIG = 1500  # characters of a "big" step value: its StepOutcome is over MAX_PAYLOAD
 SETTLE_TIMEOUT = 1.0
 BUSY_TIMEOUT = 10.0
+#: Polling rounds (of about a millisecond each) that must pass, too, before the engine is
+#: taken for stalled or for busy without end: see :class:`Watchdog`.
+SETTLE_ROUNDS = 1000
+BUSY_ROUNDS = 5000
 #: The saga rule for a compensation returning Failure: the rollback stops there (issue 10,
 #: item 3). Set to False to model "the rollback goes on with the next compensation".
 COMPENSATION_FAILURE_STOPS = True
@@ -364,6 +368,39 @@ class Sleeper:
     step: int
     fire_at: float
     landed: int
+
+
+class Watchdog:
+    """Tells an engine that stopped moving (or never comes to rest) from a slow machine.
+
+    The test polls the loop in rounds and reports what it sees after each. The engine has
+    stalled when nothing moved for ``SETTLE_TIMEOUT`` seconds *and* ``SETTLE_ROUNDS``
+    rounds, and is busy without end after ``BUSY_TIMEOUT`` seconds and ``BUSY_ROUNDS``
+    rounds. On a loaded machine the process may not run for a second or more: seconds
+    pass without rounds, and the engine, whose work all runs on the loop, had no chance
+    to move. A stalled engine is caught all the same: the loop polls on and the rounds
+    come. The seconds still count for what the engine waits for in real time.
+    """
+
+    def __init__(self, progress: tuple[int, ...], clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._seen = progress
+        self._began = self._moved = clock()
+        self._rounds = self._still = 0
+
+    def observe(self, progress: tuple[int, ...]) -> str | None:
+        """After one more round: ``"stalled"``, ``"busy"`` or ``None`` (go on polling)."""
+        now = self._clock()
+        self._rounds += 1
+        if progress != self._seen:
+            self._seen, self._moved, self._still = progress, now, 0
+        else:
+            self._still += 1
+            if self._still >= SETTLE_ROUNDS and now - self._moved > SETTLE_TIMEOUT:
+                return "stalled"
+        if self._rounds >= BUSY_ROUNDS and now - self._began > BUSY_TIMEOUT:
+            return "busy"
+        return None
 
 
 @dataclass
@@ -1078,21 +1115,19 @@ class EngineModel(RuleBasedStateMachine):
 
     async def _until(self, predicate: Callable[[], bool]) -> bool:
         """Run the loop until ``predicate`` holds (True) or nothing has moved for
-        ``SETTLE_TIMEOUT`` seconds (False)."""
-        seen = self._progress()
-        began = moved = time.monotonic()
+        ``SETTLE_TIMEOUT`` seconds and ``SETTLE_ROUNDS`` rounds (False)."""
+        watchdog = Watchdog(self._progress())
         while not predicate():
             await asyncio.sleep(0.001)
             if self.drift:
                 self.clock.advance(0.001)
-            now = self._progress()
-            if now != seen:
-                seen, moved = now, time.monotonic()
-            elif time.monotonic() - moved > SETTLE_TIMEOUT:
+            verdict = watchdog.observe(self._progress())
+            if verdict == "stalled":
                 return False
-            if time.monotonic() - began > BUSY_TIMEOUT:
+            if verdict == "busy":
                 raise AssertionError(
-                    f"the engine kept busy for {BUSY_TIMEOUT} s without coming to rest: "
+                    f"the engine kept busy for {BUSY_TIMEOUT} s and {BUSY_ROUNDS} rounds "
+                    f"without coming to rest: "
                     f"{self._stuck()}; last appends: {self.repo.records()[-5:]}"
                 )
         return True
@@ -1101,7 +1136,8 @@ class EngineModel(RuleBasedStateMachine):
         """Run the loop until every running node waits only for the test."""
         if not self.run(self._until(self._quiet)):
             raise AssertionError(
-                f"the engine stopped moving for {SETTLE_TIMEOUT} s without coming to rest: "
+                f"the engine stopped moving for {SETTLE_TIMEOUT} s and {SETTLE_ROUNDS} rounds "
+                f"without coming to rest: "
                 f"{self._stuck()}"
             )
 
@@ -1304,6 +1340,15 @@ class EngineModel(RuleBasedStateMachine):
             step, phase = bad
             text = msgspec.json.encode(terminal).decode()
             type_name = plan.wrong_type(step, phase)
+            came = any(
+                (c.sub, c.step, c.phase, c.state) == (plan.sub, step, phase, "returned")
+                for c in self.calls
+            )
+            if not came:  # it raised each time (rsleep raises first) until the retries ran out
+                assert isinstance(terminal, DeadLetter), (
+                    f"{where}: step {step} never returned, yet the workflow ended with {text}"
+                )
+                return
             assert type_name in text and (f"step {step}" in text or f"s{step}" in text), (
                 f"{where}: the terminal event does not name the step and the type: {text}"
             )
@@ -1607,6 +1652,51 @@ PROFILES = {
 }
 
 
+class _Ticks:
+    """A clock the watchdog tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_watchdog_takes_a_process_that_did_not_run_for_slow_not_stalled() -> None:
+    """Seconds without polling rounds (the machine ran something else) are no stall: the
+    engine had no chance to move. Before the rounds counted, the first such gap failed
+    the model checker on a loaded machine."""
+    ticks = _Ticks()
+    watchdog = Watchdog((0,), ticks)
+    for _ in range(3):
+        ticks.now += 5 * SETTLE_TIMEOUT  # descheduled between two rounds
+        assert watchdog.observe((0,)) is None
+    assert watchdog.observe((1,)) is None  # it moves as soon as it runs
+
+
+def test_the_watchdog_catches_an_engine_that_stopped_moving() -> None:
+    ticks = _Ticks()
+    watchdog = Watchdog((0,), ticks)
+    verdicts = []
+    for _ in range(2 * SETTLE_ROUNDS + int(SETTLE_TIMEOUT * 1000)):
+        ticks.now += 0.001  # the loop polls on, nothing moves
+        verdicts.append(watchdog.observe((0,)))
+    first = verdicts.index("stalled")
+    assert verdicts[:first] == [None] * first
+    assert SETTLE_TIMEOUT <= (first + 1) * 0.001 <= SETTLE_TIMEOUT + 0.002
+    assert first + 1 >= SETTLE_ROUNDS
+
+
+def test_the_watchdog_catches_an_engine_that_never_comes_to_rest() -> None:
+    ticks = _Ticks()
+    watchdog = Watchdog((0,), ticks)
+    for n in range(1, BUSY_ROUNDS):
+        ticks.now += 1.0  # slow: seconds pass, but not enough rounds yet
+        assert watchdog.observe((n,)) is None
+    ticks.now += 1.0
+    assert watchdog.observe((BUSY_ROUNDS,)) == "busy"
+
+
 @pytest.mark.timeout(3600 if PROFILE == "long" else 300)
 def test_engine_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
@@ -1627,3 +1717,28 @@ def test_engine_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> Non
             print(f"\nmodel checker summary:\n{text}", file=sys.stderr)
         if target := os.environ.get("KAPBIT_MODEL_SUMMARY"):
             Path(target).write_text(text)
+
+
+def test_a_wrong_return_the_retry_worker_gave_up_before_is_no_model_violation() -> None:
+    """Found by the checker itself: steps 0 to 2 raise once each, which uses up
+    ``MAX_ATTEMPTS``; the last step raises first and would return a timer (a wrong return)
+    on its second call, which never comes. The workflow is dead-lettered naming the raise,
+    never the timer's type: the model must not demand it."""
+    model = EngineModel()
+    model.set_up(
+        shapes=[Shape(4, frozenset())],
+        window=1,
+        checkpoint_every=1,
+        checkpoint_interval=3600.0,
+        snapshots="off",
+        snapshot_after=0,
+        tight=False,
+    )
+    try:
+        behaviour = [("raise1", "ok", 0), ("raise1", "ok", 0), ("rsleep", "ok", 0)]
+        model._submit("w1", 0, [*behaviour, ("rsleep", "ok", 0)])
+        model.log_agrees_with_the_model()
+    finally:
+        model.teardown()
+    (run,) = incarnations(model.repo)[0]["w1"]
+    assert isinstance(run.terminal, DeadLetter) and "not yet" in run.terminal.error
