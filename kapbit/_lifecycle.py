@@ -197,17 +197,22 @@ class TaskSet(_Tasks):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._open = False
+        # The loop the set runs on, kept at start: looking it up per task costs a
+        # getpid() system call (asyncio checks the process on every lookup).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Accept tasks from now on."""
+        self._loop = asyncio.get_running_loop()
         self._open = True
 
     def spawn(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Task[_T]:
         """Run ``coro`` as a task of the set."""
-        if not self._open:
+        loop = self._loop
+        if not self._open or loop is None:
             coro.close()
             raise RuntimeError(f"{self._name} is not running")
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task = loop.create_task(coro, name=name)
         self._add(task)
         return task
 

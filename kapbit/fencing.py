@@ -53,7 +53,14 @@ def fenced_by(partition: int, claimer: str, node: str | None, offset: int | None
 
 def ordinary(kind: EventKind) -> EventKind:
     """``kind`` if an ordinary append may carry it; raise
-    :class:`~kapbit.errors.InvalidAppend` for a claim, which goes through ``claim()``."""
+    :class:`~kapbit.errors.InvalidAppend` for a claim, which goes through ``claim()``, and
+    for what is not an event kind. A plain string naming a kind (an untyped caller) is
+    taken as that kind, so ``"active_writer"`` is refused like the claim kind."""
+    if type(kind) is not EventKind:
+        try:
+            kind = EventKind(kind)
+        except ValueError:
+            raise InvalidAppend(f"{kind!r} is not an event kind") from None
     if kind is _CLAIM:
         raise InvalidAppend(
             "an ActiveWriter is appended with Repository.claim(partition, node, value), "

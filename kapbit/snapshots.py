@@ -111,17 +111,22 @@ class Journal:
     Whatever is not here (a first copy whose acknowledgement was lost, another writer's
     records) the follower reads from the log, so it still reads exactly the log. Only
     followed partitions are kept, and each partition's latest claim by this instance (a
-    follower starts at its claim, which comes before following). An append to a partition
-    not followed is the repository's own call, handed back unawaited: it costs one dict
-    lookup and no coroutine of the journal's.
+    follower starts at its claim, which comes before following). While no partition is
+    followed, :attr:`append` is the repository's own method: the journal costs an append
+    nothing. While one is, an append to a partition not followed is the repository's own
+    call, handed back unawaited (one dict lookup, no coroutine of the journal's).
     """
 
-    __slots__ = ("_claims", "_held", "_inner")
+    __slots__ = ("_claims", "_held", "_inner", "append")
 
     def __init__(self, inner: Repository) -> None:
         self._inner = inner
         self._held: dict[int, dict[int, Record]] = {}
         self._claims: dict[int, Record] = {}
+        #: The repository's ``append`` while nothing is followed, else :meth:`_append`.
+        self.append: Callable[[int, EventKind, str, str, bytes], Coroutine[Any, Any, int]] = (
+            inner.append
+        )
 
     def follow(self, partition: int) -> dict[int, Record]:
         """Keep ``partition``'s acknowledged appends from now on, in the returned dict (by
@@ -129,11 +134,14 @@ class Journal:
         claim = self._claims.get(partition)
         held = {} if claim is None else {claim.offset: claim}
         self._held[partition] = held
+        self.append = self._append
         return held
 
     def forget(self, partition: int) -> None:
         """Stop keeping ``partition``'s appends (no longer followed)."""
         self._held.pop(partition, None)
+        if not self._held:
+            self.append = self._inner.append
 
     @property
     def partitions(self) -> int:
@@ -145,7 +153,7 @@ class Journal:
     async def close(self) -> None:
         await self._inner.close()
 
-    def append(
+    def _append(
         self, partition: int, kind: EventKind, key: str, node: str, value: bytes
     ) -> Coroutine[Any, Any, int]:
         held = self._held.get(partition)

@@ -87,6 +87,9 @@ class Supervisor:
         self._sleeping: dict[str, WorkflowExecution] = {}
         self._timer_task = TaskHost("kapbit-timers")
         self._slot_freed = asyncio.Event()
+        # Made on the loop it runs on, kept for the futures made per workflow: each lookup
+        # of the running loop costs a getpid() system call (asyncio checks the process).
+        self._loop = asyncio.get_running_loop()
 
     def __len__(self) -> int:
         """The workflows in flight (running, not sleeping)."""
@@ -210,7 +213,7 @@ class Supervisor:
         waiting (cancelling the future cancels nothing else)."""
         self._in_flight[execution.id] = execution
         self._checkpointer.opening(execution.partition, execution.id)
-        stopped = execution.run_stopped = asyncio.get_running_loop().create_future()
+        stopped = execution.run_stopped = self._loop.create_future()
         execution.task = self._tasks.spawn(self._drive(execution, created))
         return stopped
 
@@ -342,7 +345,7 @@ class Supervisor:
                     raise RuntimeError(f"workflow {execution.id!r} is not followed asleep")
                 # Asleep before its caller followed it (its first run ran before the call
                 # could, as with an eager task factory): followed from this sleep.
-                run = execution.run_stopped = asyncio.get_running_loop().create_future()
+                run = execution.run_stopped = self._loop.create_future()
             try:
                 ended = await asyncio.shield(run)
             except asyncio.CancelledError:
@@ -362,7 +365,7 @@ class Supervisor:
         execution.task = None
         self._sleeping[execution.id] = execution
         if execution.followed:  # its caller waits for how the run after the wake stops
-            execution.run_stopped = asyncio.get_running_loop().create_future()
+            execution.run_stopped = self._loop.create_future()
         self._timers.add(
             SleepingWorkflow(
                 fire_at,

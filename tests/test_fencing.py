@@ -350,8 +350,19 @@ async def test_append_refuses_a_claim_and_writes_nothing(wrapped: bool) -> None:
     repo: MemRepository | FaultyRepository = FaultyRepository(mem) if wrapped else mem
     with pytest.raises(InvalidAppend, match="claim"):
         await repo.append(0, EventKind.ACTIVE_WRITER, "A", "A", b"")
+    with pytest.raises(InvalidAppend, match="claim"):  # the kind's name, from untyped code
+        await repo.append(0, "active_writer", "A", "A", b"")  # type: ignore[arg-type]
+    with pytest.raises(InvalidAppend, match="'no_such_kind' is not an event kind"):
+        await repo.append(0, "no_such_kind", "A", "A", b"")  # type: ignore[arg-type]
     assert mem.records() == []
     assert await repo.current_owner(0) == ""
+
+
+async def test_append_takes_a_kinds_name_as_the_kind() -> None:
+    repo = MemRepository()
+    await repo.claim(0, "A", b"a")
+    assert await repo.append(0, "step_outcome", "w", "A", b"") == 1  # type: ignore[arg-type]
+    assert repo.records(0)[1].kind is EventKind.STEP_OUTCOME
 
 
 async def test_claim_is_never_fenced_and_fences_every_other_writer() -> None:

@@ -339,6 +339,8 @@ async def test_a_record_that_is_no_kapbit_record_is_a_corrupt_record_where_read(
         for _ in range(2):  # the owner's own claim kind too, every time (headers are cached)
             with pytest.raises(InvalidAppend):
                 await repo.append(0, EventKind.ACTIVE_WRITER, "n1", "n1", b"aw")
+            with pytest.raises(InvalidAppend):  # also by its name, from untyped code
+                await repo.append(0, "active_writer", "n1", "n1", b"aw")  # type: ignore[arg-type]
         assert await repo.end_offset(0) == 4  # nothing written
     finally:
         await producer.stop()
