@@ -343,15 +343,15 @@ async def test_owned_partitions_follows_the_placement_and_is_empty_once_closed()
         assert single.owned_partitions == frozenset(range(PARTITIONS))
 
 
-async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revoked() -> None:
-    """A workflow sleeps on A, its timer fires and its next step runs; A then loses the
-    partition: the step's task is cancelled (as for any running workflow), not left to
-    run on beside the new owner."""
-    repo = MemRepository(PARTITIONS)
+async def _napping_member(
+    entered: asyncio.Event, cancelled: asyncio.Event
+) -> tuple[ManualClock, ManualPlacement, Definition[str, str, list[str]], Kapbit]:
+    """A started member "A" owning every partition, on a manual clock, of a workflow that
+    sleeps an hour, then runs a step that sets ``entered`` and waits until it is
+    cancelled (then it sets ``cancelled``)."""
     clock = ManualClock(datetime(2026, 11, 21, tzinfo=UTC))
     placement = ManualPlacement("a:1")
     placement.change(assign=list(range(PARTITIONS)))
-    entered, cancelled = asyncio.Event(), asyncio.Event()
 
     async def nap(_: str, __: Progress) -> Sleep[str]:
         return Sleep(timedelta(hours=1), value="napped")
@@ -370,11 +370,20 @@ async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revo
     )
     kbit = Kapbit(
         [definition],
-        repo,
+        MemRepository(PARTITIONS),
         options=fast_options(clock=clock, node_id="A", close_timeout=0.5),
         group=placement,
     )
     await kbit.start()
+    return clock, placement, definition, kbit
+
+
+async def test_a_workflow_woken_from_sleep_is_stopped_when_its_partition_is_revoked() -> None:
+    """A workflow sleeps on A, its timer fires and its next step runs; A then loses the
+    partition: the step's task is cancelled (as for any running workflow), not left to
+    run on beside the new owner."""
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+    clock, placement, definition, kbit = await _napping_member(entered, cancelled)
     try:
         wid = _ids(1)[0]
         handle = await kbit.start_workflow(definition, wid, wid)
@@ -398,30 +407,8 @@ async def test_an_exec_waiting_through_a_sleep_hears_fenced_when_its_partition_i
     """The caller of exec_workflow waits through the timer; the partition is handed to
     another instance while the workflow sleeps, or once its next step runs: the caller
     raises Fenced (the new owner finishes it), it does not wait for ever."""
-    repo = MemRepository(PARTITIONS)
-    clock = ManualClock(datetime(2026, 11, 21, tzinfo=UTC))
-    placement = ManualPlacement("a:1")
-    placement.change(assign=list(range(PARTITIONS)))
     entered = asyncio.Event()
-
-    async def nap(_: str, __: Progress) -> Sleep[str]:
-        return Sleep(timedelta(hours=1), value="napped")
-
-    async def after(_: str, __: Progress) -> Success[str]:
-        entered.set()
-        await asyncio.Event().wait()  # runs until cancelled
-        return Success("never")
-
-    definition = Definition(
-        "napper", steps=[Step(nap), Step(after)], input_type=str, outcome_type=str
-    )
-    kbit = Kapbit(
-        [definition],
-        repo,
-        options=fast_options(clock=clock, node_id="A", close_timeout=0.5),
-        group=placement,
-    )
-    await kbit.start()
+    clock, placement, definition, kbit = await _napping_member(entered, asyncio.Event())
     try:
         wid = _ids(1, 1)[0]
         call = asyncio.create_task(kbit.exec_workflow(definition, wid, wid))

@@ -93,6 +93,17 @@ async def _resumes_once(repo: Any, workflow_ids: list[str], node: str = "next") 
     return after
 
 
+async def _pinned(repo: CrashRepository) -> Node:
+    """A started node "first" with s0 open and 30 workflows finished after it: its
+    partition pinned, and a snapshot past s0 saved."""
+    node = Node(repo, "first")
+    await node.kbit.start()
+    await node.open("s0")
+    await node.finished(30, "a")
+    await wait_until(lambda: _latest(repo).snapshot_offset > AFTER)
+    return node
+
+
 async def test_an_unfollowed_partition_passes_appends_straight_through() -> None:
     """No coroutine of the journal's and nothing kept for a partition not followed; a
     followed one keeps each acknowledged append."""
@@ -182,11 +193,7 @@ async def test_an_old_open_workflow_wakes_the_reader_and_a_restart_reads_only_th
 
 async def test_the_reader_rests_once_the_pin_lifts_and_wakes_again_from_the_checkpoint() -> None:
     repo = CrashRepository()
-    node = Node(repo, "first")
-    await node.kbit.start()
-    await node.open("s0")
-    await node.finished(30, "a")
-    await wait_until(lambda: _latest(repo).snapshot_offset > AFTER)
+    node = await _pinned(repo)
     assert node.kbit.stats.snapshots_following == 1
     pinned = _latest(repo)
 
@@ -278,11 +285,7 @@ async def test_a_wake_that_does_not_finish_loses_nothing(fault: str) -> None:
 
 async def test_a_crash_after_the_reader_rested_recovers_from_the_offsets() -> None:
     repo = CrashRepository()
-    node = Node(repo, "first")
-    await node.kbit.start()
-    await node.open("s0")
-    await node.finished(30, "a")
-    await wait_until(lambda: _latest(repo).snapshot_offset > AFTER)
+    node = await _pinned(repo)
     node.release.set()
     await node.kbit.wait_result("s0", timeout=5)
     node.release.clear()
@@ -305,11 +308,7 @@ async def test_a_crash_after_the_reader_rested_recovers_from_the_offsets() -> No
 
 async def test_a_takeover_while_pinned_follows_from_the_new_owners_recovery() -> None:
     repo = CrashRepository()
-    first = Node(repo, "first")
-    await first.kbit.start()
-    await first.open("s0")
-    await first.finished(30, "a")
-    await wait_until(lambda: _latest(repo).snapshot_offset > AFTER)
+    first = await _pinned(repo)
     second = Node(repo, "second")
     await second.kbit.start()  # while the first runs
     try:
