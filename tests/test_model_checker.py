@@ -1720,21 +1720,29 @@ def test_engine_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> Non
             Path(target).write_text(text)
 
 
+def _scripted(steps: int, snapshots: str, snapshot_after: int) -> EngineModel:
+    """The model set up for a scripted run (rules called by the test, nothing generated):
+    one workflow type of ``steps`` steps without compensations, a window of one id, and a
+    checkpoint saved after every termination."""
+    model = EngineModel()
+    model.set_up(
+        shapes=[Shape(steps, frozenset())],
+        window=1,
+        checkpoint_every=1,
+        checkpoint_interval=3600.0,
+        snapshots=snapshots,
+        snapshot_after=snapshot_after,
+        tight=False,
+    )
+    return model
+
+
 def test_a_wrong_return_the_retry_worker_gave_up_before_is_no_model_violation() -> None:
     """Found by the checker itself: steps 0 to 2 raise once each, which uses up
     ``MAX_ATTEMPTS``; the last step raises first and would return a timer (a wrong return)
     on its second call, which never comes. The workflow is dead-lettered naming the raise,
     never the timer's type: the model must not demand it."""
-    model = EngineModel()
-    model.set_up(
-        shapes=[Shape(4, frozenset())],
-        window=1,
-        checkpoint_every=1,
-        checkpoint_interval=3600.0,
-        snapshots="off",
-        snapshot_after=0,
-        tight=False,
-    )
+    model = _scripted(steps=4, snapshots="off", snapshot_after=0)
     try:
         behaviour = [("raise1", "ok", 0), ("raise1", "ok", 0), ("rsleep", "ok", 0)]
         model._submit("w1", 0, [*behaviour, ("rsleep", "ok", 0)])
@@ -1750,16 +1758,7 @@ def test_snapshot_following_rests_wakes_and_wakes_again_under_the_model() -> Non
     runs reach them by chance: their coverage is asserted in the long profile). A blocked
     workflow pins its partition and a save wakes the reader; a restart starts pinned; once
     the workflow ends the reader rests, and a second blocked one wakes it again."""
-    model = EngineModel()
-    model.set_up(
-        shapes=[Shape(1, frozenset())],
-        window=1,
-        checkpoint_every=1,
-        checkpoint_interval=3600.0,
-        snapshots="on",
-        snapshot_after=3,
-        tight=False,
-    )
+    model = _scripted(steps=1, snapshots="on", snapshot_after=3)
     ok = [("ok", "ok", 0)] * 4
     blocked = [("block", "ok", 0), *ok[1:]]
     first, *short = ids_in_partition(0, 9, PARTITIONS, prefix="p")
