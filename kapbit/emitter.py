@@ -87,7 +87,7 @@ class Emitter:
         self._probing = False
         # The breaker is closed with no failure counted: the emitter is the breaker's only
         # user, so this stays true until one of its own calls fails.
-        self._healthy = breaker.current_state == pybreaker.STATE_CLOSED and not breaker.fail_counter
+        self._healthy = _untouched(breaker)
         self._acked: list[int] = []  # grows with the partitions written to
 
     def acked(self, partition: int) -> int:
@@ -183,9 +183,7 @@ class Emitter:
                 with breaker.calling():
                     return await self._store(partition, kind, key, value)
             finally:
-                self._healthy = (
-                    breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
-                )
+                self._healthy = _untouched(breaker)
         # Open or half-open: the storage is suspect. Open and before reset_timeout, the
         # breaker refuses without calling the storage; otherwise this call is the probe,
         # and only one probe may be in flight.
@@ -197,9 +195,7 @@ class Emitter:
                 return await self._store(partition, kind, key, value)
         finally:
             self._probing = False
-            self._healthy = (
-                breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
-            )
+            self._healthy = _untouched(breaker)
 
     async def _append_retrying(
         self,
@@ -307,6 +303,12 @@ class Emitter:
                         ):
                             landed = record.offset
         return landed
+
+
+def _untouched(breaker: pybreaker.CircuitBreaker) -> bool:
+    """Whether ``breaker`` is closed with no failure counted: a success changes nothing in
+    it, so an append may skip its bookkeeping."""
+    return breaker.current_state == pybreaker.STATE_CLOSED and breaker.fail_counter == 0
 
 
 def _record_failure(breaker: pybreaker.CircuitBreaker, error: BaseException) -> None:
