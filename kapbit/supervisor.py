@@ -524,11 +524,10 @@ def _settled(execution: WorkflowExecution, ended: Ended) -> Ended:
 def _stop_following(execution: WorkflowExecution, error: BaseException | None) -> None:
     """``execution`` is no longer driven here: the caller waiting on its run learns
     ``error`` (or that the run was cancelled, for ``None``)."""
+    if error is not None:
+        _settled(execution, (None, error))
+        return
     waiting = execution.run_stopped
     if waiting is not None:
         execution.run_stopped = None
-        if not waiting.done():
-            if error is None:
-                waiting.cancel()
-            else:
-                waiting.set_result((None, error))
+        waiting.cancel()  # a future already settled ignores it
