@@ -19,7 +19,7 @@ import pytest
 from kapbit import CheckpointPolicy, Fenced, JsonCodec, Kapbit, Options
 from kapbit.events import EventKind, StepOutcome
 from kapbit.log_reader import PartitionReader, ReaderState
-from kapbit.repository import Checkpoint, MemRepository
+from kapbit.repository import Checkpoint, MemRepository, Repository
 from kapbit.snapshots import load_snapshot
 from kapbit.testing import FaultyRepository, ManualPlacement
 from tests.helpers import CrashRepository, gated_saga, ids_in_partition, wait_until
@@ -66,11 +66,9 @@ def _assert_as_read_from_the_start(repo: MemRepository, partition: int, state: R
     assert state.open == expected.open
 
 
-async def test_the_snapshot_reader_reads_from_the_log_only_what_this_instance_did_not_append() -> (
-    None
-):
-    """Before the journal it read back every record this instance had written."""
-    repo = CrashRepository()
+async def _with_s0_stuck(repo: Repository) -> tuple[Kapbit, asyncio.Task[Any]]:
+    """A started instance "n" (``gated`` and ``slow`` sagas) whose workflow s0 waits in
+    step 1 for good; the task of its ``exec_workflow`` call."""
     calls: list[tuple[str, int]] = []
     kbit = Kapbit(
         [gated_saga(None, calls), gated_saga(asyncio.Event(), calls, name="slow")],
@@ -80,6 +78,15 @@ async def test_the_snapshot_reader_reads_from_the_log_only_what_this_instance_di
     await kbit.start()
     stuck = asyncio.create_task(kbit.exec_workflow("s0", "slow", {"id": "s0"}))
     await wait_until(lambda: ("s0", 1) in calls)
+    return kbit, stuck
+
+
+async def test_the_snapshot_reader_reads_from_the_log_only_what_this_instance_did_not_append() -> (
+    None
+):
+    """Before the journal it read back every record this instance had written."""
+    repo = CrashRepository()
+    kbit, stuck = await _with_s0_stuck(repo)
     for i in range(200):
         await kbit.exec_workflow(f"q{i}", "gated", {"id": f"q{i}"})
     repo.reset_counters()
@@ -102,16 +109,7 @@ async def test_a_lost_acknowledgement_and_a_zombie_write_are_read_from_the_log()
     lost = faulty.fail(
         times=1, kinds="workflow_created", lost_ack=True, when=lambda c: c.key == "q3"
     )
-    calls: list[tuple[str, int]] = []
-    release = asyncio.Event()
-    kbit = Kapbit(
-        [gated_saga(None, calls), gated_saga(release, calls, name="slow")],
-        faulty,
-        options=_options("n"),
-    )
-    await kbit.start()
-    stuck = asyncio.create_task(kbit.exec_workflow("s0", "slow", {"id": "s0"}))
-    await wait_until(lambda: ("s0", 1) in calls)
+    kbit, stuck = await _with_s0_stuck(faulty)
     for i in range(6):
         await kbit.exec_workflow(f"q{i}", "gated", {"id": f"q{i}"})
     assert lost.hits == 1
